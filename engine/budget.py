@@ -1,0 +1,130 @@
+"""The one owner of the byte budget: how many elements a block may hold, and what RSS to expect.
+
+The whole process must stay under `--max-memory` (peak RSS). What we cannot shrink is counted
+first: the interpreter and torch as measured at start (`baseline`), a fixed `RESERVE` for the
+allocator, threads and Python objects, and the float32 `workspace` the compute stage reuses for
+every cache-sized chunk. What is left pays for the block buffers: every input stream's block in
+its storage dtype, `depth` times over (one being computed, the rest prefetched), plus one output
+block. No other module sizes a buffer.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+import psutil
+
+from engine.errors import BudgetError
+
+MiB = 1 << 20
+GiB = 1 << 30
+CHUNK_ELEMS = 1 << 18  # compute sub-chunk: 1 MiB per float32 array, stays in L2
+WORK_ARRAYS = 8  # float32 temporaries a method may hold per chunk besides its inputs
+RESERVE = 48 * MiB  # allocator slack, reader thread, Python objects (measured in bench/)
+MAX_STREAM_BYTES = 32 * MiB  # larger reads are no faster (DESIGN.md) and only cost RSS
+DEPTH = 2  # buffer sets: one computing, one being filled by the reader
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the budget is spent. Sizes in bytes; `block_elems` is the largest block's elements."""
+
+    budget: int
+    baseline: int
+    workspace: int
+    block_elems: int  # target elements per block; a block is never less than one row
+    buffer_elems: int  # max(block_elems, widest row): what each buffer must hold
+    in_bytes_per_elem: tuple[int, ...]  # per input stream (base first), widest dtype it reads
+    out_bytes_per_elem: int
+    depth: int = DEPTH
+
+    @property
+    def buffers(self) -> int:
+        return self.buffer_elems * (sum(self.in_bytes_per_elem) * self.depth + self.out_bytes_per_elem)
+
+    @property
+    def predicted_peak(self) -> int:
+        return self.baseline + RESERVE + self.workspace + self.buffers
+
+
+def plan_memory(
+    budget: int,
+    baseline: int,
+    in_bytes_per_elem: tuple[int, ...],
+    out_bytes_per_elem: int,
+    max_row_elems: int,
+    block_bytes: int | None = None,
+) -> MemoryPlan:
+    """Choose the block size (in elements) that fits `budget`.
+
+    Args:
+        budget: whole-process peak RSS ceiling in bytes.
+        baseline: RSS of this process before any block buffer exists.
+        in_bytes_per_elem: per input stream, bytes per element of its widest tensor.
+        out_bytes_per_elem: bytes per element of the widest output dtype.
+        max_row_elems: elements in the widest row; a block holds at least one row.
+        block_bytes: user override of one stream's block size (`--block-size`).
+    Raises:
+        BudgetError: the budget cannot hold one row; the message gives the minimum.
+    """
+    workspace = CHUNK_ELEMS * 4 * (len(in_bytes_per_elem) + WORK_ARRAYS)
+    per_elem = sum(in_bytes_per_elem) * DEPTH + out_bytes_per_elem
+    fixed = baseline + RESERVE + workspace
+    widest = max(in_bytes_per_elem)
+    cap = max(1, (block_bytes if block_bytes is not None else MAX_STREAM_BYTES) // widest)
+    fits = (budget - fixed) // per_elem
+    minimum = fixed + max_row_elems * per_elem
+    if fits < max_row_elems:
+        raise BudgetError(
+            f"--max-memory {fmt_bytes(budget)} cannot hold one row of the widest tensor "
+            f"({max_row_elems} elements x {per_elem} bytes for all buffers) on top of "
+            f"{fmt_bytes(fixed)} already in use; the minimum for this merge is {fmt_bytes(minimum)}"
+        )
+    block_elems = min(fits, cap)
+    buffer_elems = max(block_elems, max_row_elems)
+    return MemoryPlan(budget, baseline, workspace, block_elems, buffer_elems, in_bytes_per_elem, out_bytes_per_elem)
+
+
+def current_rss() -> int:
+    """This process's resident set size now, in bytes."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int:
+    """The highest RSS this process has had, in bytes (Linux reports ru_maxrss in KiB).
+
+    The kernel updates the high-water mark lazily, so it can trail the current RSS slightly.
+    """
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, current_rss())
+
+
+def default_budget() -> int:
+    """Half of the RAM available now: leaves room for the page cache and other jobs."""
+    return int(psutil.virtual_memory().available // 2)
+
+
+UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+         "T": 10**12, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """`1GiB`, `512MiB`, `5GB`, `1.5G` or a plain byte count -> bytes."""
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    if unit not in UNITS or not num:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 1GiB, 512MiB, 5GB or 1000000")
+    value = float(num) * UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value)
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes for people: binary units, three significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

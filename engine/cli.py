@@ -1,0 +1,217 @@
+"""The `leanmerge` command: parse flags, call the engine, show progress. No merge logic here.
+
+`EngineError`s become one-line `click` errors (exit 1, no traceback); anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import click
+
+from engine import __version__
+from engine.budget import fmt_bytes, parse_bytes
+from engine.errors import EngineError, SpecError
+from engine.merge import Report, merge, plan_summary, prepare
+from engine.methods.registry import METHODS
+from engine.plan import DEFAULT_SHARD_SIZE, Plan
+from engine.spec import MergeSpec, cli_spec, load_yaml_spec
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ByteSize(click.ParamType):
+    """A size flag: `1GiB`, `512MiB`, `5GB` or bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bytes(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = ByteSize()
+
+
+def spec_options(f: F) -> F:
+    """The flags that describe a merge, shared by `merge` and `plan`."""
+    options = [
+        click.argument("config", required=False, type=click.Path(path_type=Path)),
+        click.option("--base", type=click.Path(path_type=Path), help="Base model folder."),
+        click.option("--model", "models", multiple=True, metavar="DIR[:WEIGHT]", help="Fine-tuned model folder; repeat."),
+        click.option("--method", type=click.Choice(sorted(METHODS)), help="Merge method."),
+        click.option("--weight", type=float, help="Weight of every model without its own :WEIGHT."),
+        click.option("--lambda", "lambda_", type=float, help="Scale of the merged delta (task arithmetic)."),
+        click.option("--density", type=float, help="Fraction of each delta kept (DARE, TIES)."),
+        click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of weights."),
+        click.option("--rescale/--no-rescale", default=None, help="DARE: divide survivors by density (off = DropOnly)."),
+        click.option("--seed", type=int, help="Random seed for DARE masks (default 0)."),
+        click.option("--out-dtype", help="Output float dtype: bf16, fp16, fp32 (default: the base's)."),
+        click.option("--max-memory", type=SIZE, help="Peak RSS ceiling for the whole process (default: half of free RAM)."),
+        click.option("--block-size", type=SIZE, help="Bytes per input stream per block (overrides the planner)."),
+        click.option("--shard-size", type=SIZE, default=DEFAULT_SHARD_SIZE, show_default=True, help="Largest output shard."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def build_spec(kw: dict[str, Any]) -> MergeSpec:
+    """One MergeSpec from a YAML file and/or flags; flags override the file's globals."""
+    params = {
+        k: v
+        for k, v in {
+            "weight": kw["weight"],
+            "lambda": kw["lambda_"],
+            "density": kw["density"],
+            "normalize": kw["normalize"],
+            "rescale": kw["rescale"],
+        }.items()
+        if v is not None
+    }
+    if kw["config"] is not None:
+        if kw["base"] or kw["models"]:
+            raise SpecError("give either a CONFIG file or --base/--model flags, not both")
+        spec = load_yaml_spec(kw["config"], {"method": kw["method"], "out_dtype": kw["out_dtype"], "seed": kw["seed"]})
+        if params:
+            spec = MergeSpec(spec.method, spec.base, spec.models, {**spec.params, **params}, spec.out_dtype, spec.seed)
+        return spec
+    missing = [f for f, v in (("--base", kw["base"]), ("--model", kw["models"]), ("--method", kw["method"])) if not v]
+    if missing:
+        raise SpecError(f"missing {', '.join(missing)} (or give a CONFIG.yaml)")
+    return cli_spec(kw["method"], kw["base"], kw["models"], params, kw["out_dtype"], kw["seed"])
+
+
+@contextmanager
+def engine_errors() -> Iterator[None]:
+    try:
+        yield
+    except EngineError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.group()
+@click.version_option(__version__, prog_name="leanmerge")
+def main() -> None:
+    """Merge homologous models (DARE, task arithmetic, ...) block by block, in bounded memory."""
+
+
+@main.command("merge")
+@spec_options
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output model folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is complete.")
+@click.option("--drop-cache", is_flag=True, help="Drop inputs and outputs from the page cache as they are used.")
+@click.option("--log-json", type=click.Path(path_type=Path), help="Write JSON-lines events (plan, tensor, report).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a TTY).")
+def merge_cmd(output: Path, overwrite: bool, drop_cache: bool, log_json: Path | None, progress: bool | None, **kw: Any) -> None:
+    """Merge models into OUTPUT (from CONFIG.yaml or --base/--model flags)."""
+    with engine_errors():
+        spec = build_spec(kw)
+        show_bar = sys.stderr.isatty() if progress is None else progress
+        with _events(log_json, show_bar) as on_event:
+            report = merge(
+                spec,
+                output,
+                max_memory=kw["max_memory"],
+                block_bytes=kw["block_size"],
+                shard_size=kw["shard_size"],
+                overwrite=overwrite,
+                drop_cache=drop_cache,
+                on_event=on_event,
+            )
+            on_event({"event": "report", **report.to_json()})
+    click.echo(format_report(report))
+
+
+@main.command("plan")
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(as_json: bool, **kw: Any) -> None:
+    """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
+    with engine_errors():
+        spec = build_spec(kw)
+        _, plan = prepare(spec, max_memory=kw["max_memory"], block_bytes=kw["block_size"], shard_size=kw["shard_size"])
+    if as_json:
+        summary = plan_summary(plan)
+        summary["tensor_plans"] = [
+            {"name": t.name, "shape": list(t.shape), "out_dtype": t.out_dtype, "merge": t.merge,
+             "block_rows": t.block_rows, "blocks": t.n_blocks, "shard": t.shard}
+            for t in plan.tensors
+        ]
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(format_plan(plan))
+
+
+def format_plan(plan: Plan) -> str:
+    m = plan.memory
+    lines = [
+        f"method {plan.spec.method}: {len(plan.spec.models)} model(s) onto {plan.spec.base}",
+        f"tensors {len(plan.tensors)}, blocks {plan.n_blocks}, up to {m.block_elems} elements per block",
+        f"memory budget {fmt_bytes(m.budget)}: baseline {fmt_bytes(m.baseline)} + buffers {fmt_bytes(m.buffers)}"
+        f" + workspace {fmt_bytes(m.workspace)} -> predicted peak RSS {fmt_bytes(m.predicted_peak)}",
+        f"read {fmt_bytes(plan.bytes_read)}, write {fmt_bytes(plan.bytes_written)}",
+        "",
+        f"{'tensor':<48} {'shape':<18} {'dtype':<6} {'rows/block':>10} {'blocks':>7}",
+    ]
+    for t in plan.tensors:
+        dtype = t.out_dtype if t.merge else f"{t.out_dtype}*"
+        lines.append(f"{t.name:<48} {str(list(t.shape)):<18} {dtype:<6} {t.block_rows:>10} {t.n_blocks:>7}")
+    lines.append("")
+    lines += [f"shard {s.file}: {len(s.tensors)} tensors, {fmt_bytes(s.data_bytes)}" for s in plan.shards]
+    if any(not t.merge for t in plan.tensors):
+        lines.append("* not a float tensor: copied from the base")
+    return "\n".join(lines)
+
+
+def format_report(r: Report) -> str:
+    return (
+        f"merged {r.tensors} tensors ({r.blocks} blocks, {r.shards} shard(s)) into {r.output}\n"
+        f"wall {r.wall_s:.2f} s, read {fmt_bytes(r.bytes_read)} at {r.read_gbps:.2f} GB/s, "
+        f"wrote {fmt_bytes(r.bytes_written)}\n"
+        f"peak RSS {fmt_bytes(r.peak_rss)} (budget {fmt_bytes(r.budget)}, predicted {fmt_bytes(r.predicted_peak_rss)}, "
+        f"at start {fmt_bytes(r.baseline_rss)}), seed {r.seed}"
+    )
+
+
+@contextmanager
+def _events(log_json: Path | None, show_bar: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """An event sink feeding the JSON-lines log and the progress bar."""
+    log: IO[str] | None = open(log_json, "w") if log_json else None  # noqa: SIM115
+    bar: Any = None
+    try:
+
+        def on_event(e: dict[str, Any]) -> None:
+            nonlocal bar
+            if e["event"] == "plan" and show_bar:
+                from tqdm import tqdm
+
+                bar = tqdm(total=e["bytes_read"], unit="B", unit_scale=True, desc="merge", file=sys.stderr)
+            if e["event"] == "block":
+                if bar is not None:
+                    bar.update(e["bytes"])
+                return  # too chatty for the log
+            if log is not None:
+                log.write(json.dumps(e) + "\n")
+                log.flush()
+
+        yield on_event
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""File formats: reading checkpoints, writing merged shards, journals."""

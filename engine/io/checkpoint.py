@@ -1,0 +1,187 @@
+"""Model folders: find the shards, index their tensors, read row ranges into reused buffers.
+
+A checkpoint is a Hugging Face model folder: one `model.safetensors`, or shards named by
+`model.safetensors.index.json`. Reading uses `os.preadv` into caller-owned buffers instead of
+`mmap`: a mapping keeps every touched page in RSS until unmapped, while `preadv` leaves the data
+only in the page cache (which the kernel may drop) and in the buffer we reuse. With
+`drop_cache=True` the read range is also dropped from the page cache, for batch jobs whose
+memory limit counts page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from engine.dtypes import DTYPES
+from engine.errors import CheckpointError
+from engine.io.header import Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model folder, indexed: tensor name -> where its bytes are, in the folder's order."""
+
+    folder: Path
+    tensors: dict[str, TensorInfo]
+    shards: tuple[Path, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_checkpoint(folder: Path | str) -> Checkpoint:
+    """Index the model folder `folder` from its headers alone (no tensor bytes are read).
+
+    Raises:
+        CheckpointError: the folder, a shard or the index is missing or inconsistent.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a model folder" if folder.exists() else "does not exist"
+        raise CheckpointError(f"{folder}: {what}")
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = _read_index(index)
+        files = sorted(set(weight_map.values()))
+        headers = [read_header(_shard_path(folder, index, f)) for f in files]
+        _check_index(index, weight_map, headers)
+    elif (folder / SINGLE_NAME).is_file():
+        headers = [read_header(folder / SINGLE_NAME)]
+    else:
+        raise CheckpointError(_missing_weights_message(folder))
+    # Order tensors by (shard, offset) so that walking them reads each file front to back.
+    tensors = {t.name: t for h in headers for t in h.tensors}
+    return Checkpoint(folder, tensors, tuple(h.file for h in headers))
+
+
+def _missing_weights_message(folder: Path) -> str:
+    pickles = [n for n in PICKLE_NAMES if (folder / n).exists()]
+    if pickles:
+        return (
+            f"{folder}: only pickle weights ({', '.join(pickles)}); leanmerge never unpickles. Convert once with "
+            "`python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('pytorch_model.bin', "
+            "weights_only=True), 'model.safetensors')\"` in that folder"
+        )
+    return f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} in this folder"
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        obj: Any = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: cannot read the index: {e}") from None
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object of tensor name -> shard file")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a file name, got {file!r}")
+    return dict(weight_map)
+
+
+def _shard_path(folder: Path, index: Path, file: str) -> Path:
+    path = folder / file
+    # A shard may be a symlink (HF cache layout), but the name must not climb out of the folder.
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        raise CheckpointError(f"{index}: shard name {file!r} points outside the model folder")
+    if not path.is_file():
+        raise CheckpointError(f"{index}: shard {file!r} named in weight_map is missing from {folder}")
+    return path
+
+
+def _check_index(index: Path, weight_map: dict[str, str], headers: list[Header]) -> None:
+    for h in headers:
+        for t in h.tensors:
+            if weight_map.get(t.name) != h.file.name:
+                raise CheckpointError(
+                    f"{index}: tensor {t.name!r} is in {h.file.name} but weight_map says {weight_map.get(t.name)!r}"
+                )
+    found = {t.name for h in headers for t in h.tensors}
+    missing = [n for n in weight_map if n not in found]
+    if missing:
+        raise CheckpointError(
+            f"{index}: {len(missing)} tensor(s) in weight_map are in no shard header, e.g. {missing[:3]} "
+            f"(weight_map says {weight_map[missing[0]]!r})"
+        )
+
+
+class Reader:
+    """Reads row ranges of one checkpoint's tensors into reused buffers.
+
+    Holds one open file descriptor per shard; `os.preadv` takes explicit offsets, so one reader
+    may serve several threads.
+    """
+
+    def __init__(self, ckpt: Checkpoint, *, drop_cache: bool = False) -> None:
+        self.ckpt = ckpt
+        self.drop_cache = drop_cache
+        self._fds: dict[Path, int] = {}
+        try:
+            for shard in ckpt.shards:
+                self._fds[shard] = os.open(shard, os.O_RDONLY)
+        except OSError as e:
+            self.close()
+            raise CheckpointError(f"{e.filename}: cannot open: {e.strerror}") from None
+
+    def read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `[r0, r1)` of tensor `name` as a `(r1 - r0, row_numel)` tensor of its own dtype.
+
+        Args:
+            name: tensor name in this checkpoint.
+            r0, r1: row range along dim 0 (elements for a 1-D tensor; `0, 1` for a 0-D one).
+            out: optional uint8 buffer of at least the block's bytes, reused across calls.
+        Returns:
+            A view of `out` (or a fresh tensor) holding exactly those bytes.
+        """
+        info = self.ckpt.tensors[name]
+        if not 0 <= r0 <= r1 <= info.rows:
+            raise IndexError(f"{name}: rows [{r0}, {r1}) outside [0, {info.rows})")
+        row_bytes = info.nbytes // info.rows if info.rows else 0
+        nbytes = (r1 - r0) * row_bytes
+        if out is None:
+            out = torch.empty(nbytes, dtype=torch.uint8)
+        buf = out.view(-1)[:nbytes]
+        self.read_bytes(info, (r0 * row_bytes), buf)
+        return buf.view(DTYPES[info.dtype]).view(r1 - r0, info.row_numel)
+
+    def read_bytes(self, info: TensorInfo, start: int, buf: torch.Tensor) -> None:
+        """Fill the uint8 tensor `buf` with the bytes of `info` from byte `start` on."""
+        fd = self._fds[info.file]
+        pos = info.offset + start
+        view = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                got = os.preadv(fd, [view[done:]], pos + done)
+            except OSError as e:
+                raise CheckpointError(f"{info.file}: read of tensor {info.name!r} failed: {e.strerror}") from None
+            if got == 0:
+                raise CheckpointError(
+                    f"{info.file}: tensor {info.name!r} ends past the end of the file (truncated while merging?)"
+                )
+            done += got
+        if self.drop_cache and len(view):
+            os.posix_fadvise(fd, pos, len(view), os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,117 @@
+"""The output folder's life: a hidden temporary folder beside the target, renamed when complete.
+
+Nothing under the target name ever looks complete unless it is: the merge writes into
+`.NAME.leanmerge-tmp` on the same filesystem and only a finished, synced folder is renamed
+into place. A failed run removes its temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from engine.errors import OutputError
+from engine.io.checkpoint import INDEX_NAME
+from engine.plan import Plan
+
+log = logging.getLogger(__name__)
+
+# Files a model folder needs besides weights; copied from the base when present.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def temp_dir_for(target: Path) -> Path:
+    return target.parent / f".{target.name}.leanmerge-tmp"
+
+
+def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse before any work: an existing output (unless `overwrite`), or one inside an input."""
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: output already exists; pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target.parent}: the output's parent folder does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise OutputError(f"{target.parent}: not writable")
+    resolved = target.resolve()
+    for folder in inputs:
+        f = folder.resolve()
+        if resolved == f or f in resolved.parents or resolved in f.parents:
+            raise OutputError(f"{target}: output overlaps input folder {folder}; choose another output")
+
+
+def start_output(target: Path) -> Path:
+    """Create a fresh temporary folder for `target` and return it."""
+    tmp = temp_dir_for(target)
+    if tmp.exists():
+        log.warning("removing leftover temporary folder %s from an earlier run", tmp)
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def write_side_files(tmp: Path, plan: Plan) -> None:
+    """The index json and the base's config and tokenizer files."""
+    index = {
+        "metadata": {"total_size": plan.bytes_written},
+        "weight_map": {t.name: plan.shards[t.shard].file for t in plan.tensors},
+    }
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    for name in SIDE_FILES:
+        src = plan.spec.base / name
+        if src.is_file():
+            shutil.copyfile(src, tmp / name)
+    if plan.spec.out_dtype and (tmp / "config.json").is_file():
+        _set_config_dtype(tmp / "config.json", TORCH_DTYPE_NAMES[plan.spec.out_dtype])
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    try:
+        config: Any = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return  # not ours to repair; copied as is
+    if isinstance(config, dict):
+        config["torch_dtype"] = dtype
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def commit_output(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` into place, replacing an old `target` only now."""
+    _fsync_dir(tmp)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.leanmerge-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def abort_output(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

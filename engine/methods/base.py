@@ -1,0 +1,109 @@
+"""What a merge method is: declared parameters plus a pure function over float32 chunks.
+
+Methods never see files, blocks or devices: the executor hands `apply` flat float32 chunks of
+the base and of every model (all on one device) and a `ChunkRandom` keyed to the chunk's flat
+position, and casts what `apply` returns once, on write. Because `apply` is elementwise, the
+result cannot depend on where the executor cut the tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+import torch
+
+from engine.rng import KeyedRng
+
+ParamValue = Union[float, bool]
+
+
+def _any(_: ParamValue) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    """One method parameter: its default, whether each model may set its own, how to check it."""
+
+    name: str
+    default: ParamValue
+    per_model: bool
+    check: Callable[[ParamValue], str | None] = _any  # returns what is wrong, or None
+
+
+def in_unit_interval(v: ParamValue) -> str | None:
+    """Check for densities: a kept fraction in (0, 1]."""
+    return None if 0.0 < float(v) <= 1.0 else f"must lie in (0, 1], got {v}"
+
+
+WEIGHT = ParamDef("weight", 1.0, per_model=True)
+DENSITY = ParamDef("density", 1.0, per_model=True, check=in_unit_interval)
+LAMBDA = ParamDef("lambda", 1.0, per_model=False)
+
+
+def normalize_param(default: bool) -> ParamDef:
+    return ParamDef("normalize", default, per_model=False)
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved for one tensor: the globals and one mapping per model."""
+
+    globals: Mapping[str, ParamValue]
+    models: tuple[Mapping[str, ParamValue], ...]
+
+    def per_model(self, name: str) -> list[float]:
+        return [float(m[name]) for m in self.models]
+
+    def flag(self, name: str) -> bool:
+        return bool(self.globals[name])
+
+    def number(self, name: str) -> float:
+        return float(self.globals[name])
+
+
+@dataclass(frozen=True)
+class ChunkRandom:
+    """Keyed random streams (one per model) positioned at a chunk's first flat element."""
+
+    streams: tuple[KeyedRng, ...]
+    start: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def keep(self, model: int, n: int, density: float) -> torch.Tensor:
+        """Bool mask of the n elements of `model` from this chunk's start: True = kept."""
+        return self.streams[model].keep(self.start, n, density, device=self.device)
+
+
+class Method(ABC):
+    """A merge method: `apply` maps float32 chunks of base and models to the merged chunk."""
+
+    name: ClassVar[str]
+    params: ClassVar[tuple[ParamDef, ...]]
+    uses_rng: ClassVar[bool] = False
+    min_models: ClassVar[int] = 1
+
+    @abstractmethod
+    def apply(
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
+    ) -> torch.Tensor:
+        """Merge one chunk. base: (n,) float32; models: k tensors (n,) float32 -> (n,) float32."""
+
+    def param(self, name: str) -> ParamDef | None:
+        return next((d for d in self.params if d.name == name), None)
+
+
+def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ wₘ·xₘ accumulated in model order, so every caller rounds the same way."""
+    acc = terms[0] * weights[0]
+    for x, w in zip(terms[1:], weights[1:]):
+        acc += x * w
+    return acc
+
+
+def safe_divisor(total: float) -> float:
+    """A weight sum used as a divisor; mergekit's rule: near zero becomes 1 (no rescale)."""
+    return 1.0 if abs(total) < 1e-8 else total

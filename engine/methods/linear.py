@@ -1,0 +1,27 @@
+"""Linear merge (model soups; Wortsman et al., 2022, "Model soups"): θ = Σ wₘ θₘ [/ Σ wₘ].
+
+The base is used only as the template for names, shapes and files; include it among the
+models to average it in, as mergekit does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.methods.base import WEIGHT, ChunkRandom, Method, TensorParams, normalize_param, safe_divisor, weighted_sum
+
+
+class Linear(Method):
+    name = "linear"
+    params = (WEIGHT, normalize_param(True))
+
+    def apply(
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
+    ) -> torch.Tensor:
+        weights = p.per_model("weight")
+        out = weighted_sum(models, weights)
+        if p.flag("normalize"):
+            out /= safe_divisor(sum(weights))
+        return out

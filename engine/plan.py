@@ -1,0 +1,179 @@
+"""From headers alone, decide every block, every output offset and the memory it will take.
+
+The plan is data: it allocates nothing and reads no tensor bytes, so `leanmerge plan` can show
+exactly what a merge will do before it starts, and tests can assert the exact block list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from engine.budget import MemoryPlan, plan_memory
+from engine.dtypes import MERGEABLE, itemsize
+from engine.io.inventory import Inventory
+from engine.spec import MergeSpec
+
+DEFAULT_SHARD_SIZE = 5 * 10**9  # Hugging Face's default "5GB"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A band of rows of one tensor; in row-major storage one contiguous byte range."""
+
+    tensor: str
+    r0: int
+    r1: int
+    start: int  # flat index of the block's first element: keys the random streams
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is produced and where it goes."""
+
+    name: str
+    shape: tuple[int, ...]
+    in_dtypes: tuple[str, ...]  # base first, then each model
+    out_dtype: str
+    merge: bool  # False: not a float tensor, copied from the base unchanged
+    rows: int
+    row_numel: int
+    block_rows: int
+    shard: int  # index into Plan.shards
+    offset: int  # byte offset inside the shard's data section
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.row_numel if self.shape else 1
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * itemsize(self.out_dtype)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.rows // self.block_rows) if self.numel else 0
+
+    def blocks(self) -> Iterator[Block]:
+        """The row bands in order; derived on demand (a 70B model has millions of them)."""
+        if not self.numel:
+            return
+        for r0 in range(0, self.rows, self.block_rows):
+            r1 = min(r0 + self.block_rows, self.rows)
+            yield Block(self.name, r0, r1, r0 * self.row_numel, (r1 - r0) * self.row_numel)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output file: its name, tensors in write order and data size."""
+
+    file: str
+    tensors: tuple[str, ...]
+    data_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: MergeSpec
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardPlan, ...]
+    memory: MemoryPlan
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(t.numel * sum(itemsize(d) for d in (t.in_dtypes if t.merge else t.in_dtypes[:1])) for t in self.tensors)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(t.n_blocks for t in self.tensors)
+
+
+def make_plan(
+    spec: MergeSpec,
+    inv: Inventory,
+    *,
+    budget: int,
+    baseline: int,
+    block_bytes: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> Plan:
+    """Plan the merge of `inv` by `spec` under a whole-process RSS `budget`.
+
+    Args:
+        spec: the validated merge description.
+        inv: the opened, homology-checked checkpoints.
+        budget: peak RSS ceiling in bytes; `baseline` is the RSS already in use.
+        block_bytes: fixed block size per input stream (tuning, tests); default from the budget.
+        shard_size: largest output shard in bytes (a bigger tensor gets a shard of its own).
+    Raises:
+        BudgetError: the budget cannot hold one row of the widest tensor.
+    """
+    sources = (inv.base, *inv.models)
+    names = list(inv.base.tensors)
+    in_dtypes = {n: tuple(c.tensors[n].dtype for c in sources) for n in names}
+    out_dtypes = {n: _out_dtype(spec, inv.base.tensors[n].dtype) for n in names}
+    memory = plan_memory(
+        budget,
+        baseline,
+        tuple(max((itemsize(in_dtypes[n][i]) for n in names), default=1) for i in range(len(sources))),
+        max((itemsize(d) for d in out_dtypes.values()), default=1),
+        max((inv.base.tensors[n].row_numel for n in names), default=1),
+        block_bytes,
+    )
+    layout = _shard_layout([(n, inv.base.tensors[n].numel * itemsize(out_dtypes[n])) for n in names], shard_size)
+    tensors = []
+    for n in names:
+        info = inv.base.tensors[n]
+        shard, offset = layout[n]
+        tensors.append(
+            TensorPlan(
+                name=n,
+                shape=info.shape,
+                in_dtypes=in_dtypes[n],
+                out_dtype=out_dtypes[n],
+                merge=info.dtype in MERGEABLE,
+                rows=info.rows,
+                row_numel=info.row_numel,
+                block_rows=max(1, memory.block_elems // max(info.row_numel, 1)),
+                shard=shard,
+                offset=offset,
+            )
+        )
+    return Plan(spec, tuple(tensors), _shards(tensors), memory)
+
+
+def _out_dtype(spec: MergeSpec, base_dtype: str) -> str:
+    return spec.out_dtype if spec.out_dtype and base_dtype in MERGEABLE else base_dtype
+
+
+def _shard_layout(sizes: list[tuple[str, int]], shard_size: int) -> dict[str, tuple[int, int]]:
+    """Greedy packing in order: tensor -> (shard index, offset); a shard closes when full."""
+    layout: dict[str, tuple[int, int]] = {}
+    shard, used = 0, 0
+    for name, nbytes in sizes:
+        if used and used + nbytes > shard_size:
+            shard, used = shard + 1, 0
+        layout[name] = (shard, used)
+        used += nbytes
+    return layout
+
+
+def _shards(tensors: list[TensorPlan]) -> tuple[ShardPlan, ...]:
+    count = max((t.shard for t in tensors), default=0) + 1
+    groups: list[list[TensorPlan]] = [[] for _ in range(count)]
+    for t in tensors:
+        groups[t.shard].append(t)
+    return tuple(
+        ShardPlan(shard_file_name(i, count), tuple(t.name for t in g), sum(t.out_nbytes for t in g))
+        for i, g in enumerate(groups)
+    )
+
+
+def shard_file_name(i: int, count: int) -> str:
+    """Hugging Face naming; a single shard is plain `model.safetensors`."""
+    return "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"

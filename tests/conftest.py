@@ -1,0 +1,92 @@
+"""Tiny synthetic checkpoints, written with safetensors' own `save_file` so that our reader is
+tested against files we did not write ourselves."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+from safetensors.torch import save_file
+
+settings.register_profile("ci", deadline=None, derandomize=True, max_examples=40)
+settings.register_profile("dev", deadline=None, max_examples=40)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# Odd row counts, 1-D, 0-D and an empty tensor: the edge cases of row blocking.
+SHAPES: dict[str, tuple[int, ...]] = {
+    "embed.weight": (37, 24),
+    "layers.0.attn.weight": (24, 24),
+    "layers.0.norm.weight": (24,),
+    "layers.0.mlp.weight": (61, 24),
+    "scale": (),
+    "layers.1.conv.weight": (5, 3, 4),
+    "empty": (0, 8),
+}
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    """Save `tensors` as a HF model folder: one file, or `shards` files plus the index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "tiny", "torch_dtype": "bfloat16"}))
+    (folder / "tokenizer.json").write_text("{}")
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+    names = list(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i::shards]}
+        save_file(part, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    return folder
+
+
+def family_tensors(
+    shapes: dict[str, tuple[int, ...]], n_models: int, seed: int, dtype: torch.dtype, delta: float = 0.05
+) -> list[dict[str, torch.Tensor]]:
+    """Base tensors and n_models fine-tunes (base + small noise), all in `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    out = [{n: t.to(dtype) for n, t in base.items()}]
+    for _ in range(n_models):
+        out.append({n: (t + delta * torch.randn(t.shape, generator=g)).to(dtype) for n, t in base.items()})
+    return out
+
+
+MakeFamily = Callable[..., tuple[Path, list[Path]]]
+
+
+@pytest.fixture
+def tiny_family(tmp_path: Path) -> MakeFamily:
+    """Write a base and fine-tunes under tmp_path; returns (base_dir, [model_dirs])."""
+    counter = [0]
+
+    def make(
+        n_models: int = 2,
+        *,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.bfloat16,
+        shards: int = 1,
+        dtypes: Sequence[torch.dtype] | None = None,
+    ) -> tuple[Path, list[Path]]:
+        counter[0] += 1
+        root = tmp_path / f"family{counter[0]}"
+        sets = family_tensors(shapes or SHAPES, n_models, seed, dtype)
+        if dtypes is not None:
+            sets = [{n: t.to(d) for n, t in s.items()} for s, d in zip(sets, dtypes)]
+        base = write_checkpoint(root / "base", sets[0], shards)
+        models = [write_checkpoint(root / f"ft{i}", s, shards) for i, s in enumerate(sets[1:], 1)]
+        return base, models
+
+    return make
