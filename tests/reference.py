@@ -67,7 +67,70 @@ def merge_folders(
             r = linear(bf, ms, weights, bool(params.get("normalize", True)))  # type: ignore[arg-type]
         elif method == "task_arithmetic":
             r = task_arithmetic(bf, ms, weights, float(params.get("lam", 1.0)), bool(params.get("normalize", False)))  # type: ignore[arg-type]
+        elif method in ("dare_linear", "dare_ties"):
+            r = dare_merge(
+                method, name, bf, ms,
+                weights=weights,  # type: ignore[arg-type]
+                densities=params.get("densities") or [1.0] * len(models),  # type: ignore[arg-type]
+                seed=int(params.get("seed", 0)),  # type: ignore[call-overload]
+                lam=float(params.get("lam", 1.0)),  # type: ignore[arg-type]
+                normalize=bool(params.get("normalize", False)),
+                rescale=bool(params.get("rescale", True)),
+            )  # fmt: skip
         else:
             raise ValueError(method)
         out[name] = r.to(out_dtype or b.dtype)
     return out
+
+
+def dare(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """The paper's DARE: δ̂ = m ⊙ δ / (1 − p), m ~ Bernoulli(1 − p); DropOnly without the division."""
+    if density >= 1.0:
+        return delta
+    return torch.where(keep, delta / density if rescale else delta, 0.0)
+
+
+def ties_merge(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """TIES elect + disjoint merge, whole tensor: sign of Σ wδ (0 counts as +), agreeing models only."""
+    total = weighted[0].clone()
+    for x in weighted[1:]:
+        total += x
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for x, w in zip(weighted, weights):
+        agree = torch.sign(x) == sign
+        mixed += torch.where(agree, x, 0.0)
+        divisor += torch.where(agree, w, 0.0)
+    if normalize:
+        mixed /= torch.where(divisor == 0, 1.0, divisor)
+    return mixed
+
+
+def dare_merge(
+    method: str,
+    name: str,
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    seed: int,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+) -> torch.Tensor:
+    """dare_linear / dare_ties on whole float32 tensors, masks from the engine's keyed streams."""
+    from engine.rng import KeyedRng, stream_key
+
+    deltas = []
+    for i, (m, d) in enumerate(zip(models, densities)):
+        keep = KeyedRng(stream_key(seed, name, i)).keep(0, base.numel(), d).view(base.shape)
+        deltas.append(dare(m - base, keep, d, rescale))
+    if method == "dare_linear":
+        mixed = linear(base, deltas, weights, normalize)
+    else:
+        mixed = ties_merge([x * w for x, w in zip(deltas, weights)], weights, normalize)
+    if lam != 1.0:
+        mixed = mixed * lam
+    return base + mixed

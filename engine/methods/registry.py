@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from engine.errors import SpecError
 from engine.methods.base import Method
+from engine.methods.dare import DareLinear, DareTies
 from engine.methods.linear import Linear
 from engine.methods.task_arithmetic import TaskArithmetic
 
-METHODS: dict[str, Method] = {m.name: m for m in (Linear(), TaskArithmetic())}
+METHODS: dict[str, Method] = {m.name: m for m in (Linear(), TaskArithmetic(), DareLinear(), DareTies())}
 
 
 def get_method(name: str) -> Method:
