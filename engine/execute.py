@@ -62,21 +62,18 @@ def execute(plan: Plan, inv: Inventory, writer: ShardWriter, on_event: OnEvent |
         readers = [stack.enter_context(Reader(c, drop_cache=drop_cache)) for c in (inv.base, *inv.models)]
         prefetch = _Prefetcher(plan, readers, pipe.slots)
         stack.callback(prefetch.stop)
-        current: TensorPlan | None = None
-        for tensor, block, slot in prefetch:
-            if tensor is not current:
-                if current is not None:
-                    emit({"event": "tensor", "name": current.name})
-                current = tensor
-            if tensor.merge:
-                data = _merge_block(tensor, block, slot, pipe, method, params, plan.spec.seed)
-            else:
-                data = slot[0][: block.numel * itemsize(tensor.in_dtypes[0])]
-            writer.write(tensor, block.start * itemsize(tensor.out_dtype), memoryview(data.numpy()))
-            prefetch.release(slot)
-            emit({"event": "block", "bytes": _block_read_bytes(tensor, block)})
-        if current is not None:
-            emit({"event": "tensor", "name": current.name})
+        filled = iter(prefetch)
+        for tensor in plan.tensors:
+            for _ in range(tensor.n_blocks):
+                _, block, slot = next(filled)
+                if tensor.merge:
+                    data = _merge_block(tensor, block, slot, pipe, method, params, plan.spec.seed)
+                else:
+                    data = slot[0][: block.numel * itemsize(tensor.in_dtypes[0])]
+                writer.write(tensor, block.start * itemsize(tensor.out_dtype), memoryview(data.numpy()))
+                prefetch.release(slot)
+                emit({"event": "block", "bytes": _block_read_bytes(tensor, block)})
+            emit({"event": "tensor", "name": tensor.name})
 
 
 def _block_read_bytes(tensor: TensorPlan, block: Block) -> int:

@@ -89,7 +89,7 @@ _M3 = 0x846CA68B  # lowbias32
 _GOLDEN64 = 0x9E3779B97F4A7C15
 
 # Elements hashed per sub-block: the int32 words plus the shift scratch (2 x 256 KiB) stay in L2.
-_BLOCK = 1 << 16
+_BLOCK = 1 << 17
 # Columns of the broadcast add that generates the Weyl sequence; divides _BLOCK.
 _COLS = 1024
 
@@ -172,16 +172,24 @@ def keep_threshold(density: float) -> int:
     return min(max(round(d * _TWO32), 0), _TWO32)
 
 
-def _affine_(x: torch.Tensor, mul: int, add: int) -> torch.Tensor:
+def _key_scalar(k: int, dev: torch.device) -> torch.Tensor | int:
+    """A round key in the form :func:`_affine_` wants: a CPU 0-dim tensor, or an int elsewhere.
+
+    Made once per 2**32 block (not per sub-block) because creating a tensor costs microseconds.
+    """
+    return torch.tensor(_s32(k), dtype=torch.int32) if dev.type == "cpu" else _s32(k)
+
+
+def _affine_(x: torch.Tensor, mul: int, add: torch.Tensor | int) -> None:
     """``x = x * mul + add`` in place, wrapping mod 2**32.
 
-    On CPU this is one fused kernel (``torch.add`` of a 0-dim tensor with ``alpha``); other
-    devices use two plain in-place ops, which compute the same wrapped value.
+    On CPU (``add`` a 0-dim tensor) this is one fused kernel, ``torch.add(add, x, alpha=mul)``;
+    elsewhere two plain in-place ops, which compute the same wrapped value.
     """
-    if x.device.type == "cpu":
-        k = torch.tensor(_s32(add), dtype=torch.int32)
-        return torch.add(k, x, alpha=_s32(mul), out=x)
-    return x.mul_(_s32(mul)).add_(_s32(add))
+    if isinstance(add, torch.Tensor):
+        torch.add(add, x, alpha=_s32(mul), out=x)
+    else:
+        x.mul_(_s32(mul)).add_(add)
 
 
 def _xorshift16_(x: torch.Tensor, scratch: torch.Tensor) -> None:
@@ -195,37 +203,46 @@ def _xorshift16_(x: torch.Tensor, scratch: torch.Tensor) -> None:
     x.bitwise_xor_(scratch)
 
 
-def _weyl_into(x: torch.Tensor, base: int, cols: torch.Tensor) -> None:
-    """Fill ``x`` with ``base + j * M1`` (mod 2**32) for ``j = 0..len(x)-1``.
+class _Segment:
+    """Per-call state for hashing indices that share one high half (one 2**32 block).
 
-    Built as a broadcast add of per-row starts and ``cols = arange(_COLS) * M1``, which is one
-    vectorised pass and cheaper than ``torch.arange`` followed by a multiply.
+    Everything here is derived once per block of 2**32 indices and reused for every L2-sized
+    sub-block, because on CPU each small torch call costs about as much as hashing thousands
+    of elements.
     """
-    n = x.numel()
-    full = n - n % _COLS
-    if full:
-        rows = torch.arange(full // _COLS, dtype=torch.int32, device=x.device)
-        rows.mul_(_s32(_COLS * _M1)).add_(_s32(base))
-        torch.add(rows.view(-1, 1), cols.view(1, -1), out=x[:full].view(-1, _COLS))
-    if full < n:
-        torch.add(cols[: n - full], _s32(base + full * _M1), out=x[full:])
 
+    __slots__ = ("cols", "k1", "k2", "lo0", "rows")
 
-def _hash_segment(x: torch.Tensor, lo: int, keys: tuple[int, int, int], cols: torch.Tensor,
-                  scratch: torch.Tensor) -> None:
-    """Write the pre-flip hash (``word ^ 0x80000000``) of indices ``lo .. lo+len(x)-1`` into ``x``.
+    def __init__(self, key: int, start: int, n: int, dev: torch.device) -> None:
+        """Prepare indices ``start .. start+n-1``, all with the same ``start >> 32``."""
+        k0, k1, k2 = _block_keys(key, start >> 32)
+        self.lo0 = start & _M32
+        # x_j = (lo0 + j + k0) * M1 = base + j * M1, laid out as rows of _COLS: row r starts at
+        # base + r * _COLS * M1 and column c adds c * M1.
+        self.cols = torch.arange(_COLS, dtype=torch.int32, device=dev).mul_(_s32(_M1))
+        nrows = -(-n // _COLS)
+        self.rows = torch.arange(nrows, dtype=torch.int32, device=dev)
+        self.rows.mul_(_s32(_COLS * _M1)).add_(_s32((self.lo0 + k0) * _M1))
+        self.k1 = _key_scalar(k1, dev)
+        self.k2 = _key_scalar(k2, dev)
 
-    All indices share one high half (the caller splits at 2**32 boundaries), so ``keys`` are
-    that block's round keys and ``lo + len(x) <= 2**32``.
-    """
-    k0, k1, k2 = keys
-    _weyl_into(x, (lo + k0) * _M1, cols)
-    t = scratch[: x.numel()]
-    _xorshift16_(x, t)
-    _affine_(x, _M2, k1)
-    _xorshift16_(x, t)
-    _affine_(x, _M3, k2)
-    _xorshift16_(x, t)
+    def hash_(self, x: torch.Tensor, off: int, scratch: torch.Tensor) -> None:
+        """Write ``word ^ 0x80000000`` of indices ``start+off ..`` into ``x`` (``off % _COLS == 0``)."""
+        m = x.numel()
+        full = m - m % _COLS
+        r0 = off // _COLS
+        if full:
+            rows = self.rows[r0:r0 + full // _COLS].view(-1, 1)
+            torch.add(rows, self.cols.view(1, -1), out=x[:full].view(-1, _COLS))
+        if full < m:
+            r = r0 + full // _COLS
+            torch.add(self.cols[: m - full], self.rows[r:r + 1], out=x[full:])
+        t = scratch[:m]
+        _xorshift16_(x, t)
+        _affine_(x, _M2, self.k1)
+        _xorshift16_(x, t)
+        _affine_(x, _M3, self.k2)
+        _xorshift16_(x, t)
 
 
 def _check_range(start: int, n: int) -> None:
@@ -284,19 +301,17 @@ class KeyedRng:
         n = x.numel()
         if n == 0:
             return
-        dev = x.device
-        cols = torch.arange(_COLS, dtype=torch.int32, device=dev).mul_(_s32(_M1))
-        scratch = torch.empty(min(n, _BLOCK), dtype=torch.int32, device=dev)
+        scratch = torch.empty(min(n, _BLOCK), dtype=torch.int32, device=x.device)
         pos = 0
         while pos < n:
             i = start + pos
-            keys = _block_keys(self.key, i >> 32)
-            seg_end = min(n, pos + (_TWO32 - (i & _M32)))
-            while pos < seg_end:
-                m = min(_BLOCK, seg_end - pos)
-                _hash_segment(x[pos:pos + m], (start + pos) & _M32, keys, cols, scratch)
-                yield pos, pos + m
-                pos += m
+            seg_n = min(n - pos, _TWO32 - (i & _M32))
+            seg = _Segment(self.key, i, seg_n, x.device)
+            for off in range(0, seg_n, _BLOCK):
+                m = min(_BLOCK, seg_n - off)
+                seg.hash_(x[pos + off:pos + off + m], off, scratch)
+                yield pos + off, pos + off + m
+            pos += seg_n
 
     def _fill(self, start: int, x: torch.Tensor) -> None:
         """Fill ``x`` completely (see :meth:`_fill_blocks`)."""
@@ -353,8 +368,11 @@ class KeyedRng:
         x = _int32_buffer(n, dev, out)
         # word < thr (unsigned)  <=>  (word ^ 2**31) < thr - 2**31 (signed); x holds word ^ 2**31.
         signed_thr = thr - _SIGN
-        for p, q in self._fill_blocks(start, x):  # compare each sub-block while it is in cache
-            torch.lt(x[p:q], signed_thr, out=mask[p:q])
+        # Comparing into a uint8 view of the bool mask (0/1 are valid bools) is about twice as
+        # fast on CPU as producing bool directly; each sub-block is compared while in cache.
+        mask_u8 = mask.view(torch.uint8)
+        for p, q in self._fill_blocks(start, x):
+            torch.lt(x[p:q], signed_thr, out=mask_u8[p:q])
         return mask
 
     def uniform(self, start: int, n: int, *, device: torch.device | str | None = None) -> torch.Tensor:

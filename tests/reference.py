@@ -87,7 +87,8 @@ def dare(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool)
     """The paper's DARE: δ̂ = m ⊙ δ / (1 − p), m ~ Bernoulli(1 − p); DropOnly without the division."""
     if density >= 1.0:
         return delta
-    return torch.where(keep, delta / density if rescale else delta, 0.0)
+    dropped = delta * keep
+    return dropped / density if rescale else dropped
 
 
 def ties_merge(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:

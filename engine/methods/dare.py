@@ -26,55 +26,58 @@ from engine.methods.base import (
     TensorParams,
     normalize_param,
     safe_divisor,
-    weighted_sum,
+    scale_,
+    weighted_sum_,
 )
-from engine.methods.consensus import disjoint_merge
-from engine.methods.task_arithmetic import add_to_base
+from engine.methods.consensus import disjoint_merge_
+from engine.methods.task_arithmetic import add_to_base_, deltas_
 
 RESCALE = ParamDef("rescale", True, per_model=False)
+DARE_PARAMS = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), RESCALE)
 
 
-def drop_and_rescale(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
-    """DARE: zero the dropped entries; divide survivors by the density so E[out] == delta."""
-    if rescale:
-        delta = delta / density
-    return torch.where(keep, delta, 0.0)
+def drop_and_rescale_(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """DARE in place: zero the dropped entries; divide survivors by the density so E[out] == delta.
+
+    Multiply-then-divide, as mergekit does, so the two agree bit for bit.
+    """
+    delta.mul_(keep)
+    return delta.div_(density) if rescale else delta
 
 
-def dare_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom) -> list[torch.Tensor]:
-    """δ̂ₘ for every model of the chunk. A density of 1 keeps every element unchanged."""
+def dare_deltas_(base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom) -> list[torch.Tensor]:
+    """δ̂ₘ for every model of the chunk, in place. A density of 1 keeps every element unchanged."""
     rescale = p.flag("rescale")
     out = []
-    for i, (m, d) in enumerate(zip(models, p.per_model("density"))):
-        delta = m - base
-        out.append(delta if d >= 1.0 else drop_and_rescale(delta, rng.keep(i, delta.numel(), d), d, rescale))
+    for i, (delta, d) in enumerate(zip(deltas_(base, models), p.per_model("density"))):
+        out.append(delta if d >= 1.0 else drop_and_rescale_(delta, rng.keep(i, delta.numel(), d), d, rescale))
     return out
 
 
 class DareLinear(Method):
     name = "dare_linear"
-    params = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), RESCALE)
+    params = DARE_PARAMS
     uses_rng = True
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
     ) -> torch.Tensor:
         weights = p.per_model("weight")
-        mixed = weighted_sum(dare_deltas(base, models, p, rng), weights)
+        mixed = weighted_sum_(dare_deltas_(base, models, p, rng), weights)
         if p.flag("normalize"):
             mixed /= safe_divisor(sum(weights))
-        return add_to_base(base, mixed, p.number("lambda"))
+        return add_to_base_(base, mixed, p.number("lambda"))
 
 
 class DareTies(Method):
     name = "dare_ties"
-    params = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), RESCALE)
+    params = DARE_PARAMS
     uses_rng = True
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
     ) -> torch.Tensor:
         weights = p.per_model("weight")
-        weighted = [delta * w for delta, w in zip(dare_deltas(base, models, p, rng), weights)]
-        mixed = disjoint_merge(weighted, weights, p.flag("normalize"))
-        return add_to_base(base, mixed, p.number("lambda"))
+        weighted = [scale_(delta, w) for delta, w in zip(dare_deltas_(base, models, p, rng), weights)]
+        mixed = disjoint_merge_(weighted, weights, p.flag("normalize"))
+        return add_to_base_(base, mixed, p.number("lambda"))

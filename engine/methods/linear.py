@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.methods.base import WEIGHT, ChunkRandom, Method, TensorParams, normalize_param, safe_divisor, weighted_sum
+from engine.methods.base import WEIGHT, ChunkRandom, Method, TensorParams, normalize_param, safe_divisor, weighted_sum_
 
 
 class Linear(Method):
@@ -21,7 +21,7 @@ class Linear(Method):
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
     ) -> torch.Tensor:
         weights = p.per_model("weight")
-        out = weighted_sum(models, weights)
+        out = weighted_sum_(models, weights)
         if p.flag("normalize"):
             out /= safe_divisor(sum(weights))
         return out

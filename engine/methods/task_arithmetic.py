@@ -17,20 +17,19 @@ from engine.methods.base import (
     TensorParams,
     normalize_param,
     safe_divisor,
-    weighted_sum,
+    scale_,
+    weighted_sum_,
 )
 
 
-def deltas(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """δₘ = θₘ − θ_base, in float32."""
-    return [m - base for m in models]
+def deltas_(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """δₘ = θₘ − θ_base in float32, computed in place over the (scratch) model chunks."""
+    return [m.sub_(base) for m in models]
 
 
-def add_to_base(base: torch.Tensor, mixed: torch.Tensor, lam: float) -> torch.Tensor:
-    """θ_base + λ · mixed; λ = 1 skips the multiply so results match mergekit bit for bit."""
-    if lam != 1.0:
-        mixed = mixed * lam
-    return base + mixed
+def add_to_base_(base: torch.Tensor, mixed: torch.Tensor, lam: float) -> torch.Tensor:
+    """θ_base + λ · mixed, in place over `mixed`; λ = 1 skips the (exact) multiply."""
+    return scale_(mixed, lam).add_(base)
 
 
 class TaskArithmetic(Method):
@@ -41,7 +40,7 @@ class TaskArithmetic(Method):
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
     ) -> torch.Tensor:
         weights = p.per_model("weight")
-        mixed = weighted_sum(deltas(base, models), weights)
+        mixed = weighted_sum_(deltas_(base, models), weights)
         if p.flag("normalize"):
             mixed /= safe_divisor(sum(weights))
-        return add_to_base(base, mixed, p.number("lambda"))
+        return add_to_base_(base, mixed, p.number("lambda"))
