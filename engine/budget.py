@@ -37,6 +37,7 @@ class MemoryPlan:
     buffer_elems: int  # max(block_elems, widest row): what each buffer must hold
     in_bytes_per_elem: tuple[int, ...]  # per input stream (base first), widest dtype it reads
     out_bytes_per_elem: int
+    chunk_elems: int = CHUNK_ELEMS  # float32 workspace width: a cache-sized chunk, or one row
     depth: int = DEPTH
 
     @property
@@ -55,6 +56,7 @@ def plan_memory(
     out_bytes_per_elem: int,
     max_row_elems: int,
     block_bytes: int | None = None,
+    row_aligned: bool = False,
 ) -> MemoryPlan:
     """Choose the block size (in elements) that fits `budget`.
 
@@ -65,10 +67,12 @@ def plan_memory(
         out_bytes_per_elem: bytes per element of the widest output dtype.
         max_row_elems: elements in the widest row; a block holds at least one row.
         block_bytes: user override of one stream's block size (`--block-size`).
+        row_aligned: compute chunks hold whole rows, so the workspace holds at least one row.
     Raises:
         BudgetError: the budget cannot hold one row; the message gives the minimum.
     """
-    workspace = CHUNK_ELEMS * 4 * (len(in_bytes_per_elem) + WORK_ARRAYS)
+    chunk_elems = max(CHUNK_ELEMS, max_row_elems) if row_aligned else CHUNK_ELEMS
+    workspace = chunk_elems * 4 * (len(in_bytes_per_elem) + WORK_ARRAYS)
     per_elem = sum(in_bytes_per_elem) * DEPTH + out_bytes_per_elem
     fixed = baseline + RESERVE + workspace
     widest = max(in_bytes_per_elem)
@@ -83,7 +87,9 @@ def plan_memory(
         )
     block_elems = min(fits, cap)
     buffer_elems = max(block_elems, max_row_elems)
-    return MemoryPlan(budget, baseline, workspace, block_elems, buffer_elems, in_bytes_per_elem, out_bytes_per_elem)
+    return MemoryPlan(
+        budget, baseline, workspace, block_elems, buffer_elems, in_bytes_per_elem, out_bytes_per_elem, chunk_elems
+    )
 
 
 def current_rss() -> int:

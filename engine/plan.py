@@ -42,6 +42,12 @@ class TensorPlan:
     block_rows: int
     shard: int  # index into Plan.shards
     offset: int  # byte offset inside the shard's data section
+    passes: int = 1  # reduce passes + the apply pass
+
+    @property
+    def reads(self) -> int:
+        """Times the tensor's bytes are read: once per pass, or once if it fits one block."""
+        return self.passes if self.n_blocks > 1 else 1
 
     @property
     def numel(self) -> int:
@@ -82,7 +88,7 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(t.numel * sum(itemsize(d) for d in (t.in_dtypes if t.merge else t.in_dtypes[:1])) for t in self.tensors)
+        return sum(t.reads * t.numel * sum(itemsize(d) for d in (t.in_dtypes if t.merge else t.in_dtypes[:1])) for t in self.tensors)
 
     @property
     def bytes_written(self) -> int:
@@ -124,7 +130,9 @@ def make_plan(
         max((itemsize(d) for d in out_dtypes.values()), default=1),
         max((inv.base.tensors[n].row_numel for n in names), default=1),
         block_bytes,
+        spec.method_impl.row_aligned,
     )
+    passes = 1 + len(spec.method_impl.reducers(spec.tensor_params()))
     layout = _shard_layout([(n, inv.base.tensors[n].numel * itemsize(out_dtypes[n])) for n in names], shard_size)
     tensors = []
     for n in names:
@@ -142,6 +150,7 @@ def make_plan(
                 block_rows=max(1, memory.block_elems // max(info.row_numel, 1)),
                 shard=shard,
                 offset=offset,
+                passes=passes if info.dtype in MERGEABLE else 1,
             )
         )
     return Plan(spec, tuple(tensors), _shards(tensors), memory)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from conftest import MakeFamily, family_tensors, write_checkpoint
 from engine import MergeSpec, ModelRef, merge
 from engine.cli import main
-from engine.methods.base import ChunkRandom, TensorParams
+from engine.methods.base import Chunk, TensorParams
 from engine.methods.registry import get_method
 from engine.rng import KeyedRng, stream_key
 from reference import load_model, merge_folders
@@ -93,10 +93,10 @@ def test_chunks_in_any_order_give_the_same_bytes() -> None:
     models = [base + 0.01 * torch.randn(10_001, generator=g) for _ in range(3)]
     p = TensorParams({"lambda": 1.0, "normalize": True, "rescale": True}, tuple({"weight": 1.0, "density": 0.3} for _ in range(3)))
     streams = tuple(KeyedRng(stream_key(5, "t", m)) for m in range(3))
-    whole = method.apply(base, [m.clone() for m in models], p, ChunkRandom(streams, 0))  # apply overwrites models
+    whole = method.apply(base, [m.clone() for m in models], p, {}, Chunk(streams, 0))  # apply overwrites models
     for cut in (1, 4_999, 10_000):
-        second = method.apply(base[cut:], [m[cut:].clone() for m in models], p, ChunkRandom(streams, cut))
-        first = method.apply(base[:cut], [m[:cut].clone() for m in models], p, ChunkRandom(streams, 0))
+        second = method.apply(base[cut:], [m[cut:].clone() for m in models], p, {}, Chunk(streams, cut))
+        first = method.apply(base[:cut], [m[:cut].clone() for m in models], p, {}, Chunk(streams, 0))
         assert torch.equal(torch.cat([first, second]), whole)
 
 
@@ -106,7 +106,7 @@ def single_model_delta(density: float, seed: int, rescale: bool = True, n: int =
     base = torch.randn(n, generator=g)
     model = base + torch.randn(n, generator=g) * 0.1
     p = TensorParams({"lambda": 1.0, "normalize": False, "rescale": rescale}, ({"weight": 1.0, "density": density},))
-    out = get_method("dare_linear").apply(base, [model.clone()], p, ChunkRandom((KeyedRng(stream_key(seed, "w", 0)),), 0))
+    out = get_method("dare_linear").apply(base, [model.clone()], p, {}, Chunk((KeyedRng(stream_key(seed, "w", 0)),), 0))
     return model - base, out - base
 
 

@@ -149,6 +149,12 @@ hostile_shapes = st.one_of(
     ),
     json_values,
 )
+zero_shapes = st.one_of(
+    st.none(),  # the tensor's own shape with a leading 0
+    st.sampled_from(
+        [[0], [0] * 64, [0, 2**63 - 1], [0, 2**63], [0, 2**64], [2**64, 0], [0, 2**40, 2**40], [3, 0, 2**70]]
+    ),
+)
 hostile_offsets = st.one_of(
     st.lists(ints, max_size=3),
     st.integers(0, 64).map(lambda b: [b, b]),  # an empty span: valid with a zero-element shape
@@ -173,7 +179,8 @@ odd_bytes = st.one_of(
 
 @st.composite
 def obj_mutation(draw: st.DrawFn) -> tuple[Any, ...]:
-    kind = draw(st.sampled_from(["set", "set", "set", "del", "extra", "top", "meta", "entry", "replace", "empty"]))
+    kinds = ["set", "set", "set", "del", "extra", "top", "meta", "entry", "replace", "empty", "empty", "alias"]
+    kind = draw(st.sampled_from(kinds))
     i = draw(st.integers(0, 7))
     if kind == "set":
         key = draw(st.sampled_from(sorted(FIELDS)))
@@ -190,7 +197,9 @@ def obj_mutation(draw: st.DrawFn) -> tuple[Any, ...]:
         return (kind, i, draw(json_values))
     if kind == "replace":
         return (kind, draw(json_values))
-    return (kind, i)  # "empty": make tensor i zero-sized (shape with a 0, empty span)
+    if kind == "alias":  # tensor i takes tensor j's data_offsets: overlaps, or a copy
+        return (kind, i, draw(st.integers(0, 7)))
+    return (kind, i, draw(zero_shapes))  # "empty": tensor i gets zero elements and an empty span
 
 
 @st.composite
@@ -284,8 +293,13 @@ def apply_obj(pairs: Pairs, m: tuple[Any, ...]) -> Pairs | Any:
         elif kind == "empty":
             offsets = entry.get("data_offsets")
             begin = offsets[0] if isinstance(offsets, list) and offsets else 0
-            entry["shape"] = [0, *entry.get("shape", [])] if isinstance(entry.get("shape"), list) else [0]
+            own = entry.get("shape") if isinstance(entry.get("shape"), list) else []
+            entry["shape"] = [0, *own] if m[2] is None else m[2]
             entry["data_offsets"] = [begin, begin]
+        elif kind == "alias":
+            other = pairs[slots[m[2] % len(slots)]][1]
+            if isinstance(other, dict) and "data_offsets" in other:
+                entry["data_offsets"] = other["data_offsets"]
     return [*pairs[:j], (name, entry), *pairs[j + 1 :]]
 
 
@@ -316,17 +330,10 @@ def apply_text(pairs: Pairs | Any, m: tuple[Any, ...]) -> Pairs | Any:
         return pairs
     if kind == "bigint" and isinstance(entry, dict):
         _, _, key, digits = m
-        value = [int("9" * digits)] if key == "shape" else [0, int("9" * digits)]
-        return [
-            *pairs[:j],
-            (name, Raw(to_text([(k, Raw(_big_json(value)) if k == key else v) for k, v in entry.items()]))),
-            *pairs[j + 1 :],
-        ]
+        # Spelled out as text: Python itself refuses to turn a > 4300-digit string into an int.
+        big = Raw(f"[{'9' * digits}]" if key == "shape" else f"[0, {'9' * digits}]")
+        return [*pairs[:j], (name, Raw(to_text(list({**entry, key: big}.items())))), *pairs[j + 1 :]]
     return pairs
-
-
-def _big_json(value: list[int]) -> str:
-    return "[" + ", ".join(str(v) for v in value) + "]"  # json.dumps would refuse > 4300 digits
 
 
 def _nested(depth: int, bracket: str, closed: bool) -> str:
@@ -546,11 +553,11 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "shape_65_dims": (st_file(_entry(shape=[1] * 65), bytes(8)), "shape [1, 1"),
     "shape_product_overflows_int64": (
         st_file(_entry(shape=[2**32, 2**32, 2**32], data_offsets=[0, 8]), bytes(8)),
-        "needs",
+        "tensor 'w'",
     ),
     "shape_product_overflows_span": (
         st_file(_entry(shape=[2**62, 4], data_offsets=[0, 2**66]), bytes(8)),
-        "exceed the 8 data bytes",
+        "tensor 'w'",
     ),
     "shape_offsets_mismatch": (st_file(_entry(shape=[3]), bytes(12)), "span 8 bytes but shape [3] x F32 needs 12"),
     "top_level_extra_scalar": (st_file(json.dumps({"w": F32_2, "extra": 1}).encode(), bytes(8)), "tensor 'extra'"),
@@ -578,6 +585,18 @@ def test_integer_beyond_python_digit_limit_is_a_header_error(tmp_path: Path, fie
     entry = {"dtype": '"F32"', "shape": "[2]", "data_offsets": "[0, 8]", field: value}
     text = "{" + '"w": {' + ", ".join(f'"{k}": {v}' for k, v in entry.items()) + "}}"
     path = tmp_path / "model.safetensors"
+    path.write_bytes(st_file(text.encode(), bytes(8)))
+    with pytest.raises(HeaderError) as err:
+        read_header(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("digits", [4300, 1000])
+def test_huge_shape_integer_is_a_header_error(tmp_path: Path, digits: int) -> None:
+    """Dimensions Python can parse but whose byte count it cannot print in the error message."""
+    dims = ", ".join(["9" * digits] * 2)
+    path = tmp_path / "model.safetensors"
+    text = f'{{"w": {{"dtype": "F64", "shape": [{dims}], "data_offsets": [0, 8]}}}}'
     path.write_bytes(st_file(text.encode(), bytes(8)))
     with pytest.raises(HeaderError) as err:
         read_header(path)

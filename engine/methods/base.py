@@ -15,13 +15,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 import torch
 
 from engine.rng import KeyedRng
 
 ParamValue = Union[float, bool]
+Stats = Mapping[str, Any]  # tensor-wide statistics from the reducers, by name
 
 
 def _any(_: ParamValue) -> str | None:
@@ -70,16 +71,42 @@ class TensorParams:
 
 
 @dataclass(frozen=True)
-class ChunkRandom:
-    """Keyed random streams (one per model) positioned at a chunk's first flat element."""
+class Chunk:
+    """Where a chunk sits in its tensor, with the tensor's keyed random streams (one per model)."""
 
     streams: tuple[KeyedRng, ...]
-    start: int
+    start: int  # flat index of the chunk's first element
+    numel: int = 0  # elements in the whole tensor
+    row_numel: int = 1  # elements per row; chunks of `row_aligned` methods hold whole rows
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def keep(self, model: int, n: int, density: float) -> torch.Tensor:
         """Bool mask of the n elements of `model` from this chunk's start: True = kept."""
         return self.streams[model].keep(self.start, n, density, device=self.device)
+
+    def index(self, n: int) -> torch.Tensor:
+        """Flat indices (int64) of the chunk's n elements, for index-based tie-breaking."""
+        return torch.arange(self.start, self.start + n, device=self.device)
+
+
+class Reducer(ABC):
+    """One pass over every chunk of a tensor that computes a statistic exactly, dask-style:
+    `start` an accumulator, fold each chunk into it with `chunk`, turn it into stats in `finish`.
+
+    Chunks arrive in flat order. A reducer may overwrite the model chunks (scratch) but not base.
+    """
+
+    @abstractmethod
+    def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
+        """A fresh accumulator for a tensor of `numel` elements, given earlier passes' stats."""
+
+    @abstractmethod
+    def chunk(self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> None:
+        """Fold one chunk into `acc` (in place)."""
+
+    @abstractmethod
+    def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
+        """The statistics this pass adds, by name."""
 
 
 class Method(ABC):
@@ -89,12 +116,18 @@ class Method(ABC):
     params: ClassVar[tuple[ParamDef, ...]]
     uses_rng: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    row_aligned: ClassVar[bool] = False  # chunks must hold whole rows (per-row statistics)
+
+    def reducers(self, p: TensorParams) -> Sequence[Reducer]:
+        """The passes to run over the whole tensor before `apply`; none for elementwise methods."""
+        return ()
 
     @abstractmethod
     def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
-        """Merge one chunk. base: (n,) float32; models: k tensors (n,) float32 -> (n,) float32."""
+        """Merge one chunk. base: (n,) float32; models: k scratch tensors (n,) float32 -> (n,) float32."""
 
     def param(self, name: str) -> ParamDef | None:
         return next((d for d in self.params if d.name == name), None)

@@ -20,9 +20,10 @@ from engine.methods.base import (
     DENSITY,
     LAMBDA,
     WEIGHT,
-    ChunkRandom,
+    Chunk,
     Method,
     ParamDef,
+    Stats,
     TensorParams,
     normalize_param,
     safe_divisor,
@@ -45,12 +46,12 @@ def drop_and_rescale_(delta: torch.Tensor, keep: torch.Tensor, density: float, r
     return delta.div_(density) if rescale else delta
 
 
-def dare_deltas_(base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom) -> list[torch.Tensor]:
+def dare_deltas_(base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, c: Chunk) -> list[torch.Tensor]:
     """δ̂ₘ for every model of the chunk, in place. A density of 1 keeps every element unchanged."""
     rescale = p.flag("rescale")
     out = []
     for i, (delta, d) in enumerate(zip(deltas_(base, models), p.per_model("density"))):
-        out.append(delta if d >= 1.0 else drop_and_rescale_(delta, rng.keep(i, delta.numel(), d), d, rescale))
+        out.append(delta if d >= 1.0 else drop_and_rescale_(delta, c.keep(i, delta.numel(), d), d, rescale))
     return out
 
 
@@ -60,10 +61,10 @@ class DareLinear(Method):
     uses_rng = True
 
     def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
         weights = p.per_model("weight")
-        mixed = weighted_sum_(dare_deltas_(base, models, p, rng), weights)
+        mixed = weighted_sum_(dare_deltas_(base, models, p, c), weights)
         if p.flag("normalize"):
             mixed /= safe_divisor(sum(weights))
         return add_to_base_(base, mixed, p.number("lambda"))
@@ -75,9 +76,9 @@ class DareTies(Method):
     uses_rng = True
 
     def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
         weights = p.per_model("weight")
-        weighted = [scale_(delta, w) for delta, w in zip(dare_deltas_(base, models, p, rng), weights)]
+        weighted = [scale_(delta, w) for delta, w in zip(dare_deltas_(base, models, p, c), weights)]
         mixed = disjoint_merge_(weighted, weights, p.flag("normalize"))
         return add_to_base_(base, mixed, p.number("lambda"))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.methods.base import WEIGHT, ChunkRandom, Method, TensorParams, normalize_param, safe_divisor, weighted_sum_
+from engine.methods.base import WEIGHT, Chunk, Method, Stats, TensorParams, normalize_param, safe_divisor, weighted_sum_
 
 
 class Linear(Method):
@@ -18,7 +18,7 @@ class Linear(Method):
     params = (WEIGHT, normalize_param(True))
 
     def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
         weights = p.per_model("weight")
         out = weighted_sum_(models, weights)

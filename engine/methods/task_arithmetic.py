@@ -12,8 +12,9 @@ import torch
 from engine.methods.base import (
     LAMBDA,
     WEIGHT,
-    ChunkRandom,
+    Chunk,
     Method,
+    Stats,
     TensorParams,
     normalize_param,
     safe_divisor,
@@ -37,7 +38,7 @@ class TaskArithmetic(Method):
     params = (WEIGHT, LAMBDA, normalize_param(False))
 
     def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, rng: ChunkRandom
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
         weights = p.per_model("weight")
         mixed = weighted_sum_(deltas_(base, models), weights)
