@@ -4,8 +4,8 @@ The whole process must stay under `--max-memory` (peak RSS). What we cannot shri
 first: the interpreter and torch as measured at start (`baseline`), a fixed `RESERVE` for the
 allocator, threads and Python objects, and the float32 `workspace` the compute stage reuses for
 every cache-sized chunk. What is left pays for the block buffers: every input stream's block in
-its storage dtype, `depth` times over (one being computed, the rest prefetched), plus one output
-block. No other module sizes a buffer.
+its storage dtype, `depth` times over (one being computed, the rest prefetched), plus `out_depth`
+output blocks (one being filled, one being written). No other module sizes a buffer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ CHUNK_ELEMS = 1 << 18  # compute sub-chunk: 1 MiB per float32 array, stays in L2
 WORK_ARRAYS = 8  # float32 temporaries a method may hold per chunk besides its inputs
 RESERVE = 48 * MiB  # allocator slack, reader thread, Python objects (measured in bench/)
 MAX_STREAM_BYTES = 32 * MiB  # larger reads are no faster (DESIGN.md) and only cost RSS
-DEPTH = 2  # buffer sets: one computing, one being filled by the reader
+DEPTH = 2  # input buffer sets: one computing, one being filled by the reader
+OUT_DEPTH = 2  # output buffers: one being filled, one being written
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,11 @@ class MemoryPlan:
     out_bytes_per_elem: int
     chunk_elems: int = CHUNK_ELEMS  # float32 workspace width: a cache-sized chunk, or one row
     depth: int = DEPTH
+    out_depth: int = OUT_DEPTH
 
     @property
     def buffers(self) -> int:
-        return self.buffer_elems * (sum(self.in_bytes_per_elem) * self.depth + self.out_bytes_per_elem)
+        return self.buffer_elems * (sum(self.in_bytes_per_elem) * self.depth + self.out_bytes_per_elem * self.out_depth)
 
     @property
     def predicted_peak(self) -> int:
@@ -73,7 +75,7 @@ def plan_memory(
     """
     chunk_elems = max(CHUNK_ELEMS, max_row_elems) if row_aligned else CHUNK_ELEMS
     workspace = chunk_elems * 4 * (len(in_bytes_per_elem) + WORK_ARRAYS)
-    per_elem = sum(in_bytes_per_elem) * DEPTH + out_bytes_per_elem
+    per_elem = sum(in_bytes_per_elem) * DEPTH + out_bytes_per_elem * OUT_DEPTH
     fixed = baseline + RESERVE + workspace
     widest = max(in_bytes_per_elem)
     cap = max(1, (block_bytes if block_bytes is not None else MAX_STREAM_BYTES) // widest)

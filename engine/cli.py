@@ -17,11 +17,13 @@ import click
 
 from engine import __version__
 from engine.budget import fmt_bytes, parse_bytes
-from engine.errors import EngineError, SpecError
+from engine.errors import EngineError, Interrupted, SpecError
 from engine.merge import Report, merge, plan_summary, prepare
 from engine.methods.registry import METHODS
+from engine.io.write_behind import SYNC_EVERY
 from engine.plan import DEFAULT_SHARD_SIZE, Plan
 from engine.spec import MergeSpec, cli_spec, load_yaml_spec
+from engine.verify import verify
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -94,8 +96,12 @@ def build_spec(kw: dict[str, Any]) -> MergeSpec:
 
 @contextmanager
 def engine_errors() -> Iterator[None]:
+    """EngineError -> one line on stderr; an interrupted merge exits 128 + signal number."""
     try:
         yield
+    except Interrupted as e:
+        click.echo(f"Interrupted: {e}", err=True)
+        sys.exit(128 + e.signum)
     except EngineError as e:
         raise click.ClickException(str(e)) from None
 
@@ -110,11 +116,19 @@ def main() -> None:
 @spec_options
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output model folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is complete.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command (starts fresh if none).")
+@click.option("--sync-every", type=SIZE, default=SYNC_EVERY, hidden=True, help="Bytes between durable journal commits.")
 @click.option("--drop-cache", is_flag=True, help="Drop inputs and outputs from the page cache as they are used.")
 @click.option("--log-json", type=click.Path(path_type=Path), help="Write JSON-lines events (plan, tensor, report).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a TTY).")
-def merge_cmd(output: Path, overwrite: bool, drop_cache: bool, log_json: Path | None, progress: bool | None, **kw: Any) -> None:
-    """Merge models into OUTPUT (from CONFIG.yaml or --base/--model flags)."""
+def merge_cmd(
+    output: Path, overwrite: bool, resume: bool, sync_every: int, drop_cache: bool, log_json: Path | None, progress: bool | None, **kw: Any
+) -> None:
+    """Merge models into OUTPUT (from CONFIG.yaml or --base/--model flags).
+
+    The output appears only when complete. A run stopped by SIGINT/SIGTERM, a full disk or an
+    I/O error keeps its work in a hidden folder beside OUTPUT: rerun with --resume.
+    """
     with engine_errors():
         spec = build_spec(kw)
         show_bar = sys.stderr.isatty() if progress is None else progress
@@ -126,7 +140,9 @@ def merge_cmd(output: Path, overwrite: bool, drop_cache: bool, log_json: Path | 
                 block_bytes=kw["block_size"],
                 shard_size=kw["shard_size"],
                 overwrite=overwrite,
+                resume=resume,
                 drop_cache=drop_cache,
+                sync_every=sync_every,
                 on_event=on_event,
             )
             on_event({"event": "report", **report.to_json()})
@@ -151,6 +167,22 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(format_plan(plan))
+
+
+@main.command("verify")
+@click.argument("folder", type=click.Path(path_type=Path))
+@spec_options
+def verify_cmd(folder: Path, **kw: Any) -> None:
+    """Re-read FOLDER and check every tensor against its recorded sha256; with a CONFIG or
+    --base/--model/--method, also check the folder is complete for that spec."""
+    with engine_errors():
+        against = build_spec(kw) if (kw["config"] or kw["base"]) else None
+        result = verify(folder, against)
+    for p in result.problems:
+        click.echo(f"FAIL {p}", err=True)
+    if not result.ok:
+        raise click.ClickException(f"{folder}: {len(result.problems)} problem(s) in {result.tensors} tensors")
+    click.echo(f"{folder}: OK, {result.tensors} tensors, {fmt_bytes(result.bytes)} match their sha256")
 
 
 def format_plan(plan: Plan) -> str:

@@ -40,3 +40,11 @@ class OutputError(EngineError, OSError):
 
 class ResumeError(EngineError, ValueError):
     """A run cannot be resumed: the journal does not match this spec and these inputs."""
+
+
+class Interrupted(EngineError):
+    """SIGINT/SIGTERM stopped a merge between blocks; its journal is synced and it can resume."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

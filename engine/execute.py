@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Union
@@ -24,7 +24,7 @@ import torch
 from engine.dtypes import DTYPES, itemsize
 from engine.io.checkpoint import Reader
 from engine.io.inventory import Inventory
-from engine.io.safetensors_writer import ShardWriter
+from engine.io.write_behind import WriteBehind
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.plan import Block, Plan, TensorPlan
 from engine.rng import KeyedRng, stream_key
@@ -40,47 +40,80 @@ class Pipeline:
     """The reused buffers of one run."""
 
     slots: list[Slot]
-    out: torch.Tensor  # uint8, one output block
+    outs: list[torch.Tensor]  # uint8 output blocks: one being filled, one being written
     work: torch.Tensor  # float32 (streams, chunk_elems)
 
     @classmethod
     def allocate(cls, plan: Plan) -> Pipeline:
         m = plan.memory
         slots = [[torch.empty(m.buffer_elems * b, dtype=torch.uint8) for b in m.in_bytes_per_elem] for _ in range(m.depth)]
-        return cls(
-            slots,
-            torch.empty(m.buffer_elems * m.out_bytes_per_elem, dtype=torch.uint8),
-            torch.empty(len(m.in_bytes_per_elem), m.chunk_elems, dtype=torch.float32),
-        )
+        outs = [torch.empty(m.buffer_elems * m.out_bytes_per_elem, dtype=torch.uint8) for _ in range(m.out_depth)]
+        return cls(slots, outs, torch.empty(len(m.in_bytes_per_elem), m.chunk_elems, dtype=torch.float32))
 
 
-def read_schedule(plan: Plan) -> Iterator[tuple[TensorPlan, Block]]:
-    """Every block read, in order: each pass of a tensor re-reads its blocks, unless it has one."""
+def first_rows(plan: Plan, rows_done: Mapping[str, int]) -> dict[str, int]:
+    """Where each tensor starts given rows an earlier run wrote: done tensors at their end, a
+    tensor that fits one block from 0 (rewriting one block is cheaper than tracking it)."""
+    out = {}
+    for t in plan.tensors:
+        done = rows_done.get(t.name, 0)
+        out[t.name] = t.rows if done >= t.rows else (done if t.n_blocks > 1 else 0)
+    return out
+
+
+def read_schedule(plan: Plan, start: Mapping[str, int]) -> Iterator[tuple[TensorPlan, Block]]:
+    """Every block read, in order: each reduce pass reads all blocks of a tensor, the apply pass
+    those from its first unwritten row; a tensor that fits one block is read once."""
     for tensor in plan.tensors:
-        reps = tensor.passes if tensor.n_blocks > 1 else 1
-        for _ in range(reps):
-            yield from ((tensor, b) for b in tensor.blocks())
+        first = start.get(tensor.name, 0)
+        if tensor.numel == 0 or first >= tensor.rows:
+            continue
+        if tensor.n_blocks > 1:
+            for _ in range(tensor.passes - 1):
+                yield from ((tensor, b) for b in tensor.blocks())
+        yield from ((tensor, b) for b in tensor.blocks(first))
 
 
-def execute(plan: Plan, inv: Inventory, writer: ShardWriter, on_event: OnEvent | None = None, *, drop_cache: bool = False) -> None:
-    """Merge every tensor of `plan` into `writer`, reading from `inv`."""
+def execute(
+    plan: Plan,
+    inv: Inventory,
+    out: WriteBehind,
+    pipe: Pipeline,
+    *,
+    start: Mapping[str, int] | None = None,
+    on_event: OnEvent | None = None,
+    drop_cache: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Merge the tensors of `plan` into `out`, reading from `inv`.
+
+    Args:
+        start: first row to write per tensor (from `first_rows`, when resuming).
+        should_stop: polled after every block; when it turns true the run stops there.
+    Returns:
+        True when every tensor is written, False when stopped early.
+    """
     emit = on_event or (lambda e: None)
-    pipe = Pipeline.allocate(plan)
+    start = start or {}
     with ExitStack() as stack:
         readers = [stack.enter_context(Reader(c, drop_cache=drop_cache)) for c in (inv.base, *inv.models)]
-        prefetch = _Prefetcher(read_schedule(plan), readers, pipe.slots)
+        prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots)
         stack.callback(prefetch.stop)
-        stage = _Stage(plan, pipe, prefetch, writer, emit)
+        stage = _Stage(plan, pipe, prefetch, out, emit)
         for tensor in plan.tensors:
-            stage.run_tensor(tensor)
+            first = start.get(tensor.name, 0)
+            if tensor.numel and first < tensor.rows:
+                if not stage.run_tensor(tensor, first, should_stop):
+                    return False
             emit({"event": "tensor", "name": tensor.name})
+    return True
 
 
 class _Stage:
     """The compute side: consumes filled slots in `read_schedule` order."""
 
-    def __init__(self, plan: Plan, pipe: Pipeline, prefetch: _Prefetcher, writer: ShardWriter, emit: OnEvent) -> None:
-        self.plan, self.pipe, self.prefetch, self.writer, self.emit = plan, pipe, prefetch, writer, emit
+    def __init__(self, plan: Plan, pipe: Pipeline, prefetch: _Prefetcher, out: WriteBehind, emit: OnEvent) -> None:
+        self.plan, self.pipe, self.prefetch, self.out, self.emit = plan, pipe, prefetch, out, emit
         self.method: Method = plan.spec.method_impl
         self.params: TensorParams = plan.spec.tensor_params()
         self.filled = iter(prefetch)
@@ -91,53 +124,50 @@ class _Stage:
         self.emit({"event": "block", "bytes": _block_read_bytes(tensor, block)})
         return slot
 
-    def run_tensor(self, tensor: TensorPlan) -> None:
-        if tensor.n_blocks == 0:
-            return
-        if not tensor.merge:
-            for block in tensor.blocks():
-                slot = self._next(tensor, block)
-                self._write(tensor, block, slot[0][: block.numel * itemsize(tensor.in_dtypes[0])])
-                self.prefetch.release(slot)
-            return
+    def run_tensor(self, tensor: TensorPlan, first_row: int, should_stop: Callable[[], bool]) -> bool:
+        """Write `tensor` from `first_row` on; False if `should_stop` cut it short."""
         streams = _streams(self.method, self.plan.spec.seed, tensor.name, len(tensor.in_dtypes) - 1)
-        reducers = self.method.reducers(self.params)
+        reducers = self.method.reducers(self.params) if tensor.merge else ()
         if tensor.n_blocks == 1:  # read once, keep it for every pass
             (block,) = tensor.blocks()
             slot = self._next(tensor, block)
             stats: Stats = {}
             for r in reducers:
-                stats = {**stats, **self._reduce(r, tensor, [(block, slot)], streams, stats)}
-            self._apply(tensor, block, slot, streams, stats)
-            self.prefetch.release(slot)
-            return
+                stats = {**stats, **self._reduce(r, tensor, slot, streams, stats)}
+            self._emit_block(tensor, block, slot, streams, stats)
+            return not should_stop()
         stats = {}
         for r in reducers:
             stats = {**stats, **self._reduce(r, tensor, None, streams, stats)}
-        for block in tensor.blocks():
-            slot = self._next(tensor, block)
-            self._apply(tensor, block, slot, streams, stats)
-            self.prefetch.release(slot)
+        for block in tensor.blocks(first_row):
+            self._emit_block(tensor, block, self._next(tensor, block), streams, stats)
+            if should_stop() and block.r1 < tensor.rows:
+                return False
+        return not should_stop()
 
-    def _reduce(
-        self, r: Reducer, tensor: TensorPlan, held: list[tuple[Block, Slot]] | None, streams: tuple[KeyedRng, ...], stats: Stats
-    ) -> dict[str, Any]:
+    def _reduce(self, r: Reducer, tensor: TensorPlan, held: Slot | None, streams: tuple[KeyedRng, ...], stats: Stats) -> dict[str, Any]:
         acc = r.start(self.params, stats, tensor.numel)
         for block in tensor.blocks():
-            slot = held[0][1] if held else self._next(tensor, block)
+            slot = held if held is not None else self._next(tensor, block)
             for base, models, c in self._chunks(tensor, block, slot, streams):
                 r.chunk(acc, base, models, self.params, stats, c)
-            if not held:
+            if held is None:
                 self.prefetch.release(slot)
         return r.finish(acc, self.params, stats)
 
-    def _apply(self, tensor: TensorPlan, block: Block, slot: Slot, streams: tuple[KeyedRng, ...], stats: Stats) -> None:
-        out_bytes = self.pipe.out[: block.numel * itemsize(tensor.out_dtype)]
-        out = out_bytes.view(DTYPES[tensor.out_dtype])
-        for base, models, c in self._chunks(tensor, block, slot, streams):
-            o = c.start - block.start
-            out[o : o + base.numel()].copy_(self.method.apply(base, models, self.params, stats, c))
-        self._write(tensor, block, out_bytes)
+    def _emit_block(self, tensor: TensorPlan, block: Block, slot: Slot, streams: tuple[KeyedRng, ...], stats: Stats) -> None:
+        """Merge (or copy) one block into a free output buffer and hand it to the writer."""
+        buffer = self.out.take()
+        out_bytes = buffer[: block.numel * itemsize(tensor.out_dtype)]
+        if not tensor.merge:
+            out_bytes.copy_(slot[0][: out_bytes.numel()])
+        else:
+            out = out_bytes.view(DTYPES[tensor.out_dtype])
+            for base, models, c in self._chunks(tensor, block, slot, streams):
+                o = c.start - block.start
+                out[o : o + base.numel()].copy_(self.method.apply(base, models, self.params, stats, c))
+        self.prefetch.release(slot)
+        self.out.submit(tensor, block, out_bytes, buffer)
 
     def _chunks(
         self, tensor: TensorPlan, block: Block, slot: Slot, streams: tuple[KeyedRng, ...]
@@ -153,9 +183,6 @@ class _Stage:
             for w, x in zip(work, inputs):
                 w.copy_(x[c0:c1])
             yield work[0], work[1:], Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
-
-    def _write(self, tensor: TensorPlan, block: Block, data: torch.Tensor) -> None:
-        self.writer.write(tensor, block.start * itemsize(tensor.out_dtype), memoryview(data.numpy()))
 
 
 def _block_read_bytes(tensor: TensorPlan, block: Block) -> int:

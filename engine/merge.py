@@ -1,20 +1,37 @@
-"""The whole job: inventory -> plan -> execute -> finalize, with a report of what it cost."""
+"""The whole job: inventory -> plan -> execute -> finalize, resumable, with a report of its cost."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import shutil
+import signal
 import time
+import zlib
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from engine import __version__
-from engine.budget import current_rss, default_budget, peak_rss
-from engine.execute import OnEvent, execute
+from engine.budget import current_rss, default_budget, fmt_bytes, peak_rss
+from engine.errors import CheckpointError, Interrupted, OutputError
+from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.inventory import Inventory, take_inventory
-from engine.io.output import abort_output, check_target, commit_output, start_output, write_side_files
-from engine.io.safetensors_writer import ShardWriter
-from engine.plan import DEFAULT_SHARD_SIZE, Plan, make_plan
+from engine.io.journal import Journal, JournalState, check_resumable, fingerprint, load_journal
+from engine.io.lock import output_lock
+from engine.io.output import abort_output, check_target, commit_output, temp_dir_for, write_side_files
+from engine.io.safetensors_writer import ShardWriter, layout_digest
+from engine.io.write_behind import SYNC_EVERY, WriteBehind
+from engine.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, make_plan
+from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
+
+log = logging.getLogger(__name__)
+SPACE_MARGIN = 64 << 20  # journal, index and side files
+REHASH_PIECE = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,7 @@ class Report:
     tensors: int
     blocks: int
     shards: int
+    resumed_tensors: int
     wall_s: float
     bytes_read: int
     bytes_written: int
@@ -50,10 +68,13 @@ def prepare(
 ) -> tuple[Inventory, Plan]:
     """Open the inputs and plan the merge, reading headers only."""
     inv = take_inventory(spec.base, [m.path for m in spec.models])
+    budget = max_memory if max_memory is not None else default_budget()
+    if budget > psutil.virtual_memory().available:
+        log.warning("--max-memory %s exceeds the RAM available now (%s)", fmt_bytes(budget), fmt_bytes(psutil.virtual_memory().available))
     plan = make_plan(
         spec,
         inv,
-        budget=max_memory if max_memory is not None else default_budget(),
+        budget=budget,
         baseline=current_rss() if baseline is None else baseline,
         block_bytes=block_bytes,
         shard_size=shard_size,
@@ -69,22 +90,30 @@ def merge(
     block_bytes: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
+    resume: bool = False,
     drop_cache: bool = False,
     on_event: OnEvent | None = None,
+    sync_every: int = SYNC_EVERY,
+    handle_signals: bool = True,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
     Args:
         spec: what to merge and how.
-        output: the folder to create; it appears only once the merge is complete.
+        output: the folder to create; it appears only once the merge is complete and verified.
         max_memory: whole-process peak RSS ceiling in bytes (default: half the available RAM).
         block_bytes: fixed block size per input stream, overriding the planner.
         shard_size: largest output shard in bytes.
         overwrite: replace an existing `output` (only once the new one is complete).
-        drop_cache: drop input and output pages from the page cache as they are used.
+        resume: continue an interrupted run of the same spec from its journal.
+        drop_cache: drop input pages from the page cache as they are read.
         on_event: called with `{"event": "plan" | "block" | "tensor", ...}` dicts.
+        sync_every: bytes written between durable journal commits (the most a crash can lose).
+        handle_signals: stop gracefully on SIGINT/SIGTERM (main thread only).
     Returns:
         The run's `Report`.
+    Raises:
+        Interrupted: a signal stopped the run; run again with `resume=True`.
     Example:
         >>> spec = MergeSpec("task_arithmetic", Path("base"), (ModelRef(Path("ft"), {}),), {})
         >>> merge(spec, "merged", max_memory=1 << 30)  # doctest: +SKIP
@@ -95,20 +124,18 @@ def merge(
     emit = on_event or (lambda e: None)
     inv, plan = prepare(spec, max_memory=max_memory, block_bytes=block_bytes, shard_size=shard_size, baseline=baseline)
     check_target(output, overwrite, [spec.base, *(m.path for m in spec.models)])
-    emit({"event": "plan", **plan_summary(plan)})
-    tmp = start_output(output)
-    try:
-        writer = ShardWriter(tmp, plan, {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"})
-        try:
-            execute(plan, inv, writer, emit, drop_cache=drop_cache)
-            writer.finish()
-        finally:
-            writer.close()
-        write_side_files(tmp, plan)
-        commit_output(tmp, output)
-    except BaseException:
-        abort_output(tmp)
-        raise
+    metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
+    header = {
+        "spec": spec.to_json(),
+        "inputs": [fp for c in (inv.base, *inv.models) for fp in fingerprint(c)],
+        "layout": layout_digest(plan, metadata),
+    }
+    tmp = temp_dir_for(output)
+    with output_lock(output), graceful_stop(handle_signals) as stop:
+        state = _open_temp(tmp, plan, header, resume)
+        emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
+        resumed = _run(plan, inv, tmp, metadata, header, state, emit, drop_cache, sync_every, stop)
+        commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(
         output=str(output),
@@ -117,6 +144,7 @@ def merge(
         tensors=len(plan.tensors),
         blocks=plan.n_blocks,
         shards=len(plan.shards),
+        resumed_tensors=resumed,
         wall_s=wall,
         bytes_read=plan.bytes_read,
         bytes_written=plan.bytes_written,
@@ -128,6 +156,104 @@ def merge(
     )
 
 
+def _open_temp(tmp: Path, plan: Plan, header: dict[str, Any], resume: bool) -> JournalState | None:
+    """The journal state to resume from, or None after creating a fresh temporary folder."""
+    if tmp.exists():
+        state = load_journal(tmp)
+        if state is not None and resume:
+            check_resumable(state, header, tmp)
+            return state
+        if state is not None:
+            raise OutputError(
+                f"{tmp}: an interrupted run left this folder; run the same command with --resume to continue it, "
+                "or remove the folder to start over"
+            )
+        shutil.rmtree(tmp)  # never got as far as writing data
+    elif resume:
+        log.info("nothing to resume at %s: starting a fresh merge", tmp)
+    free = shutil.disk_usage(tmp.parent).free
+    if free < plan.bytes_written + SPACE_MARGIN:
+        raise OutputError(
+            f"{tmp.parent}: {fmt_bytes(free)} free, the merged model needs {fmt_bytes(plan.bytes_written + SPACE_MARGIN)}"
+        )
+    tmp.mkdir()
+    return None
+
+
+def _run(
+    plan: Plan,
+    inv: Inventory,
+    tmp: Path,
+    metadata: dict[str, str],
+    header: dict[str, Any],
+    state: JournalState | None,
+    emit: OnEvent,
+    drop_cache: bool,
+    sync_every: int,
+    stop: StopRequest,
+) -> int:
+    """Write every missing block into `tmp` and finalize it; returns how many tensors were
+    already done. Input errors remove `tmp`; anything else leaves it to resume from."""
+    try:
+        with ExitStack() as stack:
+            writer = ShardWriter(tmp, plan, metadata, reopen=state is not None)
+            stack.callback(writer.close)
+            journal = Journal.reopen(tmp) if state is not None else Journal.create(tmp, header)
+            stack.callback(journal.close)
+            pipe = Pipeline.allocate(plan)
+            out = WriteBehind(writer, journal, pipe.outs, sync_every)
+            stack.callback(out.close)
+            start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})
+            for t in plan.tensors:
+                if 0 < start[t.name] < t.rows:
+                    start[t.name] = _restore_prefix(writer, out, t, start[t.name], state)
+            complete = execute(plan, inv, out, pipe, start=start, on_event=emit, drop_cache=drop_cache, should_stop=stop.requested)
+            out.drain()
+            if not complete:
+                name = signal.Signals(stop.signum).name
+                raise Interrupted(f"stopped by {name}; the work so far is saved in {tmp}: run the same command with --resume", stop.signum)
+        final = load_journal(tmp)
+        assert final is not None
+        write_side_files(tmp, plan, _checksums(plan, final))
+        (tmp / "journal.jsonl").unlink()
+    except CheckpointError:
+        abort_output(tmp)
+        raise
+    return sum(1 for t in plan.tensors if state and t.name in state.done)
+
+
+def _restore_prefix(writer: ShardWriter, out: WriteBehind, tensor: TensorPlan, rows: int, state: JournalState | None) -> int:
+    """Re-hash the rows [0, rows) an earlier run wrote, checking each journaled block's crc32.
+
+    Returns the row to continue from: `rows`, or 0 if the bytes on disk do not match the journal.
+    """
+    assert state is not None
+    row_bytes = tensor.out_nbytes // tensor.rows
+    sha = hashlib.sha256()
+    for r0, r1, crc in sorted(state.blocks[tensor.name]):
+        if r0 >= rows:
+            break
+        got = 0
+        for pos in range(r0 * row_bytes, r1 * row_bytes, REHASH_PIECE):
+            piece = writer.read_back(tensor, pos, min(REHASH_PIECE, r1 * row_bytes - pos))
+            got = zlib.crc32(piece, got)
+            sha.update(piece)
+        if got != crc:
+            log.warning("%s: rows %d..%d on disk do not match the journal; rewriting the tensor", tensor.name, r0, r1)
+            return 0
+    out.resume_hash(tensor.name, sha)
+    return rows
+
+
+def _checksums(plan: Plan, state: JournalState) -> dict[str, str]:
+    empty = hashlib.sha256(b"").hexdigest()
+    sums = {t.name: state.done.get(t.name, empty if t.numel == 0 else "") for t in plan.tensors}
+    missing = [n for n, s in sums.items() if not s]
+    if missing:
+        raise OutputError(f"finalize: {len(missing)} tensor(s) were never completed, e.g. {missing[:3]}; rerun with --resume")
+    return sums
+
+
 def plan_summary(plan: Plan) -> dict[str, Any]:
     """The plan's headline numbers, JSON-ready."""
     m = plan.memory
@@ -135,6 +261,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "method": plan.spec.method,
         "tensors": len(plan.tensors),
         "blocks": plan.n_blocks,
+        "passes": max((t.passes for t in plan.tensors), default=1),
         "block_elems": m.block_elems,
         "budget": m.budget,
         "baseline_rss": m.baseline,

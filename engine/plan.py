@@ -61,11 +61,12 @@ class TensorPlan:
     def n_blocks(self) -> int:
         return -(-self.rows // self.block_rows) if self.numel else 0
 
-    def blocks(self) -> Iterator[Block]:
-        """The row bands in order; derived on demand (a 70B model has millions of them)."""
+    def blocks(self, first_row: int = 0) -> Iterator[Block]:
+        """The row bands from `first_row` on, in order; derived on demand (a 70B model has
+        millions of them). A resumed tensor starts at its first unwritten row."""
         if not self.numel:
             return
-        for r0 in range(0, self.rows, self.block_rows):
+        for r0 in range(first_row, self.rows, self.block_rows):
             r1 = min(r0 + self.block_rows, self.rows)
             yield Block(self.name, r0, r1, r0 * self.row_numel, (r1 - r0) * self.row_numel)
 

@@ -1,66 +1,73 @@
 """Keyed, counter-based randomness for DARE drop masks (and DELLA keep probabilities).
 
-Why counter-based: the merge engine streams tensors in cache-sized chunks, possibly in any
-order, on any number of threads, on CPU or CUDA, and may resume after a crash. The keep
-decision for element ``i`` of tensor ``T`` of model ``m`` must therefore be a *pure function*
-of ``(seed, T, m, i)``. torch's sequential generators (``torch.manual_seed`` + ``rand``) depend
-on how many numbers were drawn before and differ between CPU and CUDA, and Python's ``hash()``
-of a string is salted per process, so neither is used. Instead:
+Why counter-based: the merge engine streams tensors in cache-sized chunks, in any order, on
+any number of threads, on CPU or CUDA, and may resume after a crash. The keep decision for
+element ``i`` of tensor ``T`` of model ``m`` must therefore be a *pure function* of
+``(seed, T, m, i)``. torch's sequential generators (``manual_seed`` + ``rand``) depend on how
+many numbers were drawn before and differ between CPU and CUDA, and Python's ``hash()`` of a
+string is salted per process, so neither is used. Instead:
 
 * :func:`stream_key` turns ``(seed, tensor name, model index)`` into a 64-bit key with
-  BLAKE2b, which is specified byte-for-byte and so stable across processes, platforms and
+  BLAKE2b, which is specified byte for byte and so stable across processes, platforms and
   Python versions.
-* :class:`KeyedRng` maps a flat element index ``i`` (any int64, tensors may exceed 2**32
-  elements) to a 32-bit word ``word(key, i)`` with a small integer hash built from torch ops
-  that exist and behave identically on CPU and CUDA (int32 wrapping multiply/add, xor, and,
+* :class:`KeyedRng` maps a flat element index ``i`` (int64: tensors may exceed 2**32
+  elements) to a 32-bit word ``word(key, i)`` with a small integer hash made only of torch ops
+  that exist and give the same bits on CPU and CUDA (int32 wrapping multiply/add, xor, and,
   arithmetic shift, compare). No numpy and no custom kernels in the hot path.
 
-The hash (the definition the tests' pure-Python reference reproduces; all arithmetic mod 2**32)::
+The hash, which the tests' pure-Python reference reproduces (all arithmetic mod 2**32, ``>>``
+logical)::
 
     hi, lo     = i >> 32, i & 0xFFFFFFFF
     k0, k1, k2 = block_keys(key, hi)        # splitmix64-derived, computed in Python per call
-    x = (lo + k0) * 0x9E3779B9              # Weyl sequence: consecutive lo differ by a constant
-    x ^= x >> 16                            # logical shifts
+    x = (lo + k0) * 0x9E3779B9              # a Weyl sequence in lo
+    x ^= x >> 16
     x = x * 0x7FEB352D + k1
     x ^= x >> 16
     x = x * 0x846CA68B + k2
     x ^= x >> 16
     word = x ^ 0x80000000
 
-Design notes (the *why* behind each step):
+Why it looks like this:
 
-* 64-bit indices: the high 32 bits of ``i`` are folded into the per-block keys in Python, so the
+* 64-bit indices: the high half of ``i`` is folded into the round keys in Python, so the
   per-element work is pure 32-bit; a chunk that crosses a 2**32 boundary is split there and
-  each side hashed with its own keys. The result is the same whatever the chunking.
-* Independence between keys: the key enters three times (an offset before the first multiply,
-  and additive round keys before the second and third multiplies), each followed by a
-  non-linear xorshift/multiply. Two keys therefore give unrelated sequences, not shifted
-  copies of one (which ``H(i + key)`` alone would give).
-* Every step is a bijection of 32-bit words (odd multiplier, add, xorshift), so within one
-  2**32 block distinct indices give distinct words; the multipliers are those of Chris
-  Wellons' ``lowbias32`` (with the 15-bit shift replaced by 16) after a golden-ratio Weyl step.
-* All shifts are 16 so every ``x ^= x >>> 16`` is the same three torch ops: an *arithmetic*
-  shift into a scratch buffer, ``& 0xFFFF`` (making it logical, since torch has no unsigned
-  32-bit shift or compare on CPU), and an in-place xor. The first multiply is folded into the
-  index generation (``x_j = base + j * M1`` built by one broadcast add of a row and a column
-  vector, cheaper than ``arange``), and each later ``x * M + k`` is one fused
-  ``torch.add(k, x, alpha=M)`` on CPU.
-* The final ``^ 0x80000000`` is part of the definition so that the hot path (:meth:`keep`)
-  needs no extra op: ``word < t`` unsigned is ``x < t - 2**31`` signed on the pre-flip value.
-  :meth:`bits` pays one in-place xor to return ``word``.
+  each side hashed with its own keys. The result does not depend on chunking.
+* Independent keys: the key enters three times (an offset before the first multiply and an
+  additive round key before each later multiply), each followed by non-linear xorshift /
+  multiply steps. Two keys give unrelated masks, not shifted copies of one sequence (which
+  ``H(i + key)`` alone would give).
+* Every step is a bijection of 32-bit words (odd multiply, add, xorshift), so within one
+  2**32 block distinct indices get distinct words. The multipliers are those of Chris
+  Wellons' ``lowbias32``; with the leading Weyl multiply this is ``lowbias32``'s shape with
+  all shifts 16. Its avalanche matches ``lowbias32`` (max bit bias ~0.005 at 2**17 samples,
+  i.e. sampling noise); the cheaper two-round variant was rejected by the benchmark's
+  quality gate (avalanche bias 0.33, adjacent-index correlation 11 sigma).
+* All shifts are 16 so each ``x ^= x >> 16`` is the same three torch ops: an *arithmetic*
+  shift into scratch, ``& 0xFFFF`` (making it logical: torch has no unsigned 32-bit shift or
+  compare on CPU) and an in-place xor. The first multiply is folded into index generation
+  (``base + j * M1`` by one broadcast add of a row and a column vector, cheaper than
+  ``arange``); each later ``x * M + k`` is one fused ``torch.add(k, x, alpha=M)``.
+* The final ``^ 0x80000000`` is part of the definition so that the hot path needs no extra
+  op: unsigned ``word < t`` is signed ``x < t - 2**31`` on the pre-flip value ``x``.
+  :meth:`KeyedRng.bits` pays one in-place xor to return ``word``.
 * int32 multiply/add overflow wraps as two's complement on CPU and CUDA; the tests check the
-  CPU result against a pure-Python ``& 0xFFFFFFFF`` reference.
-* Work is done in sub-blocks of 64K elements so the word buffer and the shift scratch stay in
-  L2; this was measurably faster than one pass over a 256K chunk (see ``bench/bench_rng.py``).
+  CPU bits against a pure-Python ``& 0xFFFFFFFF`` reference.
 
-Performance (``bench/bench_rng.py``, ``keep`` on 256K-element chunks with a reused ``out``
-buffer, median of 7 repeats), measured on this 2-core machine (Intel Xeon, AVX-512,
-torch 2.13 CPU), 2025-11-26: see the figures below.
+Why the code is shaped the way it is (CPU speed): each elementwise torch op over 256K int32
+elements is bound by L2 bandwidth, and each call costs ~1-2 us of dispatch. So the hash runs
+in sub-blocks of ``_BLOCK`` elements that stay in L2 (one pass over a 256K chunk with its
+scratch was ~1.5x slower), constants are passed as 0-dim int32 tensors made once per call (a
+Python int scalar costs an extra ~2 us per op to wrap), and the comparison writes into a
+uint8 view of the bool mask (about 2.5x faster than producing bool directly).
+
+Performance (``bench/bench_rng.py``: ``keep`` on 256K-element chunks, reused ``out``),
+measured on this 2-core machine (Intel Xeon with AVX-512, torch 2.13 CPU), 2026-11-26:
 
     PERF_PLACEHOLDER
 
-No global state: nothing here touches torch's global generator, and there are no module-level
-caches; every call allocates its own small scratch.
+No global state: nothing here touches torch's global generator and there are no module-level
+caches; each call builds its few constants and its scratch.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,12 +95,15 @@ _M3 = 0x846CA68B  # lowbias32
 
 _GOLDEN64 = 0x9E3779B97F4A7C15
 
-# Elements hashed per sub-block: the int32 words plus the shift scratch (2 x 256 KiB) stay in L2.
-_BLOCK = 1 << 17
+# Elements per sub-block: words plus shift scratch (2 x 256 KiB) stay in L2 (see module doc).
+_BLOCK = 1 << 16
 # Columns of the broadcast add that generates the Weyl sequence; divides _BLOCK.
 _COLS = 1024
 
 _PERSON = b"leanmerge.rng.1"  # BLAKE2b personalisation: domain-separates these keys
+
+# A constant as the hash's torch ops take it: a 0-dim int32 CPU tensor on CPU, an int elsewhere.
+_Const = torch.Tensor | int
 
 
 def _s32(v: int) -> int:
@@ -106,10 +116,23 @@ def _s32(v: int) -> int:
     return v - _TWO32 if v & _SIGN else v
 
 
+def _consts(values: Sequence[int], dev: torch.device) -> list[_Const]:
+    """32-bit constants in the cheapest form for ops on ``dev``.
+
+    On CPU a Python scalar is wrapped into a fresh tensor on every op (~2 us each), so the
+    constants are made once per call as 0-dim int32 tensors (one allocation, then views).
+    On other devices plain ints are used: they are passed to the kernel by value.
+    """
+    vals = [_s32(v) for v in values]
+    if dev.type == "cpu":
+        return list(torch.tensor(vals, dtype=torch.int32).unbind())
+    return list(vals)
+
+
 def _mix64(z: int) -> int:
     """splitmix64's finaliser (Stafford's Mix13): a 64-bit bijection with full avalanche.
 
-    Used only in Python, once per call, to derive the 32-bit round keys of a 2**32 block.
+    Used only in Python, once per 2**32 block per call, to derive the 32-bit round keys.
     """
     z &= _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
@@ -121,7 +144,7 @@ def _block_keys(key: int, hi: int) -> tuple[int, int, int]:
     """Round keys ``(k0, k1, k2)`` for the indices ``hi * 2**32 .. hi * 2**32 + 2**32 - 1``.
 
     Folding the high half of the index in here (rather than per element) keeps the per-element
-    hash 32-bit while still making the word depend on all 64 bits of the index.
+    hash 32-bit while the word still depends on all 64 bits of the index.
     """
     s = _mix64(_mix64(key) + (hi + 1) * _GOLDEN64)
     t = _mix64(s + _GOLDEN64)
@@ -131,10 +154,10 @@ def _block_keys(key: int, hi: int) -> tuple[int, int, int]:
 def stream_key(seed: int, tensor: str, model: int) -> int:
     """The 64-bit key of one random stream: BLAKE2b-64 of ``(seed, tensor name, model index)``.
 
-    BLAKE2b is used (not ``hash()``, which is salted per process) so that the same merge spec
-    gives the same masks on every machine and in every run. The fields are framed
-    unambiguously (fixed-width integers, length-prefixed UTF-8 name) and the digest is
-    personalised so these keys cannot collide with other BLAKE2b uses.
+    BLAKE2b rather than ``hash()`` (salted per process) so that one merge spec gives the same
+    masks on every machine and in every run. The fields are framed unambiguously
+    (fixed-width integers, length-prefixed UTF-8 name) and the digest is personalised, so
+    these keys cannot collide with other BLAKE2b uses.
 
     Args:
         seed: the merge's seed, ``0 <= seed < 2**64``.
@@ -158,9 +181,9 @@ def stream_key(seed: int, tensor: str, model: int) -> int:
 def keep_threshold(density: float) -> int:
     """``round(density * 2**32)`` clamped to ``[0, 2**32]``: keep iff ``word < threshold``.
 
-    With uniform 32-bit words, ``P(keep) = threshold / 2**32``, within ``2**-33`` of
+    With uniform 32-bit words ``P(keep) = threshold / 2**32``, within ``2**-33`` of
     ``density``; 1.0 keeps everything and 0.0 nothing. ``density * 2**32`` is exact in
-    float64 and ``round`` is half-to-even, the same rule ``torch.round`` uses in
+    float64 and ``round`` is half-to-even, the rule ``torch.round`` uses in
     :meth:`KeyedRng.keep_where`, so the two agree for a constant probability.
 
     Raises:
@@ -172,19 +195,108 @@ def keep_threshold(density: float) -> int:
     return min(max(round(d * _TWO32), 0), _TWO32)
 
 
-def _key_scalar(k: int, dev: torch.device) -> torch.Tensor | int:
-    """A round key in the form :func:`_affine_` wants: a CPU 0-dim tensor, or an int elsewhere.
+def _keep_constants(thr: int) -> tuple[int, int]:
+    """``(g, t)`` such that, for ``0 < thr < 2**32``, ``word < thr`` (unsigned) iff ``(y ^ g) < t`` (signed).
 
-    Made once per 2**32 block (not per sub-block) because creating a tensor costs microseconds.
+    ``y`` is the hash state before the final ``x ^= x >>> 16`` and ``word = y ^ (y >>> 16) ^ 2**31``.
+    Why it is exact: the final xorshift leaves the high half alone, so the high half of
+    ``word`` is ``hi(y) ^ 0x8000`` and decides the comparison unless it equals ``H = thr >> 16``;
+    in that tie the low half of ``word`` is ``lo(y) ^ H ^ 0x8000``, a constant xor of ``lo(y)``.
+    Xoring ``y`` with ``g = H ^ 0x8000`` (low half only) therefore makes ``y ^ g ^ 2**31`` compare
+    with ``thr`` exactly as ``word`` does, and the sign flip turns that unsigned comparison into
+    a signed one against ``thr - 2**31``. This saves three elementwise passes on the hot path.
     """
-    return torch.tensor(_s32(k), dtype=torch.int32) if dev.type == "cpu" else _s32(k)
+    return (thr >> 16) ^ 0x8000, thr - _SIGN
 
 
-def _affine_(x: torch.Tensor, mul: int, add: torch.Tensor | int) -> None:
+class _Hasher:
+    """One call's plan for hashing indices ``start .. start+n-1`` on one device.
+
+    All per-call constants (shift, mask, every 2**32 block's round keys, and the caller's
+    ``extra`` values) are made in a single tensor up front, because on CPU each small torch
+    call costs about as much as hashing ten thousand elements.
+    """
+
+    def __init__(self, key: int, start: int, n: int, dev: torch.device, extra: Sequence[int] = ()) -> None:
+        """Split the range at 2**32 index boundaries and derive each part's round keys."""
+        self.dev = dev
+        self.segments: list[tuple[int, int, int, int]] = []  # (pos, length, lo, k0)
+        vals = [16, 0xFFFF, *extra]
+        pos = 0
+        while pos < n:
+            i = start + pos
+            lo = i & _M32
+            seg_n = min(n - pos, _TWO32 - lo)
+            k0, k1, k2 = _block_keys(key, i >> 32)
+            self.segments.append((pos, seg_n, lo, k0))
+            vals += [k1, k2]
+            pos += seg_n
+        c = _consts(vals, dev)
+        self.s16, self.ff = c[0], c[1]
+        self.extra = c[2:2 + len(extra)]
+        self._round_keys = c[2 + len(extra):]
+
+    def blocks(self, dest: Callable[[int, int], torch.Tensor], scratch: torch.Tensor, *,
+               last_xorshift: bool = True) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Hash sub-block by sub-block, lazily.
+
+        For each sub-block ``[p, q)`` (positions relative to ``start``) the pre-flip words
+        ``word ^ 0x80000000`` are written into ``dest(p, q)`` (a contiguous int32 tensor of
+        ``q - p`` elements) and ``(p, q, that tensor)`` is yielded, so the caller consumes it
+        while it is still in cache. ``scratch`` (int32, at least ``min(n, _BLOCK)`` elements,
+        on the device) is the xorshift temporary. Splits are at 2**32 index boundaries (new
+        round keys) and every ``_BLOCK`` elements; neither changes any value.
+
+        With ``last_xorshift=False`` the final ``x ^= x >>> 16`` is skipped and the yielded
+        values are ``y``, the state after the last multiply-add (``pre = y ^ (y >>> 16)``);
+        :meth:`KeyedRng.keep` folds that step into one xor (see :func:`_keep_constants`).
+        """
+        dev, s16, ff = self.dev, self.s16, self.ff
+        cols = torch.arange(_COLS, dtype=torch.int32, device=dev).mul_(_s32(_M1))
+        cols2d = cols.view(1, _COLS)
+        for s, (pos, seg_n, lo, k0) in enumerate(self.segments):
+            kk1, kk2 = self._round_keys[2 * s], self._round_keys[2 * s + 1]
+            # x_j = (lo + j + k0) * M1 = base + j * M1, laid out as rows of _COLS columns:
+            # row r starts at base + r * _COLS * M1 and column c adds c * M1.
+            nrows = -(-seg_n // _COLS)
+            rows = torch.arange(nrows, dtype=torch.int32, device=dev)
+            rows = rows.mul_(_s32(_COLS * _M1)).add_(_s32((lo + k0) * _M1)).view(nrows, 1)
+            for off in range(0, seg_n, _BLOCK):
+                m = min(_BLOCK, seg_n - off)
+                x = dest(pos + off, pos + off + m)
+                t = scratch if scratch.numel() == m else scratch[:m]
+                r0 = off // _COLS
+                full = m - m % _COLS
+                if full:
+                    xf = x if full == m else x[:full]
+                    torch.add(rows[r0:r0 + full // _COLS], cols2d, out=xf.view(-1, _COLS))
+                if full < m:
+                    torch.add(cols[: m - full], rows[r0 + full // _COLS], out=x[full:])
+                _xorshift16(x, t, s16, ff)
+                _affine(x, _M2, kk1)
+                _xorshift16(x, t, s16, ff)
+                _affine(x, _M3, kk2)
+                if last_xorshift:
+                    _xorshift16(x, t, s16, ff)
+                yield pos + off, pos + off + m, x
+
+
+def _xorshift16(x: torch.Tensor, t: torch.Tensor, s16: _Const, ff: _Const) -> None:
+    """``x ^= x >>> 16`` (logical shift) in place, with ``t`` (same shape) as temporary.
+
+    torch's int32 ``>>`` is arithmetic; ``& 0xFFFF`` drops the sign-extension bits, which
+    gives the logical shift on both CPU and CUDA.
+    """
+    torch.bitwise_right_shift(x, s16, out=t)
+    t.bitwise_and_(ff)
+    x.bitwise_xor_(t)
+
+
+def _affine(x: torch.Tensor, mul: int, add: _Const) -> None:
     """``x = x * mul + add`` in place, wrapping mod 2**32.
 
-    On CPU (``add`` a 0-dim tensor) this is one fused kernel, ``torch.add(add, x, alpha=mul)``;
-    elsewhere two plain in-place ops, which compute the same wrapped value.
+    On CPU (``add`` a 0-dim tensor) one fused kernel, ``torch.add(add, x, alpha=mul)``;
+    elsewhere two plain in-place ops, which give the same wrapped value.
     """
     if isinstance(add, torch.Tensor):
         torch.add(add, x, alpha=_s32(mul), out=x)
@@ -192,57 +304,10 @@ def _affine_(x: torch.Tensor, mul: int, add: torch.Tensor | int) -> None:
         x.mul_(_s32(mul)).add_(add)
 
 
-def _xorshift16_(x: torch.Tensor, scratch: torch.Tensor) -> None:
-    """``x ^= x >>> 16`` (logical shift) in place, using ``scratch`` (same shape) as temporary.
-
-    torch's int32 ``>>`` is arithmetic; masking with 0xFFFF discards the sign-extension bits,
-    which gives the logical shift on both CPU and CUDA.
-    """
-    torch.bitwise_right_shift(x, 16, out=scratch)
-    scratch.bitwise_and_(0xFFFF)
-    x.bitwise_xor_(scratch)
-
-
-class _Segment:
-    """Per-call state for hashing indices that share one high half (one 2**32 block).
-
-    Everything here is derived once per block of 2**32 indices and reused for every L2-sized
-    sub-block, because on CPU each small torch call costs about as much as hashing thousands
-    of elements.
-    """
-
-    __slots__ = ("cols", "k1", "k2", "lo0", "rows")
-
-    def __init__(self, key: int, start: int, n: int, dev: torch.device) -> None:
-        """Prepare indices ``start .. start+n-1``, all with the same ``start >> 32``."""
-        k0, k1, k2 = _block_keys(key, start >> 32)
-        self.lo0 = start & _M32
-        # x_j = (lo0 + j + k0) * M1 = base + j * M1, laid out as rows of _COLS: row r starts at
-        # base + r * _COLS * M1 and column c adds c * M1.
-        self.cols = torch.arange(_COLS, dtype=torch.int32, device=dev).mul_(_s32(_M1))
-        nrows = -(-n // _COLS)
-        self.rows = torch.arange(nrows, dtype=torch.int32, device=dev)
-        self.rows.mul_(_s32(_COLS * _M1)).add_(_s32((self.lo0 + k0) * _M1))
-        self.k1 = _key_scalar(k1, dev)
-        self.k2 = _key_scalar(k2, dev)
-
-    def hash_(self, x: torch.Tensor, off: int, scratch: torch.Tensor) -> None:
-        """Write ``word ^ 0x80000000`` of indices ``start+off ..`` into ``x`` (``off % _COLS == 0``)."""
-        m = x.numel()
-        full = m - m % _COLS
-        r0 = off // _COLS
-        if full:
-            rows = self.rows[r0:r0 + full // _COLS].view(-1, 1)
-            torch.add(rows, self.cols.view(1, -1), out=x[:full].view(-1, _COLS))
-        if full < m:
-            r = r0 + full // _COLS
-            torch.add(self.cols[: m - full], self.rows[r:r + 1], out=x[full:])
-        t = scratch[:m]
-        _xorshift16_(x, t)
-        _affine_(x, _M2, self.k1)
-        _xorshift16_(x, t)
-        _affine_(x, _M3, self.k2)
-        _xorshift16_(x, t)
+def _sub_block(work: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """A ``dest`` for :meth:`_Hasher.blocks` that reuses ``work`` (one sub-block) for every sub-block."""
+    size = work.numel()
+    return lambda p, q: work if q - p == size else work[:q - p]
 
 
 def _check_range(start: int, n: int) -> None:
@@ -253,25 +318,29 @@ def _check_range(start: int, n: int) -> None:
         raise ValueError(f"indices [{start}, {start + n}) are not valid int64 flat indices")
 
 
-def _resolve_device(device: torch.device | str | None, out: torch.Tensor | None) -> torch.device:
-    """The device to compute on: ``out``'s if given (a different ``device`` is an error), else ``device`` or CPU."""
-    if out is None:
+def _resolve_device(device: torch.device | str | None, buf: torch.Tensor | None) -> torch.device:
+    """The device to compute on: ``buf``'s if given, else ``device``, else CPU.
+
+    A ``device`` that contradicts ``buf`` is an error rather than a silent copy.
+    """
+    if buf is None:
         return torch.device("cpu" if device is None else device)
     if device is not None:
         want = torch.device(device)
-        if want.type != out.device.type or (want.index is not None and want != out.device):
-            raise ValueError(f"device {want} does not match out's device {out.device}")
-    return out.device
+        if want.type != buf.device.type or (want.index is not None and want != buf.device):
+            raise ValueError(f"device {want} does not match the buffer's device {buf.device}")
+    return buf.device
 
 
-def _int32_buffer(n: int, dev: torch.device, out: torch.Tensor | None) -> torch.Tensor:
-    """A flat contiguous int32 buffer of ``n`` elements: ``out`` viewed flat, or a new one."""
-    if out is None:
-        return torch.empty(n, dtype=torch.int32, device=dev)
-    if out.dtype != torch.int32 or out.numel() != n or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous int32 tensor of {n} elements, "
-                         f"got {out.dtype} with {out.numel()} elements")
-    return out.view(-1)
+def _flat_buffer(buf: torch.Tensor | None, n: int, dtype: torch.dtype, dev: torch.device,
+                 name: str) -> torch.Tensor:
+    """``buf`` viewed flat after checking it is contiguous ``dtype`` with ``n`` elements, or a new one."""
+    if buf is None:
+        return torch.empty(n, dtype=dtype, device=dev)
+    if buf.dtype != dtype or buf.numel() != n or not buf.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of {n} elements, "
+                         f"got {buf.dtype} with {buf.numel()} elements")
+    return buf.view(-1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,44 +355,30 @@ class KeyedRng:
     key: int
 
     def __post_init__(self) -> None:
-        """Reject keys outside 64 bits, which would silently alias after masking."""
+        """Reject keys outside 64 bits, which would otherwise alias after masking."""
         if not 0 <= self.key < (1 << 64):
             raise ValueError(f"key must be in [0, 2**64), got {self.key}")
 
-    def _fill_blocks(self, start: int, x: torch.Tensor) -> Iterator[tuple[int, int]]:
-        """Fill flat int32 ``x`` with ``word ^ 0x80000000`` of indices ``start ..``, lazily.
+    def _work(self, n: int, dev: torch.device, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A one-sub-block word buffer and the xorshift scratch, carved from ``out`` if it is big enough.
 
-        Yields each ``(begin, end)`` sub-block right after it is written, so a caller can
-        consume it (compare, convert) while it is still in cache. The range is split at 2**32
-        boundaries (each side gets its own round keys) and into L2-sized sub-blocks; neither
-        split changes the values, only the speed.
+        Paths that consume each sub-block at once (keep, uniform, keep_where) need only one
+        sub-block of words, which keeps the working set in L2 and avoids allocating.
         """
-        n = x.numel()
-        if n == 0:
-            return
-        scratch = torch.empty(min(n, _BLOCK), dtype=torch.int32, device=x.device)
-        pos = 0
-        while pos < n:
-            i = start + pos
-            seg_n = min(n - pos, _TWO32 - (i & _M32))
-            seg = _Segment(self.key, i, seg_n, x.device)
-            for off in range(0, seg_n, _BLOCK):
-                m = min(_BLOCK, seg_n - off)
-                seg.hash_(x[pos + off:pos + off + m], off, scratch)
-                yield pos + off, pos + off + m
-            pos += seg_n
-
-    def _fill(self, start: int, x: torch.Tensor) -> None:
-        """Fill ``x`` completely (see :meth:`_fill_blocks`)."""
-        for _ in self._fill_blocks(start, x):
-            pass
+        b = min(n, _BLOCK)
+        if out is not None and out.numel() >= 2 * b:
+            return out[:b], out[b:2 * b]
+        if out is not None:
+            return out[:b], torch.empty(b, dtype=torch.int32, device=dev)
+        both = torch.empty(2 * b, dtype=torch.int32, device=dev)
+        return both[:b], both[b:]
 
     def bits(self, start: int, n: int, *, device: torch.device | str | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
         """The words of flat indices ``start .. start+n-1`` as int32 holding the u32 bit pattern.
 
         int32 rather than uint32 because torch lacks unsigned 32-bit shifts and compares on
-        CPU; ``w & 0xFFFFFFFF`` (or ``.to(int64) & 0xFFFFFFFF``) recovers the unsigned value.
+        CPU; ``w.to(torch.int64) & 0xFFFFFFFF`` recovers the unsigned values.
 
         Args:
             start: flat index of the first element (``0 <= start``, ``start + n <= 2**63``).
@@ -333,70 +388,84 @@ class KeyedRng:
                 flattened), so a chunk loop can reuse one buffer.
         """
         _check_range(start, n)
-        x = _int32_buffer(n, _resolve_device(device, out), out)
-        self._fill(start, x)
-        return x.bitwise_xor_(_s32(_SIGN))
+        dev = _resolve_device(device, out)
+        words = _flat_buffer(out, n, torch.int32, dev, "out")
+        if n == 0:
+            return words
+        scratch = torch.empty(min(n, _BLOCK), dtype=torch.int32, device=dev)
+        h = _Hasher(self.key, start, n, dev, [_SIGN])
+        (sign,) = h.extra
+        for _, _, x in h.blocks(lambda p, q: words[p:q], scratch):
+            x.bitwise_xor_(sign)
+        return words
 
     def keep(self, start: int, n: int, density: float, *, device: torch.device | str | None = None,
              out: torch.Tensor | None = None, mask_out: torch.Tensor | None = None) -> torch.Tensor:
         """DARE keep mask: element ``i`` kept iff ``word(i) < keep_threshold(density)`` (unsigned).
 
-        ``P(keep) = keep_threshold(density) / 2**32``. For density 1.0 every element is kept and
-        for 0.0 none, without hashing.
+        ``P(keep) = keep_threshold(density) / 2**32``. Density 1.0 keeps every element and 0.0
+        none, without hashing.
 
         Args:
-            start, n, device: as in :meth:`bits`.
+            start, n, device: as in :meth:`bits` (``device`` defaults to the buffers' device).
             density: fraction kept, in ``[0, 1]``.
-            out: optional int32 scratch of ``n`` elements (its contents are overwritten with
-                ``word ^ 0x80000000``); reusing it avoids an allocation per chunk.
-            mask_out: optional bool tensor of ``n`` elements to receive the mask.
+            out: optional int32 scratch (any contiguous int32 tensor; its contents are
+                overwritten and unspecified afterwards). Passing the same one for every chunk
+                avoids allocating; ``2 * min(n, 65536)`` elements suffice.
+            mask_out: optional contiguous bool tensor of ``n`` elements to receive the mask.
 
         Returns:
             A flat bool tensor of ``n`` elements (``mask_out`` flattened, if given).
         """
         _check_range(start, n)
         thr = keep_threshold(density)
-        dev = _resolve_device(device, out if out is not None else mask_out)
-        if mask_out is None:
-            mask = torch.empty(n, dtype=torch.bool, device=dev)
-        else:
-            if mask_out.dtype != torch.bool or mask_out.numel() != n or not mask_out.is_contiguous():
-                raise ValueError(f"mask_out must be a contiguous bool tensor of {n} elements")
-            mask = mask_out.view(-1)
-        if thr == 0 or thr == _TWO32:
+        dev = _resolve_device(device, mask_out if mask_out is not None else out)
+        if out is not None and (out.dtype != torch.int32 or not out.is_contiguous() or out.device != dev):
+            raise ValueError(f"out must be a contiguous int32 tensor on {dev}")
+        mask = _flat_buffer(mask_out, n, torch.bool, dev, "mask_out")
+        if n == 0 or thr in (0, _TWO32):
             return mask.fill_(thr != 0)
-        x = _int32_buffer(n, dev, out)
-        # word < thr (unsigned)  <=>  (word ^ 2**31) < thr - 2**31 (signed); x holds word ^ 2**31.
-        signed_thr = thr - _SIGN
-        # Comparing into a uint8 view of the bool mask (0/1 are valid bools) is about twice as
-        # fast on CPU as producing bool directly; each sub-block is compared while in cache.
+        work, scratch = self._work(n, dev, None if out is None else out.view(-1))
+        # The last xorshift is folded into one xor with a constant (exact, see _keep_constants).
+        h = _Hasher(self.key, start, n, dev, _keep_constants(thr))
+        fold, sthr = h.extra
+        # Comparing into a uint8 view (0/1 are valid bools) is ~2.5x faster on CPU than into bool.
         mask_u8 = mask.view(torch.uint8)
-        for p, q in self._fill_blocks(start, x):
-            torch.lt(x[p:q], signed_thr, out=mask_u8[p:q])
+        for p, q, y in h.blocks(_sub_block(work), scratch, last_xorshift=False):
+            y.bitwise_xor_(fold)
+            torch.lt(y, sthr, out=mask_u8[p:q])
         return mask
 
     def uniform(self, start: int, n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
-        """float32 in ``[0, 1)``: ``(word >> 8) * 2**-24``, exact (24 bits fit float32's mantissa).
+        """float32 in ``[0, 1)``: ``(word >> 8) * 2**-24``, exact.
 
-        The top 24 bits are used because float32 cannot represent more in ``[0, 1)`` without
-        rounding some values up to 1.0.
+        The top 24 bits are used because float32 has a 24-bit significand: more bits would
+        round some values up to 1.0 and make the grid uneven.
         """
         _check_range(start, n)
-        x = torch.empty(n, dtype=torch.int32, device=_resolve_device(device, None))
-        self._fill(start, x)
-        # word >> 8 (logical) == (pre >> 8) (arithmetic) + 2**23, since word = pre + 2**31.
-        x.bitwise_right_shift_(8)
-        u = x.to(torch.float32)
-        return u.mul_(2.0**-24).add_(0.5)
+        dev = _resolve_device(device, None)
+        u = torch.empty(n, dtype=torch.float32, device=dev)
+        if n == 0:
+            return u
+        work, scratch = self._work(n, dev, None)
+        h = _Hasher(self.key, start, n, dev, [8])
+        (s8,) = h.extra
+        for p, q, x in h.blocks(_sub_block(work), scratch):
+            # word >> 8 (logical) == (pre >> 8) (arithmetic) + 2**23, because word = pre + 2**31;
+            # both steps below are exact in float32 (|pre >> 8| < 2**23, results on a 2**-24 grid).
+            x.bitwise_right_shift_(s8)
+            torch.mul(x, 2.0**-24, out=u[p:q]).add_(0.5)
+        return u
 
     def keep_where(self, start: int, prob: torch.Tensor) -> torch.Tensor:
-        """Per-element keep decision: flat element ``j`` of ``prob`` (index ``start + j``) kept iff
-        ``word(start + j) < round(prob[j] * 2**32)`` (unsigned, round half to even).
+        """Per-element keep: flat element ``j`` of ``prob`` (index ``start + j``) is kept iff
+        ``word(start + j) < round(prob[j] * 2**32)`` (unsigned; round half to even).
 
-        The product, the rounding and the comparison are done in float64, where all of them are
-        exact for float16/bfloat16/float32/float64 probabilities, so the rule holds bit-exactly on
-        every device; for a constant probability ``p`` it equals ``keep(start, n, p)``. Values
-        ``<= 0`` (and NaN) keep nothing, values ``>= 1`` keep everything.
+        The scaling, rounding and comparison happen in float64, where all three are exact for
+        float16/bfloat16/float32/float64 probabilities, so the rule holds bit-exactly on every
+        device and, for a constant probability ``p``, equals ``keep(start, n, p)``. (Comparing
+        ``uniform() < prob`` in float32 would only see 24 bits and disagree with :meth:`keep`.)
+        Values ``<= 0`` and NaN keep nothing; values ``>= 1`` keep everything.
 
         Returns:
             A bool tensor shaped like ``prob``, on ``prob``'s device.
@@ -405,7 +474,13 @@ class KeyedRng:
             raise ValueError(f"prob must be a floating-point tensor, got {prob.dtype}")
         n = prob.numel()
         _check_range(start, n)
-        x = torch.empty(n, dtype=torch.int32, device=prob.device)
-        self._fill(start, x)
-        thr = torch.round(prob.reshape(-1).to(torch.float64) * float(_TWO32)).sub_(float(_SIGN))
-        return torch.lt(x.to(torch.float64), thr).view(prob.shape)
+        dev = prob.device
+        mask = torch.empty(n, dtype=torch.bool, device=dev)
+        if n == 0:
+            return mask.view(prob.shape)
+        flat = prob.reshape(-1)
+        work, scratch = self._work(n, dev, None)
+        for p, q, x in _Hasher(self.key, start, n, dev).blocks(_sub_block(work), scratch):
+            thr = torch.round(flat[p:q].to(torch.float64) * float(_TWO32)).sub_(float(_SIGN))
+            torch.lt(x, thr, out=mask[p:q])  # int32 vs float64 compares in float64: exact
+        return mask.view(prob.shape)

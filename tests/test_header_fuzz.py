@@ -35,7 +35,7 @@ from engine.io.header import MAX_HEADER_BYTES, Header, read_header
 
 FUZZ_EXAMPLES = int(os.environ.get("LEANMERGE_FUZZ_EXAMPLES", "2000"))
 EXAMPLE_SECONDS = 10  # one example is milliseconds; anything near this is a hang
-MAX_FILE = 1 << 20  # every fuzzed file stays under 1 MB:
+MAX_FILE = 1 << 20  # every fuzzed file stays under 1 MB
 HUGE_BYTES = 300_000  # at most two text mutations of at most this many bytes each
 RSS_GROWTH_LIMIT = 256 << 20
 DTYPE_NAMES = list(DTYPES)

@@ -2,7 +2,8 @@
 
 Nothing under the target name ever looks complete unless it is: the merge writes into
 `.NAME.leanmerge-tmp` on the same filesystem and only a finished, synced folder is renamed
-into place. A failed run removes its temporary folder.
+into place. A run stopped by a signal or an I/O error keeps its temporary folder (with its journal) so that
+`--resume` can continue it; a run stopped by a bad input removes it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from engine import __version__
 from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
 from engine.plan import Plan
@@ -55,20 +57,14 @@ def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise OutputError(f"{target}: output overlaps input folder {folder}; choose another output")
 
 
-def start_output(target: Path) -> Path:
-    """Create a fresh temporary folder for `target` and return it."""
-    tmp = temp_dir_for(target)
-    if tmp.exists():
-        log.warning("removing leftover temporary folder %s from an earlier run", tmp)
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def write_side_files(tmp: Path, plan: Plan) -> None:
-    """The index json and the base's config and tokenizer files."""
+def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
+    """The index json (with every tensor's sha256, for `leanmerge verify`) and the base's config
+    and tokenizer files."""
     index = {
-        "metadata": {"total_size": plan.bytes_written},
+        "metadata": {
+            "total_size": plan.bytes_written,
+            "leanmerge": {"version": __version__, "spec_sha256": plan.spec.digest(), "tensor_sha256": checksums},
+        },
         "weight_map": {t.name: plan.shards[t.shard].file for t in plan.tensors},
     }
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -3,23 +3,23 @@
 Every offset is known from the plan, so each shard is created at its full size with its final
 header, and blocks land at their places as soon as they are computed: never a whole tensor,
 let alone a shard, in RAM. The header is padded with spaces (valid safetensors) so the data
-starts 4096-aligned. Writes go through the page cache; every `SYNC_EVERY` bytes a shard is
-flushed and dropped from the cache so a long merge does not fill RAM with dirty pages.
+starts 4096-aligned. Creating the shards claims their disk space up front (`posix_fallocate`),
+so a disk too small fails before the work, not an hour into it.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import struct
 from pathlib import Path
 
-from engine.errors import OutputError
+from engine.errors import OutputError, ResumeError
 from engine.plan import Plan, ShardPlan, TensorPlan
 
 ALIGN = 4096
-SYNC_EVERY = 256 << 20
 
 
 def shard_header(plan: Plan, shard: ShardPlan, metadata: dict[str, str]) -> bytes:
@@ -34,48 +34,78 @@ def shard_header(plan: Plan, shard: ShardPlan, metadata: dict[str, str]) -> byte
     return struct.pack("<Q", padded) + body + b" " * (padded - len(body))
 
 
-class ShardWriter:
-    """Creates every output shard in `folder` and writes blocks at their planned offsets."""
+def layout_digest(plan: Plan, metadata: dict[str, str]) -> str:
+    """sha256 over every output header: equal digests mean byte-identical layouts."""
+    h = hashlib.sha256()
+    for shard in plan.shards:
+        h.update(shard.file.encode() + b"\0" + shard_header(plan, shard, metadata))
+    return h.hexdigest()
 
-    def __init__(self, folder: Path, plan: Plan, metadata: dict[str, str]) -> None:
+
+class ShardWriter:
+    """Creates (or, to resume, reopens) every output shard in `folder`; writes at planned offsets."""
+
+    def __init__(self, folder: Path, plan: Plan, metadata: dict[str, str], *, reopen: bool = False) -> None:
         self._fds: list[int] = []
         self._data_start: list[int] = []
-        self._unsynced: list[int] = []
-        self.bytes_written = 0
+        self._paths = [folder / s.file for s in plan.shards]
+        self.dirty: set[int] = set()
         try:
-            for shard in plan.shards:
+            for shard, path in zip(plan.shards, self._paths):
                 header = shard_header(plan, shard, metadata)
-                path = folder / shard.file
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
-                _reserve(fd, path, len(header) + shard.data_bytes)
-                _pwrite_all(fd, path, header, 0)
+                self._fds.append(self._reopen(path, header) if reopen else self._create(path, header, shard.data_bytes))
                 self._data_start.append(len(header))
-                self._unsynced.append(0)
         except BaseException:
             self.close()
             raise
-        self._paths = [folder / s.file for s in plan.shards]
+
+    @staticmethod
+    def _create(path: Path, header: bytes, data_bytes: int) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _reserve(fd, path, len(header) + data_bytes)
+            _pwrite_all(fd, path, header, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _reopen(path: Path, header: bytes) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise ResumeError(f"{path}: cannot reopen the interrupted run's shard: {e.strerror}") from None
+        if os.pread(fd, len(header), 0) != header:
+            os.close(fd)
+            raise ResumeError(f"{path}: header differs from this run's plan; remove the temporary folder to start over")
+        return fd
+
+    def position(self, tensor: TensorPlan, byte_offset: int) -> tuple[int, int]:
+        """(shard index, absolute file offset) of `byte_offset` inside `tensor`."""
+        return tensor.shard, self._data_start[tensor.shard] + tensor.offset + byte_offset
 
     def write(self, tensor: TensorPlan, byte_offset: int, data: memoryview) -> None:
         """Write `data` at `byte_offset` inside `tensor`'s bytes."""
-        fd = self._fds[tensor.shard]
-        _pwrite_all(fd, self._paths[tensor.shard], data, self._data_start[tensor.shard] + tensor.offset + byte_offset)
-        self.bytes_written += len(data)
-        self._unsynced[tensor.shard] += len(data)
-        if self._unsynced[tensor.shard] >= SYNC_EVERY:
-            self._sync(tensor.shard)
+        shard, pos = self.position(tensor, byte_offset)
+        _pwrite_all(self._fds[shard], self._paths[shard], data, pos)
+        self.dirty.add(shard)
 
-    def _sync(self, i: int) -> None:
-        os.fdatasync(self._fds[i])
-        os.posix_fadvise(self._fds[i], 0, 0, os.POSIX_FADV_DONTNEED)
-        self._unsynced[i] = 0
+    def read_back(self, tensor: TensorPlan, byte_offset: int, nbytes: int) -> bytes:
+        """Bytes already written (used to re-check and re-hash a resumed tensor's prefix)."""
+        shard, pos = self.position(tensor, byte_offset)
+        return os.pread(self._fds[shard], nbytes, pos)
 
-    def finish(self) -> None:
-        """Make every byte durable, then close."""
-        for i in range(len(self._fds)):
-            self._sync(i)
-        self.close()
+    def sync(self) -> None:
+        """Make every written byte durable, then drop it from the page cache (a long merge would
+        otherwise fill RAM with dirty pages that count against memory-capped jobs)."""
+        for i in sorted(self.dirty):
+            try:
+                os.fdatasync(self._fds[i])
+            except OSError as e:
+                raise OutputError(f"{self._paths[i]}: flushing to disk failed: {e.strerror}") from None
+            os.posix_fadvise(self._fds[i], 0, 0, os.POSIX_FADV_DONTNEED)
+        self.dirty.clear()
 
     def close(self) -> None:
         for fd in self._fds:
@@ -88,8 +118,8 @@ def _reserve(fd: int, path: Path, size: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise OutputError(f"{path}: no space left for {size} bytes on the output filesystem") from None
+        if e.errno in (errno.ENOSPC, errno.EFBIG):
+            raise OutputError(f"{path}: no space left for {size} bytes on the output filesystem ({e.strerror})") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise OutputError(f"{path}: cannot allocate {size} bytes: {e.strerror}") from None
         os.ftruncate(fd, size)
@@ -102,4 +132,7 @@ def _pwrite_all(fd: int, path: Path, data: bytes | memoryview, offset: int) -> N
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + done)
     except OSError as e:
-        raise OutputError(f"{path}: write at byte {offset + done} failed: {e.strerror}") from None
+        raise OutputError(
+            f"{path}: write at byte {offset + done} failed: {e.strerror}; the journal is intact: "
+            "fix the cause and run the same command with --resume"
+        ) from None

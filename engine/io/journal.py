@@ -1,0 +1,163 @@
+"""The resume journal: an append-only, fsync'd record of what a merge has durably written.
+
+`journal.jsonl` in the temporary output folder starts with a header line that pins down the run
+(spec digest, input fingerprints, output layout). Each later line records either a written
+block `{"b": tensor, "r0", "r1", "crc32"}` or a finished tensor `{"t": tensor, "sha256"}`.
+Lines are appended only after the bytes they describe are on disk (`fdatasync`), and the journal
+itself is fsync'd, so after any crash every recorded block is really there. A torn last line
+(killed mid-append) is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import OutputError, ResumeError
+from engine.io.checkpoint import Checkpoint
+from engine.io.header import MAX_HEADER_BYTES
+
+JOURNAL_NAME = "journal.jsonl"
+VERSION = 1
+
+
+@dataclass
+class JournalState:
+    """What an earlier run finished: whole tensors (with their sha256) and block row ranges."""
+
+    header: dict[str, Any]
+    done: dict[str, str] = field(default_factory=dict)
+    blocks: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)  # tensor -> (r0, r1, crc)
+
+    def rows_done(self, tensor: str) -> int:
+        """Rows [0, n) of `tensor` covered by contiguous recorded blocks."""
+        n = 0
+        for r0, r1, _ in sorted(self.blocks.get(tensor, [])):
+            if r0 > n:
+                break
+            n = max(n, r1)
+        return n
+
+
+def fingerprint(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    """Per shard: name, size and sha256 of the header bytes: cheap, and any re-save changes it."""
+    out = []
+    for shard in ckpt.shards:
+        with open(shard, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(min(n, MAX_HEADER_BYTES))
+            size = os.fstat(f.fileno()).st_size
+        out.append({"file": str(shard), "size": size, "header_sha256": hashlib.sha256(head).hexdigest()})
+    return out
+
+
+class Journal:
+    """Appends records; `commit` makes them durable (the caller syncs the data first)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._pending: list[bytes] = []
+
+    @classmethod
+    def create(cls, folder: Path, header: dict[str, Any]) -> Journal:
+        path = folder / JOURNAL_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        journal = cls(path, fd)
+        journal._pending.append(_line({"leanmerge_journal": VERSION, **header}))
+        journal.commit()
+        return journal
+
+    @classmethod
+    def reopen(cls, folder: Path) -> Journal:
+        """Open for appending after cutting a torn last line, so new records follow whole ones."""
+        path = folder / JOURNAL_NAME
+        data = path.read_bytes()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.ftruncate(fd, data.rfind(b"\n") + 1)
+        return cls(path, fd)
+
+    def block(self, tensor: str, r0: int, r1: int, crc: int) -> None:
+        self._pending.append(_line({"b": tensor, "r0": r0, "r1": r1, "crc32": crc}))
+
+    def tensor(self, tensor: str, sha256: str) -> None:
+        self._pending.append(_line({"t": tensor, "sha256": sha256}))
+
+    def commit(self) -> None:
+        """Append and fsync the pending records."""
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(28, "short write")
+            os.fsync(self._fd)
+        except OSError as e:
+            raise OutputError(
+                f"{self.path}: cannot extend the journal: {e.strerror}; the journal up to its last complete "
+                "line is intact: free space and run the same command with --resume"
+            ) from None
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+
+def load_journal(folder: Path) -> JournalState | None:
+    """The state recorded in `folder`'s journal, or None when there is none."""
+    path = folder / JOURNAL_NAME
+    if not path.is_file():
+        return None
+    lines = path.read_bytes().split(b"\n")
+    try:
+        header = json.loads(lines[0])
+    except ValueError:
+        raise ResumeError(f"{path}: the journal header is unreadable; remove {folder} and start over") from None
+    if not isinstance(header, dict) or header.get("leanmerge_journal") != VERSION:
+        raise ResumeError(f"{path}: not a leanmerge journal of version {VERSION}; remove {folder} and start over")
+    state = JournalState(header)
+    for raw in lines[1:]:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            break  # a torn last line: everything before it is durable
+        if "t" in rec:
+            state.done[rec["t"]] = rec["sha256"]
+        elif "b" in rec:
+            state.blocks.setdefault(rec["b"], []).append((rec["r0"], rec["r1"], rec["crc32"]))
+    return state
+
+
+def check_resumable(state: JournalState, header: dict[str, Any], folder: Path) -> None:
+    """Raise `ResumeError` naming the first field where this run differs from the journaled one."""
+    for key in ("spec", "inputs", "layout"):
+        if state.header.get(key) != header[key]:
+            raise ResumeError(
+                f"{folder}: cannot resume: the {key} changed since the interrupted run "
+                f"({_what_changed(key, state.header.get(key), header[key])}); "
+                f"run the original command again, or remove {folder} to start over"
+            )
+
+
+def _what_changed(key: str, old: Any, new: Any) -> str:
+    if key == "inputs" and isinstance(old, list) and isinstance(new, list):
+        for a, b in zip(old, new):
+            if a != b:
+                return f"input {b.get('file', '?') if isinstance(b, dict) else b} differs"
+        return f"{len(old)} input shards before, {len(new)} now"
+    if key == "spec" and isinstance(old, dict) and isinstance(new, dict):
+        diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"fields {', '.join(diffs)}"
+    return "the output shard layout differs"

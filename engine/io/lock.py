@@ -1,0 +1,31 @@
+"""One writer per output: an advisory lock file beside the target, released when the process
+ends however it ends (the kernel drops `flock` locks with the descriptor)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from engine.errors import OutputError
+
+
+@contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold the lock of `target` for the duration of the block, or raise `OutputError`."""
+    path = target.parent / f".{target.name}.leanmerge-lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputError(f"{target}: another leanmerge process (pid {other}) is writing this output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+        os.unlink(path)
+    finally:
+        os.close(fd)

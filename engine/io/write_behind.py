@@ -1,0 +1,103 @@
+"""A writer thread: output blocks are written, checksummed and journaled while the next block is
+being merged.
+
+Each block gets a crc32 in the journal; each tensor gets a sha256 of its bytes (blocks of a
+tensor arrive in row order, so the hash runs along). Every `sync_every` bytes the shards are
+flushed to disk and only then are the journal records appended and fsync'd: whatever the journal
+says is written, is. `hashlib` and `zlib` release the GIL on large buffers, so this runs beside
+the compute stage on another core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import zlib
+from typing import Any, Union
+
+import torch
+
+from engine.dtypes import itemsize
+from engine.io.journal import Journal
+from engine.io.safetensors_writer import ShardWriter
+from engine.plan import Block, TensorPlan
+
+SYNC_EVERY = 256 << 20
+_Job = Union[tuple[TensorPlan, Block, torch.Tensor, torch.Tensor], None]
+
+
+class WriteBehind:
+    """Owns the output buffers: `take` one, fill it, `submit` it; `drain` waits for all writes."""
+
+    def __init__(self, writer: ShardWriter, journal: Journal, buffers: list[torch.Tensor], sync_every: int = SYNC_EVERY) -> None:
+        self.writer, self.journal, self.sync_every = writer, journal, sync_every
+        self.bytes_written = 0
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._hash: dict[str, Any] = {}
+        self._unsynced = 0
+        self._error: BaseException | None = None
+        for b in buffers:
+            self._free.put(b)
+        self._thread = threading.Thread(target=self._run, name="leanmerge-writer", daemon=True)
+        self._thread.start()
+
+    def resume_hash(self, tensor: str, sha: Any) -> None:
+        """Continue the sha256 of a tensor whose first rows an earlier run wrote."""
+        self._hash[tensor] = sha
+
+    def take(self) -> torch.Tensor:
+        """A free output buffer (uint8); waits while both are being written."""
+        while True:
+            self._raise_if_failed()
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def submit(self, tensor: TensorPlan, block: Block, data: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Queue `data` (a view of `buffer`) to be written as `block` of `tensor`."""
+        self._raise_if_failed()
+        self._jobs.put((tensor, block, data, buffer))
+
+    def drain(self) -> None:
+        """Wait for every queued write, then make all of it durable and journaled."""
+        self.close()
+        self._raise_if_failed()
+        self.writer.sync()
+        self.journal.commit()
+
+    def close(self) -> None:
+        """Stop the thread after the queued writes (idempotent)."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            while (job := self._jobs.get()) is not None:
+                self._write(*job)
+        except BaseException as e:  # re-raised in the compute thread
+            self._error = e
+            while self._jobs.get() is not None:  # unblock a producer waiting on a full pipeline
+                pass
+
+    def _write(self, tensor: TensorPlan, block: Block, data: torch.Tensor, buffer: torch.Tensor) -> None:
+        view = memoryview(data.numpy())
+        self.writer.write(tensor, block.start * itemsize(tensor.out_dtype), view)
+        self._hash.setdefault(tensor.name, hashlib.sha256()).update(view)
+        self.journal.block(tensor.name, block.r0, block.r1, zlib.crc32(view))
+        if block.r1 == tensor.rows:
+            self.journal.tensor(tensor.name, self._hash.pop(tensor.name).hexdigest())
+        self.bytes_written += len(view)
+        self._unsynced += len(view)
+        self._free.put(buffer)
+        if self._unsynced >= self.sync_every:
+            self.writer.sync()
+            self.journal.commit()
+            self._unsynced = 0

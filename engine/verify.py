@@ -1,0 +1,81 @@
+"""`leanmerge verify`: re-read a merged folder and check every tensor against its recorded sha256
+(and, given the spec, that the folder is complete for it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import CheckpointError
+from engine.io.checkpoint import INDEX_NAME, Reader, open_checkpoint
+from engine.spec import MergeSpec
+
+PIECE = 16 << 20  # bytes read at a time: verify runs in bounded memory too
+
+
+@dataclass
+class VerifyResult:
+    tensors: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(folder: Path, against: MergeSpec | None = None) -> VerifyResult:
+    """Check `folder`'s tensors against the checksums in its index (and `against`, if given).
+
+    Raises:
+        CheckpointError: the folder is not a readable model folder or has no leanmerge record.
+    """
+    ckpt = open_checkpoint(folder)
+    record = _record(folder)
+    sums: dict[str, str] = record.get("tensor_sha256", {})
+    result = VerifyResult()
+    buf = torch.empty(PIECE, dtype=torch.uint8)
+    with Reader(ckpt) as reader:
+        for name, info in ckpt.tensors.items():
+            sha = hashlib.sha256()
+            for pos in range(0, info.nbytes, PIECE):
+                piece = buf[: min(PIECE, info.nbytes - pos)]
+                reader.read_bytes(info, pos, piece)
+                sha.update(memoryview(piece.numpy()))
+            result.tensors += 1
+            result.bytes += info.nbytes
+            if name not in sums:
+                result.problems.append(f"{name}: no checksum recorded")
+            elif sha.hexdigest() != sums[name]:
+                result.problems.append(f"{name}: sha256 {sha.hexdigest()[:16]}... != recorded {sums[name][:16]}...")
+    result.problems += [f"{n}: recorded but missing from the shards" for n in sums if n not in ckpt.tensors]
+    if against is not None:
+        result.problems += _against(ckpt.tensors.keys(), record, against)
+    return result
+
+
+def _record(folder: Path) -> dict[str, Any]:
+    try:
+        index = json.loads((folder / INDEX_NAME).read_text())
+        record = index["metadata"]["leanmerge"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{folder / INDEX_NAME}: no metadata.leanmerge record; was this folder made by leanmerge?") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{folder / INDEX_NAME}: metadata.leanmerge must be an object")
+    return record
+
+
+def _against(names: Any, record: dict[str, Any], spec: MergeSpec) -> list[str]:
+    problems = []
+    if record.get("spec_sha256") != spec.digest():
+        problems.append("spec: the folder was merged from a different spec (method, models, parameters or seed differ)")
+    base = open_checkpoint(spec.base)
+    missing = [n for n in base.tensors if n not in set(names)]
+    if missing:
+        problems.append(f"incomplete: {len(missing)} tensor(s) of the base are missing, e.g. {missing[:3]}")
+    return problems
