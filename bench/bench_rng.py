@@ -78,6 +78,7 @@ def s32(v: int) -> int:
 # Vectorised int64 versions (values kept in [0, 2**32)), used by the quality gate. Slow but
 # obviously correct: logical shifts are plain shifts on non-negative int64.
 
+
 def words_xor3(key: int, lo: torch.Tensor, hi: int) -> torch.Tensor:
     """engine.rng's hash (three xorshift rounds) of indices ``hi * 2**32 + lo``."""
     k0, k1, k2 = _block_keys(key, hi)
@@ -115,6 +116,7 @@ def words_addshift(key: int, lo: torch.Tensor, hi: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- candidates
+
 
 def keep_a_int64(key: int, start: int, n: int, d: float, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """a: u32 values in int64 lanes, ``& 0xFFFFFFFF`` after multiply-adds (single segment)."""
@@ -164,7 +166,7 @@ def _make_blocked(xs: str) -> KeepFn:
         c = torch.tensor([16, 0xFFFF, s32(k1), s32(k2), thr - 0x80000000], dtype=torch.int32).unbind()
         s16, ff, kk1, kk2, sthr = c
         b = min(n, BLOCK)
-        work, t = out[:b], out[b:2 * b]
+        work, t = out[:b], out[b : 2 * b]
         cols = torch.arange(COLS, dtype=torch.int32).mul_(s32(M1))
         rows = torch.arange(-(-n // COLS), dtype=torch.int32).mul_(s32(COLS * M1)).add_(s32((lo + k0) * M1))
         rows2d, cols2d = rows.view(-1, 1), cols.view(1, COLS)
@@ -180,13 +182,13 @@ def _make_blocked(xs: str) -> KeepFn:
         for p in range(0, n, b):
             m = min(b, n - p)
             x, tt = (work, t) if m == b else (work[:m], t[:m])
-            torch.add(rows2d[p // COLS:(p + m) // COLS], cols2d, out=x.view(-1, COLS))
+            torch.add(rows2d[p // COLS : (p + m) // COLS], cols2d, out=x.view(-1, COLS))
             mix(x, tt)
             torch.add(kk1, x, alpha=s32(M2), out=x)
             mix(x, tt)
             torch.add(kk2, x, alpha=s32(M3), out=x)
             mix(x, tt)
-            torch.lt(x, sthr, out=mu[p:p + m])
+            torch.lt(x, sthr, out=mu[p : p + m])
         return mask
 
     return keep
@@ -199,18 +201,18 @@ def keep_e_2round(key: int, start: int, n: int, d: float, out: torch.Tensor, mas
     c = torch.tensor([16, 0xFFFF, s32(k1), keep_threshold(d) - 0x80000000], dtype=torch.int32).unbind()
     s16, ff, kk1, sthr = c
     b = min(n, BLOCK)
-    work, t = out[:b], out[b:2 * b]
+    work, t = out[:b], out[b : 2 * b]
     cols = torch.arange(COLS, dtype=torch.int32).mul_(s32(M1)).view(1, COLS)
     rows = torch.arange(-(-n // COLS), dtype=torch.int32).mul_(s32(COLS * M1)).add_(s32((lo + k0) * M1)).view(-1, 1)
     mu = mask.view(torch.uint8)
     for p in range(0, n, b):
         m = min(b, n - p)
         x, tt = (work, t) if m == b else (work[:m], t[:m])
-        torch.add(rows[p // COLS:(p + m) // COLS], cols, out=x.view(-1, COLS))
+        torch.add(rows[p // COLS : (p + m) // COLS], cols, out=x.view(-1, COLS))
         _xs3(x, tt, s16, ff)
         torch.add(kk1, x, alpha=s32(M2), out=x)
         _xs3(x, tt, s16, ff)
-        torch.lt(x, sthr, out=mu[p:p + m])
+        torch.lt(x, sthr, out=mu[p : p + m])
     return mask
 
 
@@ -221,20 +223,20 @@ def keep_f_addshift(key: int, start: int, n: int, d: float, out: torch.Tensor, m
     c = torch.tensor([16, s32(k1), s32(k2), keep_threshold(d) - 0x80000000], dtype=torch.int32).unbind()
     s16, kk1, kk2, sthr = c
     b = min(n, BLOCK)
-    work, t = out[:b], out[b:2 * b]
+    work, t = out[:b], out[b : 2 * b]
     cols = torch.arange(COLS, dtype=torch.int32).mul_(s32(M1)).view(1, COLS)
     rows = torch.arange(-(-n // COLS), dtype=torch.int32).mul_(s32(COLS * M1)).add_(s32((lo + k0) * M1)).view(-1, 1)
     mu = mask.view(torch.uint8)
     for p in range(0, n, b):
         m = min(b, n - p)
         x, tt = (work, t) if m == b else (work[:m], t[:m])
-        torch.add(rows[p // COLS:(p + m) // COLS], cols, out=x.view(-1, COLS))
+        torch.add(rows[p // COLS : (p + m) // COLS], cols, out=x.view(-1, COLS))
         for mul, kk in ((M2, kk1), (M3, kk2), (0, None)):
             torch.bitwise_right_shift(x, s16, out=tt)
             x.add_(tt)
             if kk is not None:
                 torch.add(kk, x, alpha=s32(mul), out=x)
-        torch.lt(x, sthr, out=mu[p:p + m])
+        torch.lt(x, sthr, out=mu[p : p + m])
     return mask
 
 
@@ -255,6 +257,7 @@ CANDIDATES: dict[str, tuple[KeepFn, WordsFn]] = {
 
 
 # ---------------------------------------------------------------------------- quality gate
+
 
 def quality(words: WordsFn) -> dict[str, float | bool]:
     """Statistics of one hash definition with fixed keys; ``pass`` if all are within bounds.
@@ -291,9 +294,14 @@ def quality(words: WordsFn) -> dict[str, float | bool]:
     expect = byts.numel() / 256
     chi2 = float(((hist - expect) ** 2 / expect).sum())
     ok = worst < 0.02 and serial_sigma < 6 and frac_sigma < 6 and cross_sigma < 6 and chi2 < 400
-    return {"avalanche_max_bias": worst, "serial_corr_sigma": serial_sigma,
-            "kept_fraction_sigma": frac_sigma, "cross_key_corr_sigma": cross_sigma,
-            "byte_chi2_255dof": chi2, "pass": ok}
+    return {
+        "avalanche_max_bias": worst,
+        "serial_corr_sigma": serial_sigma,
+        "kept_fraction_sigma": frac_sigma,
+        "cross_key_corr_sigma": cross_sigma,
+        "byte_chi2_255dof": chi2,
+        "pass": ok,
+    }
 
 
 def same_bits_as_engine(fn: KeepFn, words: WordsFn, chunk: int) -> bool:
@@ -315,6 +323,7 @@ def same_bits_as_engine(fn: KeepFn, words: WordsFn, chunk: int) -> bool:
 
 
 # ---------------------------------------------------------------------------- timing
+
 
 def time_all(names: list[str], chunk: int, calls: int, repeats: int, threads: int) -> dict[str, list[float]]:
     """ns/element of each candidate: ``repeats`` runs of ``calls`` chunks, interleaved."""
@@ -349,15 +358,23 @@ def machine_info() -> dict[str, object]:
         pass
     commit: str | None = None
     try:
-        proc = subprocess.run(["git", "-C", str(_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=False)
+        proc = subprocess.run(
+            ["git", "-C", str(_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
         commit = (proc.stdout.strip() or None) if proc.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"cpu_model": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
-            "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "python": platform.python_version(), "platform": platform.platform(), "git_commit": commit,
-            "loadavg_start": list(os.getloadavg())}
+    return {
+        "cpu_model": cpu,
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit,
+        "loadavg_start": list(os.getloadavg()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,11 +416,25 @@ def main(argv: list[str] | None = None) -> int:
         g = gate[name]
         cells = "".join(f"  {med(timings[th][name]):6.3f} ({min(timings[th][name]):5.3f})" for th in threads)
         ok = bool(g["pass"]) and bool(g["bits_ok"])
-        print(f"{name:18s}{cells}   {'pass' if ok else 'FAIL':4s}  {float(g['avalanche_max_bias']):9.4f}"
-              f"  {float(g['serial_corr_sigma']):7.2f}")
-        rows.append({"candidate": name, "gate": g, "passes": ok,
-                     "ns_per_element": {str(th): {"median": med(timings[th][name]), "min": min(timings[th][name]),
-                                                  "runs": timings[th][name]} for th in threads}})
+        print(
+            f"{name:18s}{cells}   {'pass' if ok else 'FAIL':4s}  {float(g['avalanche_max_bias']):9.4f}"
+            f"  {float(g['serial_corr_sigma']):7.2f}"
+        )
+        rows.append(
+            {
+                "candidate": name,
+                "gate": g,
+                "passes": ok,
+                "ns_per_element": {
+                    str(th): {
+                        "median": med(timings[th][name]),
+                        "min": min(timings[th][name]),
+                        "runs": timings[th][name],
+                    }
+                    for th in threads
+                },
+            }
+        )
     passing = [r for r in rows if r["passes"]]
     best = min(passing, key=lambda r: r["ns_per_element"][str(threads[0])]["median"])  # type: ignore[index]
     print(f"\nfastest passing at {threads[0]} thread(s): {best['candidate']}")
@@ -412,9 +443,17 @@ def main(argv: list[str] | None = None) -> int:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         args.out_dir.mkdir(parents=True, exist_ok=True)
         path = args.out_dir / f"rng-{stamp}.json"
-        payload = {"bench": "rng.keep", "utc": stamp, "chunk": args.chunk, "calls": args.calls,
-                   "repeats": args.repeats, "density": 0.1, "machine": info, "results": rows,
-                   "fastest_passing": best["candidate"]}
+        payload = {
+            "bench": "rng.keep",
+            "utc": stamp,
+            "chunk": args.chunk,
+            "calls": args.calls,
+            "repeats": args.repeats,
+            "density": 0.1,
+            "machine": info,
+            "results": rows,
+            "fastest_passing": best["candidate"],
+        }
         path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

@@ -233,11 +233,12 @@ class _Hasher:
             pos += seg_n
         c = _consts(vals, dev)
         self.s16, self.ff = c[0], c[1]
-        self.extra = c[2:2 + len(extra)]
-        self._round_keys = c[2 + len(extra):]
+        self.extra = c[2 : 2 + len(extra)]
+        self._round_keys = c[2 + len(extra) :]
 
-    def blocks(self, dest: Callable[[int, int], torch.Tensor], scratch: torch.Tensor, *,
-               last_xorshift: bool = True) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def blocks(
+        self, dest: Callable[[int, int], torch.Tensor], scratch: torch.Tensor, *, last_xorshift: bool = True
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Hash sub-block by sub-block, lazily.
 
         For each sub-block ``[p, q)`` (positions relative to ``start``) the pre-flip words
@@ -269,7 +270,7 @@ class _Hasher:
                 full = m - m % _COLS
                 if full:
                     xf = x if full == m else x[:full]
-                    torch.add(rows[r0:r0 + full // _COLS], cols2d, out=xf.view(-1, _COLS))
+                    torch.add(rows[r0 : r0 + full // _COLS], cols2d, out=xf.view(-1, _COLS))
                 if full < m:
                     torch.add(cols[: m - full], rows[r0 + full // _COLS], out=x[full:])
                 _xorshift16(x, t, s16, ff)
@@ -307,7 +308,7 @@ def _affine(x: torch.Tensor, mul: int, add: _Const) -> None:
 def _sub_block(work: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
     """A ``dest`` for :meth:`_Hasher.blocks` that reuses ``work`` (one sub-block) for every sub-block."""
     size = work.numel()
-    return lambda p, q: work if q - p == size else work[:q - p]
+    return lambda p, q: work if q - p == size else work[: q - p]
 
 
 def _check_range(start: int, n: int) -> None:
@@ -332,14 +333,14 @@ def _resolve_device(device: torch.device | str | None, buf: torch.Tensor | None)
     return buf.device
 
 
-def _flat_buffer(buf: torch.Tensor | None, n: int, dtype: torch.dtype, dev: torch.device,
-                 name: str) -> torch.Tensor:
+def _flat_buffer(buf: torch.Tensor | None, n: int, dtype: torch.dtype, dev: torch.device, name: str) -> torch.Tensor:
     """``buf`` viewed flat after checking it is contiguous ``dtype`` with ``n`` elements, or a new one."""
     if buf is None:
         return torch.empty(n, dtype=dtype, device=dev)
     if buf.dtype != dtype or buf.numel() != n or not buf.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous {dtype} tensor of {n} elements, "
-                         f"got {buf.dtype} with {buf.numel()} elements")
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} tensor of {n} elements, got {buf.dtype} with {buf.numel()} elements"
+        )
     return buf.view(-1)
 
 
@@ -366,15 +367,17 @@ class KeyedRng:
         sub-block of words, which keeps the working set in L2 and avoids allocating.
         """
         b = min(n, _BLOCK)
-        if out is not None and out.numel() >= 2 * b:
-            return out[:b], out[b:2 * b]
-        if out is not None:
+        have = 0 if out is None else out.numel()
+        if out is not None and have >= 2 * b:
+            return out[:b], out[b : 2 * b]
+        if out is not None and have >= b:
             return out[:b], torch.empty(b, dtype=torch.int32, device=dev)
-        both = torch.empty(2 * b, dtype=torch.int32, device=dev)
+        both = torch.empty(2 * b, dtype=torch.int32, device=dev)  # out absent or too small to help
         return both[:b], both[b:]
 
-    def bits(self, start: int, n: int, *, device: torch.device | str | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+    def bits(
+        self, start: int, n: int, *, device: torch.device | str | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The words of flat indices ``start .. start+n-1`` as int32 holding the u32 bit pattern.
 
         int32 rather than uint32 because torch lacks unsigned 32-bit shifts and compares on
@@ -399,8 +402,16 @@ class KeyedRng:
             x.bitwise_xor_(sign)
         return words
 
-    def keep(self, start: int, n: int, density: float, *, device: torch.device | str | None = None,
-             out: torch.Tensor | None = None, mask_out: torch.Tensor | None = None) -> torch.Tensor:
+    def keep(
+        self,
+        start: int,
+        n: int,
+        density: float,
+        *,
+        device: torch.device | str | None = None,
+        out: torch.Tensor | None = None,
+        mask_out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """DARE keep mask: element ``i`` kept iff ``word(i) < keep_threshold(density)`` (unsigned).
 
         ``P(keep) = keep_threshold(density) / 2**32``. Density 1.0 keeps every element and 0.0

@@ -80,7 +80,7 @@ def _missing_weights_message(folder: Path) -> str:
 def _read_index(index: Path) -> dict[str, str]:
     try:
         obj: Any = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, JSON or huge ints
         raise CheckpointError(f"{index}: cannot read the index: {e}") from None
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:

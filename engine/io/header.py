@@ -100,6 +100,8 @@ def _decode_json(path: Path, raw: bytes) -> dict[str, Any]:
         raise HeaderError(f"{path}: header is not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise HeaderError(f"{path}: header is not valid JSON ({e.msg} at char {e.pos})") from None
+    except ValueError as e:  # e.g. an integer literal of thousands of digits
+        raise HeaderError(f"{path}: header JSON has an unreadable value ({e})") from None
     except RecursionError:
         raise HeaderError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(obj, dict):
@@ -130,7 +132,17 @@ def _metadata(path: Path, meta: Any) -> dict[str, str]:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A JSON integer in u64 range (safetensors' own type), not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
+
+
+def _short(v: Any) -> str:
+    """repr() of a header value, cut short: it may be huge or unprintable (a 5000-digit int)."""
+    try:
+        text = repr(v)
+    except ValueError:
+        return "<an integer too large to print>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _tensor(path: Path, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
@@ -139,21 +151,22 @@ def _tensor(path: Path, name: str, entry: Any, data_start: int, data_len: int) -
         raise HeaderError(f"{where}: entry must be an object with dtype, shape, data_offsets")
     dtype = entry.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise HeaderError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        raise HeaderError(f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(DTYPES)})")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or len(shape) > 64 or not all(_is_int(d) and d >= 0 for d in shape):
-        raise HeaderError(f"{where}: shape {shape!r} must be a list of non-negative integers")
+    if not isinstance(shape, list) or len(shape) > 64 or not all(_is_int(d) for d in shape):
+        raise HeaderError(f"{where}: shape {_short(shape)} must be a list of at most 64 non-negative integers")
+    if math.prod(d for d in shape if d) >= 2**63:  # torch sizes are int64, even for empty tensors
+        raise HeaderError(f"{where}: shape {_short(shape)} has more than 2**63 elements per slice")
     offsets = entry.get("data_offsets")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-        raise HeaderError(f"{where}: data_offsets {offsets!r} must be two integers [begin, end]")
+        raise HeaderError(f"{where}: data_offsets {_short(offsets)} must be two non-negative integers [begin, end]")
     begin, end = offsets
-    if not 0 <= begin <= end:
+    if not begin <= end:
         raise HeaderError(f"{where}: data_offsets {offsets} must satisfy 0 <= begin <= end")
     if end > data_len:
         raise HeaderError(f"{where}: data_offsets {offsets} exceed the {data_len} data bytes in the file (truncated?)")
     nbytes = math.prod(shape) * itemsize(dtype)
     if end - begin != nbytes:
-        raise HeaderError(
-            f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {shape} x {dtype} needs {nbytes}"
-        )
+        needs = nbytes if nbytes < 2**64 else "more than 2**64"
+        raise HeaderError(f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {_short(shape)} x {dtype} needs {needs}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, nbytes)
