@@ -574,7 +574,30 @@ def test_hostile_header_is_a_header_error(tmp_path: Path, name: str) -> None:
         read_header(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}: "), msg[:300]
+    assert msg.count(str(path)) == 1, f"the file is named more than once (an error wrapped in another?): {msg[:300]}"
     assert fragment in msg, msg[:300]
+
+
+LONG_NAME = "k" * 500_000
+LONG_MESSAGES: dict[str, bytes] = {
+    "huge_dtype": HOSTILE["huge_string_dtype"][0],
+    "huge_shape": st_file(_entry(shape=[7] * 64), bytes(8)),
+    "huge_name_bad_entry": HOSTILE["huge_string_name"][0],
+    "huge_name_duplicate": st_file(f'{{"{LONG_NAME}": 1, "{LONG_NAME}": 2}}'.encode(), b""),
+    "huge_names_overlap": st_file(json.dumps({LONG_NAME: F32_2, LONG_NAME + "2": F32_2}).encode(), bytes(8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_MESSAGES))
+def test_error_line_stays_short_whatever_the_header_holds(tmp_path: Path, name: str) -> None:
+    """A 500 kB name or value is cut short in the message: the CLI prints it as one terminal line."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(LONG_MESSAGES[name])
+    with pytest.raises(HeaderError) as err:
+        read_header(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ")
+    assert len(msg) < len(str(path)) + 1000, f"{len(msg)}-character message: {msg[:200]}..."
 
 
 @pytest.mark.parametrize("field", ["shape", "data_offsets"])

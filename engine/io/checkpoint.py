@@ -21,7 +21,7 @@ import torch
 
 from engine.dtypes import DTYPES
 from engine.errors import CheckpointError
-from engine.io.header import Header, TensorInfo, read_header
+from engine.io.header import Header, TensorInfo, read_header, short_repr
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -87,7 +87,7 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object of tensor name -> shard file")
     for name, file in weight_map.items():
         if not isinstance(file, str):
-            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a file name, got {file!r}")
+            raise CheckpointError(f"{index}: weight_map[{short_repr(name)}] must be a file name, got {short_repr(file)}")
     return dict(weight_map)
 
 
@@ -95,9 +95,9 @@ def _shard_path(folder: Path, index: Path, file: str) -> Path:
     path = folder / file
     # A shard may be a symlink (HF cache layout), but the name must not climb out of the folder.
     if Path(file).is_absolute() or ".." in Path(file).parts:
-        raise CheckpointError(f"{index}: shard name {file!r} points outside the model folder")
+        raise CheckpointError(f"{index}: shard name {short_repr(file)} points outside the model folder")
     if not path.is_file():
-        raise CheckpointError(f"{index}: shard {file!r} named in weight_map is missing from {folder}")
+        raise CheckpointError(f"{index}: shard {short_repr(file)} named in weight_map is missing from {folder}")
     return path
 
 
@@ -106,14 +106,14 @@ def _check_index(index: Path, weight_map: dict[str, str], headers: list[Header])
         for t in h.tensors:
             if weight_map.get(t.name) != h.file.name:
                 raise CheckpointError(
-                    f"{index}: tensor {t.name!r} is in {h.file.name} but weight_map says {weight_map.get(t.name)!r}"
+                    f"{index}: tensor {short_repr(t.name)} is in {h.file.name} but weight_map says {short_repr(weight_map.get(t.name))}"
                 )
     found = {t.name for h in headers for t in h.tensors}
     missing = [n for n in weight_map if n not in found]
     if missing:
         raise CheckpointError(
             f"{index}: {len(missing)} tensor(s) in weight_map are in no shard header, e.g. {missing[:3]} "
-            f"(weight_map says {weight_map[missing[0]]!r})"
+            f"(weight_map says {short_repr(weight_map[missing[0]])})"
         )
 
 
@@ -166,10 +166,10 @@ class Reader:
             try:
                 got = os.preadv(fd, [view[done:]], pos + done)
             except OSError as e:
-                raise CheckpointError(f"{info.file}: read of tensor {info.name!r} failed: {e.strerror}") from None
+                raise CheckpointError(f"{info.file}: read of tensor {short_repr(info.name)} failed: {e.strerror}") from None
             if got == 0:
                 raise CheckpointError(
-                    f"{info.file}: tensor {info.name!r} ends past the end of the file (truncated while merging?)"
+                    f"{info.file}: tensor {short_repr(info.name)} ends past the end of the file (truncated while merging?)"
                 )
             done += got
         if self.drop_cache and len(view):

@@ -89,7 +89,7 @@ def _decode_json(path: Path, raw: bytes) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in pairs:
             if k in out:
-                raise HeaderError(f"{path}: header names {k!r} twice")
+                raise HeaderError(f"{path}: header names {short_repr(k)} twice")
             out[k] = v
         return out
 
@@ -100,6 +100,8 @@ def _decode_json(path: Path, raw: bytes) -> dict[str, Any]:
         raise HeaderError(f"{path}: header is not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise HeaderError(f"{path}: header is not valid JSON ({e.msg} at char {e.pos})") from None
+    except HeaderError:
+        raise
     except ValueError as e:  # e.g. an integer literal of thousands of digits
         raise HeaderError(f"{path}: header JSON has an unreadable value ({e})") from None
     except RecursionError:
@@ -116,7 +118,7 @@ def _validate(path: Path, obj: dict[str, Any], data_start: int, data_len: int) -
     for prev, cur in zip(infos, infos[1:]):
         if cur.offset < prev.offset + prev.nbytes:
             raise HeaderError(
-                f"{path}: tensors {prev.name!r} and {cur.name!r} overlap "
+                f"{path}: tensors {short_repr(prev.name)} and {short_repr(cur.name)} overlap "
                 f"(data_offsets {prev.offset - data_start}..{prev.offset - data_start + prev.nbytes} "
                 f"and {cur.offset - data_start}..)"
             )
@@ -136,30 +138,30 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
 
 
-def _short(v: Any) -> str:
+def short_repr(v: Any) -> str:
     """repr() of a header value, cut short: it may be huge or unprintable (a 5000-digit int)."""
     try:
         text = repr(v)
     except ValueError:
         return "<an integer too large to print>"
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _tensor(path: Path, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {short_repr(name)}"
     if not isinstance(entry, dict):
         raise HeaderError(f"{where}: entry must be an object with dtype, shape, data_offsets")
     dtype = entry.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise HeaderError(f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(DTYPES)})")
+        raise HeaderError(f"{where}: unknown dtype {short_repr(dtype)} (known: {', '.join(DTYPES)})")
     shape = entry.get("shape")
     if not isinstance(shape, list) or len(shape) > 64 or not all(_is_int(d) for d in shape):
-        raise HeaderError(f"{where}: shape {_short(shape)} must be a list of at most 64 non-negative integers")
+        raise HeaderError(f"{where}: shape {short_repr(shape)} must be a list of at most 64 non-negative integers")
     if math.prod(d for d in shape if d) >= 2**63:  # torch sizes are int64, even for empty tensors
-        raise HeaderError(f"{where}: shape {_short(shape)} has more than 2**63 elements per slice")
+        raise HeaderError(f"{where}: shape {short_repr(shape)} has more than 2**63 elements per slice")
     offsets = entry.get("data_offsets")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-        raise HeaderError(f"{where}: data_offsets {_short(offsets)} must be two non-negative integers [begin, end]")
+        raise HeaderError(f"{where}: data_offsets {short_repr(offsets)} must be two non-negative integers [begin, end]")
     begin, end = offsets
     if not begin <= end:
         raise HeaderError(f"{where}: data_offsets {offsets} must satisfy 0 <= begin <= end")
@@ -168,5 +170,5 @@ def _tensor(path: Path, name: str, entry: Any, data_start: int, data_len: int) -
     nbytes = math.prod(shape) * itemsize(dtype)
     if end - begin != nbytes:
         needs = nbytes if nbytes < 2**64 else "more than 2**64"
-        raise HeaderError(f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {_short(shape)} x {dtype} needs {needs}")
+        raise HeaderError(f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {short_repr(shape)} x {dtype} needs {needs}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, nbytes)

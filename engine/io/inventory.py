@@ -9,6 +9,7 @@ from pathlib import Path
 from engine.dtypes import MERGEABLE
 from engine.errors import ShapeMismatchError
 from engine.io.checkpoint import Checkpoint, open_checkpoint
+from engine.io.header import short_repr
 
 SHOW = 5  # offending tensors named in an error; the rest are counted
 
@@ -47,12 +48,12 @@ def check_homology(base: Checkpoint, model: Checkpoint) -> None:
     for name, b in base.tensors.items():
         m = model.tensors.get(name)
         if m is None:
-            problems.append(f"{name!r} missing")
+            problems.append(f"{short_repr(name)} missing")
         elif m.shape != b.shape:
-            problems.append(f"{name!r} shape {list(m.shape)} vs base {list(b.shape)}")
+            problems.append(f"{short_repr(name)} shape {list(m.shape)} vs base {list(b.shape)}")
         elif m.dtype != b.dtype and not (m.dtype in MERGEABLE and b.dtype in MERGEABLE):
-            problems.append(f"{name!r} dtype {m.dtype} vs base {b.dtype}")
-    problems += [f"{name!r} not in base" for name in model.tensors if name not in base.tensors]
+            problems.append(f"{short_repr(name)} dtype {m.dtype} vs base {b.dtype}")
+    problems += [f"{short_repr(name)} not in base" for name in model.tensors if name not in base.tensors]
     if problems:
         more = f" and {len(problems) - SHOW} more" if len(problems) > SHOW else ""
         raise ShapeMismatchError(

@@ -25,7 +25,9 @@ def output_lock(target: Path) -> Iterator[None]:
             raise OutputError(f"{target}: another leanmerge process (pid {other}) is writing this output") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-        os.unlink(path)
+        try:
+            yield
+        finally:
+            os.unlink(path)  # while still holding the lock, so no other run is using it
     finally:
         os.close(fd)
