@@ -112,15 +112,29 @@ def default_budget() -> int:
     return int(psutil.virtual_memory().available // 2)
 
 
-UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-         "T": 10**12, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "M": 10**6,
+    "MB": 10**6,
+    "G": 10**9,
+    "GB": 10**9,
+    "T": 10**12,
+    "TB": 10**12,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
 
 
 def parse_bytes(text: str) -> int:
     """`1GiB`, `512MiB`, `5GB`, `1.5G` or a plain byte count -> bytes."""
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     if unit not in UNITS or not num:
         raise ValueError(f"cannot read {text!r} as a size; write e.g. 1GiB, 512MiB, 5GB or 1000000")
     value = float(num) * UNITS[unit]

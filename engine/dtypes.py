@@ -65,3 +65,8 @@ def parse_out_dtype(value: str) -> str:
         return ALIASES[key.lower()]
     allowed = ", ".join(sorted(set(ALIASES)))
     raise SpecError(f"dtype {value!r} is not a float type leanmerge writes; use one of {allowed}")
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (for os.pwrite, zlib, preadv)."""
+    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]  # ndarray has the buffer protocol

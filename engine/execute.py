@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -25,14 +25,16 @@ from engine.dtypes import DTYPES, itemsize
 from engine.io.checkpoint import Reader
 from engine.io.inventory import Inventory
 from engine.io.write_behind import WriteBehind
+from engine.kernels import CompiledApply
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.plan import Block, Plan, TensorPlan
 from engine.rng import KeyedRng, stream_key
 
+TWO32 = 1 << 32
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
 Slot = list[torch.Tensor]  # one uint8 buffer per input stream (base first)
-_Item = Union[tuple[TensorPlan, Block, Slot], BaseException, None]
+_Item = tuple[TensorPlan, Block, Slot] | BaseException | None
 
 
 @dataclass
@@ -41,14 +43,17 @@ class Pipeline:
 
     slots: list[Slot]
     outs: list[torch.Tensor]  # uint8 output blocks: one being filled, one being written
-    work: torch.Tensor  # float32 (streams, chunk_elems)
+    work: list[torch.Tensor]  # float32 (chunk_elems,) per stream; separate tensors, never aliased
 
     @classmethod
     def allocate(cls, plan: Plan) -> Pipeline:
         m = plan.memory
-        slots = [[torch.empty(m.buffer_elems * b, dtype=torch.uint8) for b in m.in_bytes_per_elem] for _ in range(m.depth)]
+        slots = [
+            [torch.empty(m.buffer_elems * b, dtype=torch.uint8) for b in m.in_bytes_per_elem] for _ in range(m.depth)
+        ]
         outs = [torch.empty(m.buffer_elems * m.out_bytes_per_elem, dtype=torch.uint8) for _ in range(m.out_depth)]
-        return cls(slots, outs, torch.empty(len(m.in_bytes_per_elem), m.chunk_elems, dtype=torch.float32))
+        work = [torch.empty(m.chunk_elems, dtype=torch.float32) for _ in m.in_bytes_per_elem]
+        return cls(slots, outs, work)
 
 
 def first_rows(plan: Plan, rows_done: Mapping[str, int]) -> dict[str, int]:
@@ -84,12 +89,14 @@ def execute(
     on_event: OnEvent | None = None,
     drop_cache: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
+    compiled: bool = False,
 ) -> bool:
     """Merge the tensors of `plan` into `out`, reading from `inv`.
 
     Args:
         start: first row to write per tensor (from `first_rows`, when resuming).
         should_stop: polled after every block; when it turns true the run stops there.
+        compiled: run `apply` through `torch.compile` (see `engine.kernels`); same bytes.
     Returns:
         True when every tensor is written, False when stopped early.
     """
@@ -99,12 +106,11 @@ def execute(
         readers = [stack.enter_context(Reader(c, drop_cache=drop_cache)) for c in (inv.base, *inv.models)]
         prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots)
         stack.callback(prefetch.stop)
-        stage = _Stage(plan, pipe, prefetch, out, emit)
+        stage = _Stage(plan, pipe, prefetch, out, emit, compiled)
         for tensor in plan.tensors:
             first = start.get(tensor.name, 0)
-            if tensor.numel and first < tensor.rows:
-                if not stage.run_tensor(tensor, first, should_stop):
-                    return False
+            if tensor.numel and first < tensor.rows and not stage.run_tensor(tensor, first, should_stop):
+                return False
             emit({"event": "tensor", "name": tensor.name})
     return True
 
@@ -112,11 +118,14 @@ def execute(
 class _Stage:
     """The compute side: consumes filled slots in `read_schedule` order."""
 
-    def __init__(self, plan: Plan, pipe: Pipeline, prefetch: _Prefetcher, out: WriteBehind, emit: OnEvent) -> None:
+    def __init__(
+        self, plan: Plan, pipe: Pipeline, prefetch: _Prefetcher, out: WriteBehind, emit: OnEvent, compiled: bool
+    ) -> None:
         self.plan, self.pipe, self.prefetch, self.out, self.emit = plan, pipe, prefetch, out, emit
         self.method: Method = plan.spec.method_impl
         self.params: TensorParams = plan.spec.tensor_params()
         self.filled = iter(prefetch)
+        self.kernel = CompiledApply(self.method) if compiled else None
 
     def _next(self, tensor: TensorPlan, block: Block) -> Slot:
         _, got, slot = next(self.filled)
@@ -145,7 +154,9 @@ class _Stage:
                 return False
         return not should_stop()
 
-    def _reduce(self, r: Reducer, tensor: TensorPlan, held: Slot | None, streams: tuple[KeyedRng, ...], stats: Stats) -> dict[str, Any]:
+    def _reduce(
+        self, r: Reducer, tensor: TensorPlan, held: Slot | None, streams: tuple[KeyedRng, ...], stats: Stats
+    ) -> dict[str, Any]:
         acc = r.start(self.params, stats, tensor.numel)
         for block in tensor.blocks():
             slot = held if held is not None else self._next(tensor, block)
@@ -155,7 +166,9 @@ class _Stage:
                 self.prefetch.release(slot)
         return r.finish(acc, self.params, stats)
 
-    def _emit_block(self, tensor: TensorPlan, block: Block, slot: Slot, streams: tuple[KeyedRng, ...], stats: Stats) -> None:
+    def _emit_block(
+        self, tensor: TensorPlan, block: Block, slot: Slot, streams: tuple[KeyedRng, ...], stats: Stats
+    ) -> None:
         """Merge (or copy) one block into a free output buffer and hand it to the writer."""
         buffer = self.out.take()
         out_bytes = buffer[: block.numel * itemsize(tensor.out_dtype)]
@@ -163,26 +176,51 @@ class _Stage:
             out_bytes.copy_(slot[0][: out_bytes.numel()])
         else:
             out = out_bytes.view(DTYPES[tensor.out_dtype])
-            for base, models, c in self._chunks(tensor, block, slot, streams):
-                o = c.start - block.start
-                out[o : o + base.numel()].copy_(self.method.apply(base, models, self.params, stats, c))
+            inputs = _views(tensor, block, slot)
+            for c0, c1 in self._spans(tensor, block):
+                c = Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
+                raw = [x[c0:c1] for x in inputs]
+                if self.kernel is not None and self.kernel.run(raw[0], raw[1:], self.params, stats, c, out[c0:c1]):
+                    continue
+                base, *models = self._to_work(raw)
+                out[c0:c1].copy_(self.method.apply(base, models, self.params, stats, c))
         self.prefetch.release(slot)
         self.out.submit(tensor, block, out_bytes, buffer)
 
     def _chunks(
         self, tensor: TensorPlan, block: Block, slot: Slot, streams: tuple[KeyedRng, ...]
     ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], Chunk]]:
-        """Float32 copies of each chunk of the block (whole rows for row-aligned methods)."""
-        inputs = [buf[: block.numel * itemsize(d)].view(DTYPES[d]) for buf, d in zip(slot, tensor.in_dtypes)]
+        """Float32 copies of each chunk of the block, with its position."""
+        inputs = _views(tensor, block, slot)
+        for c0, c1 in self._spans(tensor, block):
+            base, *models = self._to_work([x[c0:c1] for x in inputs])
+            yield base, models, Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
+
+    def _spans(self, tensor: TensorPlan, block: Block) -> Iterator[tuple[int, int]]:
+        """Chunk bounds inside the block: cache-sized, whole rows for row-aligned methods, and
+        never across a 2**32 flat-index boundary (one set of rng round keys per chunk)."""
         step = self.plan.memory.chunk_elems
         if self.method.row_aligned:
             step = max(1, step // tensor.row_numel) * tensor.row_numel
-        for c0 in range(0, block.numel, step):
+        c0 = 0
+        while c0 < block.numel:
             c1 = min(c0 + step, block.numel)
-            work = [self.pipe.work[i, : c1 - c0] for i in range(len(inputs))]
-            for w, x in zip(work, inputs):
-                w.copy_(x[c0:c1])
-            yield work[0], work[1:], Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
+            if not self.method.row_aligned:
+                c1 = min(c1, ((block.start + c0) // TWO32 + 1) * TWO32 - block.start)
+            yield c0, c1
+            c0 = c1
+
+    def _to_work(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy chunk views into the float32 workspace (the cast to float32 happens here)."""
+        work = [w[: raw[0].numel()] for w in self.pipe.work]
+        for w, x in zip(work, raw):
+            w.copy_(x)
+        return work
+
+
+def _views(tensor: TensorPlan, block: Block, slot: Slot) -> list[torch.Tensor]:
+    """The block's data in each input buffer, flat, in its storage dtype."""
+    return [buf[: block.numel * itemsize(d)].view(DTYPES[d]) for buf, d in zip(slot, tensor.in_dtypes)]
 
 
 def _block_read_bytes(tensor: TensorPlan, block: Block) -> int:
@@ -202,13 +240,17 @@ class _Prefetcher:
     Errors in the thread are re-raised in the consumer; `stop` ends the thread early.
     """
 
-    def __init__(self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[Reader], slots: list[Slot]) -> None:
+    def __init__(
+        self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[Reader], slots: list[Slot]
+    ) -> None:
         self._free: queue.Queue[Slot] = queue.Queue()
         self._ready: queue.Queue[_Item] = queue.Queue()
         self._stopped = threading.Event()
         for s in slots:
             self._free.put(s)
-        self._thread = threading.Thread(target=self._run, args=(schedule, readers), name="leanmerge-reader", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(schedule, readers), name="leanmerge-reader", daemon=True
+        )
         self._thread.start()
 
     def _run(self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[Reader]) -> None:

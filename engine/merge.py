@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import signal
@@ -25,6 +24,7 @@ from engine.io.lock import output_lock
 from engine.io.output import abort_output, check_target, commit_output, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
 from engine.io.write_behind import SYNC_EVERY, WriteBehind
+from engine.kernels import want_compiled
 from engine.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, make_plan
 from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
@@ -70,7 +70,11 @@ def prepare(
     inv = take_inventory(spec.base, [m.path for m in spec.models])
     budget = max_memory if max_memory is not None else default_budget()
     if budget > psutil.virtual_memory().available:
-        log.warning("--max-memory %s exceeds the RAM available now (%s)", fmt_bytes(budget), fmt_bytes(psutil.virtual_memory().available))
+        log.warning(
+            "--max-memory %s exceeds the RAM available now (%s)",
+            fmt_bytes(budget),
+            fmt_bytes(psutil.virtual_memory().available),
+        )
     plan = make_plan(
         spec,
         inv,
@@ -95,6 +99,7 @@ def merge(
     on_event: OnEvent | None = None,
     sync_every: int = SYNC_EVERY,
     handle_signals: bool = True,
+    compile: str = "auto",
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -110,6 +115,8 @@ def merge(
         on_event: called with `{"event": "plan" | "block" | "tensor", ...}` dicts.
         sync_every: bytes written between durable journal commits (the most a crash can lose).
         handle_signals: stop gracefully on SIGINT/SIGTERM (main thread only).
+        compile: "auto" (fuse elementwise methods with torch.compile for merges over 1 GiB),
+            "on" or "off"; the output bytes are the same either way.
     Returns:
         The run's `Report`.
     Raises:
@@ -134,7 +141,8 @@ def merge(
     with output_lock(output), graceful_stop(handle_signals) as stop:
         state = _open_temp(tmp, plan, header, resume)
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
-        resumed = _run(plan, inv, tmp, metadata, header, state, emit, drop_cache, sync_every, stop)
+        compiled = want_compiled(compile, spec.method_impl, spec.tensor_params(), plan.bytes_read)
+        resumed = _run(plan, inv, tmp, metadata, header, state, emit, drop_cache, sync_every, stop, compiled)
         commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(
@@ -191,6 +199,7 @@ def _run(
     drop_cache: bool,
     sync_every: int,
     stop: StopRequest,
+    compiled: bool,
 ) -> int:
     """Write every missing block into `tmp` and finalize it; returns how many tensors were
     already done. Input errors remove `tmp`; anything else leaves it to resume from."""
@@ -207,11 +216,24 @@ def _run(
             for t in plan.tensors:
                 if 0 < start[t.name] < t.rows:
                     start[t.name] = _restore_prefix(writer, out, t, start[t.name], state)
-            complete = execute(plan, inv, out, pipe, start=start, on_event=emit, drop_cache=drop_cache, should_stop=stop.requested)
+            complete = execute(
+                plan,
+                inv,
+                out,
+                pipe,
+                start=start,
+                on_event=emit,
+                drop_cache=drop_cache,
+                should_stop=stop.requested,
+                compiled=compiled,
+            )
             out.drain()
             if not complete:
                 name = signal.Signals(stop.signum).name
-                raise Interrupted(f"stopped by {name}; the work so far is saved in {tmp}: run the same command with --resume", stop.signum)
+                raise Interrupted(
+                    f"stopped by {name}; the work so far is saved in {tmp}: run the same command with --resume",
+                    stop.signum,
+                )
         final = load_journal(tmp)
         assert final is not None
         write_side_files(tmp, plan, _checksums(plan, final))
@@ -222,36 +244,38 @@ def _run(
     return sum(1 for t in plan.tensors if state and t.name in state.done)
 
 
-def _restore_prefix(writer: ShardWriter, out: WriteBehind, tensor: TensorPlan, rows: int, state: JournalState | None) -> int:
-    """Re-hash the rows [0, rows) an earlier run wrote, checking each journaled block's crc32.
+def _restore_prefix(
+    writer: ShardWriter, out: WriteBehind, tensor: TensorPlan, rows: int, state: JournalState | None
+) -> int:
+    """Re-read the rows [0, rows) an earlier run wrote and check the running crc32 the journal
+    recorded after each block.
 
     Returns the row to continue from: `rows`, or 0 if the bytes on disk do not match the journal.
     """
     assert state is not None
     row_bytes = tensor.out_nbytes // tensor.rows
-    sha = hashlib.sha256()
-    for r0, r1, crc in sorted(state.blocks[tensor.name]):
+    crc = 0
+    for r0, r1, want in sorted(state.blocks[tensor.name]):
         if r0 >= rows:
             break
-        got = 0
         for pos in range(r0 * row_bytes, r1 * row_bytes, REHASH_PIECE):
-            piece = writer.read_back(tensor, pos, min(REHASH_PIECE, r1 * row_bytes - pos))
-            got = zlib.crc32(piece, got)
-            sha.update(piece)
-        if got != crc:
+            crc = zlib.crc32(writer.read_back(tensor, pos, min(REHASH_PIECE, r1 * row_bytes - pos)), crc)
+        if crc != want:
             log.warning("%s: rows %d..%d on disk do not match the journal; rewriting the tensor", tensor.name, r0, r1)
             return 0
-    out.resume_hash(tensor.name, sha)
+    out.resume_crc(tensor.name, crc)
     return rows
 
 
 def _checksums(plan: Plan, state: JournalState) -> dict[str, str]:
-    empty = hashlib.sha256(b"").hexdigest()
-    sums = {t.name: state.done.get(t.name, empty if t.numel == 0 else "") for t in plan.tensors}
-    missing = [n for n, s in sums.items() if not s]
+    """crc32 of every tensor as 8 hex digits (an empty tensor's is 00000000)."""
+    sums = {t.name: state.done.get(t.name, 0 if t.numel == 0 else None) for t in plan.tensors}
+    missing = [n for n, s in sums.items() if s is None]
     if missing:
-        raise OutputError(f"finalize: {len(missing)} tensor(s) were never completed, e.g. {missing[:3]}; rerun with --resume")
-    return sums
+        raise OutputError(
+            f"finalize: {len(missing)} tensor(s) were never completed, e.g. {missing[:3]}; rerun with --resume"
+        )
+    return {n: f"{s:08x}" for n, s in sums.items()}
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:

@@ -89,7 +89,10 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(t.reads * t.numel * sum(itemsize(d) for d in (t.in_dtypes if t.merge else t.in_dtypes[:1])) for t in self.tensors)
+        return sum(
+            t.reads * t.numel * sum(itemsize(d) for d in (t.in_dtypes if t.merge else t.in_dtypes[:1]))
+            for t in self.tensors
+        )
 
     @property
     def bytes_written(self) -> int:

@@ -40,9 +40,9 @@ Why it looks like this:
 * Every step is a bijection of 32-bit words (odd multiply, add, xorshift), so within one
   2**32 block distinct indices get distinct words. The multipliers are those of Chris
   Wellons' ``lowbias32``; with the leading Weyl multiply this is ``lowbias32``'s shape with
-  all shifts 16. Its avalanche matches ``lowbias32`` (max bit bias ~0.005 at 2**17 samples,
-  i.e. sampling noise); the cheaper two-round variant was rejected by the benchmark's
-  quality gate (avalanche bias 0.33, adjacent-index correlation 11 sigma).
+  all shifts 16. Its avalanche is at sampling noise (max bit bias 0.006 over 32x32 bit
+  pairs at 2**16 samples, as for ``lowbias32``); the cheaper two-round variant was rejected
+  by the benchmark's quality gate (avalanche bias 0.33, adjacent-index correlation 12 sigma).
 * All shifts are 16 so each ``x ^= x >> 16`` is the same three torch ops: an *arithmetic*
   shift into scratch, ``& 0xFFFF`` (making it logical: torch has no unsigned 32-bit shift or
   compare on CPU) and an in-place xor. The first multiply is folded into index generation
@@ -51,20 +51,36 @@ Why it looks like this:
 * The final ``^ 0x80000000`` is part of the definition so that the hot path needs no extra
   op: unsigned ``word < t`` is signed ``x < t - 2**31`` on the pre-flip value ``x``.
   :meth:`KeyedRng.bits` pays one in-place xor to return ``word``.
-* int32 multiply/add overflow wraps as two's complement on CPU and CUDA; the tests check the
-  CPU bits against a pure-Python ``& 0xFFFFFFFF`` reference.
+* int32 multiply/add overflow wraps as two's complement; the tests check the CPU bits
+  against a pure-Python ``& 0xFFFFFFFF`` reference, run the non-CPU code path (int scalars,
+  unfused multiply-add) on CPU, and compare CUDA with CPU when a GPU is present (none was
+  available when this was written, so CUDA equality is by construction, not yet by test).
 
 Why the code is shaped the way it is (CPU speed): each elementwise torch op over 256K int32
-elements is bound by L2 bandwidth, and each call costs ~1-2 us of dispatch. So the hash runs
-in sub-blocks of ``_BLOCK`` elements that stay in L2 (one pass over a 256K chunk with its
-scratch was ~1.5x slower), constants are passed as 0-dim int32 tensors made once per call (a
-Python int scalar costs an extra ~2 us per op to wrap), and the comparison writes into a
-uint8 view of the bool mask (about 2.5x faster than producing bool directly).
+elements is bound by cache bandwidth, and each call costs ~1-2 us of dispatch. So the hash
+runs in sub-blocks of ``_BLOCK`` (64K) elements whose words and scratch stay in L2 (about 2x
+faster than whole 256K chunks, which spill), constants are passed as 0-dim int32 tensors
+made once per call (a Python int scalar costs an extra ~2 us per op to wrap), the comparison
+writes into a uint8 view of the bool mask (~2.5x faster than producing bool directly), and
+:meth:`KeyedRng.keep` replaces the final xorshift (three ops) by one xor with a constant
+derived from the threshold, which is exact (see :func:`_keep_constants`).
 
-Performance (``bench/bench_rng.py``: ``keep`` on 256K-element chunks, reused ``out``),
-measured on this 2-core machine (Intel Xeon with AVX-512, torch 2.13 CPU), 2026-11-26:
+Performance: ``bench/bench_rng.py``, ``keep`` at density 0.1 on 256K-element chunks with a
+reused ``out``, ns per element, median of 7 runs (results file
+``bench/results/rng-20261126T195926Z.json``). Measured on this 2-core machine (Intel Xeon
+Processor with AVX-512, torch 2.13.0+cpu), 2026-11-26, load average 0.4 at start; other jobs
+on the machine move these figures by up to 2x, so compare only runs from one session::
 
-    PERF_PLACEHOLDER
+    candidate            1 thread  2 threads  quality gate
+    a  int64 + masks       10.09      4.09    pass (same hash)
+    b  int32, naive         4.14      1.59    pass (same hash)
+    c  int32, blocked       2.01      1.68    pass (same hash)
+    c+ this module          1.87      1.53    pass (same hash; c + folded last xorshift)
+    d  int16-view xorshift  2.48      1.71    pass (same hash)
+    e  two rounds           1.49      1.22    FAIL: avalanche bias 0.33, adjacent bits 12 sigma
+    f  x += x >> 16         1.70      1.32    FAIL: adjacent bits 804 sigma
+
+c+ is the fastest candidate that passes, and meets the 2 ns/element target at one thread.
 
 No global state: nothing here touches torch's global generator and there are no module-level
 caches; each call builds its few constants and its scratch.
@@ -423,7 +439,8 @@ class KeyedRng:
             out: optional int32 scratch (any contiguous int32 tensor; its contents are
                 overwritten and unspecified afterwards). Passing the same one for every chunk
                 avoids allocating; ``2 * min(n, 65536)`` elements suffice.
-            mask_out: optional contiguous bool tensor of ``n`` elements to receive the mask.
+            mask_out: optional contiguous tensor of ``n`` elements to receive the mask: bool, or
+                float32 for a 0/1 mask that multiplies a delta 3x faster than a bool one.
 
         Returns:
             A flat bool tensor of ``n`` elements (``mask_out`` flattened, if given).
@@ -433,7 +450,8 @@ class KeyedRng:
         dev = _resolve_device(device, mask_out if mask_out is not None else out)
         if out is not None and (out.dtype != torch.int32 or not out.is_contiguous() or out.device != dev):
             raise ValueError(f"out must be a contiguous int32 tensor on {dev}")
-        mask = _flat_buffer(mask_out, n, torch.bool, dev, "mask_out")
+        as_float = mask_out is not None and mask_out.dtype == torch.float32
+        mask = _flat_buffer(mask_out, n, torch.float32 if as_float else torch.bool, dev, "mask_out")
         if n == 0 or thr in (0, _TWO32):
             return mask.fill_(thr != 0)
         work, scratch = self._work(n, dev, None if out is None else out.view(-1))
@@ -441,7 +459,7 @@ class KeyedRng:
         h = _Hasher(self.key, start, n, dev, _keep_constants(thr))
         fold, sthr = h.extra
         # Comparing into a uint8 view (0/1 are valid bools) is ~2.5x faster on CPU than into bool.
-        mask_u8 = mask.view(torch.uint8)
+        mask_u8 = mask if as_float else mask.view(torch.uint8)
         for p, q, y in h.blocks(_sub_block(work), scratch, last_xorshift=False):
             y.bitwise_xor_(fold)
             torch.lt(y, sthr, out=mask_u8[p:q])
@@ -495,3 +513,42 @@ class KeyedRng:
             thr = torch.round(flat[p:q].to(torch.float64) * float(_TWO32)).sub_(float(_SIGN))
             torch.lt(x, thr, out=mask[p:q])  # int32 vs float64 compares in float64: exact
         return mask.view(prob.shape)
+
+
+# --- The traceable form, for torch.compile -------------------------------------------------------
+# The same hash written as plain whole-tensor ops whose only per-chunk inputs are tensors (the low
+# 32 bits of the chunk's first index and the segment's round keys), so one compiled kernel serves
+# every chunk of every tensor: a Python int that changed per chunk would force a recompile. The
+# caller keeps a chunk inside one 2**32 segment (see `segment_keys`). Tests check it bit for bit
+# against `KeyedRng.keep`.
+
+
+def segment_keys(key: int, start: int) -> tuple[int, int, int, int]:
+    """``(lo, k0, k1, k2)`` as signed int32 values for a chunk starting at flat index ``start``."""
+    k0, k1, k2 = _block_keys(key, start >> 32)
+    return _s32(start & _M32), _s32(k0), _s32(k1), _s32(k2)
+
+
+def _lsr16(x: torch.Tensor) -> torch.Tensor:
+    return (x >> 16) & 0xFFFF
+
+
+def keep_traceable(lo: torch.Tensor, keys: torch.Tensor, n: int, density: float) -> torch.Tensor:
+    """0/1 float32 keep mask of ``n`` elements, equal to ``KeyedRng.keep`` (cast to float).
+
+    Args:
+        lo: int32 0-dim, the low 32 bits of the first flat index (signed form).
+        keys: int32 (3,), the segment's round keys ``k0, k1, k2`` (from `segment_keys`).
+        n: elements; the chunk must not cross a 2**32 index boundary.
+        density: kept fraction in [0, 1].
+    """
+    thr = keep_threshold(density)
+    if thr in (0, _TWO32):
+        return torch.full((n,), float(thr != 0), device=lo.device)
+    x = (torch.arange(n, dtype=torch.int32, device=lo.device) + lo + keys[0]) * _s32(_M1)
+    x = x ^ _lsr16(x)
+    x = x * _s32(_M2) + keys[1]
+    x = x ^ _lsr16(x)
+    x = x * _s32(_M3) + keys[2]
+    x = x ^ _lsr16(x)
+    return (x < thr - _SIGN).float()  # word = x ^ 2**31 < thr, unsigned

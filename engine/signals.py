@@ -36,7 +36,9 @@ def graceful_stop(enabled: bool = True) -> Iterator[StopRequest]:
         if stop.signum:
             os._exit(128 + signum)
         stop.signum = signum
-        log.warning("%s: finishing the current block, then stopping (send again to exit at once)", signal.Signals(signum).name)
+        log.warning(
+            "%s: finishing the current block, then stopping (send again to exit at once)", signal.Signals(signum).name
+        )
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -47,7 +47,9 @@ class MergeSpec:
     def __post_init__(self) -> None:
         method = get_method(self.method)
         if len(self.models) < method.min_models:
-            raise SpecError(f"method {self.method!r} needs at least {method.min_models} model(s), got {len(self.models)}")
+            raise SpecError(
+                f"method {self.method!r} needs at least {method.min_models} model(s), got {len(self.models)}"
+            )
         _check_params(method, self.params, "parameters", per_model=False)
         for m in self.models:
             _check_params(method, m.params, f"parameters of model {str(m.path)!r}", per_model=True)
@@ -92,7 +94,9 @@ def _check_params(method: Method, params: Mapping[str, ParamValue], where: str, 
             known = ", ".join(p.name for p in method.params)
             raise SpecError(f"{where}: {name!r} is not a parameter of {method.name} (known: {known})")
         if per_model and not d.per_model:
-            raise SpecError(f"{where}: {name!r} is a global parameter of {method.name}; set it under top-level parameters")
+            raise SpecError(
+                f"{where}: {name!r} is a global parameter of {method.name}; set it under top-level parameters"
+            )
         if isinstance(d.default, bool) and not isinstance(value, bool):
             raise SpecError(f"{where}: {name!r} must be true or false, got {value!r}")
         if not isinstance(d.default, bool) and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -166,7 +170,9 @@ def _yaml_model(path: Path, root: Path, i: int, entry: Any) -> ModelRef:
     if unknown:
         raise SpecError(f"{path}: models[{i}]: unsupported key {unknown[0]!r} (supported: model, parameters)")
     p = Path(str(entry["model"]))
-    return ModelRef(p if p.is_absolute() else root / p, _yaml_params(path, entry.get("parameters"), f"models[{i}].parameters"))
+    return ModelRef(
+        p if p.is_absolute() else root / p, _yaml_params(path, entry.get("parameters"), f"models[{i}].parameters")
+    )
 
 
 def _yaml_params(path: Path, params: Any, where: str) -> dict[str, ParamValue]:

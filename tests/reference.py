@@ -29,7 +29,9 @@ def load_model(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def linear(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+def linear(
+    base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool
+) -> torch.Tensor:
     out = models[0] * weights[0]
     for m, w in zip(models[1:], weights[1:]):
         out += m * w

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
-from conftest import MakeFamily
 from engine.cli import main
+
+from conftest import MakeFamily
 from reference import load_model, merge_folders
 
 
@@ -62,7 +63,14 @@ random_seed: 7
     )
     run("merge", str(config), "-o", str(tmp_path / "out"))
     want = merge_folders(
-        "dare_ties", base, [a, b], out_dtype=torch.float32, weights=[0.6, 0.4], densities=[0.5, 0.3], seed=7, normalize=True
+        "dare_ties",
+        base,
+        [a, b],
+        out_dtype=torch.float32,
+        weights=[0.6, 0.4],
+        densities=[0.5, 0.3],
+        seed=7,
+        normalize=True,
     )
     got = load_model(tmp_path / "out")
     assert all(torch.equal(got[n], t) for n, t in want.items())
@@ -72,7 +80,9 @@ def test_plan_text_and_json(tiny_family: MakeFamily) -> None:
     base, (a,) = tiny_family(1)
     text = run("plan", "--method", "linear", "--base", str(base), "--model", str(a), "--max-memory", "1GiB")
     assert "predicted peak RSS" in text and "embed.weight" in text and "model.safetensors" in text
-    plan = json.loads(run("plan", "--method", "linear", "--base", str(base), "--model", str(a), "--block-size", "64", "--json"))
+    plan = json.loads(
+        run("plan", "--method", "linear", "--base", str(base), "--model", str(a), "--block-size", "64", "--json")
+    )
     assert plan["blocks"] == sum(t["blocks"] for t in plan["tensor_plans"])
     assert plan["bytes_read"] == 2 * plan["bytes_written"]
 

@@ -13,25 +13,31 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import MakeFamily, family_tensors, write_checkpoint
 from engine import MergeSpec, ModelRef, merge
 from engine.cli import main
 from engine.methods.base import Chunk, TensorParams
 from engine.methods.registry import get_method
 from engine.rng import KeyedRng, stream_key
+
+from conftest import MakeFamily, family_tensors, write_checkpoint
 from reference import load_model, merge_folders
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def dare_spec(method: str, base: Path, models: list[Path], weights: list[float], densities: list[float], **g: object) -> MergeSpec:
+def dare_spec(
+    method: str, base: Path, models: list[Path], weights: list[float], densities: list[float], **g: object
+) -> MergeSpec:
     refs = tuple(ModelRef(m, {"weight": w, "density": d}) for m, w, d in zip(models, weights, densities))
     seed = int(g.pop("seed", 0))  # type: ignore[call-overload]
     return MergeSpec(method, base, refs, dict(g), seed=seed)  # type: ignore[arg-type]
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest() for n, t in load_model(folder).items()}
+    return {
+        n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        for n, t in load_model(folder).items()
+    }
 
 
 @given(
@@ -71,7 +77,9 @@ def test_dare_blockwise_equals_reference(
     w, d = weights[:n_models], densities[:n_models]
     spec = dare_spec(method, base, models, w, d, normalize=normalize, rescale=rescale, seed=seed, **{"lambda": 0.75})
     merge(spec, root / "out", block_bytes=block_bytes)
-    want = merge_folders(method, base, models, weights=w, densities=d, seed=seed, lam=0.75, normalize=normalize, rescale=rescale)
+    want = merge_folders(
+        method, base, models, weights=w, densities=d, seed=seed, lam=0.75, normalize=normalize, rescale=rescale
+    )
     got = load_model(root / "out")
     for name, t in want.items():
         assert torch.equal(got[name], t), name
@@ -91,7 +99,9 @@ def test_chunks_in_any_order_give_the_same_bytes() -> None:
     g = torch.Generator().manual_seed(3)
     base = torch.randn(10_001, generator=g)
     models = [base + 0.01 * torch.randn(10_001, generator=g) for _ in range(3)]
-    p = TensorParams({"lambda": 1.0, "normalize": True, "rescale": True}, tuple({"weight": 1.0, "density": 0.3} for _ in range(3)))
+    p = TensorParams(
+        {"lambda": 1.0, "normalize": True, "rescale": True}, tuple({"weight": 1.0, "density": 0.3} for _ in range(3))
+    )
     streams = tuple(KeyedRng(stream_key(5, "t", m)) for m in range(3))
     whole = method.apply(base, [m.clone() for m in models], p, {}, Chunk(streams, 0))  # apply overwrites models
     for cut in (1, 4_999, 10_000):
@@ -100,7 +110,9 @@ def test_chunks_in_any_order_give_the_same_bytes() -> None:
         assert torch.equal(torch.cat([first, second]), whole)
 
 
-def single_model_delta(density: float, seed: int, rescale: bool = True, n: int = 200_003) -> tuple[torch.Tensor, torch.Tensor]:
+def single_model_delta(
+    density: float, seed: int, rescale: bool = True, n: int = 200_003
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(δ, δ̂) for a single-model dare_linear over n float32 elements."""
     g = torch.Generator().manual_seed(11)
     base = torch.randn(n, generator=g)
@@ -143,7 +155,9 @@ def test_rescale_is_unbiased_over_seeds() -> None:
 
 
 @pytest.mark.parametrize(("dare_method", "twin"), [("dare_linear", "task_arithmetic"), ("dare_ties", None)])
-def test_density_one_equals_non_dare_twin(tiny_family: MakeFamily, tmp_path: Path, dare_method: str, twin: str | None) -> None:
+def test_density_one_equals_non_dare_twin(
+    tiny_family: MakeFamily, tmp_path: Path, dare_method: str, twin: str | None
+) -> None:
     base, models = tiny_family(3)
     spec = dare_spec(dare_method, base, models, [0.5, 1.0, -0.25], [1.0, 1.0, 1.0], normalize=True)
     merge(spec, tmp_path / "dare", block_bytes=40)
@@ -170,7 +184,21 @@ def test_sparsify_one_model_from_cli(tiny_family: MakeFamily, tmp_path: Path) ->
     """`--method dare_linear` with one model: the paper's 'remove 90% of delta parameters'."""
     base, (ft,) = tiny_family(1, dtype=torch.float32)
     out = tmp_path / "sparse"
-    args = ["merge", "--method", "dare_linear", "--base", str(base), "--model", str(ft), "--density", "0.1", "--seed", "42", "-o", str(out)]
+    args = [
+        "merge",
+        "--method",
+        "dare_linear",
+        "--base",
+        str(base),
+        "--model",
+        str(ft),
+        "--density",
+        "0.1",
+        "--seed",
+        "42",
+        "-o",
+        str(out),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     b, f, s = load_model(base), load_model(ft), load_model(out)

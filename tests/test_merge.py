@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from conftest import SHAPES, MakeFamily, family_tensors, write_checkpoint
 from engine import MergeSpec, ModelRef, merge
+
+from conftest import SHAPES, MakeFamily, family_tensors, write_checkpoint
 from reference import load_model, merge_folders
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -125,7 +126,11 @@ def test_out_dtype_and_mixed_input_dtypes(tiny_family: MakeFamily, tmp_path: Pat
 
 def test_non_float_tensors_are_copied(tmp_path: Path) -> None:
     tensors = [
-        {"w": torch.randn(7, 3).to(torch.bfloat16), "ids": torch.arange(11, dtype=torch.int64), "m": torch.ones(4, dtype=torch.bool)}
+        {
+            "w": torch.randn(7, 3).to(torch.bfloat16),
+            "ids": torch.arange(11, dtype=torch.int64),
+            "m": torch.ones(4, dtype=torch.bool),
+        }
         for _ in range(2)
     ]
     tensors[1]["ids"] = tensors[0]["ids"]

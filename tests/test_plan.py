@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_checkpoint
 from engine import BudgetError, MergeSpec, ModelRef
 from engine.budget import CHUNK_ELEMS, RESERVE, WORK_ARRAYS, parse_bytes
 from engine.io.inventory import take_inventory
 from engine.plan import Block, make_plan
+
+from conftest import write_checkpoint
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_blocks_from_budget(pair: tuple[Path, Path]) -> None:
 
 
 def test_budget_too_small_names_minimum(pair: tuple[Path, Path]) -> None:
-    with pytest.raises(BudgetError, match=f"minimum for this merge is") as e:
+    with pytest.raises(BudgetError, match="minimum for this merge is") as e:
         plan_for(pair, FIXED + 24 * 5)  # a row of "a" is 6 elements
     assert "6 elements" in str(e.value)
 

@@ -16,24 +16,30 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import family_tensors, write_checkpoint
 from engine import MergeSpec, ModelRef, OutputError, ResumeError, merge
 from engine.cli import main
 from engine.io.output import temp_dir_for
+
+from conftest import family_tensors, write_checkpoint
 from reference import load_model
 
 SHAPES = {f"layers.{i}.w": (257, 96) for i in range(12)} | {"norm": (96,), "scale": ()}
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {n: hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest() for n, t in load_model(folder).items()}
+    return {
+        n: hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        for n, t in load_model(folder).items()
+    }
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     root = tmp_path_factory.mktemp("resume")
     sets = family_tensors(SHAPES, 3, 1, torch.bfloat16)
-    return write_checkpoint(root / "base", sets[0], 2), [write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:])]
+    return write_checkpoint(root / "base", sets[0], 2), [
+        write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:])
+    ]
 
 
 def cli_args(family: tuple[Path, list[Path]], out: Path) -> list[str]:
@@ -54,7 +60,9 @@ def uninterrupted(family: tuple[Path, list[Path]], tmp_path_factory: pytest.Temp
 
 def kill_midway(args: list[str], log: Path, sig: int, rng: random.Random) -> int:
     """Start a real merge process, wait for a random number of finished tensors, send `sig`."""
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args, "--log-json", str(log)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", *args, "--log-json", str(log)], stderr=subprocess.PIPE, text=True
+    )
     target, deadline = rng.randrange(0, len(SHAPES) - 1), time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         if log.exists() and log.read_text().count('"tensor"') > target:
@@ -119,16 +127,29 @@ def test_verify_detects_damage(family: tuple[Path, list[Path]], tmp_path: Path) 
     out = tmp_path / "out"
     spec = MergeSpec("task_arithmetic", base, tuple(ModelRef(m, {}) for m in models), {})
     merge(spec, out)
-    ok = CliRunner().invoke(main, ["verify", str(out), "--method", "task_arithmetic", "--base", str(base), *(x for m in models for x in ("--model", str(m)))])
+    ok = CliRunner().invoke(
+        main,
+        [
+            "verify",
+            str(out),
+            "--method",
+            "task_arithmetic",
+            "--base",
+            str(base),
+            *(x for m in models for x in ("--model", str(m))),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
-    other = CliRunner().invoke(main, ["verify", str(out), "--method", "task_arithmetic", "--base", str(base), "--model", str(models[0])])
+    other = CliRunner().invoke(
+        main, ["verify", str(out), "--method", "task_arithmetic", "--base", str(base), "--model", str(models[0])]
+    )
     assert other.exit_code != 0 and "different spec" in other.output
     shard = out / "model.safetensors"
     with open(shard, "r+b") as f:
         f.seek(-3, os.SEEK_END)
         f.write(b"\x01\x02\x03")
     bad = CliRunner().invoke(main, ["verify", str(out)])
-    assert bad.exit_code != 0 and "sha256" in bad.output
+    assert bad.exit_code != 0 and "crc32" in bad.output
 
 
 def test_second_writer_is_refused(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
@@ -145,7 +166,10 @@ def test_second_writer_is_refused(family: tuple[Path, list[Path]], tmp_path: Pat
 def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=72m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=72m", "tmpfs", str(mnt)], capture_output=True).returncode
+    ):
         pytest.skip("needs root to mount a small tmpfs")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -95,7 +95,7 @@ def test_python_reference_matches_vectorised_reference() -> None:
         assert ref_words(KEY, start, 10).tolist() == want
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     key=st.integers(0, M64),
     start=st.integers(0, 2**40),
@@ -112,7 +112,7 @@ def test_bits_match_reference_and_any_split(key: int, start: int, n: int, cuts: 
     assert torch.equal(torch.cat(pieces) if pieces else whole, whole)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, database=None)
 @given(key=st.integers(0, M64), hi=st.integers(0, 2**20), back=st.integers(1, 300), n=st.integers(1, 600))
 def test_chunks_crossing_2_32_boundaries(key: int, hi: int, back: int, n: int) -> None:
     start = hi * TWO32 - back if hi else 0

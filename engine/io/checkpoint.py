@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine.dtypes import DTYPES
+from engine.dtypes import DTYPES, byte_view
 from engine.errors import CheckpointError
 from engine.io.header import Header, TensorInfo, read_header, short_repr
 
@@ -87,7 +87,9 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object of tensor name -> shard file")
     for name, file in weight_map.items():
         if not isinstance(file, str):
-            raise CheckpointError(f"{index}: weight_map[{short_repr(name)}] must be a file name, got {short_repr(file)}")
+            raise CheckpointError(
+                f"{index}: weight_map[{short_repr(name)}] must be a file name, got {short_repr(file)}"
+            )
     return dict(weight_map)
 
 
@@ -160,13 +162,15 @@ class Reader:
         """Fill the uint8 tensor `buf` with the bytes of `info` from byte `start` on."""
         fd = self._fds[info.file]
         pos = info.offset + start
-        view = memoryview(buf.numpy()).cast("B")
+        view = byte_view(buf)
         done = 0
         while done < len(view):
             try:
                 got = os.preadv(fd, [view[done:]], pos + done)
             except OSError as e:
-                raise CheckpointError(f"{info.file}: read of tensor {short_repr(info.name)} failed: {e.strerror}") from None
+                raise CheckpointError(
+                    f"{info.file}: read of tensor {short_repr(info.name)} failed: {e.strerror}"
+                ) from None
             if got == 0:
                 raise CheckpointError(
                     f"{info.file}: tensor {short_repr(info.name)} ends past the end of the file (truncated while merging?)"
@@ -183,5 +187,7 @@ class Reader:
     def __enter__(self) -> Reader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

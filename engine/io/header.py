@@ -73,7 +73,9 @@ def read_header(path: Path) -> Header:
                 raise HeaderError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES:
-                raise HeaderError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
+                raise HeaderError(
+                    f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)"
+                )
             if 8 + n > size:
                 raise HeaderError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
             raw = f.read(n)
@@ -170,5 +172,7 @@ def _tensor(path: Path, name: str, entry: Any, data_start: int, data_len: int) -
     nbytes = math.prod(shape) * itemsize(dtype)
     if end - begin != nbytes:
         needs = nbytes if nbytes < 2**64 else "more than 2**64"
-        raise HeaderError(f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {short_repr(shape)} x {dtype} needs {needs}")
+        raise HeaderError(
+            f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {short_repr(shape)} x {dtype} needs {needs}"
+        )
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, nbytes)

@@ -2,7 +2,8 @@
 
 `journal.jsonl` in the temporary output folder starts with a header line that pins down the run
 (spec digest, input fingerprints, output layout). Each later line records either a written
-block `{"b": tensor, "r0", "r1", "crc32"}` or a finished tensor `{"t": tensor, "sha256"}`.
+block `{"b": tensor, "r0", "r1", "crc32"}` (the tensor's running crc32 up to row r1) or a finished
+tensor `{"t": tensor, "crc32"}`.
 Lines are appended only after the bytes they describe are on disk (`fdatasync`), and the journal
 itself is fsync'd, so after any crash every recorded block is really there. A torn last line
 (killed mid-append) is ignored.
@@ -28,11 +29,11 @@ VERSION = 1
 
 @dataclass
 class JournalState:
-    """What an earlier run finished: whole tensors (with their sha256) and block row ranges."""
+    """What an earlier run finished: whole tensors (with their crc32) and block row ranges."""
 
     header: dict[str, Any]
-    done: dict[str, str] = field(default_factory=dict)
-    blocks: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)  # tensor -> (r0, r1, crc)
+    done: dict[str, int] = field(default_factory=dict)
+    blocks: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)  # tensor -> (r0, r1, running crc)
 
     def rows_done(self, tensor: str) -> int:
         """Rows [0, n) of `tensor` covered by contiguous recorded blocks."""
@@ -85,8 +86,8 @@ class Journal:
     def block(self, tensor: str, r0: int, r1: int, crc: int) -> None:
         self._pending.append(_line({"b": tensor, "r0": r0, "r1": r1, "crc32": crc}))
 
-    def tensor(self, tensor: str, sha256: str) -> None:
-        self._pending.append(_line({"t": tensor, "sha256": sha256}))
+    def tensor(self, tensor: str, crc: int) -> None:
+        self._pending.append(_line({"t": tensor, "crc32": crc}))
 
     def commit(self) -> None:
         """Append and fsync the pending records."""
@@ -134,7 +135,7 @@ def load_journal(folder: Path) -> JournalState | None:
         except ValueError:
             break  # a torn last line: everything before it is durable
         if "t" in rec:
-            state.done[rec["t"]] = rec["sha256"]
+            state.done[rec["t"]] = rec["crc32"]
         elif "b" in rec:
             state.blocks.setdefault(rec["b"], []).append((rec["r0"], rec["r1"], rec["crc32"]))
     return state

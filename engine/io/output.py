@@ -58,12 +58,12 @@ def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 
 def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
-    """The index json (with every tensor's sha256, for `leanmerge verify`) and the base's config
+    """The index json (with every tensor's crc32, for `leanmerge verify`) and the base's config
     and tokenizer files."""
     index = {
         "metadata": {
             "total_size": plan.bytes_written,
-            "leanmerge": {"version": __version__, "spec_sha256": plan.spec.digest(), "tensor_sha256": checksums},
+            "leanmerge": {"version": __version__, "spec_sha256": plan.spec.digest(), "tensor_crc32": checksums},
         },
         "weight_map": {t.name: plan.shards[t.shard].file for t in plan.tensors},
     }

@@ -28,7 +28,11 @@ def shard_header(plan: Plan, shard: ShardPlan, metadata: dict[str, str]) -> byte
     entries: dict[str, object] = {"__metadata__": metadata}
     for name in shard.tensors:
         t = by_name[name]
-        entries[name] = {"dtype": t.out_dtype, "shape": list(t.shape), "data_offsets": [t.offset, t.offset + t.out_nbytes]}
+        entries[name] = {
+            "dtype": t.out_dtype,
+            "shape": list(t.shape),
+            "data_offsets": [t.offset, t.offset + t.out_nbytes],
+        }
     body = json.dumps(entries, separators=(",", ":")).encode()
     padded = -(-(8 + len(body)) // ALIGN) * ALIGN - 8
     return struct.pack("<Q", padded) + body + b" " * (padded - len(body))
@@ -119,7 +123,9 @@ def _reserve(fd: int, path: Path, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG):
-            raise OutputError(f"{path}: no space left for {size} bytes on the output filesystem ({e.strerror})") from None
+            raise OutputError(
+                f"{path}: no space left for {size} bytes on the output filesystem ({e.strerror})"
+            ) from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise OutputError(f"{path}: cannot allocate {size} bytes: {e.strerror}") from None
         os.ftruncate(fd, size)

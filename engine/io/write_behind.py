@@ -1,41 +1,43 @@
 """A writer thread: output blocks are written, checksummed and journaled while the next block is
 being merged.
 
-Each block gets a crc32 in the journal; each tensor gets a sha256 of its bytes (blocks of a
-tensor arrive in row order, so the hash runs along). Every `sync_every` bytes the shards are
+Each tensor gets a crc32 of its bytes, run along its blocks (they arrive in row order); the
+journal records the running value after every block, so a resumed run checks what is on disk
+and carries on from a plain integer. (crc32 runs at ~2 GB/s here, sha256 at ~1 GB/s: on a
+2-core machine the difference is a tenth of the merge's throughput.) Every `sync_every` bytes the shards are
 flushed to disk and only then are the journal records appended and fsync'd: whatever the journal
-says is written, is. `hashlib` and `zlib` release the GIL on large buffers, so this runs beside
+says is written, is. `zlib` releases the GIL on large buffers, so this runs beside
 the compute stage on another core.
 """
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import zlib
-from typing import Any, Union
 
 import torch
 
-from engine.dtypes import itemsize
+from engine.dtypes import byte_view, itemsize
 from engine.io.journal import Journal
 from engine.io.safetensors_writer import ShardWriter
 from engine.plan import Block, TensorPlan
 
 SYNC_EVERY = 256 << 20
-_Job = Union[tuple[TensorPlan, Block, torch.Tensor, torch.Tensor], None]
+_Job = tuple[TensorPlan, Block, torch.Tensor, torch.Tensor] | None
 
 
 class WriteBehind:
     """Owns the output buffers: `take` one, fill it, `submit` it; `drain` waits for all writes."""
 
-    def __init__(self, writer: ShardWriter, journal: Journal, buffers: list[torch.Tensor], sync_every: int = SYNC_EVERY) -> None:
+    def __init__(
+        self, writer: ShardWriter, journal: Journal, buffers: list[torch.Tensor], sync_every: int = SYNC_EVERY
+    ) -> None:
         self.writer, self.journal, self.sync_every = writer, journal, sync_every
         self.bytes_written = 0
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         self._jobs: queue.Queue[_Job] = queue.Queue()
-        self._hash: dict[str, Any] = {}
+        self._crc: dict[str, int] = {}
         self._unsynced = 0
         self._error: BaseException | None = None
         for b in buffers:
@@ -43,9 +45,9 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="leanmerge-writer", daemon=True)
         self._thread.start()
 
-    def resume_hash(self, tensor: str, sha: Any) -> None:
-        """Continue the sha256 of a tensor whose first rows an earlier run wrote."""
-        self._hash[tensor] = sha
+    def resume_crc(self, tensor: str, crc: int) -> None:
+        """Continue the crc32 of a tensor whose first rows an earlier run wrote."""
+        self._crc[tensor] = crc
 
     def take(self) -> torch.Tensor:
         """A free output buffer (uint8); waits while both are being written."""
@@ -88,12 +90,12 @@ class WriteBehind:
                 pass
 
     def _write(self, tensor: TensorPlan, block: Block, data: torch.Tensor, buffer: torch.Tensor) -> None:
-        view = memoryview(data.numpy())
+        view = byte_view(data)
         self.writer.write(tensor, block.start * itemsize(tensor.out_dtype), view)
-        self._hash.setdefault(tensor.name, hashlib.sha256()).update(view)
-        self.journal.block(tensor.name, block.r0, block.r1, zlib.crc32(view))
+        crc = self._crc[tensor.name] = zlib.crc32(view, self._crc.get(tensor.name, 0))
+        self.journal.block(tensor.name, block.r0, block.r1, crc)
         if block.r1 == tensor.rows:
-            self.journal.tensor(tensor.name, self._hash.pop(tensor.name).hexdigest())
+            self.journal.tensor(tensor.name, self._crc.pop(tensor.name))
         self.bytes_written += len(view)
         self._unsynced += len(view)
         self._free.put(buffer)

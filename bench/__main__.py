@@ -1,0 +1,141 @@
+"""`python -m bench`: leanmerge's memory and throughput benchmarks.
+
+Sections (`--sections`, default all):
+
+- rss_vs_budget: peak RSS of task_arithmetic, dare_ties (and ties once registered) at
+  `--max-memory` 512MiB, 1GiB, 2GiB, 4GiB, and whether it stayed under; naive for scale.
+- rss_vs_size: base + 3 fine-tunes of growing presets (tiny, small, llama8b-embed,
+  llama70b-layer) at 1GiB; leanmerge should stay flat while the naive whole-tensor merge grows.
+  A size whose family would not fit in free disk minus 10 GB is skipped, and so is a baseline
+  predicted not to fit in RAM (the naive 70B-layer merge would need ~25 GB).
+- throughput: GB/s of input of every registered method, cold cache (inputs dropped with
+  fadvise before each run) and warm, next to this disk's cold read limit measured in the
+  same run; `cold/limit` = leanmerge cold GB/s / read limit.
+- naive and, when `mergekit-yaml` is installed, mergekit are columns of each section.
+
+Modes: `--quick` uses the tiny and small presets and 1 repeat (about a minute on a 2-core box).
+Full mode uses 3 repeats and the big presets: it writes ~34 GB of synthetic models into the
+cache (minutes, once) and takes about an hour on a 2-core machine with a ~1.2 GB/s disk,
+most of it in the naive baseline on llama8b-embed; run it on an otherwise idle machine.
+
+Outputs: `RESULTS/<UTC timestamp>.json` (machine, mode, every figure as min/median/max of
+the repeats), `.txt` (the table printed here) and `.png` (if matplotlib is installed).
+Synthetic families are cached in `--cache` (default bench/cache, gitignored); `--clean`
+deletes it and exits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bench.common import BENCH, machine_info
+from bench.families import preset_sizes
+from bench.plot import save_plot
+from bench.report import text_table
+from bench.sections import RUNNERS, SECTIONS, Settings
+
+log = logging.getLogger("bench")
+QUICK = {"family": "small", "sizes": ("tiny", "small"), "repeats": 1}
+FULL = {"family": "llama8b-embed", "sizes": ("tiny", "small", "llama8b-embed", "llama70b-layer"), "repeats": 3}
+
+
+def split_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated flag as a tuple (None when not given)."""
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def check_presets(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    from tools.make_synthetic import PRESETS
+
+    names = split_list(ctx, param, value)
+    bad = [n for n in names or () if n not in PRESETS]
+    if bad:
+        raise click.BadParameter(f"unknown preset {bad[0]!r}; choose from {', '.join(PRESETS)}")
+    return names
+
+
+def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    from engine.budget import parse_bytes
+
+    try:
+        return tuple(parse_bytes(v) for v in split_list(ctx, param, value) or ()) or None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def settings_for(quick: bool, cache: Path, repeats: int | None, sizes: Any, family: Any, methods: Any, budgets: Any) -> Settings:
+    """Mode defaults, overridden by the flags; the family defaults to the largest size asked for."""
+    mode: dict[str, Any] = QUICK if quick else FULL
+    sizes = sizes or mode["sizes"]
+    sizes = tuple(sorted(sizes, key=lambda p: preset_sizes(p)[0]))
+    fam = family or (sizes[-1] if sizes != mode["sizes"] else mode["family"])
+    extra = {"budgets": budgets} if budgets else {}
+    return Settings(cache, repeats or mode["repeats"], fam, sizes, methods, **extra)
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[str, list[Path]]:
+    """`<timestamp>.json`, `.txt` and `.png` in `out_dir`; returns the table and the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    table = text_table(results)
+    paths = [out_dir / f"{stamp}.json", out_dir / f"{stamp}.txt"]
+    paths[0].write_text(json.dumps(results, indent=2) + "\n")
+    paths[1].write_text(table + "\n")
+    png = save_plot(results, out_dir / f"{stamp}.png")
+    if png is None:
+        table += "\n(no PNG: matplotlib is not installed; pip install -e '.[bench]')"
+    return table, paths + ([png] if png else [])
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True, help="tiny/small presets, 1 repeat: about a minute.")
+@click.option("--clean", is_flag=True, help="Delete the model cache and exit.")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "cache", show_default=True)
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "results", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), help="Runs per figure [default: 1 quick, 3 full].")
+@click.option("--sections", callback=split_list, default=",".join(SECTIONS), show_default=True)
+@click.option("--sizes", callback=check_presets, hidden=True, help="Presets for rss_vs_size (tests: tiny).")
+@click.option("--family", hidden=True, help="Preset for rss_vs_budget and throughput.")
+@click.option("--methods", callback=split_list, hidden=True, help="Only these methods.")
+@click.option("--budgets", callback=parse_budgets, hidden=True, help="Budgets for rss_vs_budget.")
+def main(quick: bool, clean: bool, cache: Path, results: Path, repeats: int | None, sections: tuple[str, ...],
+         sizes: Any, family: str | None, methods: Any, budgets: Any) -> None:  # fmt: skip
+    """Benchmark leanmerge's peak RSS and throughput against a naive whole-tensor merge."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if clean:
+        shutil.rmtree(cache, ignore_errors=True)
+        click.echo(f"removed {cache}")
+        return
+    unknown = [s for s in sections if s not in RUNNERS]
+    if unknown:
+        raise click.BadParameter(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}", param_hint="--sections")
+    s = settings_for(quick, cache, repeats, sizes, family, methods, budgets)
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"machine": machine_info(cache), "mode": "quick" if quick else "full"}
+    out["settings"] = {"repeats": s.repeats, "family": s.family, "sizes": s.sizes, "methods": s.methods,
+                       "budgets": s.budgets, "size_budget": s.size_budget, "n_models": s.n_models}  # fmt: skip
+    out["sections"] = {}
+    try:
+        for name in sections:
+            log.info("section %s", name)
+            out["sections"][name] = RUNNERS[name](s)
+    finally:
+        tmp = cache / "tmp"
+        if tmp.is_dir() and not any(tmp.iterdir()):
+            tmp.rmdir()
+    out["elapsed_s"] = time.perf_counter() - t0
+    table, paths = write_outputs(out, results)
+    click.echo(table)
+    click.echo("\n" + "\n".join(f"wrote {p}" for p in paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Results for people: a one-screen text table and a PNG of the three headline plots.
+
+Both read only the results dict (the JSON), so an old result file can be re-rendered. Cells show
+the median of the repeats; the JSON keeps min / median / max and every value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+Entry = dict[str, Any]
+W = 15  # width of a value column
+
+
+def fmt_bytes(n: float) -> str:
+    """Binary units, three significant digits: RSS is compared against GiB budgets."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
+def find(runs: Iterable[Entry], **match: Any) -> Entry | None:
+    """The first entry whose labels equal `match`."""
+    return next((r for r in runs if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def cell(e: Entry | None, figure: str, fmt: str = "bytes") -> str:
+    """One table cell: the median of `figure`, '-' when not run, 'error' when the run failed."""
+    if e is None:
+        return "-"
+    if "error" in e:
+        return "error"
+    v = e[figure]["median"]
+    return fmt_bytes(v) if fmt == "bytes" else f"{v:.2f}"
+
+
+def header(results: dict[str, Any]) -> list[str]:
+    m = results["machine"]
+    disk = m.get("disk", {})
+    commit = (m.get("commit") or "?")[:10] + (" (dirty)" if m.get("dirty") else "")
+    return [
+        f"leanmerge bench, {results['mode']} mode, {m['timestamp']}, {results.get('elapsed_s', 0):.0f} s",
+        f"{m['cpu']} | {m['cores']} cores | RAM {fmt_bytes(m['ram_total'])} | disk {disk.get('device', '?')} "
+        f"{disk.get('free', 0) / 1e9:.0f} GB free | {m['device']} | torch {m['torch']} | {commit}",
+    ]
+
+
+def budget_table(sec: dict[str, Any]) -> list[str]:
+    runs = sec["runs"]
+    budgets = sorted({r["budget"] for r in runs if r["budget"] is not None})
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    lines = [
+        f"peak RSS vs --max-memory ({sec['preset']}, {sec['input_bytes'] / 1e9:.3g} GB of inputs)",
+        f"{'method':<17}" + "".join(f"{fmt_bytes(b):>{W}}" for b in budgets) + f"{'naive':>{W}}{'mergekit':>{W}}",
+    ]
+    for method in methods:
+        row = f"{method:<17}"
+        for b in budgets:
+            e = find(runs, tool="leanmerge", method=method, budget=b)
+            mark = "" if e is None or "error" in e else (" ok" if e["within_budget"] else " OVER")
+            row += f"{cell(e, 'peak_rss') + mark:>{W}}"
+        row += "".join(f"{cell(find(runs, tool=t, method=method), 'peak_rss'):>{W}}" for t in ("naive", "mergekit"))
+        lines.append(row)
+    return lines
+
+
+def size_table(sec: dict[str, Any]) -> list[str]:
+    runs = sec["runs"]
+    presets = list(dict.fromkeys(r["preset"] for r in runs))
+    lines = [
+        f"peak RSS vs model size (leanmerge at --max-memory {fmt_bytes(sec['budget'])})",
+        f"{'preset':<17}{'method':<17}{'inputs':>10}{'leanmerge':>{W}}{'naive':>{W}}{'mergekit':>{W}}",
+    ]
+    for p in presets:
+        for method in dict.fromkeys(r["method"] for r in runs if r["preset"] == p):
+            lean = find(runs, tool="leanmerge", preset=p, method=method)
+            size = next(r["input_bytes"] for r in runs if r["preset"] == p)
+            cells = [cell(find(runs, tool=t, preset=p, method=method), "peak_rss") for t in ("naive", "mergekit")]
+            lines.append(f"{p:<17}{method:<17}{size / 1e9:>7.3g} GB{cell(lean, 'peak_rss'):>{W}}" + "".join(f"{c:>{W}}" for c in cells))
+    peaks = [r["peak_rss"]["median"] for r in runs if r["tool"] == "leanmerge" and "error" not in r]
+    if len(peaks) > 1:
+        lines.append(f"leanmerge peak RSS, largest / smallest model: {max(peaks) / min(peaks):.2f}x")
+    lines += [f"skipped {s['preset']} ({s.get('tool', 'all')}): {s['reason']}" for s in sec["skipped"] if s["reason"] != "not available"]
+    return lines
+
+
+def throughput_table(sec: dict[str, Any]) -> list[str]:
+    runs = sec["runs"]
+    hot = sec.get("read_hot_gbps")
+    lines = [
+        f"throughput, GB/s of input ({sec['preset']}, {sec['input_bytes'] / 1e9:.3g} GB): read limit cold "
+        f"{sec['read_limit_gbps']['median']:.2f} GB/s" + (f", page-cache read {hot['median']:.2f} GB/s" if hot else ""),
+        f"{'method':<17}" + "".join(f"{h:>11}" for h in ("lean cold", "lean warm", "naive cold", "naive warm", "mk cold", "mk warm"))
+        + f"{'cold/limit':>11}",
+    ]  # fmt: skip
+    for method in dict.fromkeys(r["method"] for r in runs):
+        row = f"{method:<17}"
+        for tool in ("leanmerge", "naive", "mergekit"):
+            for state in ("cold", "warm"):
+                row += f"{cell(find(runs, tool=tool, method=method, cache=state), 'gbps', 'num'):>11}"
+        row += f"{cell(find(runs, tool='leanmerge', method=method, cache='cold'), 'ratio', 'num'):>11}"
+        lines.append(row)
+    return lines
+
+
+TABLES = {"rss_vs_budget": budget_table, "rss_vs_size": size_table, "throughput": throughput_table}
+
+
+def text_table(results: dict[str, Any]) -> str:
+    """Everything on one screen: header, then one block per section that ran."""
+    lines = header(results)
+    for name, sec in results["sections"].items():
+        lines += ["", *TABLES[name](sec)]
+    errors = [r for sec in results["sections"].values() for r in sec["runs"] if "error" in r]
+    lines += [f"error: {r['tool']} {r['method']} {r['preset']}: {r['error'].splitlines()[-1][:120]}" for r in errors]
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""The benchmark sections: peak RSS against the budget, peak RSS against model size, throughput.
+
+Each section returns a JSON-ready dict whose `runs` list holds one entry per (tool, method,
+setting), every figure as `stats` of the repeats (min / median / max). A run that fails is kept
+as an entry with an `error` (a benchmark that stops at the first failure hides the rest), and
+a size or baseline that cannot run here (disk, RAM, not installed) is listed under `skipped`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import GB, RunFailed, drop_from_page_cache, read_hot, read_limit, stats, warm_page_cache
+from bench.families import Family, ensure_family, fits_on_disk, naive_fits, run_tool
+
+log = logging.getLogger("bench")
+GiB = 1 << 30
+MiB = 1 << 20
+BUDGETS = (512 * MiB, 1 * GiB, 2 * GiB, 4 * GiB)
+SIZE_BUDGET = 1 * GiB
+BUDGET_METHODS = ("task_arithmetic", "dare_ties", "ties")  # ties only once it is registered
+SIZE_METHODS = ("task_arithmetic",)
+BASELINES = ("naive", "mergekit")
+WARM_RAM_SHARE = 0.6  # a warm run needs the inputs in page cache: skip it when they would not fit
+SECTIONS = ("rss_vs_budget", "rss_vs_size", "throughput")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark invocation measures."""
+
+    cache: Path
+    repeats: int
+    family: str  # preset of the family for rss_vs_budget and throughput
+    sizes: tuple[str, ...]  # presets for rss_vs_size, smallest first
+    methods: tuple[str, ...] | None = None  # None: every registered method
+    budgets: tuple[int, ...] = BUDGETS
+    size_budget: int = SIZE_BUDGET
+    n_models: int = 3
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+
+    def registered(self, wanted: Sequence[str] | None = None) -> list[str]:
+        """Registered methods (read now, so new ones are picked up), narrowed to `wanted` and
+        to `--methods`, in `wanted`'s order."""
+        from engine.methods.registry import METHODS
+
+        names = [m for m in (wanted or sorted(METHODS)) if m in METHODS]
+        return [m for m in names if self.methods is None or m in self.methods]
+
+
+def figures(results: Sequence[dict[str, Any]], input_bytes: int) -> dict[str, Any]:
+    """Every figure of the repeats as stats. GB/s use the tool's own wall time when it reports
+    one (leaving out interpreter start and `import torch`); `*_process` figures include them."""
+    inner = [r["report"]["wall_s"] if r.get("report") else r["wall_s"] for r in results]
+    out = {
+        "peak_rss": stats([r["peak_rss"] for r in results]),
+        "wall_s": stats(inner),
+        "wall_s_process": stats([r["wall_s"] for r in results]),
+        "cpu_s": stats([r["cpu_s"] for r in results]),
+        "gbps": stats([input_bytes / w / GB for w in inner]),
+        "gbps_process": stats([input_bytes / r["wall_s"] / GB for r in results]),
+        "launcher_rss": max(r["launcher_rss"] for r in results),
+    }
+    reports = [r["report"] for r in results if r.get("report") and "peak_rss" in r["report"]]
+    if reports:  # leanmerge's own view, to compare with the kernel's
+        out["engine_peak_rss"] = stats([r["peak_rss"] for r in reports])
+        out["predicted_peak_rss"] = reports[-1]["predicted_peak_rss"]
+    return out
+
+
+def measure(
+    s: Settings, tool: str, family: Family, method: str, *, budget: int | None = None,
+    before: Callable[[], None] | None = None, **labels: Any,
+) -> dict[str, Any] | None:  # fmt: skip
+    """`s.repeats` measured runs summarised as one entry; None if the tool cannot run `method`."""
+    entry = {"tool": tool, "method": method, "preset": family.preset, "budget": budget, **labels}
+    entry["input_bytes"] = family.input_bytes
+    log.info("%s %s on %s%s", tool, method, family.preset, "".join(f", {k} {v}" for k, v in labels.items()))
+    if budget is not None:
+        log.info("  --max-memory %d MiB", budget >> 20)
+    results = []
+    try:
+        for _ in range(s.repeats):
+            if before is not None:
+                before()
+            r = run_tool(tool, family, method, s.cache, budget)
+            if r is None:
+                return None
+            results.append(r)
+    except RunFailed as e:
+        return {**entry, "error": str(e)}
+    return {**entry, **figures(results, family.input_bytes)}
+
+
+def baselines(
+    s: Settings, family: Family, method: str, skipped: list[dict[str, Any]], *,
+    before: Callable[[], None] | None = None, **labels: Any,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The naive (and mergekit, if installed) entries for `method`, unless they would not fit in RAM."""
+    ok, why = naive_fits(family)
+    if not ok:
+        skipped += [{"tool": t, "method": method, "preset": family.preset, "reason": why, **labels} for t in BASELINES]
+        return []
+    out = []
+    for tool in BASELINES:
+        e = measure(s, tool, family, method, before=before, **labels)
+        if e is None:
+            skipped.append({"tool": tool, "method": method, "preset": family.preset, "reason": "not available", **labels})
+        else:
+            out.append(e)
+    return out
+
+
+def rss_vs_budget(s: Settings) -> dict[str, Any]:
+    """Peak RSS of each method at each `--max-memory`, and whether it stayed under; naive for scale."""
+    fam = ensure_family(s.cache, s.family, s.n_models)
+    runs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for method in s.registered(BUDGET_METHODS):
+        for budget in s.budgets:
+            e = measure(s, "leanmerge", fam, method, budget=budget)
+            if e is not None and "error" not in e:
+                e["within_budget"] = e["peak_rss"]["max"] <= budget
+            runs += [e] if e is not None else []
+        runs += baselines(s, fam, method, skipped)
+    return {"preset": fam.preset, "input_bytes": fam.input_bytes, "runs": runs, "skipped": skipped}
+
+
+def rss_vs_size(s: Settings) -> dict[str, Any]:
+    """Peak RSS at one budget as the models grow: leanmerge's line should stay flat, naive's climb."""
+    runs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for preset in s.sizes:
+        ok, why = fits_on_disk(s.cache, preset, s.n_models)
+        if not ok:
+            skipped.append({"tool": "all", "preset": preset, "reason": why})
+            continue
+        fam = ensure_family(s.cache, preset, s.n_models)
+        for method in s.registered(SIZE_METHODS) or s.registered()[:1]:
+            e = measure(s, "leanmerge", fam, method, budget=s.size_budget)
+            runs += [e] if e is not None else []
+            runs += baselines(s, fam, method, skipped)
+    return {"budget": s.size_budget, "runs": runs, "skipped": skipped}
+
+
+def throughput(s: Settings) -> dict[str, Any]:
+    """GB/s of input per method and tool, cold and warm, next to this disk's read limit."""
+    fam = ensure_family(s.cache, s.family, s.n_models)
+    limit = stats([read_limit(fam.files) for _ in range(s.repeats)])
+    warm_ok = fam.input_bytes <= WARM_RAM_SHARE * psutil.virtual_memory().available
+    hot = stats([read_hot(fam.files) for _ in range(s.repeats)]) if warm_ok else None
+    states = {"cold": lambda: drop_from_page_cache(fam.folders), "warm": lambda: warm_page_cache(fam.files)}
+    runs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    if not warm_ok:
+        skipped.append({"tool": "all", "cache": "warm", "reason": "inputs larger than the page cache can hold"})
+    for method in s.registered():
+        for state, before in states.items():
+            if state == "warm" and not warm_ok:
+                continue
+            entries = [measure(s, "leanmerge", fam, method, budget=s.size_budget, before=before, cache=state)]
+            entries += baselines(s, fam, method, skipped, before=before, cache=state)
+            for e in entries:
+                if e is not None and "error" not in e:
+                    e["ratio"] = stats([g / limit["median"] for g in e["gbps"]["values"]])
+                runs += [e] if e is not None else []
+    return {"preset": fam.preset, "input_bytes": fam.input_bytes, "read_limit_gbps": limit, "read_hot_gbps": hot,
+            "runs": runs, "skipped": skipped}  # fmt: skip
+
+
+RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
+    "rss_vs_budget": rss_vs_budget,
+    "rss_vs_size": rss_vs_size,
+    "throughput": throughput,
+}

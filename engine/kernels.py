@@ -1,0 +1,73 @@
+"""Compiled kernels: the same `apply`, fused by `torch.compile` into one pass over memory.
+
+Eager torch runs each op of a method as its own pass over the chunk, so a 3-model dare_ties step
+costs ~5 ns per input element; compiled into one loop it costs ~0.6 ns (bench/bench_steps.py),
+which is what lets a merge keep up with the disk. The compiled code does the same IEEE float32
+operations in the same order (elementwise, no reassociation), and the keep masks come from
+`rng.keep_traceable`, so the bytes are identical to the eager path: tests check both.
+
+The kernel takes the chunk straight from the read buffer in its storage dtype and returns it in
+the output dtype, so the float32 conversions are fused in too. The chunk's position enters as
+tensors (`Chunk.traceable`), so full-size chunks share one kernel and the shorter tails of blocks
+one more (torch.compile's automatic dynamic shapes). Methods with reducers or whole-row chunks stay eager: their
+per-tensor statistics would specialise the kernel and recompile it for every tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+
+import torch
+
+from engine.methods.base import Chunk, Method, Stats, TensorParams
+
+log = logging.getLogger(__name__)
+AUTO_MIN_BYTES = 1 << 30  # below this the one-off compile (5-60 s) costs more than it saves
+
+
+def can_compile(method: Method, params: TensorParams) -> bool:
+    """Elementwise methods without per-tensor statistics, on a machine with a C++ compiler."""
+    if method.row_aligned or method.reducers(params):
+        return False
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+def want_compiled(mode: str, method: Method, params: TensorParams, bytes_read: int) -> bool:
+    """Resolve `--compile auto|on|off` for this merge."""
+    if mode == "off" or not can_compile(method, params):
+        if mode == "on":
+            log.warning("--compile on: %s cannot be compiled here; running eager", method.name)
+        return False
+    return mode == "on" or bytes_read >= AUTO_MIN_BYTES
+
+
+class CompiledApply:
+    """`method.apply` through `torch.compile`, falling back to eager if compiling fails."""
+
+    def __init__(self, method: Method) -> None:
+        def fused(
+            base: torch.Tensor, models: list[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk, dtype: torch.dtype
+        ) -> torch.Tensor:
+            # copy=True: apply overwrites its model chunks, which must not write back into the read buffer
+            scratch = [m.to(torch.float32, copy=True) for m in models]
+            return method.apply(base.to(torch.float32), scratch, p, stats, c).to(dtype)
+
+        self._fn: Callable[..., torch.Tensor] | None = torch.compile(fused)
+
+    def run(
+        self, base: torch.Tensor, models: list[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk, out: torch.Tensor
+    ) -> bool:
+        """Merge one chunk (inputs in their storage dtypes) into `out`; False if the kernel is
+        unavailable, and then nothing was written."""
+        if self._fn is None:
+            return False
+        try:
+            result = self._fn(base, models, p, stats, c.traceable(), out.dtype)
+        except Exception as e:  # a compiler problem must not fail the merge: eager gives the same bytes
+            log.warning("torch.compile failed (%s: %s); continuing eager", type(e).__name__, str(e)[:200])
+            self._fn = None
+            return False
+        out.copy_(result)
+        return True
