@@ -109,7 +109,10 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[str, list[Pat
 def main(quick: bool, clean: bool, cache: Path, results: Path, repeats: int | None, sections: tuple[str, ...],
          sizes: Any, family: str | None, methods: Any, budgets: Any) -> None:  # fmt: skip
     """Benchmark leanmerge's peak RSS and throughput against a naive whole-tensor merge."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()  # progress on stderr; the table goes to stdout
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     if clean:
         shutil.rmtree(cache, ignore_errors=True)
         click.echo(f"removed {cache}")

@@ -4,7 +4,8 @@ Why a launcher: on Linux a child's `ru_maxrss` (from `wait4`) includes the high-
 the process image it replaced at `exec`, and `subprocess` spawns through `vfork`, so that image
 is the *parent's*. A runner that imported torch or generated models (hundreds of MiB) would make
 every child look at least that big. Measuring from this small stdlib-only process, started
-fresh per command, keeps the floor at ~10 MiB. Its report carries that floor (`launcher_rss`).
+fresh per command, keeps the floor at ~10 MiB. Its report carries that floor (`launcher_rss`,
+the launcher's own VmHWM: its `ru_maxrss` is inflated by the runner for the same reason).
 
 Usage (what `bench.common` does): `python -m bench.measure RESULT.json STDOUT STDERR -- CMD...`.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -36,8 +36,19 @@ def measure(cmd: list[str], stdout: Path, stderr: Path, cwd: Path | None = None)
         "peak_rss": usage.ru_maxrss * 1024,  # KiB on Linux
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "returncode": proc.returncode,
-        "launcher_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "launcher_rss": own_hwm(),
     }
+
+
+def own_hwm() -> int:
+    """This process's peak RSS since its exec (VmHWM, per address space), in bytes; 0 if unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def main(argv: list[str]) -> int:

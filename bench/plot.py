@@ -65,7 +65,9 @@ def rss_vs_budget(ax: Any, sec: dict[str, Any]) -> None:
             ax.axhline(e["peak_rss"]["median"] / GiB, color="tab:red", linestyle=":", linewidth=1)
     if budgets:
         ax.plot([b / GiB for b in budgets], [b / GiB for b in budgets], color="gray", linestyle="--", label="ceiling")
-    ax.set(xscale="log", xlabel="--max-memory (GiB)", ylabel="peak RSS (GiB)", title=f"Peak RSS vs budget ({sec['preset']})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([b / GiB for b in budgets], [f"{b / GiB:g}" for b in budgets])
+    ax.set(xlabel="--max-memory (GiB)", ylabel="peak RSS (GiB)", title=f"Peak RSS vs budget ({sec['preset']})")
     ax.legend(fontsize="small", title="dotted: naive", title_fontsize="x-small")
 
 

@@ -23,6 +23,15 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.3g} TiB"
 
 
+def fmt_size(n: float) -> str:
+    """Decimal units for model sizes, as disks and model cards count them."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
 def find(runs: Iterable[Entry], **match: Any) -> Entry | None:
     """The first entry whose labels equal `match`."""
     return next((r for r in runs if all(r.get(k) == v for k, v in match.items())), None)
@@ -54,7 +63,7 @@ def budget_table(sec: dict[str, Any]) -> list[str]:
     budgets = sorted({r["budget"] for r in runs if r["budget"] is not None})
     methods = list(dict.fromkeys(r["method"] for r in runs))
     lines = [
-        f"peak RSS vs --max-memory ({sec['preset']}, {sec['input_bytes'] / 1e9:.3g} GB of inputs)",
+        f"peak RSS vs --max-memory ({sec['preset']}, {fmt_size(sec['input_bytes'])} of inputs)",
         f"{'method':<17}" + "".join(f"{fmt_bytes(b):>{W}}" for b in budgets) + f"{'naive':>{W}}{'mergekit':>{W}}",
     ]
     for method in methods:
@@ -80,7 +89,7 @@ def size_table(sec: dict[str, Any]) -> list[str]:
             lean = find(runs, tool="leanmerge", preset=p, method=method)
             size = next(r["input_bytes"] for r in runs if r["preset"] == p)
             cells = [cell(find(runs, tool=t, preset=p, method=method), "peak_rss") for t in ("naive", "mergekit")]
-            lines.append(f"{p:<17}{method:<17}{size / 1e9:>7.3g} GB{cell(lean, 'peak_rss'):>{W}}" + "".join(f"{c:>{W}}" for c in cells))
+            lines.append(f"{p:<17}{method:<17}{fmt_size(size):>10}{cell(lean, 'peak_rss'):>{W}}" + "".join(f"{c:>{W}}" for c in cells))
     peaks = [r["peak_rss"]["median"] for r in runs if r["tool"] == "leanmerge" and "error" not in r]
     if len(peaks) > 1:
         lines.append(f"leanmerge peak RSS, largest / smallest model: {max(peaks) / min(peaks):.2f}x")
@@ -92,7 +101,7 @@ def throughput_table(sec: dict[str, Any]) -> list[str]:
     runs = sec["runs"]
     hot = sec.get("read_hot_gbps")
     lines = [
-        f"throughput, GB/s of input ({sec['preset']}, {sec['input_bytes'] / 1e9:.3g} GB): read limit cold "
+        f"throughput, GB/s of input ({sec['preset']}, {fmt_size(sec['input_bytes'])}): read limit cold "
         f"{sec['read_limit_gbps']['median']:.2f} GB/s" + (f", page-cache read {hot['median']:.2f} GB/s" if hot else ""),
         f"{'method':<17}" + "".join(f"{h:>11}" for h in ("lean cold", "lean warm", "naive cold", "naive warm", "mk cold", "mk warm"))
         + f"{'cold/limit':>11}",

@@ -84,9 +84,8 @@ def measure(
     """`s.repeats` measured runs summarised as one entry; None if the tool cannot run `method`."""
     entry = {"tool": tool, "method": method, "preset": family.preset, "budget": budget, **labels}
     entry["input_bytes"] = family.input_bytes
-    log.info("%s %s on %s%s", tool, method, family.preset, "".join(f", {k} {v}" for k, v in labels.items()))
-    if budget is not None:
-        log.info("  --max-memory %d MiB", budget >> 20)
+    where = "".join(f", {k} {v}" for k, v in labels.items()) + (f", --max-memory {budget >> 20} MiB" if budget else "")
+    log.info("%s %s on %s%s", tool, method, family.preset, where)
     results = []
     try:
         for _ in range(s.repeats):

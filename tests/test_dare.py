@@ -206,3 +206,41 @@ def test_sparsify_one_model_from_cli(tiny_family: MakeFamily, tmp_path: Path) ->
     kept = delta != 0
     assert 0.02 < kept.float().mean().item() < 0.25
     torch.testing.assert_close(delta[kept], (f["embed.weight"] - b["embed.weight"])[kept] / 0.1, rtol=1e-5, atol=1e-6)
+
+
+@given(
+    key=st.integers(0, 2**64 - 1),
+    start=st.integers(0, 2**40),
+    n=st.integers(1, 3000),
+    density=st.sampled_from([0.0, 0.01, 0.3, 0.5, 0.999, 1.0]),
+)
+def test_traceable_mask_equals_keep(key: int, start: int, n: int, density: float) -> None:
+    """The compiled kernels' mask formula gives the eager stream's bits (within one 2**32 segment)."""
+    from engine.rng import keep_traceable, segment_keys
+
+    n = min(n, 2**32 - (start & 0xFFFFFFFF))
+    lo, *keys = segment_keys(key, start)
+    got = keep_traceable(torch.tensor(lo, dtype=torch.int32), torch.tensor(keys, dtype=torch.int32), n, density)
+    assert torch.equal(got.bool(), KeyedRng(key).keep(start, n, density))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties"])
+def test_compiled_kernels_give_the_same_bytes(tiny_family: MakeFamily, tmp_path: Path, method: str) -> None:
+    """torch.compile fuses the chunk step; the output must not change by a single bit."""
+    base, models = tiny_family(3, shapes={"a": (300, 70), "b": (1001,), "c": ()}, dtype=torch.bfloat16)
+    spec = (
+        dare_spec(method, base, models, [0.5, -0.3, 1.0], [0.3, 0.6, 1.0], normalize=True)
+        if method != "task_arithmetic"
+        else (
+            MergeSpec(
+                method,
+                base,
+                tuple(ModelRef(m, {"weight": w}) for m, w in zip(models, [0.5, -0.3, 1.0])),
+                {"lambda": 0.7},
+            )
+        )
+    )
+    eager = digests(Path(merge(spec, tmp_path / "eager", block_bytes=4000, compile="off").output))
+    compiled = digests(Path(merge(spec, tmp_path / "compiled", block_bytes=4000, compile="on").output))
+    assert compiled == eager
