@@ -13,10 +13,15 @@ Sections (`--sections`, default all):
   same run; `cold/limit` = leanmerge cold GB/s / read limit.
 - naive and, when `mergekit-yaml` is installed, mergekit are columns of each section.
 
-Modes: `--quick` uses the tiny and small presets and 1 repeat (about a minute on a 2-core box).
-Full mode uses 3 repeats and the big presets: it writes ~34 GB of synthetic models into the
-cache (minutes, once) and takes about an hour on a 2-core machine with a ~1.2 GB/s disk,
-most of it in the naive baseline on llama8b-embed; run it on an otherwise idle machine.
+Modes: `--quick` uses the tiny and small presets, budgets 512MiB and 1GiB, 1 repeat and every
+registered method: about two minutes on an idle 2-core box (twice that when others use it).
+Full mode uses 3 repeats, the big presets, and leanmerge both eager (`--compile off`) and fused
+(`--compile on`) in the throughput section. It writes ~34 GB of synthetic models into the cache
+(a few minutes, once). With task_arithmetic, dare_ties and ties it takes about two hours on a
+2-core machine with a ~1.2 GB/s disk, half of it in the naive baseline (`torch.bernoulli` and
+`kthvalue` over 1 GB tensors); every other registered method adds its throughput runs (4 to 12
+merges of ~10 GB each, slower for methods with reducer passes), so narrow it with `--methods`.
+Run it on an otherwise idle machine: contention skews the time and the engine's threads.
 
 Outputs: `RESULTS/<UTC timestamp>.json` (machine, mode, every figure as min/median/max of
 the repeats), `.txt` (the table printed here) and `.png` (if matplotlib is installed).
@@ -26,6 +31,7 @@ deletes it and exits.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -43,8 +49,19 @@ from bench.report import text_table
 from bench.sections import RUNNERS, SECTIONS, Settings
 
 log = logging.getLogger("bench")
-QUICK = {"family": "small", "sizes": ("tiny", "small"), "repeats": 1}
-FULL = {"family": "llama8b-embed", "sizes": ("tiny", "small", "llama8b-embed", "llama70b-layer"), "repeats": 3}
+QUICK = {
+    "family": "small",
+    "sizes": ("tiny", "small"),
+    "repeats": 1,
+    "compile_modes": ("auto",),
+    "budgets": (512 << 20, 1 << 30),  # the small family fits in any of them: two show the floor
+}
+FULL = {
+    "family": "llama8b-embed",
+    "sizes": ("tiny", "small", "llama8b-embed", "llama70b-layer"),
+    "repeats": 3,
+    "compile_modes": ("off", "on"),  # eager vs fused: the gap the disk is measured against
+}
 
 
 def split_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -71,14 +88,23 @@ def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None)
         raise click.BadParameter(str(e)) from None
 
 
-def settings_for(quick: bool, cache: Path, repeats: int | None, sizes: Any, family: Any, methods: Any, budgets: Any) -> Settings:
+def check_methods(methods: tuple[str, ...] | None) -> None:
+    """Fail early on a `--methods` name the engine does not register (it would just run nothing)."""
+    from engine.methods.registry import METHODS
+
+    bad = [m for m in methods or () if m not in METHODS]
+    if bad:
+        raise click.BadParameter(f"unknown method {bad[0]!r}; registered: {', '.join(METHODS)}", param_hint="--methods")
+
+
+def settings_for(quick: bool, cache: Path, repeats: int | None, hidden: dict[str, Any]) -> Settings:
     """Mode defaults, overridden by the flags; the family defaults to the largest size asked for."""
     mode: dict[str, Any] = QUICK if quick else FULL
-    sizes = sizes or mode["sizes"]
-    sizes = tuple(sorted(sizes, key=lambda p: preset_sizes(p)[0]))
-    fam = family or (sizes[-1] if sizes != mode["sizes"] else mode["family"])
-    extra = {"budgets": budgets} if budgets else {}
-    return Settings(cache, repeats or mode["repeats"], fam, sizes, methods, **extra)
+    sizes = tuple(sorted(hidden["sizes"] or mode["sizes"], key=lambda p: preset_sizes(p)[0]))
+    family = hidden["family"] or (sizes[-1] if hidden["sizes"] else mode["family"])
+    extra: dict[str, Any] = {k: hidden[k] or mode.get(k) for k in ("budgets", "methods") if hidden[k] or mode.get(k)}
+    extra["compile_modes"] = hidden["compile_modes"] or mode["compile_modes"]
+    return Settings(cache, repeats or mode["repeats"], family, sizes, **extra)
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[str, list[Path]]:
@@ -96,18 +122,32 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[str, list[Pat
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--quick", is_flag=True, help="tiny/small presets, 1 repeat: about a minute.")
+@click.option("--quick", is_flag=True, help="tiny/small presets, 1 repeat: a few minutes. Default: full (hours).")
 @click.option("--clean", is_flag=True, help="Delete the model cache and exit.")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "cache", show_default=True)
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "results", show_default=True)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=BENCH / "cache",
+    show_default=True,
+    help="Synthetic model families (reused) and scratch outputs (deleted after each run).",
+)
+@click.option(
+    "--results",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=BENCH / "results",
+    show_default=True,
+    help="Where <timestamp>.json/.txt/.png go.",
+)
 @click.option("--repeats", type=click.IntRange(min=1), help="Runs per figure [default: 1 quick, 3 full].")
-@click.option("--sections", callback=split_list, default=",".join(SECTIONS), show_default=True)
+@click.option("--sections", callback=split_list, default=",".join(SECTIONS), show_default=True, help="Comma-separated.")
 @click.option("--sizes", callback=check_presets, hidden=True, help="Presets for rss_vs_size (tests: tiny).")
 @click.option("--family", hidden=True, help="Preset for rss_vs_budget and throughput.")
-@click.option("--methods", callback=split_list, hidden=True, help="Only these methods.")
+@click.option("--methods", callback=split_list, help="Only these methods, comma-separated [default: all registered].")
 @click.option("--budgets", callback=parse_budgets, hidden=True, help="Budgets for rss_vs_budget.")
-def main(quick: bool, clean: bool, cache: Path, results: Path, repeats: int | None, sections: tuple[str, ...],
-         sizes: Any, family: str | None, methods: Any, budgets: Any) -> None:  # fmt: skip
+@click.option("--compile-modes", callback=split_list, hidden=True, help="leanmerge --compile modes for throughput.")
+def main(
+    quick: bool, clean: bool, cache: Path, results: Path, repeats: int | None, sections: tuple[str, ...], **hidden: Any
+) -> None:
     """Benchmark leanmerge's peak RSS and throughput against a naive whole-tensor merge."""
     handler = logging.StreamHandler()  # progress on stderr; the table goes to stdout
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
@@ -119,21 +159,21 @@ def main(quick: bool, clean: bool, cache: Path, results: Path, repeats: int | No
         return
     unknown = [s for s in sections if s not in RUNNERS]
     if unknown:
-        raise click.BadParameter(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}", param_hint="--sections")
-    s = settings_for(quick, cache, repeats, sizes, family, methods, budgets)
+        raise click.BadParameter(
+            f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}", param_hint="--sections"
+        )
+    check_methods(hidden["methods"])
+    try:
+        s = settings_for(quick, cache, repeats, hidden)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     t0 = time.perf_counter()
     out: dict[str, Any] = {"machine": machine_info(cache), "mode": "quick" if quick else "full"}
-    out["settings"] = {"repeats": s.repeats, "family": s.family, "sizes": s.sizes, "methods": s.methods,
-                       "budgets": s.budgets, "size_budget": s.size_budget, "n_models": s.n_models}  # fmt: skip
+    out["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()}
     out["sections"] = {}
-    try:
-        for name in sections:
-            log.info("section %s", name)
-            out["sections"][name] = RUNNERS[name](s)
-    finally:
-        tmp = cache / "tmp"
-        if tmp.is_dir() and not any(tmp.iterdir()):
-            tmp.rmdir()
+    for name in sections:
+        log.info("section %s", name)
+        out["sections"][name] = RUNNERS[name](s)
     out["elapsed_s"] = time.perf_counter() - t0
     table, paths = write_outputs(out, results)
     click.echo(table)

@@ -54,7 +54,9 @@ def describe(e: dict[str, Any], ceiling: int) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "cache", show_default=True)
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "results", show_default=True)
+@click.option(
+    "--results", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "results", show_default=True
+)
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--preset", default=PRESET, hidden=True, help="Family preset (tests use tiny).")
 def main(cache: Path, results: Path, repeats: int, preset: str) -> None:

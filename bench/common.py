@@ -71,6 +71,7 @@ def machine_info(cache_dir: Path | None = None) -> dict[str, Any]:
         "dirty": dirty,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "hostname": socket.gethostname(),
+        "loadavg": os.getloadavg(),  # a busy shared machine skews every figure
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

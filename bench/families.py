@@ -9,6 +9,7 @@ each run, because a 70B-layer output is another 6 GB.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import psutil
 
 from bench.common import GB, Params, run_leanmerge, run_mergekit, run_naive, scratch_dir
+from bench.naive_merge import EXTRA_COPIES as NAIVE_EXTRA_COPIES
 from bench.naive_merge import METHODS as NAIVE_METHODS
 
 DISK_MARGIN = 10 * GB  # left free on the cache's disk for everyone else
@@ -74,7 +76,10 @@ def fits_on_disk(cache: Path, preset: str, n_models: int = 3, dtype: str = "bf16
     free = shutil.disk_usage(probe).free
     need = disk_needed(cache, preset, n_models, dtype)
     ok = need <= free - DISK_MARGIN
-    return ok, "" if ok else f"needs {need / GB:.1f} GB of disk, {free / GB:.1f} GB free (keeping {DISK_MARGIN / GB:.0f} GB)"
+    return (
+        ok,
+        "" if ok else f"needs {need / GB:.1f} GB of disk, {free / GB:.1f} GB free (keeping {DISK_MARGIN / GB:.0f} GB)",
+    )
 
 
 def ensure_family(cache: Path, preset: str, n_models: int = 3, dtype: str = "bf16") -> Family:
@@ -92,15 +97,16 @@ def ensure_family(cache: Path, preset: str, n_models: int = 3, dtype: str = "bf1
     return Family(preset, base, tuple(models), model_bytes * (n_models + 1), model_bytes, largest)
 
 
-def naive_peak_estimate(family: Family) -> int:
-    """What the whole-tensor baseline needs: the output model kept whole, plus float32 copies of
-    the largest tensor for the base, each model and ~3 temporaries, plus torch itself."""
-    return family.model_bytes + family.largest_tensor * 4 * (len(family.models) + 4) + TORCH_RSS
+def naive_peak_estimate(family: Family, method: str) -> int:
+    """What the whole-tensor baseline needs: the output model kept whole, float32 copies of the
+    largest tensor (one per model plus the method's temporaries), and torch itself."""
+    copies = len(family.models) + NAIVE_EXTRA_COPIES.get(method, max(NAIVE_EXTRA_COPIES.values()))
+    return int(family.model_bytes + family.largest_tensor * 4 * copies + TORCH_RSS)
 
 
-def naive_fits(family: Family) -> tuple[bool, str]:
+def naive_fits(family: Family, method: str) -> tuple[bool, str]:
     """Whether the naive baseline would fit in RAM now; running it anyway could OOM the box."""
-    need, avail = naive_peak_estimate(family), psutil.virtual_memory().available
+    need, avail = naive_peak_estimate(family, method), psutil.virtual_memory().available
     ok = need <= NAIVE_RAM_SHARE * avail
     return ok, "" if ok else f"would need ~{need / GB:.1f} GB of RAM, {avail / GB:.1f} GB available"
 
@@ -113,16 +119,55 @@ def method_params(method: str) -> dict[str, float]:
     return {"density": 0.5} if impl is not None and impl.param("density") is not None else {}
 
 
-def leanmerge_args(family: Family, method: str, budget: int, out: Path) -> list[str]:
-    """`leanmerge merge` arguments for `family`, every fine-tune with weight 1."""
-    args = ["--base", str(family.base), *(a for m in family.models for a in ("--model", str(m)))]
-    args += ["--method", method, "--max-memory", str(budget), "-o", str(out)]
+def method_models(family: Family, method: str) -> tuple[Path, ...]:
+    """The fine-tunes `method` is given: all of them, or the first `max_models` (slerp takes one)."""
+    from engine.methods.registry import METHODS
+
+    most = getattr(METHODS.get(method), "max_models", None)
+    return family.models[:most] if most else family.models
+
+
+def input_bytes(family: Family, method: str) -> int:
+    """Bytes a merge of `family` by `method` reads: the base and the models it is given."""
+    return family.model_bytes * (1 + len(method_models(family, method)))
+
+
+def compiled_as(family: Family, method: str, mode: str) -> bool | None:
+    """Whether the engine fuses `method` with torch.compile under `--compile MODE` for this family.
+
+    Asked of the engine's own rule before the run, because its report does not say; compiling
+    changes both the wall time (a one-off 5-60 s) and the RSS (dynamo and inductor). None when
+    the engine rejects the spec (the run itself will then report the error).
+    """
+    try:
+        from engine.kernels import want_compiled
+    except ImportError:  # an engine without compiled kernels
+        return False
+    from engine.errors import EngineError
+    from engine.spec import cli_spec
+
+    models = [str(m) for m in method_models(family, method)]
+    try:
+        spec = cli_spec(method, family.base, models, method_params(method), None, None)
+    except EngineError:
+        return None
+    return want_compiled(mode, spec.method_impl, spec.tensor_params(), input_bytes(family, method))
+
+
+def leanmerge_args(family: Family, method: str, budget: int, out: Path, compile: str = "auto") -> list[str]:
+    """`leanmerge merge` arguments for `family`, every fine-tune the method takes with weight 1."""
+    models = method_models(family, method)
+    args = ["--base", str(family.base), *(a for m in models for a in ("--model", str(m)))]
+    args += ["--method", method, "--max-memory", str(budget), "--compile", compile, "-o", str(out)]
     return args + [a for k, v in method_params(method).items() for a in (f"--{k}", str(v))]
 
 
-def run_tool(tool: str, family: Family, method: str, cache: Path, budget: int | None = None) -> dict[str, Any] | None:
+def run_tool(
+    tool: str, family: Family, method: str, cache: Path, budget: int | None = None, compile: str = "auto"
+) -> dict[str, Any] | None:
     """One measured merge of `family` by `tool` into a scratch folder, deleted afterwards.
 
+    `budget` and `compile` are leanmerge's `--max-memory` and `--compile`.
     Returns None when the tool is not installed (mergekit) or does not know `method` (naive).
     """
     work = scratch_dir(cache)
@@ -131,12 +176,13 @@ def run_tool(tool: str, family: Family, method: str, cache: Path, budget: int | 
         if tool == "leanmerge":
             if budget is None:
                 raise ValueError("leanmerge runs need a budget")
-            return run_leanmerge(leanmerge_args(family, method, budget, out), work / "events.jsonl")
+            return run_leanmerge(leanmerge_args(family, method, budget, out, compile), work / "events.jsonl")
         runner: Callable[..., dict[str, Any] | None] = run_naive if tool == "naive" else run_mergekit
         if tool == "naive" and method not in NAIVE_METHODS:
             return None
         params: Params = {**method_params(method), "seed": 0} if tool == "naive" else method_params(method)
-        return runner(method, family.base, family.models, out, params)
+        return runner(method, family.base, method_models(family, method), out, params)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
+        with contextlib.suppress(OSError):  # the last run out leaves no empty folder behind
+            work.parent.rmdir()

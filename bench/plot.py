@@ -6,6 +6,7 @@ caller says so. Points are medians; error bars span min..max of the repeats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ COLORS = {"leanmerge": "tab:blue", "naive": "tab:red", "mergekit": "tab:green"}
 
 def _ok(runs: Sequence[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
     return [r for r in runs if "error" not in r and all(r.get(k) == v for k, v in match.items())]
+
+
+def _legend(ax: Any, **kw: Any) -> None:
+    """A legend only when something was drawn (matplotlib warns about an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
 
 
 def _errorbar(ax: Any, xs: Sequence[float], figs: Sequence[dict[str, float]], scale: float, **kw: Any) -> None:
@@ -33,26 +40,50 @@ def rss_vs_size(ax: Any, sec: dict[str, Any]) -> None:
             xs = [r["input_bytes"] / 1e9 for r in runs]
             _errorbar(ax, xs, [r["peak_rss"] for r in runs], GiB, label=tool, color=color)
     ax.axhline(sec["budget"] / GiB, color="gray", linestyle="--", label="--max-memory")
-    ax.set(xscale="log", xlabel="inputs, base + fine-tunes (GB)", ylabel="peak RSS (GiB)", title="Peak RSS vs model size")
-    ax.legend(fontsize="small")
+    ax.set(
+        xscale="log", xlabel="inputs, base + fine-tunes (GB)", ylabel="peak RSS (GiB)", title="Peak RSS vs model size"
+    )
+    _legend(ax, fontsize="small")
+
+
+def _series(runs: Sequence[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
+    """(tool, cache state, leanmerge --compile mode) of every bar series, in a stable order."""
+    keys: set[tuple[str, str, str | None]] = {
+        (r["tool"], r["cache"], r.get("compile")) for r in runs if "error" not in r
+    }
+    return sorted(keys, key=lambda k: (list(COLORS).index(k[0]), k[1] or "", k[2] or ""))
 
 
 def throughput(ax: Any, sec: dict[str, Any]) -> None:
     methods = list(dict.fromkeys(r["method"] for r in sec["runs"]))
-    bars = [(t, c) for t in COLORS for c in ("cold", "warm") if _ok(sec["runs"], tool=t, cache=c)]
-    width = 0.8 / max(1, len(bars))
-    for i, (tool, state) in enumerate(bars):
+    series = _series(sec["runs"])
+    modes = len({m for t, _, m in series if t == "leanmerge"})
+    width = 0.8 / max(1, len(series))
+    for i, (tool, state, mode) in enumerate(series):
+        label: str | None = f"{tool} {state}" + (f" --compile {mode}" if tool == "leanmerge" and modes > 1 else "")
         for j, method in enumerate(methods):
-            e = _ok(sec["runs"], tool=tool, method=method, cache=state)
+            e = _ok(sec["runs"], tool=tool, method=method, cache=state, compile=mode)
             if e:
                 g = e[0]["gbps"]
-                ax.bar(j + i * width, g["median"], width, color=COLORS[tool], alpha=1.0 if state == "cold" else 0.5,
-                       yerr=[[g["median"] - g["min"]], [g["max"] - g["median"]]], capsize=2,
-                       label=f"{tool} {state}" if j == 0 else None)  # fmt: skip
+                err = [[g["median"] - g["min"]], [g["max"] - g["median"]]]
+                alpha = 1.0 if state == "cold" else 0.5
+                ax.bar(
+                    j + i * width,
+                    g["median"],
+                    width,
+                    color=COLORS[tool],
+                    alpha=alpha,
+                    yerr=err,
+                    capsize=2,
+                    hatch="//" if mode == "on" else None,
+                    label=label,
+                )
+                label = None  # one legend entry per series
     ax.axhline(sec["read_limit_gbps"]["median"], color="black", linestyle="--", label="disk read limit (cold)")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods, rotation=20, fontsize="small")
+    ticks = [j + 0.4 - width / 2 for j in range(len(methods))]
+    ax.set_xticks(ticks, methods, rotation=35, ha="right", fontsize="small")
     ax.set(ylabel="GB/s of input", title=f"Throughput ({sec['preset']})")
-    ax.legend(fontsize="x-small")
+    _legend(ax, fontsize="x-small")
 
 
 def rss_vs_budget(ax: Any, sec: dict[str, Any]) -> None:
@@ -66,9 +97,13 @@ def rss_vs_budget(ax: Any, sec: dict[str, Any]) -> None:
     if budgets:
         ax.plot([b / GiB for b in budgets], [b / GiB for b in budgets], color="gray", linestyle="--", label="ceiling")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)  # with both axes log the ceiling is the diagonal
         ax.set_xticks([b / GiB for b in budgets], [f"{b / GiB:g}" for b in budgets])
+        ys = [r["peak_rss"]["min"] for r in _ok(sec["runs"])] + budgets
+        powers = [2.0**k for k in range(math.floor(math.log2(min(ys) / GiB)), math.ceil(math.log2(max(ys) / GiB)) + 1)]
+        ax.set_yticks(powers, [f"{y:g}" for y in powers])
     ax.set(xlabel="--max-memory (GiB)", ylabel="peak RSS (GiB)", title=f"Peak RSS vs budget ({sec['preset']})")
-    ax.legend(fontsize="small", title="dotted: naive", title_fontsize="x-small")
+    _legend(ax, fontsize="small", title="dotted: naive", title_fontsize="x-small")
 
 
 PANELS = {"rss_vs_size": rss_vs_size, "throughput": throughput, "rss_vs_budget": rss_vs_budget}
@@ -86,11 +121,15 @@ def save_plot(results: dict[str, Any], path: Path) -> Path | None:
     names = [n for n in PANELS if n in results["sections"]]
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.8), squeeze=False)
+    widths = [1.8 if n == "throughput" else 1.0 for n in names]  # one group of bars per method
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * sum(widths), 5), squeeze=False, width_ratios=widths)
     for ax, name in zip(axes[0], names):
         PANELS[name](ax, results["sections"][name])
     m = results["machine"]
-    fig.suptitle(f"leanmerge {results['mode']} bench: {m['cpu']}, {m['device']}, {(m.get('commit') or '?')[:10]}", fontsize="small")
+    fig.suptitle(
+        f"leanmerge {results['mode']} bench: {m['cpu']}, {m['device']}, {(m.get('commit') or '?')[:10]}",
+        fontsize="small",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,7 +7,6 @@ the median of the repeats; the JSON keeps min / median / max and every value.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 Entry = dict[str, Any]
@@ -44,7 +43,7 @@ def cell(e: Entry | None, figure: str, fmt: str = "bytes") -> str:
     if "error" in e:
         return "error"
     v = e[figure]["median"]
-    return fmt_bytes(v) if fmt == "bytes" else f"{v:.2f}"
+    return fmt_bytes(v) if fmt == "bytes" else f"{v:.3g}"
 
 
 def header(results: dict[str, Any]) -> list[str]:
@@ -67,14 +66,15 @@ def budget_table(sec: dict[str, Any]) -> list[str]:
         f"{'method':<17}" + "".join(f"{fmt_bytes(b):>{W}}" for b in budgets) + f"{'naive':>{W}}{'mergekit':>{W}}",
     ]
     for method in methods:
-        row = f"{method:<17}"
+        compiled = any(r.get("compiled") for r in runs if r["method"] == method)
+        row = f"{method + (' *' if compiled else ''):<17}"
         for b in budgets:
             e = find(runs, tool="leanmerge", method=method, budget=b)
             mark = "" if e is None or "error" in e else (" ok" if e["within_budget"] else " OVER")
             row += f"{cell(e, 'peak_rss') + mark:>{W}}"
         row += "".join(f"{cell(find(runs, tool=t, method=method), 'peak_rss'):>{W}}" for t in ("naive", "mergekit"))
         lines.append(row)
-    return lines
+    return lines + compiled_note(runs)
 
 
 def size_table(sec: dict[str, Any]) -> list[str]:
@@ -89,41 +89,76 @@ def size_table(sec: dict[str, Any]) -> list[str]:
             lean = find(runs, tool="leanmerge", preset=p, method=method)
             size = next(r["input_bytes"] for r in runs if r["preset"] == p)
             cells = [cell(find(runs, tool=t, preset=p, method=method), "peak_rss") for t in ("naive", "mergekit")]
-            lines.append(f"{p:<17}{method:<17}{fmt_size(size):>10}{cell(lean, 'peak_rss'):>{W}}" + "".join(f"{c:>{W}}" for c in cells))
+            method = method + (" *" if lean and lean.get("compiled") else "")
+            lines.append(
+                f"{p:<17}{method:<17}{fmt_size(size):>10}{cell(lean, 'peak_rss'):>{W}}"
+                + "".join(f"{c:>{W}}" for c in cells)
+            )
     peaks = [r["peak_rss"]["median"] for r in runs if r["tool"] == "leanmerge" and "error" not in r]
     if len(peaks) > 1:
         lines.append(f"leanmerge peak RSS, largest / smallest model: {max(peaks) / min(peaks):.2f}x")
-    lines += [f"skipped {s['preset']} ({s.get('tool', 'all')}): {s['reason']}" for s in sec["skipped"] if s["reason"] != "not available"]
+    lines += compiled_note(runs)
     return lines
+
+
+def lean_label(e: Entry | None, modes: int) -> str:
+    """A leanmerge row's name: the method, its --compile mode when several ran, * when compiled."""
+    if e is None:
+        return "?"
+    return str(e["method"]) + (f" --compile {e['compile']}" if modes > 1 else "") + (" *" if e.get("compiled") else "")
+
+
+def compiled_note(runs: Iterable[Entry]) -> list[str]:
+    """The footnote for rows marked *, when any leanmerge run was compiled."""
+    if any(r.get("compiled") for r in runs):
+        return ["* fused with torch.compile (leanmerge --compile); wall times include the one-off compile"]
+    return []
 
 
 def throughput_table(sec: dict[str, Any]) -> list[str]:
     runs = sec["runs"]
     hot = sec.get("read_hot_gbps")
+    rows = list(dict.fromkeys((r["method"], r.get("compile")) for r in runs if r["tool"] == "leanmerge"))
+    modes = len({m for _, m in rows})
+    labels = [lean_label(find(runs, tool="leanmerge", method=m, compile=c), modes) for m, c in rows]
+    w = max([17, *(len(x) + 2 for x in labels)])
+    heads = ("lean cold", "lean warm", "naive cold", "naive warm", "mk cold", "mk warm", "cold/limit")
     lines = [
         f"throughput, GB/s of input ({sec['preset']}, {fmt_size(sec['input_bytes'])}): read limit cold "
         f"{sec['read_limit_gbps']['median']:.2f} GB/s" + (f", page-cache read {hot['median']:.2f} GB/s" if hot else ""),
-        f"{'method':<17}" + "".join(f"{h:>11}" for h in ("lean cold", "lean warm", "naive cold", "naive warm", "mk cold", "mk warm"))
-        + f"{'cold/limit':>11}",
-    ]  # fmt: skip
-    for method in dict.fromkeys(r["method"] for r in runs):
-        row = f"{method:<17}"
+        f"{'method':<{w}}" + "".join(f"{h:>11}" for h in heads),
+    ]
+    for (method, mode), label in zip(rows, labels):
+        row = f"{label:<{w}}"
         for tool in ("leanmerge", "naive", "mergekit"):
             for state in ("cold", "warm"):
-                row += f"{cell(find(runs, tool=tool, method=method, cache=state), 'gbps', 'num'):>11}"
-        row += f"{cell(find(runs, tool='leanmerge', method=method, cache='cold'), 'ratio', 'num'):>11}"
-        lines.append(row)
-    return lines
+                match = {"compile": mode} if tool == "leanmerge" else {}
+                row += f"{cell(find(runs, tool=tool, method=method, cache=state, **match), 'gbps', 'num'):>11}"
+        lean_cold = find(runs, tool="leanmerge", method=method, cache="cold", compile=mode)
+        lines.append(row + f"{cell(lean_cold, 'ratio', 'num'):>11}")
+    return lines + compiled_note(runs)
 
 
 TABLES = {"rss_vs_budget": budget_table, "rss_vs_size": size_table, "throughput": throughput_table}
+
+
+def skipped_lines(sec: dict[str, Any], most: int = 4) -> list[str]:
+    """Why cells are '-': sizes or baselines this machine could not run (not the uninstalled)."""
+    seen = dict.fromkeys(
+        f"skipped {s.get('tool', 'all')} {s.get('method', '')} on {s.get('preset', sec.get('preset', '?'))}"
+        f"{' ' + s['cache'] if s.get('cache') else ''}: {s['reason']}".replace("  ", " ")
+        for s in sec.get("skipped", [])
+        if s["reason"] != "not available"
+    )
+    lines = list(seen)
+    return lines[:most] + ([f"... and {len(lines) - most} more skipped (see the JSON)"] if len(lines) > most else [])
 
 
 def text_table(results: dict[str, Any]) -> str:
     """Everything on one screen: header, then one block per section that ran."""
     lines = header(results)
     for name, sec in results["sections"].items():
-        lines += ["", *TABLES[name](sec)]
+        lines += ["", *TABLES[name](sec), *skipped_lines(sec)]
     errors = [r for sec in results["sections"].values() for r in sec["runs"] if "error" in r]
     lines += [f"error: {r['tool']} {r['method']} {r['preset']}: {r['error'].splitlines()[-1][:120]}" for r in errors]
     return "\n".join(lines)

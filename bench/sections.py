@@ -9,6 +9,7 @@ a size or baseline that cannot run here (disk, RAM, not installed) is listed und
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import psutil
 
 from bench.common import GB, RunFailed, drop_from_page_cache, read_hot, read_limit, stats, warm_page_cache
-from bench.families import Family, ensure_family, fits_on_disk, naive_fits, run_tool
+from bench.families import Family, compiled_as, ensure_family, fits_on_disk, input_bytes, naive_fits, run_tool
 
 log = logging.getLogger("bench")
 GiB = 1 << 30
@@ -43,21 +44,27 @@ class Settings:
     budgets: tuple[int, ...] = BUDGETS
     size_budget: int = SIZE_BUDGET
     n_models: int = 3
+    compile_modes: tuple[str, ...] = ("auto",)  # leanmerge `--compile` modes the throughput section runs
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        bad = set(self.compile_modes) - {"auto", "on", "off"}
+        if bad or not self.compile_modes:
+            raise ValueError(f"compile modes must be auto, on or off, got {self.compile_modes}")
 
     def registered(self, wanted: Sequence[str] | None = None) -> list[str]:
-        """Registered methods (read now, so new ones are picked up), narrowed to `wanted` and
-        to `--methods`, in `wanted`'s order."""
+        """Registered methods (read now, so new ones are picked up) among `wanted`, narrowed to
+        `--methods`; when none of `wanted` is in `--methods`, those of `--methods` instead."""
         from engine.methods.registry import METHODS
 
         names = [m for m in (wanted or sorted(METHODS)) if m in METHODS]
-        return [m for m in names if self.methods is None or m in self.methods]
+        if self.methods is None:
+            return names
+        return [m for m in names if m in self.methods] or [m for m in self.methods if m in METHODS]
 
 
-def figures(results: Sequence[dict[str, Any]], input_bytes: int) -> dict[str, Any]:
+def figures(results: Sequence[dict[str, Any]], nbytes: int) -> dict[str, Any]:
     """Every figure of the repeats as stats. GB/s use the tool's own wall time when it reports
     one (leaving out interpreter start and `import torch`); `*_process` figures include them."""
     inner = [r["report"]["wall_s"] if r.get("report") else r["wall_s"] for r in results]
@@ -66,8 +73,8 @@ def figures(results: Sequence[dict[str, Any]], input_bytes: int) -> dict[str, An
         "wall_s": stats(inner),
         "wall_s_process": stats([r["wall_s"] for r in results]),
         "cpu_s": stats([r["cpu_s"] for r in results]),
-        "gbps": stats([input_bytes / w / GB for w in inner]),
-        "gbps_process": stats([input_bytes / r["wall_s"] / GB for r in results]),
+        "gbps": stats([nbytes / w / GB for w in inner]),
+        "gbps_process": stats([nbytes / r["wall_s"] / GB for r in results]),
         "launcher_rss": max(r["launcher_rss"] for r in results),
     }
     reports = [r["report"] for r in results if r.get("report") and "peak_rss" in r["report"]]
@@ -78,34 +85,54 @@ def figures(results: Sequence[dict[str, Any]], input_bytes: int) -> dict[str, An
 
 
 def measure(
-    s: Settings, tool: str, family: Family, method: str, *, budget: int | None = None,
-    before: Callable[[], None] | None = None, **labels: Any,
-) -> dict[str, Any] | None:  # fmt: skip
-    """`s.repeats` measured runs summarised as one entry; None if the tool cannot run `method`."""
+    s: Settings,
+    tool: str,
+    family: Family,
+    method: str,
+    *,
+    budget: int | None = None,
+    compile: str = "auto",
+    before: Callable[[], None] | None = None,
+    **labels: Any,
+) -> dict[str, Any] | None:
+    """`s.repeats` measured runs summarised as one entry; None if the tool cannot run `method`.
+
+    leanmerge entries also say which `--compile` mode ran and whether it compiled.
+    """
     entry = {"tool": tool, "method": method, "preset": family.preset, "budget": budget, **labels}
-    entry["input_bytes"] = family.input_bytes
+    if tool == "leanmerge":
+        entry |= {"compile": compile, "compiled": compiled_as(family, method, compile)}
+    entry["input_bytes"] = inputs = input_bytes(family, method)
     where = "".join(f", {k} {v}" for k, v in labels.items()) + (f", --max-memory {budget >> 20} MiB" if budget else "")
-    log.info("%s %s on %s%s", tool, method, family.preset, where)
+    log.info("%s %s on %s%s%s", tool, method, family.preset, where, ", compiled" if entry.get("compiled") else "")
     results = []
+    load = 0.0  # others' work on a shared machine shows up here before it skews a figure
     try:
         for _ in range(s.repeats):
             if before is not None:
                 before()
-            r = run_tool(tool, family, method, s.cache, budget)
+            load = max(load, os.getloadavg()[0])
+            r = run_tool(tool, family, method, s.cache, budget, compile)
             if r is None:
                 return None
             results.append(r)
     except RunFailed as e:
         return {**entry, "error": str(e)}
-    return {**entry, **figures(results, family.input_bytes)}
+    return {**entry, **figures(results, inputs), "loadavg_1m_max": load}
 
 
 def baselines(
-    s: Settings, family: Family, method: str, skipped: list[dict[str, Any]], *,
-    before: Callable[[], None] | None = None, **labels: Any,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """The naive (and mergekit, if installed) entries for `method`, unless they would not fit in RAM."""
-    ok, why = naive_fits(family)
+    s: Settings,
+    family: Family,
+    method: str,
+    skipped: list[dict[str, Any]],
+    *,
+    before: Callable[[], None] | None = None,
+    **labels: Any,
+) -> list[dict[str, Any]]:
+    """The naive (and mergekit, if installed) entries for `method`, unless they would not fit in RAM
+    (mergekit is guarded by the naive estimate: it too holds whole tensors)."""
+    ok, why = naive_fits(family, method)
     if not ok:
         skipped += [{"tool": t, "method": method, "preset": family.preset, "reason": why, **labels} for t in BASELINES]
         return []
@@ -113,7 +140,9 @@ def baselines(
     for tool in BASELINES:
         e = measure(s, tool, family, method, before=before, **labels)
         if e is None:
-            skipped.append({"tool": tool, "method": method, "preset": family.preset, "reason": "not available", **labels})
+            skipped.append(
+                {"tool": tool, "method": method, "preset": family.preset, "reason": "not available", **labels}
+            )
         else:
             out.append(e)
     return out
@@ -144,15 +173,27 @@ def rss_vs_size(s: Settings) -> dict[str, Any]:
             skipped.append({"tool": "all", "preset": preset, "reason": why})
             continue
         fam = ensure_family(s.cache, preset, s.n_models)
-        for method in s.registered(SIZE_METHODS) or s.registered()[:1]:
+        for method in s.registered(SIZE_METHODS):
             e = measure(s, "leanmerge", fam, method, budget=s.size_budget)
             runs += [e] if e is not None else []
             runs += baselines(s, fam, method, skipped)
     return {"budget": s.size_budget, "runs": runs, "skipped": skipped}
 
 
+def distinct_modes(family: Family, method: str, modes: Sequence[str]) -> list[str]:
+    """The `--compile` modes that run differently for `method`: a method that cannot be compiled
+    runs eager under every mode, and measuring it twice would only cost time."""
+    out: dict[bool | None, str] = {}
+    for mode in modes:
+        out.setdefault(compiled_as(family, method, mode), mode)
+    return list(out.values())
+
+
 def throughput(s: Settings) -> dict[str, Any]:
-    """GB/s of input per method and tool, cold and warm, next to this disk's read limit."""
+    """GB/s of input per method and tool, cold and warm, next to this disk's read limit.
+
+    leanmerge runs once per `s.compile_modes`; its GB/s include any one-off compile time.
+    """
     fam = ensure_family(s.cache, s.family, s.n_models)
     limit = stats([read_limit(fam.files) for _ in range(s.repeats)])
     warm_ok = fam.input_bytes <= WARM_RAM_SHARE * psutil.virtual_memory().available
@@ -166,14 +207,23 @@ def throughput(s: Settings) -> dict[str, Any]:
         for state, before in states.items():
             if state == "warm" and not warm_ok:
                 continue
-            entries = [measure(s, "leanmerge", fam, method, budget=s.size_budget, before=before, cache=state)]
+            entries = [
+                measure(s, "leanmerge", fam, method, budget=s.size_budget, compile=mode, before=before, cache=state)
+                for mode in distinct_modes(fam, method, s.compile_modes)
+            ]
             entries += baselines(s, fam, method, skipped, before=before, cache=state)
             for e in entries:
                 if e is not None and "error" not in e:
                     e["ratio"] = stats([g / limit["median"] for g in e["gbps"]["values"]])
                 runs += [e] if e is not None else []
-    return {"preset": fam.preset, "input_bytes": fam.input_bytes, "read_limit_gbps": limit, "read_hot_gbps": hot,
-            "runs": runs, "skipped": skipped}  # fmt: skip
+    return {
+        "preset": fam.preset,
+        "input_bytes": fam.input_bytes,
+        "read_limit_gbps": limit,
+        "read_hot_gbps": hot,
+        "runs": runs,
+        "skipped": skipped,
+    }
 
 
 RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {

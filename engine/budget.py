@@ -22,6 +22,7 @@ GiB = 1 << 30
 CHUNK_ELEMS = 1 << 18  # compute sub-chunk: 1 MiB per float32 array, stays in L2
 WORK_ARRAYS = 8  # float32 temporaries a method may hold per chunk besides its inputs
 RESERVE = 48 * MiB  # allocator slack, reader thread, Python objects (measured in bench/)
+COMPILE_RESERVE = 256 * MiB  # torch.compile's compiler and generated code (~180 MiB measured)
 MAX_STREAM_BYTES = 32 * MiB  # larger reads are no faster (DESIGN.md) and only cost RSS
 DEPTH = 2  # input buffer sets: one computing, one being filled by the reader
 OUT_DEPTH = 2  # output buffers: one being filled, one being written
@@ -41,6 +42,7 @@ class MemoryPlan:
     chunk_elems: int = CHUNK_ELEMS  # float32 workspace width: a cache-sized chunk, or one row
     depth: int = DEPTH
     out_depth: int = OUT_DEPTH
+    reserve: int = RESERVE  # fixed allowance: allocator, threads, Python objects (and the compiler)
 
     @property
     def buffers(self) -> int:
@@ -48,7 +50,7 @@ class MemoryPlan:
 
     @property
     def predicted_peak(self) -> int:
-        return self.baseline + RESERVE + self.workspace + self.buffers
+        return self.baseline + self.reserve + self.workspace + self.buffers
 
 
 def plan_memory(
@@ -59,6 +61,8 @@ def plan_memory(
     max_row_elems: int,
     block_bytes: int | None = None,
     row_aligned: bool = False,
+    max_numel: int | None = None,
+    compiled: bool = False,
 ) -> MemoryPlan:
     """Choose the block size (in elements) that fits `budget`.
 
@@ -70,13 +74,15 @@ def plan_memory(
         max_row_elems: elements in the widest row; a block holds at least one row.
         block_bytes: user override of one stream's block size (`--block-size`).
         row_aligned: compute chunks hold whole rows, so the workspace holds at least one row.
+        max_numel: elements of the largest tensor: no block needs more.
+        compiled: torch.compile kernels will run, so their memory is reserved too.
     Raises:
         BudgetError: the budget cannot hold one row; the message gives the minimum.
     """
     chunk_elems = max(CHUNK_ELEMS, max_row_elems) if row_aligned else CHUNK_ELEMS
     workspace = chunk_elems * 4 * (len(in_bytes_per_elem) + WORK_ARRAYS)
     per_elem = sum(in_bytes_per_elem) * DEPTH + out_bytes_per_elem * OUT_DEPTH
-    fixed = baseline + RESERVE + workspace
+    fixed = baseline + RESERVE + workspace + (COMPILE_RESERVE if compiled else 0)
     widest = max(in_bytes_per_elem)
     cap = max(1, (block_bytes if block_bytes is not None else MAX_STREAM_BYTES) // widest)
     fits = (budget - fixed) // per_elem
@@ -87,10 +93,18 @@ def plan_memory(
             f"({max_row_elems} elements x {per_elem} bytes for all buffers) on top of "
             f"{fmt_bytes(fixed)} already in use; the minimum for this merge is {fmt_bytes(minimum)}"
         )
-    block_elems = min(fits, cap)
+    block_elems = min(fits, cap, max(max_numel or fits, 1))
     buffer_elems = max(block_elems, max_row_elems)
     return MemoryPlan(
-        budget, baseline, workspace, block_elems, buffer_elems, in_bytes_per_elem, out_bytes_per_elem, chunk_elems
+        budget,
+        baseline,
+        workspace,
+        block_elems,
+        buffer_elems,
+        in_bytes_per_elem,
+        out_bytes_per_elem,
+        chunk_elems,
+        reserve=RESERVE + (COMPILE_RESERVE if compiled else 0),
     )
 
 
@@ -100,11 +114,18 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """The highest RSS this process has had, in bytes (Linux reports ru_maxrss in KiB).
+    """The highest RSS this process has had, in bytes.
 
-    The kernel updates the high-water mark lazily, so it can trail the current RSS slightly.
+    VmHWM (Linux) is this process image's own high-water mark; `ru_maxrss` would also carry the
+    peak of whatever process exec'd us (a notebook, a 2 GB launcher). The kernel updates the
+    mark lazily, so it can trail the current RSS slightly.
     """
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, current_rss())
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(hwm, current_rss())
 
 
 def default_budget() -> int:

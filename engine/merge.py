@@ -16,7 +16,7 @@ import psutil
 
 from engine import __version__
 from engine.budget import current_rss, default_budget, fmt_bytes, peak_rss
-from engine.errors import CheckpointError, Interrupted, OutputError
+from engine.errors import BudgetError, CheckpointError, Interrupted, OutputError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.inventory import Inventory, take_inventory
 from engine.io.journal import Journal, JournalState, check_resumable, fingerprint, load_journal
@@ -45,6 +45,7 @@ class Report:
     blocks: int
     shards: int
     resumed_tensors: int
+    compiled: bool
     wall_s: float
     bytes_read: int
     bytes_written: int
@@ -65,8 +66,13 @@ def prepare(
     block_bytes: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     baseline: int | None = None,
+    compile: str = "auto",
 ) -> tuple[Inventory, Plan]:
-    """Open the inputs and plan the merge, reading headers only."""
+    """Open the inputs and plan the merge, reading headers only.
+
+    `compile` ("auto", "on", "off") decides whether torch.compile kernels will run (`plan.compiled`);
+    their memory is then reserved in the budget, and a budget too small for it runs eager.
+    """
     inv = take_inventory(spec.base, [m.path for m in spec.models])
     budget = max_memory if max_memory is not None else default_budget()
     if budget > psutil.virtual_memory().available:
@@ -75,14 +81,18 @@ def prepare(
             fmt_bytes(budget),
             fmt_bytes(psutil.virtual_memory().available),
         )
-    plan = make_plan(
-        spec,
-        inv,
-        budget=budget,
-        baseline=current_rss() if baseline is None else baseline,
-        block_bytes=block_bytes,
-        shard_size=shard_size,
-    )
+    kw: dict[str, Any] = {
+        "budget": budget,
+        "baseline": current_rss() if baseline is None else baseline,
+        "block_bytes": block_bytes,
+        "shard_size": shard_size,
+    }
+    plan = make_plan(spec, inv, **kw)
+    if want_compiled(compile, spec.method_impl, spec.tensor_params(), plan.bytes_read):
+        try:
+            plan = make_plan(spec, inv, **kw, compiled=True)
+        except BudgetError:
+            log.warning("--max-memory %s leaves no room for compiled kernels; running eager", fmt_bytes(budget))
     return inv, plan
 
 
@@ -129,7 +139,9 @@ def merge(
     baseline = current_rss()
     output = Path(output)
     emit = on_event or (lambda e: None)
-    inv, plan = prepare(spec, max_memory=max_memory, block_bytes=block_bytes, shard_size=shard_size, baseline=baseline)
+    inv, plan = prepare(
+        spec, max_memory=max_memory, block_bytes=block_bytes, shard_size=shard_size, baseline=baseline, compile=compile
+    )
     check_target(output, overwrite, [spec.base, *(m.path for m in spec.models)])
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
     header = {
@@ -141,8 +153,7 @@ def merge(
     with output_lock(output), graceful_stop(handle_signals) as stop:
         state = _open_temp(tmp, plan, header, resume)
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
-        compiled = want_compiled(compile, spec.method_impl, spec.tensor_params(), plan.bytes_read)
-        resumed = _run(plan, inv, tmp, metadata, header, state, emit, drop_cache, sync_every, stop, compiled)
+        resumed = _run(plan, inv, tmp, metadata, header, state, emit, drop_cache, sync_every, stop, plan.compiled)
         commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(
@@ -153,6 +164,7 @@ def merge(
         blocks=plan.n_blocks,
         shards=len(plan.shards),
         resumed_tensors=resumed,
+        compiled=plan.compiled,
         wall_s=wall,
         bytes_read=plan.bytes_read,
         bytes_written=plan.bytes_written,
@@ -286,6 +298,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "tensors": len(plan.tensors),
         "blocks": plan.n_blocks,
         "passes": max((t.passes for t in plan.tensors), default=1),
+        "compiled": plan.compiled,
         "block_elems": m.block_elems,
         "budget": m.budget,
         "baseline_rss": m.baseline,

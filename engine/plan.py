@@ -86,6 +86,7 @@ class Plan:
     tensors: tuple[TensorPlan, ...]
     shards: tuple[ShardPlan, ...]
     memory: MemoryPlan
+    compiled: bool = False  # torch.compile kernels will run (their memory is in the budget)
 
     @property
     def bytes_read(self) -> int:
@@ -111,6 +112,7 @@ def make_plan(
     baseline: int,
     block_bytes: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    compiled: bool = False,
 ) -> Plan:
     """Plan the merge of `inv` by `spec` under a whole-process RSS `budget`.
 
@@ -120,6 +122,7 @@ def make_plan(
         budget: peak RSS ceiling in bytes; `baseline` is the RSS already in use.
         block_bytes: fixed block size per input stream (tuning, tests); default from the budget.
         shard_size: largest output shard in bytes (a bigger tensor gets a shard of its own).
+        compiled: reserve memory for torch.compile kernels.
     Raises:
         BudgetError: the budget cannot hold one row of the widest tensor.
     """
@@ -135,6 +138,8 @@ def make_plan(
         max((inv.base.tensors[n].row_numel for n in names), default=1),
         block_bytes,
         spec.method_impl.row_aligned,
+        max((inv.base.tensors[n].numel for n in names), default=1),
+        compiled,
     )
     passes = 1 + len(spec.method_impl.reducers(spec.tensor_params()))
     layout = _shard_layout([(n, inv.base.tensors[n].numel * itemsize(out_dtypes[n])) for n in names], shard_size)
@@ -157,7 +162,7 @@ def make_plan(
                 passes=passes if info.dtype in MERGEABLE else 1,
             )
         )
-    return Plan(spec, tuple(tensors), _shards(tensors), memory)
+    return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled)
 
 
 def _out_dtype(spec: MergeSpec, base_dtype: str) -> str:

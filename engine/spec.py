@@ -50,9 +50,14 @@ class MergeSpec:
             raise SpecError(
                 f"method {self.method!r} needs at least {method.min_models} model(s), got {len(self.models)}"
             )
+        if method.max_models is not None and len(self.models) > method.max_models:
+            raise SpecError(
+                f"method {self.method!r} takes at most {method.max_models} model(s) besides the base, got {len(self.models)}"
+            )
         _check_params(method, self.params, "parameters", per_model=False)
         for m in self.models:
             _check_params(method, m.params, f"parameters of model {str(m.path)!r}", per_model=True)
+        method.validate(self.tensor_params())
         if self.out_dtype is not None:
             object.__setattr__(self, "out_dtype", parse_out_dtype(self.out_dtype))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -99,7 +104,9 @@ def _check_params(method: Method, params: Mapping[str, ParamValue], where: str, 
             )
         if isinstance(d.default, bool) and not isinstance(value, bool):
             raise SpecError(f"{where}: {name!r} must be true or false, got {value!r}")
-        if not isinstance(d.default, bool) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if isinstance(d.default, str) and not isinstance(value, str):
+            raise SpecError(f"{where}: {name!r} must be a string, got {value!r}")
+        if not isinstance(d.default, (bool, str)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise SpecError(f"{where}: {name!r} must be a number, got {value!r}")
         problem = d.check(value)
         if problem:

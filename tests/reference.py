@@ -137,3 +137,182 @@ def dare_merge(
     if lam != 1.0:
         mixed = mixed * lam
     return base + mixed
+
+
+# --- Methods with tensor-wide statistics (TIES, breadcrumbs, DELLA, SLERP, model stock, DARE's
+# norm rescale). Whole tensors: top-k by a stable sort of |δ| (largest first, equal magnitudes by
+# lowest flat index), ranks by argsort, norms and dot products by `math.fsum` (exact, correctly
+# rounded), so none of them shares code or summation order with the engine's reducers.
+
+
+def exact_dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Σ xᵢ·yᵢ of float32 tensors: float64 products are exact, `math.fsum` rounds once."""
+    import math
+
+    return math.fsum((x.double().reshape(-1) * y.double().reshape(-1)).tolist())
+
+
+def rank_order(delta: torch.Tensor) -> torch.Tensor:
+    """Flat indices by |δ| descending; equal magnitudes in index order (stable sort)."""
+    return torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+
+
+def keep_ranks(delta: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """δ with every element outside ranks [lo, hi) of `rank_order` zeroed (multiplied by 0)."""
+    mask = torch.zeros(delta.numel(), dtype=torch.bool)
+    mask[rank_order(delta)[lo:hi]] = True
+    return delta * mask.view(delta.shape)
+
+
+def ties_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: keep the int(density · n) largest magnitudes."""
+    return delta if density >= 1.0 else keep_ranks(delta, 0, int(density * delta.numel()))
+
+
+def breadcrumbs_trim(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's magnitude_outliers: drop the int(gamma · n) largest, keep the next int(density · n)."""
+    if density >= 1.0:
+        return delta
+    n = delta.numel()
+    k, n_top = int(density * n), int(gamma * n)
+    n_bot = n - k - n_top
+    if n_bot < 0:
+        n_top += n_bot
+    return keep_ranks(delta, n_top, n_top + k)
+
+
+def della_trim(delta: torch.Tensor, density: float, epsilon: float, rescale: bool, rng: object) -> torch.Tensor:
+    """DELLA MagPrune: per-row rank probabilities in [d − ε, d + ε], keyed keep, divide by p."""
+    if density >= 1.0 or delta.numel() == 0:
+        return delta
+    w = int(torch.tensor(delta.shape[1:]).prod()) if delta.dim() > 1 else 1
+    rows = delta.reshape(-1, w)
+    if w == 1:
+        prob = torch.full_like(rows, density)
+    else:
+        order = torch.sort(rows.abs(), dim=1, stable=True).indices  # ascending
+        rank_norm = torch.argsort(order, dim=1).float() / (w - 1)  # the inverse permutation
+        prob = (density - epsilon) + rank_norm * 2 * epsilon
+    keep = rng.keep_where(0, prob.reshape(-1)).view(delta.shape)  # type: ignore[attr-defined]
+    out = delta * keep
+    return out / prob.view(delta.shape) if rescale else out
+
+
+def slerp_ref(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
+    """mergekit's slerp with exact norms and dot product."""
+    import math
+
+    n0, n1 = math.sqrt(exact_dot(base, base)), math.sqrt(exact_dot(model, model))
+    dot = exact_dot(base, model) / ((n0 if n0 > 1e-8 else 1.0) * (n1 if n1 > 1e-8 else 1.0))
+    if abs(dot) > 0.9995:
+        return (1 - t) * base + t * model
+    theta_0 = math.acos(dot)
+    theta_t = theta_0 * t
+    s0 = math.sin(theta_0 - theta_t) / math.sin(theta_0)
+    s1 = math.sin(theta_t) / math.sin(theta_0)
+    return s0 * base + s1 * model
+
+
+def model_stock_ref(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Model Stock: t = N·cos / (1 + (N − 1)·cos), cos the mean pairwise cosine of the deltas."""
+    import math
+
+    offsets = [m - base for m in models]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norms = math.sqrt(exact_dot(offsets[i], offsets[i])) * math.sqrt(exact_dot(offsets[j], offsets[j]))
+            cos.append(min(max(exact_dot(offsets[i], offsets[j]) / max(norms, 1e-6), -1.0), 1.0))
+    c = sum(cos) / len(cos)
+    n = len(models)
+    t = n * c / (1 + (n - 1) * c) if 1 + (n - 1) * c != 0 else 0.0
+    avg = models[0].clone()
+    for m in models[1:]:
+        avg += m
+    avg /= n
+    return t * avg + (1 - t) * base
+
+
+def dare_norm_trim(delta: torch.Tensor, keep: torch.Tensor, density: float, norm: str) -> torch.Tensor:
+    """DARE with norm matching: m ⊙ δ · ‖δ‖ / ‖m ⊙ δ‖ (mergekit's rescaled_masked_tensor)."""
+    import math
+
+    if density >= 1.0 or delta.numel() == 0:
+        return delta
+    masked = delta * keep
+    if norm == "linf":
+        before, after = float(delta.abs().max()), float(masked.abs().max())
+    elif norm == "l1":
+        before, after = (
+            math.fsum(delta.double().abs().reshape(-1).tolist()),
+            math.fsum(masked.double().abs().reshape(-1).tolist()),
+        )
+    else:
+        before, after = math.sqrt(exact_dot(delta, delta)), math.sqrt(exact_dot(masked, masked))
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+STATS_DEFAULTS: dict[str, dict[str, object]] = {
+    "ties": {"normalize": True},
+    "breadcrumbs": {"normalize": False, "gamma": 0.01},
+    "breadcrumbs_ties": {"normalize": False, "gamma": 0.01},
+    "della": {"normalize": True, "epsilon": 0.15, "rescale": True},
+    "della_linear": {"normalize": False, "epsilon": 0.15, "rescale": True},
+    "dare_linear": {"normalize": False, "rescale": True},
+    "dare_ties": {"normalize": False, "rescale": True},
+}
+
+
+def stats_merge(
+    method: str, name: str, base: torch.Tensor, models: Sequence[torch.Tensor], **params: object
+) -> torch.Tensor:
+    """One float32 tensor merged by a tensor-wide-statistics method; params as in the spec."""
+    from engine.rng import KeyedRng, stream_key
+
+    if method == "slerp":
+        return slerp_ref(base, models[0], float(params.get("t", 0.5)))  # type: ignore[arg-type]
+    if method == "model_stock":
+        return model_stock_ref(base, models)
+    p = {**STATS_DEFAULTS[method], **params}
+    n = len(models)
+    weights = list(p.get("weights") or [1.0] * n)  # type: ignore[call-overload]
+    dens = list(p.get("densities") or [1.0] * n)  # type: ignore[call-overload]
+    gammas = list(p.get("gammas") or [p.get("gamma", 0.01)] * n)  # type: ignore[call-overload]
+    eps = list(p.get("epsilons") or [p.get("epsilon", 0.15)] * n)  # type: ignore[call-overload]
+    deltas = []
+    for i, (m, d) in enumerate(zip(models, dens)):
+        delta = m - base
+        rng = KeyedRng(stream_key(int(p.get("seed", 0)), name, i))  # type: ignore[call-overload]
+        if method == "ties":
+            deltas.append(ties_trim(delta, d))
+        elif method.startswith("breadcrumbs"):
+            deltas.append(breadcrumbs_trim(delta, d, gammas[i]))
+        elif method.startswith("della"):
+            deltas.append(della_trim(delta, d, eps[i], bool(p["rescale"]), rng))
+        else:  # dare with rescale_norm
+            keep = rng.keep(0, delta.numel(), d).view(delta.shape)
+            deltas.append(dare_norm_trim(delta, keep, d, str(p["rescale_norm"])))
+    if method in ("ties", "breadcrumbs_ties", "della", "dare_ties"):
+        mixed = ties_merge([x * w for x, w in zip(deltas, weights)], weights, bool(p["normalize"]))
+    else:
+        mixed = linear(base, deltas, weights, bool(p["normalize"]))
+    lam = float(p.get("lambda", 1.0))  # type: ignore[arg-type]
+    return base + (mixed * lam if lam != 1.0 else mixed)
+
+
+def merge_folders_stats(
+    method: str, base_dir: Path, model_dirs: Sequence[Path], out_dtype: torch.dtype | None = None, **params: object
+) -> dict[str, torch.Tensor]:
+    """`merge_folders` for the tensor-wide-statistics methods (see `stats_merge`)."""
+    base = load_model(base_dir)
+    models = [load_model(d) for d in model_dirs]
+    out = {}
+    for name, b in base.items():
+        if b.dtype not in FLOATS:
+            out[name] = b
+            continue
+        r = stats_merge(method, name, b.float(), [m[name].float() for m in models], **params)
+        out[name] = r.to(out_dtype or b.dtype)
+    return out

@@ -21,7 +21,7 @@ import torch
 
 from engine.rng import KeyedRng, keep_traceable, segment_keys
 
-ParamValue = float | bool
+ParamValue = float | bool | str  # str: one of a fixed set of choices (e.g. rescale_norm)
 Stats = Mapping[str, Any]  # tensor-wide statistics from the reducers, by name
 
 
@@ -49,6 +49,15 @@ DENSITY = ParamDef("density", 1.0, per_model=True, check=in_unit_interval)
 LAMBDA = ParamDef("lambda", 1.0, per_model=False)
 
 
+def one_of(*choices: str) -> Callable[[ParamValue], str | None]:
+    """Check for string parameters that take one of `choices`."""
+
+    def check(v: ParamValue) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(map(repr, choices))}, got {v!r}"
+
+    return check
+
+
 def normalize_param(default: bool) -> ParamDef:
     return ParamDef("normalize", default, per_model=False)
 
@@ -68,6 +77,9 @@ class TensorParams:
 
     def number(self, name: str) -> float:
         return float(self.globals[name])
+
+    def choice(self, name: str) -> str:
+        return str(self.globals[name])
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,11 @@ class Method(ABC):
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
         """Merge one chunk. base: (n,) float32; models: k scratch tensors (n,) float32 -> (n,) float32."""
+
+    def validate(self, p: TensorParams) -> None:
+        """Raise `SpecError` for combinations of parameters that no single `ParamDef.check` can see
+        (e.g. density + gamma > 1). The message names the parameter and the model."""
+        return None
 
     def param(self, name: str) -> ParamDef | None:
         return next((d for d in self.params if d.name == name), None)

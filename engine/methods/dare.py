@@ -6,6 +6,10 @@ rest; survivors are divided by d so that E[δ̂ₘ] = δₘ. `rescale: false` is
 ablation. The keep decision comes from the keyed stream of (seed, tensor, model) at the
 element's flat index, so the masks are the same whatever the block size, device or order.
 
+`rescale_norm: l1` (or l2, linf) replaces the division by d with matching the norm of the whole
+dropped delta to the original's, as current mergekit's `rescale: true` does; it costs one
+reducer pass (`engine.methods.rescale_norm`). The default, `density`, is the paper's 1/d.
+
 - dare_linear: task arithmetic on the DARE'd deltas; with one model it sparsifies a fine-tune.
 - dare_ties: TIES sign election and disjoint merge on the DARE'd deltas.
 """
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.errors import SpecError
 from engine.methods.base import (
     DENSITY,
     LAMBDA,
@@ -23,18 +28,29 @@ from engine.methods.base import (
     Chunk,
     Method,
     ParamDef,
+    Reducer,
     Stats,
     TensorParams,
     normalize_param,
+    one_of,
     safe_divisor,
     scale_,
     weighted_sum_,
 )
 from engine.methods.consensus import disjoint_merge_
+from engine.methods.rescale_norm import FACTORS, NORMS, NormMatch
 from engine.methods.task_arithmetic import add_to_base_, deltas_
 
 RESCALE = ParamDef("rescale", True, per_model=False)
-DARE_PARAMS = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), RESCALE)
+# "density": divide survivors by d (the paper); a norm: match the whole tensor's norm instead.
+RESCALE_NORM = ParamDef("rescale_norm", "density", per_model=False, check=one_of("density", *NORMS))
+DARE_PARAMS = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), RESCALE, RESCALE_NORM)
+
+
+def rescale_norm(p: TensorParams) -> str | None:
+    """The norm to match, or None for the paper's 1/d (or no rescale at all)."""
+    norm = str(p.globals.get("rescale_norm", "density"))  # absent in hand-made TensorParams
+    return norm if norm != "density" and p.flag("rescale") else None
 
 
 def drop_and_rescale_(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -46,39 +62,59 @@ def drop_and_rescale_(delta: torch.Tensor, keep: torch.Tensor, density: float, r
     return delta.div_(density) if rescale else delta
 
 
-def dare_deltas_(base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, c: Chunk) -> list[torch.Tensor]:
-    """δ̂ₘ for every model of the chunk, in place. A density of 1 keeps every element unchanged."""
-    rescale = p.flag("rescale")
+def dare_deltas_(
+    base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, c: Chunk, stats: Stats | None = None
+) -> list[torch.Tensor]:
+    """δ̂ₘ for every model of the chunk, in place. A density of 1 keeps every element unchanged.
+
+    With `rescale_norm`, survivors are multiplied by the tensor's norm-matching factor (from
+    `stats`) instead of divided by the density.
+    """
+    factors = (stats or {}).get(FACTORS)
+    rescale = p.flag("rescale") and factors is None
     out = []
     for i, (delta, d) in enumerate(zip(deltas_(base, models), p.per_model("density"))):
-        out.append(delta if d >= 1.0 else drop_and_rescale_(delta, c.keep(i, delta.numel(), d), d, rescale))
+        if d < 1.0:
+            delta = drop_and_rescale_(delta, c.keep(i, delta.numel(), d), d, rescale)
+            if factors is not None:
+                delta = scale_(delta, factors[i])
+        out.append(delta)
     return out
 
 
-class DareLinear(Method):
-    name = "dare_linear"
+class _Dare(Method):
     params = DARE_PARAMS
     uses_rng = True
+
+    def validate(self, p: TensorParams) -> None:
+        if p.choice("rescale_norm") != "density" and not p.flag("rescale"):
+            raise SpecError(f"{self.name}: 'rescale_norm' {p.choice('rescale_norm')!r} needs 'rescale: true'")
+
+    def reducers(self, p: TensorParams) -> Sequence[Reducer]:
+        norm = rescale_norm(p)
+        return (NormMatch(norm),) if norm and min(p.per_model("density")) < 1.0 else ()
+
+
+class DareLinear(_Dare):
+    name = "dare_linear"
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
         weights = p.per_model("weight")
-        mixed = weighted_sum_(dare_deltas_(base, models, p, c), weights)
+        mixed = weighted_sum_(dare_deltas_(base, models, p, c, stats), weights)
         if p.flag("normalize"):
             mixed /= safe_divisor(sum(weights))
         return add_to_base_(base, mixed, p.number("lambda"))
 
 
-class DareTies(Method):
+class DareTies(_Dare):
     name = "dare_ties"
-    params = DARE_PARAMS
-    uses_rng = True
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
         weights = p.per_model("weight")
-        weighted = [scale_(delta, w) for delta, w in zip(dare_deltas_(base, models, p, c), weights)]
+        weighted = [scale_(delta, w) for delta, w in zip(dare_deltas_(base, models, p, c, stats), weights)]
         mixed = disjoint_merge_(weighted, weights, p.flag("normalize"))
         return add_to_base_(base, mixed, p.number("lambda"))

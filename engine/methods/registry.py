@@ -4,11 +4,31 @@ from __future__ import annotations
 
 from engine.errors import SpecError
 from engine.methods.base import Method
+from engine.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from engine.methods.dare import DareLinear, DareTies
+from engine.methods.della import Della, DellaLinear
 from engine.methods.linear import Linear
+from engine.methods.model_stock import ModelStock
+from engine.methods.slerp import Slerp
 from engine.methods.task_arithmetic import TaskArithmetic
+from engine.methods.ties import Ties
 
-METHODS: dict[str, Method] = {m.name: m for m in (Linear(), TaskArithmetic(), DareLinear(), DareTies())}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Linear(),
+        TaskArithmetic(),
+        DareLinear(),
+        DareTies(),
+        Ties(),
+        Breadcrumbs(),
+        BreadcrumbsTies(),
+        Della(),
+        DellaLinear(),
+        Slerp(),
+        ModelStock(),
+    )
+}
 
 
 def get_method(name: str) -> Method:

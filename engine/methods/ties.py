@@ -1,0 +1,71 @@
+"""TIES-Merging (Yadav et al., 2023, "TIES-Merging: Resolving Interference When Merging Models").
+
+1. Trim: keep the k = int(density · n) largest |δₘ| of each tensor, per model, and zero the rest.
+2. Elect: each element's sign is the sign of Σ wₘ δ̂ₘ.
+3. Disjoint merge: only the models that agree with the elected sign contribute (`consensus`).
+
+θ = θ_base + λ · merged. The top-k is exact and out of core (`engine.stats.topk`): three reducer
+passes find the k-th largest magnitude; ties at the threshold are kept from the lowest flat
+index up, so exactly k elements survive, the same for every block size. mergekit (`magnitude`)
+keeps an unspecified set of ties (`argsort` is not stable) and refuses k = 0; here k = 0 keeps
+nothing and density 1 keeps everything. Defaults follow mergekit: normalize true, lambda 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.methods.base import (
+    DENSITY,
+    LAMBDA,
+    WEIGHT,
+    Chunk,
+    Method,
+    Reducer,
+    Stats,
+    TensorParams,
+    normalize_param,
+    scale_,
+)
+from engine.methods.consensus import disjoint_merge_
+from engine.methods.task_arithmetic import add_to_base_, deltas_
+from engine.stats.topk import Cut, in_top, magnitude_key, topk_reducers
+
+TRIM = "ties.trim"  # stats key: one Cut per model
+
+
+def top_k_count(density: float, numel: int) -> int:
+    """mergekit's k: int(density · numel); density 1 keeps every element."""
+    return numel if density >= 1.0 else int(density * numel)
+
+
+def trim_(delta: torch.Tensor, cut: Cut, start: int) -> torch.Tensor:
+    """Zero, in place, the elements of a delta chunk outside its tensor's top k."""
+    if cut == Cut.everything():
+        return delta
+    return delta.mul_(in_top(magnitude_key(delta), cut, start))
+
+
+def _wants(p: TensorParams, numel: int) -> list[tuple[int, int]]:
+    return [(m, top_k_count(d, numel)) for m, d in enumerate(p.per_model("density"))]
+
+
+class Ties(Method):
+    name = "ties"
+    params = (WEIGHT, DENSITY, LAMBDA, normalize_param(True))
+
+    def reducers(self, p: TensorParams) -> Sequence[Reducer]:
+        # Density 1 everywhere trims nothing: skip the three passes (and their reads).
+        return topk_reducers(TRIM, _wants) if min(p.per_model("density")) < 1.0 else ()
+
+    def apply(
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
+    ) -> torch.Tensor:
+        weights = p.per_model("weight")
+        cuts = stats.get(TRIM) or [Cut.everything()] * len(models)
+        trimmed = [trim_(delta, cut, c.start) for delta, cut in zip(deltas_(base, models), cuts)]
+        weighted = [scale_(delta, w) for delta, w in zip(trimmed, weights)]
+        mixed = disjoint_merge_(weighted, weights, p.flag("normalize"))
+        return add_to_base_(base, mixed, p.number("lambda"))

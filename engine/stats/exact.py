@@ -1,0 +1,81 @@
+"""Exact sums of float32 values and of products of float32 values, out of core.
+
+Norms and dot products over a whole tensor (SLERP, model stock, DARE's L1 rescale) are folded in
+chunk by chunk. A float sum depends on the order and grouping of its terms, so a plain running
+float64 sum would change with the block size, the device and the thread count. This one cannot:
+every term is added exactly, and the total is rounded once, at the end, to the nearest float64.
+
+Why it is exact: a float32 value, or the product of two float32 values split into two parts,
+is a float64 with at most 24 significant bits. Terms are binned by their float64 sign and
+exponent; within one bin every term is a multiple of 2**(E-23) and below 2**(E+1), so up to 2**29
+of them add up exactly in float64, in any order (`scatter_add_`'s order included). Before a bin
+could hold more, the bins are spilled into a Python list. `math.fsum` of the bins is the
+correctly rounded exact total.
+
+Cost (2-core Xeon, 64K-element sub-chunks): ~2 ns per float32 value, ~5 ns per product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_BINS = 4096  # float64 sign and exponent: 1 + 11 bits
+SUB = 1 << 16  # elements per sub-chunk: its float64 temporaries stay in L2
+_MAX_TERMS = 1 << 29  # terms the bins may hold before a float64 bin sum could round
+# Keeps the sign, the exponent and the top 23 fraction bits (a 24-bit significand).
+_HIGH = -(1 << 29)
+
+
+class ExactSum:
+    """A running sum, exact until `value()`. Terms are float32 values or float32 products."""
+
+    def __init__(self) -> None:
+        self._bins: torch.Tensor | None = None  # float64 (4096,), made on the first chunk's device
+        self._terms = 0
+        self._spilled: list[float] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add every element of the float32 tensor `x`."""
+        flat = x.reshape(-1)
+        for s in range(0, flat.numel(), SUB):
+            self._bin(flat[s : s + SUB].double())
+
+    def add_products(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add Σ xᵢ·yᵢ over the elements of two float32 tensors of one shape."""
+        fx, fy = x.reshape(-1), y.reshape(-1)
+        for s in range(0, fx.numel(), SUB):
+            self.add_products64(fx[s : s + SUB].double(), fy[s : s + SUB].double())
+
+    def add_products64(self, x64: torch.Tensor, y64: torch.Tensor) -> None:
+        """As `add_products`, for float64 copies of float32 data (convert once, pair many times)."""
+        p = x64 * y64  # exact: 24 x 24 bits fit float64's 53
+        high = (p.view(torch.int64) & _HIGH).view(torch.float64)
+        self._bin(high)
+        self._bin(p.sub_(high))  # the low 24 bits, exact
+
+    def _bin(self, v: torch.Tensor) -> None:
+        """Add float64 terms of at most 24 significant bits into their sign-and-exponent bins."""
+        if self._bins is None:
+            self._bins = torch.zeros(_BINS, dtype=torch.float64, device=v.device)
+        if self._terms + v.numel() > _MAX_TERMS:
+            self._spill()
+        # int64 >> 52 is the exponent for positive terms and exponent - 2048 for negative ones.
+        index = (v.view(torch.int64) >> 52).add_(_BINS // 2)
+        self._bins.scatter_add_(0, index, v)
+        self._terms += v.numel()
+
+    def _spill(self) -> None:
+        assert self._bins is not None
+        self._spilled += self._bins[self._bins != 0].tolist()
+        self._bins.zero_()
+        self._terms = 0
+
+    def value(self) -> float:
+        """The exact sum rounded to the nearest float64 (NaN if inf and -inf were both added)."""
+        terms = self._spilled + ([] if self._bins is None else self._bins[self._bins != 0].tolist())
+        try:
+            return math.fsum(terms)
+        except ValueError:  # inf + -inf
+            return math.nan

@@ -1,0 +1,216 @@
+"""Exact top-k by magnitude over a whole tensor, out of core: a radix select over float bits.
+
+TIES keeps the k = int(density · n) largest |δ| of each tensor (Yadav et al., 2023); breadcrumbs
+keeps the ranks between two such cuts. `torch.topk` / `kthvalue` need the whole tensor in RAM,
+so the threshold is found instead with three passes over the chunks, each holding only fixed
+histograms per selection:
+
+1. |δ| as float32 is non-negative, so its int32 bit pattern (the *key*) orders exactly as the
+   value. Histogram the high 16 bits of every key (32768 bins, the sign bit being clear) and
+   find the bucket that holds the k-th largest key.
+2. Histogram the low 16 bits of the keys inside that bucket: this gives the exact k-th largest
+   key T, how many keys lie above it, and so r = how many keys equal to T must be kept.
+3. Ties at T are broken by lowest flat index, so that exactly k elements are kept whatever the
+   block size: chunks arrive in flat order, so a running count of keys equal to T finds the
+   flat index of the r-th one. (If all keys equal to T are kept this pass has nothing to do.)
+
+The result is a `Cut`: an element is in the top k iff key > T, or key == T and its flat index is
+at most `last_tie`. k = 0 and k = n need no pass at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.methods.base import Chunk, Reducer, Stats, TensorParams
+
+KEY_MAX = 0x7FFFFFFF  # the largest key (a NaN pattern); keys are int32 >= 0
+ALL_TIES = (1 << 63) - 1  # `last_tie` when every key equal to the threshold is kept
+_HIGH_BINS = 1 << 15  # high 16 bits of a key whose sign bit is clear
+_LOW_BINS = 1 << 16
+
+# (params, numel) -> the selections wanted, as (model index, k) pairs, in a fixed order.
+Wants = Callable[[TensorParams, int], Sequence[tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Top-k membership: key > threshold, or key == threshold and flat index <= last_tie."""
+
+    threshold: int
+    last_tie: int
+
+    @classmethod
+    def everything(cls) -> Cut:
+        return cls(-1, -1)  # every key is > -1
+
+    @classmethod
+    def nothing(cls) -> Cut:
+        return cls(KEY_MAX, -1)  # no key is > KEY_MAX, and no index is <= -1
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """After pass 1: the k-th largest key has high bits `bucket`; `above` keys lie in higher buckets."""
+
+    model: int
+    k: int
+    bucket: int
+    above: int
+
+
+@dataclass(frozen=True)
+class _Tie:
+    """After pass 2: the threshold is known; the first `r` keys equal to it (in flat order) are in."""
+
+    model: int
+    threshold: int
+    r: int
+
+
+_Step = Cut | _Bucket | _Tie | tuple[int, int]
+
+
+def magnitude_key_(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """int32 keys of |θₘ − θ_base|, in place over the (scratch) model chunk."""
+    return model.sub_(base).view(torch.int32).bitwise_and_(KEY_MAX)
+
+
+def magnitude_key(delta: torch.Tensor) -> torch.Tensor:
+    """int32 keys of |δ| (a new tensor; `delta` is left alone)."""
+    return delta.view(torch.int32) & KEY_MAX
+
+
+def in_top(key: torch.Tensor, cut: Cut, start: int) -> torch.Tensor:
+    """Bool mask of the chunk's elements in the top k; `start` is the chunk's first flat index."""
+    n = key.numel()
+    if cut.last_tie < start:  # no kept tie in this chunk
+        return key > cut.threshold
+    if cut.last_tie >= start + n - 1:  # every tie in this chunk is kept
+        return key >= cut.threshold
+    mask = key > cut.threshold
+    j = cut.last_tie - start + 1
+    mask[:j] |= key[:j] == cut.threshold
+    return mask
+
+
+def topk_reducers(name: str, wants: Wants) -> tuple[Reducer, Reducer, Reducer]:
+    """The three passes that put `stats[name]`: one `Cut` per wanted (model, k), in order."""
+    return _HighPass(name, wants), _LowPass(name), _TiePass(name)
+
+
+def _pick(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin, above): the bin holding the k-th largest key (1-based) and the count in higher bins."""
+    desc = hist.flip(0).cumsum(0)  # desc[j]: keys in the top j + 1 bins
+    j = int(torch.searchsorted(desc, torch.tensor([k], dtype=desc.dtype, device=desc.device)))
+    b = hist.numel() - 1 - j
+    return b, int(desc[j]) - int(hist[b])
+
+
+@dataclass
+class _Acc:
+    steps: list[_Step]
+    hists: dict[int, torch.Tensor] = field(default_factory=dict)  # by model (pass 1) or step (pass 2)
+    seen: dict[int, int] = field(default_factory=dict)  # pass 3: ties counted so far, by step
+
+
+class _Keys:
+    """Keys of a chunk, computed once per model and only for the models asked for."""
+
+    def __init__(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+        self.base, self.models, self.done = base, models, dict[int, torch.Tensor]()
+
+    def __getitem__(self, m: int) -> torch.Tensor:
+        if m not in self.done:
+            self.done[m] = magnitude_key_(self.base, self.models[m])
+        return self.done[m]
+
+
+class _HighPass(Reducer):
+    """Pass 1: histogram of the keys' high 16 bits, per model."""
+
+    def __init__(self, name: str, wants: Wants) -> None:
+        self.name, self.wants = name, wants
+
+    def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
+        steps: list[_Step] = []
+        for m, k in self.wants(p, numel):
+            steps.append(Cut.nothing() if k <= 0 else Cut.everything() if k >= numel else (m, k))
+        return _Acc(steps)
+
+    def chunk(
+        self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
+    ) -> None:
+        keys = _Keys(base, models)
+        for m in sorted({s[0] for s in acc.steps if isinstance(s, tuple)}):
+            counts = torch.bincount(keys[m] >> 16, minlength=_HIGH_BINS)
+            acc.hists[m] = counts if m not in acc.hists else acc.hists[m].add_(counts)
+
+    def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
+        steps = [_Bucket(s[0], s[1], *_pick(acc.hists[s[0]], s[1])) if isinstance(s, tuple) else s for s in acc.steps]
+        return {f"{self.name}/1": steps}
+
+
+class _LowPass(Reducer):
+    """Pass 2: histogram of the low 16 bits of the keys in each selection's bucket."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
+        return _Acc(list(stats[f"{self.name}/1"]))
+
+    def chunk(
+        self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
+    ) -> None:
+        keys = _Keys(base, models)
+        for i, s in enumerate(acc.steps):
+            if isinstance(s, _Bucket):
+                key = keys[s.model]
+                low = key[(key >> 16) == s.bucket] & 0xFFFF
+                counts = torch.bincount(low, minlength=_LOW_BINS)
+                acc.hists[i] = counts if i not in acc.hists else acc.hists[i].add_(counts)
+
+    def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
+        steps: list[_Step] = []
+        for i, s in enumerate(acc.steps):
+            if not isinstance(s, _Bucket):
+                steps.append(s)
+                continue
+            low, above = _pick(acc.hists[i], s.k - s.above)
+            threshold, r = (s.bucket << 16) | low, s.k - s.above - above
+            # r == count(key == threshold): every tie is kept and pass 3 has nothing to find.
+            steps.append(Cut(threshold, ALL_TIES) if r == int(acc.hists[i][low]) else _Tie(s.model, threshold, r))
+        return {f"{self.name}/2": steps}
+
+
+class _TiePass(Reducer):
+    """Pass 3: the flat index of the r-th key equal to the threshold (chunks come in flat order)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
+        return _Acc(list(stats[f"{self.name}/2"]))
+
+    def chunk(
+        self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
+    ) -> None:
+        keys = _Keys(base, models)
+        for i, s in enumerate(acc.steps):
+            if not isinstance(s, _Tie):
+                continue
+            ties = keys[s.model] == s.threshold
+            seen, here = acc.seen.get(i, 0), int(ties.sum())
+            if seen < s.r <= seen + here:
+                pos = int(torch.nonzero(ties).flatten()[s.r - seen - 1])
+                acc.steps[i] = Cut(s.threshold, c.start + pos)
+            acc.seen[i] = seen + here
+
+    def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
+        assert all(isinstance(s, Cut) for s in acc.steps), "a tie count did not reach r"
+        return {self.name: tuple(acc.steps)}

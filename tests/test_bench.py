@@ -1,0 +1,132 @@
+"""The benchmark suite end to end on the tiniest family: every figure lands in the JSON.
+
+Numbers are not asserted (they depend on the machine); their presence and shape are, and so is
+the one property every RSS figure rests on: a child's peak RSS is its own, not the runner's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.common import measured, stats
+from bench.naive_merge import naive_merge
+from tools.make_synthetic import PRESETS, make_family
+
+from reference import merge_folders
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"rss_vs_budget", "rss_vs_size", "throughput"}
+MACHINE_KEYS = {
+    "cpu",
+    "cores",
+    "ram_total",
+    "disk",
+    "python",
+    "torch",
+    "commit",
+    "dirty",
+    "device",
+    "hostname",
+    "timestamp",
+}
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS` from the repository root, as a user runs the benchmarks."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_stats(fig: dict[str, Any]) -> None:
+    assert {"min", "median", "max", "runs"} <= set(fig)
+    assert fig["min"] <= fig["median"] <= fig["max"]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_figure_and_cleans_up(tmp_path: Path) -> None:
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    args = ["--quick", "--sizes", "tiny", "--methods", "task_arithmetic", "--budgets", "512MiB,1GiB"]
+    done = run_module("bench", *args, "--cache", str(cache), "--results", str(results))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    (path,) = results.glob("*.json")
+    data = json.loads(path.read_text())
+    assert set(data["machine"]) >= MACHINE_KEYS
+    assert data["machine"]["commit"] and data["machine"]["cpu"]
+    assert data["mode"] == "quick"
+    assert set(data["sections"]) == SECTIONS
+    for sec in data["sections"].values():
+        assert sec["runs"]
+        for run in sec["runs"]:
+            assert "error" not in run, run["error"]
+            for fig in ("peak_rss", "wall_s", "wall_s_process", "gbps"):
+                assert_stats(run[fig])
+    budget_runs = data["sections"]["rss_vs_budget"]["runs"]
+    assert {r["budget"] for r in budget_runs if r["tool"] == "leanmerge"} == {512 << 20, 1 << 30}
+    assert all(isinstance(r["within_budget"], bool) for r in budget_runs if r["tool"] == "leanmerge")
+    assert {"leanmerge", "naive"} <= {r["tool"] for r in data["sections"]["rss_vs_size"]["runs"]}
+    tp = data["sections"]["throughput"]
+    assert_stats(tp["read_limit_gbps"])
+    assert {(r["tool"], r["cache"]) for r in tp["runs"]} >= {
+        ("leanmerge", "cold"),
+        ("leanmerge", "warm"),
+        ("naive", "cold"),
+    }
+    assert all("ratio" in r for r in tp["runs"])
+    assert path.with_suffix(".txt").read_text().startswith("leanmerge bench")
+    assert done.stdout.startswith("leanmerge bench")
+    assert not (cache / "tmp").exists(), "merge outputs must be deleted after each run"
+
+    assert run_module("bench", "--clean", "--cache", str(cache)).returncode == 0
+    assert not cache.exists()
+
+
+def test_child_peak_rss_excludes_the_runner(tmp_path: Path) -> None:
+    """`wait4` from a big process reports that process's RSS for a tiny child (vfork + exec);
+    the lean launcher must keep this process's ballast out of the child's figure."""
+    ballast = b"\1" * (256 << 20)  # written, so resident
+    figures = measured([sys.executable, "-c", "pass"], tmp_path, "noop")
+    assert figures["returncode"] == 0
+    assert figures["peak_rss"] < 100 << 20, figures
+    del ballast
+
+
+def test_naive_baseline_computes_the_real_merge(tmp_path: Path) -> None:
+    """The baseline's cost means something only if it does the same work: task arithmetic equal
+    to the whole-tensor reference."""
+    base, models = make_family(tmp_path / "fam", PRESETS["tiny"], n_models=3)
+    naive_merge("task_arithmetic", base, models, tmp_path / "out", density=1.0, seed=0)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = merge_folders("task_arithmetic", base, models)
+    assert set(got) == set(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_stats() -> None:
+    assert stats([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0, "runs": 3, "values": [3.0, 1.0, 2.0]}
+    with pytest.raises(ValueError):
+        stats([])
+
+
+@pytest.mark.slow
+def test_memory_check_reports_peak_against_the_ceiling(tmp_path: Path) -> None:
+    args = ["--preset", "tiny", "--cache", str(tmp_path / "c"), "--results", str(tmp_path / "r")]
+    done = run_module("bench.bench_memory", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = (tmp_path / "r").glob("memory-*.json")
+    data = json.loads(path.read_text())
+    assert data["ceiling"] == 1 << 30 and data["machine"]["commit"]
+    assert {r["method"] for r in data["runs"]} == {"task_arithmetic", "dare_ties"}
+    for r in data["runs"]:
+        assert_stats(r["peak_rss"])
+        assert r["within_budget"] is True
