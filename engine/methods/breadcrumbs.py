@@ -27,19 +27,15 @@ from engine.methods.base import (
     LAMBDA,
     WEIGHT,
     Chunk,
-    Method,
     ParamDef,
     ParamValue,
     Reducer,
     Stats,
     TensorParams,
     normalize_param,
-    safe_divisor,
     scale_,
-    weighted_sum_,
 )
-from engine.methods.consensus import disjoint_merge_
-from engine.methods.task_arithmetic import add_to_base_, deltas_
+from engine.methods.task_arithmetic import DeltaMerge, deltas_
 from engine.stats.topk import Cut, in_top, magnitude_key, topk_reducers
 
 CUTS = "breadcrumbs.cuts"  # stats key: per model, the cut above the kept band, then the one below it
@@ -80,7 +76,7 @@ def keep_band_(delta: torch.Tensor, outer: Cut, inner: Cut, start: int) -> torch
     return delta.mul_(keep)
 
 
-class _Breadcrumbs(Method):
+class _Breadcrumbs(DeltaMerge):
     params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False))
 
     def validate(self, p: TensorParams) -> None:
@@ -94,7 +90,7 @@ class _Breadcrumbs(Method):
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         return topk_reducers(CUTS, _wants) if min(p.per_model("density")) < 1.0 else ()
 
-    def sparse_deltas_(
+    def weighted_deltas_(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> list[torch.Tensor]:
         """wₘ · δ̂ₘ per model, in place over the model chunks."""
@@ -109,22 +105,7 @@ class _Breadcrumbs(Method):
 class Breadcrumbs(_Breadcrumbs):
     name = "breadcrumbs"
 
-    def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
-    ) -> torch.Tensor:
-        weights = p.per_model("weight")
-        mixed = weighted_sum_(self.sparse_deltas_(base, models, p, stats, c), [1.0] * len(models))
-        if p.flag("normalize"):
-            mixed /= safe_divisor(sum(weights))
-        return add_to_base_(base, mixed, p.number("lambda"))
-
 
 class BreadcrumbsTies(_Breadcrumbs):
     name = "breadcrumbs_ties"
-
-    def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
-    ) -> torch.Tensor:
-        weighted = self.sparse_deltas_(base, models, p, stats, c)
-        mixed = disjoint_merge_(weighted, p.per_model("weight"), p.flag("normalize"))
-        return add_to_base_(base, mixed, p.number("lambda"))
+    consensus = True

@@ -26,20 +26,16 @@ from engine.methods.base import (
     LAMBDA,
     WEIGHT,
     Chunk,
-    Method,
     ParamDef,
     Reducer,
     Stats,
     TensorParams,
     normalize_param,
     one_of,
-    safe_divisor,
     scale_,
-    weighted_sum_,
 )
-from engine.methods.consensus import disjoint_merge_
 from engine.methods.rescale_norm import FACTORS, NORMS, NormMatch
-from engine.methods.task_arithmetic import add_to_base_, deltas_
+from engine.methods.task_arithmetic import DeltaMerge, deltas_
 
 RESCALE = ParamDef("rescale", True, per_model=False)
 # "density": divide survivors by d (the paper); a norm: match the whole tensor's norm instead.
@@ -82,9 +78,14 @@ def dare_deltas_(
     return out
 
 
-class _Dare(Method):
+class _Dare(DeltaMerge):
     params = DARE_PARAMS
     uses_rng = True
+
+    def weighted_deltas_(
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
+    ) -> list[torch.Tensor]:
+        return [scale_(d, w) for d, w in zip(dare_deltas_(base, models, p, c, stats), p.per_model("weight"))]
 
     def validate(self, p: TensorParams) -> None:
         if p.choice("rescale_norm") != "density" and not p.flag("rescale"):
@@ -98,23 +99,7 @@ class _Dare(Method):
 class DareLinear(_Dare):
     name = "dare_linear"
 
-    def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
-    ) -> torch.Tensor:
-        weights = p.per_model("weight")
-        mixed = weighted_sum_(dare_deltas_(base, models, p, c, stats), weights)
-        if p.flag("normalize"):
-            mixed /= safe_divisor(sum(weights))
-        return add_to_base_(base, mixed, p.number("lambda"))
-
 
 class DareTies(_Dare):
     name = "dare_ties"
-
-    def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
-    ) -> torch.Tensor:
-        weights = p.per_model("weight")
-        weighted = [scale_(delta, w) for delta, w in zip(dare_deltas_(base, models, p, c, stats), weights)]
-        mixed = disjoint_merge_(weighted, weights, p.flag("normalize"))
-        return add_to_base_(base, mixed, p.number("lambda"))
+    consensus = True

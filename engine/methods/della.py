@@ -36,19 +36,15 @@ from engine.methods.base import (
     LAMBDA,
     WEIGHT,
     Chunk,
-    Method,
     ParamDef,
     ParamValue,
     Stats,
     TensorParams,
     normalize_param,
-    safe_divisor,
     scale_,
-    weighted_sum_,
 )
-from engine.methods.consensus import disjoint_merge_
 from engine.methods.dare import RESCALE
-from engine.methods.task_arithmetic import add_to_base_, deltas_
+from engine.methods.task_arithmetic import DeltaMerge, deltas_
 
 
 def _non_negative(v: ParamValue) -> str | None:
@@ -84,7 +80,7 @@ def magprune_(delta: torch.Tensor, model: int, density: float, epsilon: float, r
     return delta.div_(prob) if rescale else delta
 
 
-class _Della(Method):
+class _Della(DeltaMerge):
     params = (WEIGHT, DENSITY, EPSILON, LAMBDA, RESCALE, normalize_param(True))
     uses_rng = True
     row_aligned = True  # ranks are per row: a chunk holds whole rows
@@ -97,8 +93,8 @@ class _Della(Method):
                     f"from {d - e:g} to {d + e:g}, which must lie in (0, 1]; choose epsilon < min(density, 1 - density)"
                 )
 
-    def pruned_(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, c: Chunk
+    def weighted_deltas_(
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> list[torch.Tensor]:
         """wₘ · δ̂ₘ per model, in place over the model chunks."""
         args = zip(deltas_(base, models), p.per_model("density"), p.per_model("epsilon"), p.per_model("weight"))
@@ -107,22 +103,9 @@ class _Della(Method):
 
 class Della(_Della):
     name = "della"
-
-    def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
-    ) -> torch.Tensor:
-        mixed = disjoint_merge_(self.pruned_(base, models, p, c), p.per_model("weight"), p.flag("normalize"))
-        return add_to_base_(base, mixed, p.number("lambda"))
+    consensus = True
 
 
 class DellaLinear(_Della):
     name = "della_linear"
     params = (WEIGHT, DENSITY, EPSILON, LAMBDA, RESCALE, normalize_param(False))
-
-    def apply(
-        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
-    ) -> torch.Tensor:
-        mixed = weighted_sum_(self.pruned_(base, models, p, c), [1.0] * len(models))
-        if p.flag("normalize"):
-            mixed /= safe_divisor(sum(p.per_model("weight")))
-        return add_to_base_(base, mixed, p.number("lambda"))

@@ -1,11 +1,17 @@
 """Task arithmetic (Ilharco et al., 2023, "Editing Models with Task Arithmetic").
 
 θ = θ_base + λ · Σ wₘ δₘ with δₘ = θₘ − θ_base, optionally with Σ wₘ δₘ divided by Σ wₘ.
+
+`DeltaMerge` is the shape every delta-based method shares (mergekit's "generalized task
+arithmetic"): sparsify each delta, weight it, mix the weighted deltas (a plain sum, or TIES
+sign election and disjoint merge), add to the base. DARE, TIES, breadcrumbs and DELLA differ only
+in how they sparsify (`weighted_deltas_`) and whether they elect signs (`consensus`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -21,6 +27,7 @@ from engine.methods.base import (
     scale_,
     weighted_sum_,
 )
+from engine.methods.consensus import disjoint_merge_
 
 
 def deltas_(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -33,15 +40,41 @@ def add_to_base_(base: torch.Tensor, mixed: torch.Tensor, lam: float) -> torch.T
     return scale_(mixed, lam).add_(base)
 
 
-class TaskArithmetic(Method):
-    name = "task_arithmetic"
-    params = (WEIGHT, LAMBDA, normalize_param(False))
+def merge_weighted_(
+    base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float], p: TensorParams, *, consensus: bool
+) -> torch.Tensor:
+    """θ_base + λ · mix(wₘ δ̂ₘ), in place over the (scratch) weighted deltas.
+
+    mix is Σ (divided by Σ wₘ with `normalize`), or with `consensus` the TIES disjoint merge
+    (divided by the agreeing models' Σ wₘ with `normalize`).
+    """
+    if consensus:
+        mixed = disjoint_merge_(weighted, weights, p.flag("normalize"))
+    else:
+        mixed = weighted_sum_(weighted, [1.0] * len(weighted))
+        if p.flag("normalize"):
+            mixed /= safe_divisor(sum(weights))
+    return add_to_base_(base, mixed, p.number("lambda"))
+
+
+class DeltaMerge(Method):
+    """Sparsify, weight, mix, add to base; subclasses override `weighted_deltas_` and `consensus`."""
+
+    consensus: ClassVar[bool] = False  # TIES sign election + disjoint merge instead of a sum
+
+    def weighted_deltas_(
+        self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
+    ) -> list[torch.Tensor]:
+        """wₘ · δ̂ₘ per model, in place over the model chunks; here δ̂ₘ = δₘ (nothing dropped)."""
+        return [scale_(d, w) for d, w in zip(deltas_(base, models), p.per_model("weight"))]
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
-        weights = p.per_model("weight")
-        mixed = weighted_sum_(deltas_(base, models), weights)
-        if p.flag("normalize"):
-            mixed /= safe_divisor(sum(weights))
-        return add_to_base_(base, mixed, p.number("lambda"))
+        weighted = self.weighted_deltas_(base, models, p, stats, c)
+        return merge_weighted_(base, weighted, p.per_model("weight"), p, consensus=self.consensus)
+
+
+class TaskArithmetic(DeltaMerge):
+    name = "task_arithmetic"
+    params = (WEIGHT, LAMBDA, normalize_param(False))

@@ -22,15 +22,13 @@ from engine.methods.base import (
     LAMBDA,
     WEIGHT,
     Chunk,
-    Method,
     Reducer,
     Stats,
     TensorParams,
     normalize_param,
     scale_,
 )
-from engine.methods.consensus import disjoint_merge_
-from engine.methods.task_arithmetic import add_to_base_, deltas_
+from engine.methods.task_arithmetic import DeltaMerge, deltas_
 from engine.stats.topk import Cut, in_top, magnitude_key, topk_reducers
 
 TRIM = "ties.trim"  # stats key: one Cut per model
@@ -52,20 +50,18 @@ def _wants(p: TensorParams, numel: int) -> list[tuple[int, int]]:
     return [(m, top_k_count(d, numel)) for m, d in enumerate(p.per_model("density"))]
 
 
-class Ties(Method):
+class Ties(DeltaMerge):
     name = "ties"
+    consensus = True
     params = (WEIGHT, DENSITY, LAMBDA, normalize_param(True))
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         # Density 1 everywhere trims nothing: skip the three passes (and their reads).
         return topk_reducers(TRIM, _wants) if min(p.per_model("density")) < 1.0 else ()
 
-    def apply(
+    def weighted_deltas_(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
-    ) -> torch.Tensor:
-        weights = p.per_model("weight")
+    ) -> list[torch.Tensor]:
         cuts = stats.get(TRIM) or [Cut.everything()] * len(models)
         trimmed = [trim_(delta, cut, c.start) for delta, cut in zip(deltas_(base, models), cuts)]
-        weighted = [scale_(delta, w) for delta, w in zip(trimmed, weights)]
-        mixed = disjoint_merge_(weighted, weights, p.flag("normalize"))
-        return add_to_base_(base, mixed, p.number("lambda"))
+        return [scale_(delta, w) for delta, w in zip(trimmed, p.per_model("weight"))]

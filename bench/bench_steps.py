@@ -1,0 +1,89 @@
+"""Per-element cost of one chunk step of each elementwise method: eager torch vs torch.compile,
+1 and 2 threads. This is the CPU side of the merge, measured apart from any I/O.
+
+`python -m bench.bench_steps [--models 3] [--repeats 9]` prints ns per *input* element (base and
+every model count) and the GB/s of bf16 input that this rate would sustain, and writes
+`bench/results/steps-<UTC timestamp>.json` with the machine description. Inputs are bf16 chunks
+of 256K elements in the read buffer, as in a merge: the step includes the casts to float32 and
+back to bf16.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from bench.common import BENCH, machine_info
+from engine.budget import CHUNK_ELEMS
+from engine.kernels import CompiledApply
+from engine.methods.base import Chunk, Method, TensorParams
+from engine.methods.registry import METHODS
+from engine.rng import KeyedRng, stream_key
+
+ELEMENTWISE = ("linear", "task_arithmetic", "dare_linear", "dare_ties")
+
+
+def params_for(method: Method, k: int) -> TensorParams:
+    """Realistic parameters: weights 1/k, density 0.1 (DARE drops 90%)."""
+    per_model = {d.name: (1.0 / k if d.name == "weight" else 0.1) for d in method.params if d.per_model}
+    globals_ = {d.name: d.default for d in method.params if not d.per_model}
+    return TensorParams(globals_, tuple(dict(per_model) for _ in range(k)))
+
+
+def time_step(method: Method, k: int, compiled: bool, repeats: int) -> float:
+    """Median seconds of one chunk step over `repeats` chunks at different positions."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(CHUNK_ELEMS, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.01 * torch.randn(CHUNK_ELEMS, generator=g)).to(torch.bfloat16) for _ in range(k)]
+    work = [torch.empty(CHUNK_ELEMS) for _ in range(k + 1)]
+    out = torch.empty(CHUNK_ELEMS, dtype=torch.bfloat16)
+    p = params_for(method, k)
+    streams = tuple(KeyedRng(stream_key(0, "bench", m)) for m in range(k))
+    kernel = CompiledApply(method) if compiled else None
+    times = []
+    for r in range(repeats + 2):  # two warm-up steps (the first compiles)
+        c = Chunk(streams, r * CHUNK_ELEMS, 1 << 40)
+        t0 = time.perf_counter()
+        if kernel is None or not kernel.run(base, models, p, {}, c, out):
+            for w, x in zip(work, (base, *models)):
+                w.copy_(x)
+            out.copy_(method.apply(work[0], work[1:], p, {}, c))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+@click.command()
+@click.option("--models", "k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(3), default=9, show_default=True)
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "results")
+def main(k: int, repeats: int, results: Path) -> None:
+    """Time every elementwise method's chunk step; print and save the table."""
+    rows: list[dict[str, Any]] = []
+    print(f"{'method':<16} {'kernel':<9} {'threads':>7} {'ns/elem':>8} {'GB/s bf16':>10}")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for name in ELEMENTWISE:
+            for compiled in (False, True):
+                sec = time_step(METHODS[name], k, compiled, repeats)
+                ns = sec / (CHUNK_ELEMS * (k + 1)) * 1e9
+                rows.append({"method": name, "compiled": compiled, "threads": threads, "ns_per_input_elem": ns})
+                kind = "compiled" if compiled else "eager"
+                print(f"{name:<16} {kind:<9} {threads:>7} {ns:>8.2f} {2 / ns:>10.2f}")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"steps-{stamp}.json"
+    path.write_text(
+        json.dumps({"machine": machine_info(), "models": k, "chunk_elems": CHUNK_ELEMS, "rows": rows}, indent=2)
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
