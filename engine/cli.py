@@ -6,6 +6,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -17,12 +18,14 @@ import click
 
 from engine import __version__
 from engine.budget import fmt_bytes, parse_bytes
+from engine.config import load_config
 from engine.errors import EngineError, Interrupted, SpecError
+from engine.inspect import SAMPLE_ELEMS, format_inspection, inspect
 from engine.io.write_behind import SYNC_EVERY
 from engine.merge import Report, merge, plan_summary, prepare
 from engine.methods.registry import METHODS
 from engine.plan import DEFAULT_SHARD_SIZE, Plan
-from engine.spec import MergeSpec, cli_spec, load_yaml_spec
+from engine.spec import VOCAB_POLICIES, MergeSpec, cli_spec
 from engine.verify import verify
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,6 +67,11 @@ def spec_options(f: F) -> F:
         click.option("--seed", type=int, help="Random seed for DARE masks (default 0)."),
         click.option("--out-dtype", help="Output float dtype: bf16, fp16, fp32 (default: the base's)."),
         click.option(
+            "--vocab",
+            type=click.Choice(VOCAB_POLICIES),
+            help="Embedding rows when models add tokens: the base's (default) or the union of all models'.",
+        ),
+        click.option(
             "--max-memory", type=SIZE, help="Peak RSS ceiling for the whole process (default: half of free RAM)."
         ),
         click.option("--block-size", type=SIZE, help="Bytes per input stream per block (overrides the planner)."),
@@ -92,14 +100,16 @@ def build_spec(kw: dict[str, Any]) -> MergeSpec:
     if kw["config"] is not None:
         if kw["base"] or kw["models"]:
             raise SpecError("give either a CONFIG file or --base/--model flags, not both")
-        spec = load_yaml_spec(kw["config"], {"method": kw["method"], "out_dtype": kw["out_dtype"], "seed": kw["seed"]})
+        overrides = {"method": kw["method"], "out_dtype": kw["out_dtype"], "seed": kw["seed"], "vocab": kw["vocab"]}
+        spec = load_config(kw["config"], overrides)
         if params:
-            spec = MergeSpec(spec.method, spec.base, spec.models, {**spec.params, **params}, spec.out_dtype, spec.seed)
+            spec = dataclasses.replace(spec, params={**spec.params, **params})
         return spec
     missing = [f for f, v in (("--base", kw["base"]), ("--model", kw["models"]), ("--method", kw["method"])) if not v]
     if missing:
         raise SpecError(f"missing {', '.join(missing)} (or give a CONFIG.yaml)")
-    return cli_spec(kw["method"], kw["base"], kw["models"], params, kw["out_dtype"], kw["seed"])
+    spec = cli_spec(kw["method"], kw["base"], kw["models"], params, kw["out_dtype"], kw["seed"])
+    return dataclasses.replace(spec, vocab=kw["vocab"]) if kw["vocab"] else spec
 
 
 @contextmanager
@@ -207,6 +217,24 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
         click.echo(format_plan(plan))
 
 
+@main.command("inspect")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--sample",
+    type=click.IntRange(1),
+    default=SAMPLE_ELEMS,
+    show_default=True,
+    help="Elements read per tensor for the delta statistics.",
+)
+def inspect_cmd(folders: tuple[Path, ...], as_json: bool, sample: int) -> None:
+    """Describe model (or LoRA adapter) FOLDERS; with several, compare each with the first
+    (the base): homology, sampled delta statistics, and warnings for merges that will not work."""
+    with engine_errors():
+        result = inspect(folders, sample_elems=sample)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_inspection(result))
+
+
 @main.command("verify")
 @click.argument("folder", type=click.Path(path_type=Path))
 @spec_options
@@ -241,6 +269,9 @@ def format_plan(plan: Plan) -> str:
             f"{t.name:<48} {str(list(t.shape)):<18} {dtype:<6} {t.block_rows:>10} {t.n_blocks:>7} {t.passes:>6}"
         )
     lines.append("")
+    lines += [
+        f"vocab {plan.spec.vocab}: {r.name} rows {list(r.rows)} (base first) -> {r.out_rows}" for r in plan.resized
+    ]
     lines += [f"shard {s.file}: {len(s.tensors)} tensors, {fmt_bytes(s.data_bytes)}" for s in plan.shards]
     if any(not t.merge for t in plan.tensors):
         lines.append("* not a float tensor: copied from the base")

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from engine.dtypes import DTYPES, itemsize
-from engine.io.checkpoint import Reader
 from engine.io.inventory import Inventory
+from engine.io.lora import RowReader
 from engine.io.write_behind import WriteBehind
 from engine.kernels import CompiledApply
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.plan import Block, Plan, TensorPlan
 from engine.rng import KeyedRng, stream_key
+from engine.vocab import open_streams
 
 TWO32 = 1 << 32
 Event = dict[str, Any]
@@ -103,7 +104,7 @@ def execute(
     emit = on_event or (lambda e: None)
     start = start or {}
     with ExitStack() as stack:
-        readers = [stack.enter_context(Reader(c, drop_cache=drop_cache)) for c in (inv.base, *inv.models)]
+        readers = open_streams(inv, stack, drop_cache)
         prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots)
         stack.callback(prefetch.stop)
         stage = _Stage(plan, pipe, prefetch, out, emit, compiled)
@@ -135,6 +136,7 @@ class _Stage:
 
     def run_tensor(self, tensor: TensorPlan, first_row: int, should_stop: Callable[[], bool]) -> bool:
         """Write `tensor` from `first_row` on; False if `should_stop` cut it short."""
+        self.params = self.plan.params_for(tensor.name) if self.plan.spec.varies_by_tensor else self.params
         streams = _streams(self.method, self.plan.spec.seed, tensor.name, len(tensor.in_dtypes) - 1)
         reducers = self.method.reducers(self.params) if tensor.merge else ()
         if tensor.n_blocks == 1:  # read once, keep it for every pass
@@ -241,7 +243,7 @@ class _Prefetcher:
     """
 
     def __init__(
-        self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[Reader], slots: list[Slot]
+        self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[RowReader], slots: list[Slot]
     ) -> None:
         self._free: queue.Queue[Slot] = queue.Queue()
         self._ready: queue.Queue[_Item] = queue.Queue()
@@ -253,7 +255,7 @@ class _Prefetcher:
         )
         self._thread.start()
 
-    def _run(self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[Reader]) -> None:
+    def _run(self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[RowReader]) -> None:
         try:
             for tensor, block in schedule:
                 slot = self._take_free()

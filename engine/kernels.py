@@ -36,11 +36,18 @@ def can_compile(method: Method, params: TensorParams) -> bool:
     return shutil.which("g++") is not None or shutil.which("c++") is not None
 
 
-def want_compiled(mode: str, method: Method, params: TensorParams, bytes_read: int) -> bool:
-    """Resolve `--compile auto|on|off` for this merge (auto: inputs of at least 8 GiB)."""
-    if mode == "off" or not can_compile(method, params):
+def want_compiled(
+    mode: str, method: Method, params: TensorParams, bytes_read: int, *, per_tensor_params: bool = False
+) -> bool:
+    """Resolve `--compile auto|on|off` for this merge (auto: inputs of at least 8 GiB).
+
+    Parameters that vary by tensor (gradients, filters) run eager: a compiled kernel
+    specialises on parameter values and would recompile for every distinct value.
+    """
+    if mode == "off" or per_tensor_params or not can_compile(method, params):
         if mode == "on":
-            log.warning("--compile on: %s cannot be compiled here; running eager", method.name)
+            why = "parameters vary by tensor" if per_tensor_params else "it cannot be compiled here"
+            log.warning("--compile on: %s runs eager (%s)", method.name, why)
         return False
     return mode == "on" or bytes_read >= AUTO_MIN_BYTES
 

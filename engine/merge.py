@@ -73,7 +73,7 @@ def prepare(
     `compile` ("auto", "on", "off") decides whether torch.compile kernels will run (`plan.compiled`);
     their memory is then reserved in the budget, and a budget too small for it runs eager.
     """
-    inv = take_inventory(spec.base, [m.path for m in spec.models])
+    inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab)
     budget = max_memory if max_memory is not None else default_budget()
     if budget > psutil.virtual_memory().available:
         log.warning(
@@ -88,7 +88,9 @@ def prepare(
         "shard_size": shard_size,
     }
     plan = make_plan(spec, inv, **kw)
-    if want_compiled(compile, spec.method_impl, spec.tensor_params(), plan.bytes_read):
+    if want_compiled(
+        compile, spec.method_impl, spec.tensor_params(), plan.bytes_read, per_tensor_params=spec.varies_by_tensor
+    ):
         try:
             plan = make_plan(spec, inv, **kw, compiled=True)
         except BudgetError:
@@ -306,4 +308,8 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "bytes_read": plan.bytes_read,
         "bytes_written": plan.bytes_written,
         "shards": [{"file": s.file, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in plan.shards],
+        "vocab": {
+            "policy": plan.spec.vocab,
+            "resized": [{"name": r.name, "rows": list(r.rows), "out_rows": r.out_rows} for r in plan.resized],
+        },
     }

@@ -6,13 +6,18 @@ exactly what a merge will do before it starts, and tests can assert the exact bl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from engine.budget import MemoryPlan, plan_memory
 from engine.dtypes import MERGEABLE, itemsize
+from engine.errors import SpecError
+from engine.gradient import count_layers
 from engine.io.inventory import Inventory
+from engine.methods.base import TensorParams
 from engine.spec import MergeSpec
+from engine.vocab import Resized
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # Hugging Face's default "5GB"
 
@@ -87,6 +92,12 @@ class Plan:
     shards: tuple[ShardPlan, ...]
     memory: MemoryPlan
     compiled: bool = False  # torch.compile kernels will run (their memory is in the budget)
+    n_layers: int = 0  # numbered layers of the base: positions for parameter gradients
+    resized: tuple[Resized, ...] = ()  # embedding-like tensors whose rows differ (engine.vocab)
+
+    def params_for(self, name: str) -> TensorParams:
+        """The method parameters of tensor `name` (they vary with gradients and filters)."""
+        return self.spec.tensor_params(name, self.n_layers)
 
     @property
     def bytes_read(self) -> int:
@@ -128,7 +139,10 @@ def make_plan(
     """
     sources = (inv.base, *inv.models)
     names = list(inv.base.tensors)
-    in_dtypes = {n: tuple(c.tensors[n].dtype for c in sources) for n in names}
+    in_dtypes = {
+        n: inv.resized[n].dtypes if n in inv.resized else tuple(c.tensors[n].dtype for c in sources) for n in names
+    }
+    shapes = {n: _out_shape(inv, n) for n in names}
     out_dtypes = {n: _out_dtype(spec, inv.base.tensors[n].dtype) for n in names}
     memory = plan_memory(
         budget,
@@ -138,11 +152,18 @@ def make_plan(
         max((inv.base.tensors[n].row_numel for n in names), default=1),
         block_bytes,
         spec.method_impl.row_aligned,
-        max((inv.base.tensors[n].numel for n in names), default=1),
+        max((math.prod(shapes[n]) for n in names), default=1),
         compiled,
     )
-    passes = 1 + len(spec.method_impl.reducers(spec.tensor_params()))
-    layout = _shard_layout([(n, inv.base.tensors[n].numel * itemsize(out_dtypes[n])) for n in names], shard_size)
+    n_layers = count_layers(names)
+    params = {n: spec.tensor_params(n, n_layers) for n in names} if spec.varies_by_tensor else {}
+    for n, p in params.items():
+        try:
+            spec.method_impl.validate(p)
+        except SpecError as e:
+            raise SpecError(f"tensor {n!r}: {e}") from None
+    passes = {n: 1 + len(spec.method_impl.reducers(params.get(n) or spec.tensor_params())) for n in names}
+    layout = _shard_layout([(n, math.prod(shapes[n]) * itemsize(out_dtypes[n])) for n in names], shard_size)
     tensors = []
     for n in names:
         info = inv.base.tensors[n]
@@ -150,19 +171,26 @@ def make_plan(
         tensors.append(
             TensorPlan(
                 name=n,
-                shape=info.shape,
+                shape=shapes[n],
                 in_dtypes=in_dtypes[n],
                 out_dtype=out_dtypes[n],
                 merge=info.dtype in MERGEABLE,
-                rows=info.rows,
+                rows=shapes[n][0] if shapes[n] else 1,
                 row_numel=info.row_numel,
                 block_rows=max(1, memory.block_elems // max(info.row_numel, 1)),
                 shard=shard,
                 offset=offset,
-                passes=passes if info.dtype in MERGEABLE else 1,
+                passes=passes[n] if info.dtype in MERGEABLE else 1,
             )
         )
-    return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled)
+    return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled, n_layers, tuple(inv.resized.values()))
+
+
+def _out_shape(inv: Inventory, name: str) -> tuple[int, ...]:
+    """The base's shape, with the vocabulary policy's row count for resized tensors."""
+    shape = inv.base.tensors[name].shape
+    rz = inv.resized.get(name)
+    return (rz.out_rows, *shape[1:]) if rz is not None else shape
 
 
 def _out_dtype(spec: MergeSpec, base_dtype: str) -> str:

@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from engine.dtypes import parse_out_dtype
 from engine.errors import SpecError
+from engine.gradient import Setting, knots, position, resolve, varies
+from engine.gradient import to_json as setting_json
+from engine.gradient import values as setting_values
 from engine.methods.base import Method, ParamValue, TensorParams
 from engine.methods.registry import get_method
 
 DEFAULT_SEED = 0
 # Accepted in YAML for mergekit compatibility and ignored: they do not change our results.
 IGNORED_PARAMS = frozenset({"int8_mask"})
+# How embedding-like tensors whose row count differs between models are merged (engine.vocab).
+VOCAB_POLICIES = ("base", "union")
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class ModelRef:
     """One fine-tuned model and the parameters it sets for itself."""
 
     path: Path
-    params: Mapping[str, ParamValue]
+    params: Mapping[str, Setting]
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,11 @@ class MergeSpec:
     method: str
     base: Path
     models: tuple[ModelRef, ...]
-    params: Mapping[str, ParamValue]
+    params: Mapping[str, Setting]  # a value, a gradient over layers or filter rules (engine.gradient)
     out_dtype: str | None = None
     seed: int = DEFAULT_SEED
+    vocab: str = "base"  # rows of embedding-like tensors: the base's, or the union of all models'
+    tokenizer_source: Path | None = None  # copy tokenizer files from here instead of the base
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -57,7 +62,10 @@ class MergeSpec:
         _check_params(method, self.params, "parameters", per_model=False)
         for m in self.models:
             _check_params(method, m.params, f"parameters of model {str(m.path)!r}", per_model=True)
-        method.validate(self.tensor_params())
+        for t in sorted(set().union(*(knots(s) for s in self._settings()))) or [0.0]:
+            method.validate(self._resolve(None, t))
+        if self.vocab not in VOCAB_POLICIES:
+            raise SpecError(f"vocab must be one of {', '.join(VOCAB_POLICIES)}, got {self.vocab!r}")
         if self.out_dtype is not None:
             object.__setattr__(self, "out_dtype", parse_out_dtype(self.out_dtype))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -67,12 +75,37 @@ class MergeSpec:
     def method_impl(self) -> Method:
         return get_method(self.method)
 
-    def tensor_params(self) -> TensorParams:
-        """Parameters resolved with model > global > default precedence."""
+    def tensor_params(self, name: str | None = None, n_layers: int = 0) -> TensorParams:
+        """Parameters for tensor `name` of a model with `n_layers` numbered layers, resolved
+        with model > global > default precedence; gradients and filter rules are evaluated for
+        that tensor (`engine.gradient`). Without a name: the values at layer position 0.
+        """
+        return self._resolve(name, position(name, n_layers))
+
+    @property
+    def varies_by_tensor(self) -> bool:
+        """True when some parameter is a gradient or has filter rules."""
+        return any(varies(s) for s in self._settings())
+
+    def _settings(self) -> list[Setting]:
+        return [*self.params.values(), *(s for m in self.models for s in m.params.values())]
+
+    def _resolve(self, name: str | None, t: float) -> TensorParams:
+        def pick(*settings: Setting | None, default: ParamValue) -> ParamValue:
+            for s in settings:
+                v = None if s is None else resolve(s, name, t)
+                if v is not None:
+                    return v
+            return default
+
         method = self.method_impl
-        globals_ = {d.name: self.params.get(d.name, d.default) for d in method.params if not d.per_model}
+        globals_ = {d.name: pick(self.params.get(d.name), default=d.default) for d in method.params if not d.per_model}
         models = tuple(
-            {d.name: m.params.get(d.name, self.params.get(d.name, d.default)) for d in method.params if d.per_model}
+            {
+                d.name: pick(m.params.get(d.name), self.params.get(d.name), default=d.default)
+                for d in method.params
+                if d.per_model
+            }
             for m in self.models
         )
         return TensorParams(globals_, models)
@@ -82,35 +115,45 @@ class MergeSpec:
         return {
             "method": self.method,
             "base": str(self.base),
-            "models": [{"path": str(m.path), "params": dict(sorted(m.params.items()))} for m in self.models],
-            "params": dict(sorted(self.params.items())),
+            "models": [
+                {"path": str(m.path), "params": {k: setting_json(v) for k, v in sorted(m.params.items())}}
+                for m in self.models
+            ],
+            "params": {k: setting_json(v) for k, v in sorted(self.params.items())},
             "out_dtype": self.out_dtype,
             "seed": self.seed,
+            # Only when set, so that digests of specs without them stay what they were.
+            **({"vocab": self.vocab} if self.vocab != "base" else {}),
+            **({"tokenizer_source": str(self.tokenizer_source)} if self.tokenizer_source is not None else {}),
         }
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
 
-def _check_params(method: Method, params: Mapping[str, ParamValue], where: str, *, per_model: bool) -> None:
-    for name, value in params.items():
-        d = method.param(name)
-        if d is None:
-            known = ", ".join(p.name for p in method.params)
-            raise SpecError(f"{where}: {name!r} is not a parameter of {method.name} (known: {known})")
-        if per_model and not d.per_model:
-            raise SpecError(
-                f"{where}: {name!r} is a global parameter of {method.name}; set it under top-level parameters"
-            )
-        if isinstance(d.default, bool) and not isinstance(value, bool):
-            raise SpecError(f"{where}: {name!r} must be true or false, got {value!r}")
-        if isinstance(d.default, str) and not isinstance(value, str):
-            raise SpecError(f"{where}: {name!r} must be a string, got {value!r}")
-        if not isinstance(d.default, (bool, str)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise SpecError(f"{where}: {name!r} must be a number, got {value!r}")
-        problem = d.check(value)
-        if problem:
-            raise SpecError(f"{where}: {name!r} {problem}")
+def _check_params(method: Method, params: Mapping[str, Setting], where: str, *, per_model: bool) -> None:
+    for name, setting in params.items():
+        for value in setting_values(setting):
+            _check_param(method, name, value, where, per_model=per_model)
+
+
+def _check_param(method: Method, name: str, value: ParamValue, where: str, *, per_model: bool) -> None:
+    """Check one value of a setting (a plain value, a gradient knot, a filter rule's value)."""
+    d = method.param(name)
+    if d is None:
+        known = ", ".join(p.name for p in method.params)
+        raise SpecError(f"{where}: {name!r} is not a parameter of {method.name} (known: {known})")
+    if per_model and not d.per_model:
+        raise SpecError(f"{where}: {name!r} is a global parameter of {method.name}; set it under top-level parameters")
+    if isinstance(d.default, bool) and not isinstance(value, bool):
+        raise SpecError(f"{where}: {name!r} must be true or false, got {value!r}")
+    if isinstance(d.default, str) and not isinstance(value, str):
+        raise SpecError(f"{where}: {name!r} must be a string, got {value!r}")
+    if not isinstance(d.default, (bool, str)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise SpecError(f"{where}: {name!r} must be a number, got {value!r}")
+    problem = d.check(value)
+    if problem:
+        raise SpecError(f"{where}: {name!r} {problem}")
 
 
 def parse_model_arg(arg: str) -> ModelRef:
@@ -124,70 +167,15 @@ def parse_model_arg(arg: str) -> ModelRef:
     return ModelRef(Path(arg), {})
 
 
-SPEC_KEYS = frozenset({"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "random_seed"})
-MODEL_KEYS = frozenset({"model", "parameters"})
-
-
 def load_yaml_spec(path: Path, overrides: Mapping[str, Any] | None = None) -> MergeSpec:
-    """Read a mergekit-style YAML file into a `MergeSpec`; relative model paths are relative to it.
+    """Read a mergekit-style YAML file into a `MergeSpec` (schema and errors: `engine.config`).
 
-    Raises:
-        SpecError: naming the file and the offending key.
+    Model folders are not checked here (opening them is); `engine.config.load_config` checks
+    them too, so that a bad path is reported with its line.
     """
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read config: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise SpecError(f"{path}: a config must be a mapping with merge_method, base_model, models")
-    unknown = sorted(set(doc) - SPEC_KEYS)
-    if unknown:
-        raise SpecError(f"{path}: unsupported key {unknown[0]!r} (supported: {', '.join(sorted(SPEC_KEYS))})")
-    for key in ("merge_method", "base_model", "models"):
-        if key not in doc:
-            raise SpecError(f"{path}: missing required key {key!r}")
-    root = path.parent
-    models = doc["models"]
-    if not isinstance(models, list):
-        raise SpecError(f"{path}: 'models' must be a list of {{model: PATH, parameters: {{...}}}}")
-    refs = tuple(_yaml_model(path, root, i, m) for i, m in enumerate(models))
-    params = _yaml_params(path, doc.get("parameters"), "parameters")
-    base = Path(str(doc["base_model"]))
-    # mergekit lists the base among the models too; it is the base here, not a fine-tune.
-    base = base if base.is_absolute() else root / base
-    refs = tuple(r for r in refs if r.path != base)
-    fields: dict[str, Any] = {
-        "method": str(doc["merge_method"]),
-        "base": base,
-        "models": refs,
-        "params": params,
-        "out_dtype": doc.get("out_dtype", doc.get("dtype")),
-        "seed": doc.get("random_seed", DEFAULT_SEED),
-    }
-    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return MergeSpec(**fields)
+    from engine.config import load_config  # engine.config builds on this module
 
-
-def _yaml_model(path: Path, root: Path, i: int, entry: Any) -> ModelRef:
-    if not isinstance(entry, dict) or "model" not in entry:
-        raise SpecError(f"{path}: models[{i}] must be a mapping with a 'model' key")
-    unknown = sorted(set(entry) - MODEL_KEYS)
-    if unknown:
-        raise SpecError(f"{path}: models[{i}]: unsupported key {unknown[0]!r} (supported: model, parameters)")
-    p = Path(str(entry["model"]))
-    return ModelRef(
-        p if p.is_absolute() else root / p, _yaml_params(path, entry.get("parameters"), f"models[{i}].parameters")
-    )
-
-
-def _yaml_params(path: Path, params: Any, where: str) -> dict[str, ParamValue]:
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise SpecError(f"{path}: {where} must be a mapping of name: value")
-    return {str(k): v for k, v in params.items() if k not in IGNORED_PARAMS}
+    return load_config(path, overrides, check_paths=False)
 
 
 def cli_spec(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.dtypes import MERGEABLE
 from engine.errors import ShapeMismatchError
 from engine.io.checkpoint import Checkpoint, open_checkpoint
 from engine.io.header import short_repr
+from engine.io.lora import open_model
+from engine.vocab import Resized, plan_resized, rows_problem
 
 SHOW = 5  # offending tensors named in an error; the rest are counted
 
@@ -20,29 +22,36 @@ class Inventory:
 
     base: Checkpoint
     models: tuple[Checkpoint, ...]
+    vocab: str = "base"
+    resized: dict[str, Resized] = field(default_factory=dict)  # embedding rows differ (engine.vocab)
 
     @property
     def input_bytes(self) -> int:
         return self.base.nbytes + sum(m.nbytes for m in self.models)
 
 
-def take_inventory(base: Path, models: Sequence[Path]) -> Inventory:
-    """Open `base` and `models` and check every model against the base.
+def take_inventory(base: Path, models: Sequence[Path], vocab: str = "base") -> Inventory:
+    """Open `base` and `models` (model folders or LoRA adapters) and check each against the base.
+
+    `vocab` ("base" or "union") decides which row-count differences of embedding-like tensors
+    are merged (`engine.vocab`).
 
     Raises:
         CheckpointError: a folder or file is unusable.
         ShapeMismatchError: a model lacks, adds or reshapes tensors of the base.
     """
-    inv = Inventory(open_checkpoint(base), tuple(open_checkpoint(m) for m in models))
-    for model in inv.models:
-        check_homology(inv.base, model)
-    return inv
+    base_ckpt = open_checkpoint(base)
+    opened = tuple(open_model(m, base_ckpt) for m in models)
+    for model in opened:
+        check_homology(base_ckpt, model, vocab)
+    return Inventory(base_ckpt, opened, vocab, plan_resized(vocab, (base_ckpt, *opened)))
 
 
-def check_homology(base: Checkpoint, model: Checkpoint) -> None:
+def check_homology(base: Checkpoint, model: Checkpoint, vocab: str = "base") -> None:
     """Raise `ShapeMismatchError` listing how `model`'s tensors differ from `base`'s.
 
-    Float dtypes may differ (every input is computed in float32); anything else must match.
+    Float dtypes may differ (every input is computed in float32); anything else must match,
+    except the row counts of embedding-like tensors, which `vocab` may merge.
     """
     problems: list[str] = []
     for name, b in base.tensors.items():
@@ -50,7 +59,10 @@ def check_homology(base: Checkpoint, model: Checkpoint) -> None:
         if m is None:
             problems.append(f"{short_repr(name)} missing")
         elif m.shape != b.shape:
-            problems.append(f"{short_repr(name)} shape {list(m.shape)} vs base {list(b.shape)}")
+            why = rows_problem(name, b.shape, m.shape, (b.dtype, m.dtype), vocab)
+            if why is not None:
+                hint = f" ({why})" if why else ""
+                problems.append(f"{short_repr(name)} shape {list(m.shape)} vs base {list(b.shape)}{hint}")
         elif m.dtype != b.dtype and not (m.dtype in MERGEABLE and b.dtype in MERGEABLE):
             problems.append(f"{short_repr(name)} dtype {m.dtype} vs base {b.dtype}")
     problems += [f"{short_repr(name)} not in base" for name in model.tensors if name not in base.tensors]

@@ -35,6 +35,8 @@ SIDE_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
+# Of those, the tokenizer's: copied from the spec's `tokenizer_source` when it names a model.
+TOKENIZER_FILES = frozenset(SIDE_FILES) - {"config.json", "generation_config.json"}
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
@@ -68,21 +70,28 @@ def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
         "weight_map": {t.name: plan.shards[t.shard].file for t in plan.tensors},
     }
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    tokenizer_dir = plan.spec.tokenizer_source or plan.spec.base
     for name in SIDE_FILES:
-        src = plan.spec.base / name
+        src = (tokenizer_dir if name in TOKENIZER_FILES else plan.spec.base) / name
         if src.is_file():
             shutil.copyfile(src, tmp / name)
-    if plan.spec.out_dtype and (tmp / "config.json").is_file():
-        _set_config_dtype(tmp / "config.json", TORCH_DTYPE_NAMES[plan.spec.out_dtype])
+    changes: dict[str, Any] = {}
+    if plan.spec.out_dtype:
+        changes["torch_dtype"] = TORCH_DTYPE_NAMES[plan.spec.out_dtype]
+    grown = [r.out_rows for r in plan.resized if r.out_rows != r.rows[0]]
+    if grown:  # --vocab union added rows: the model must know its new vocabulary size
+        changes["vocab_size"] = max(grown)
+    if changes and (tmp / "config.json").is_file():
+        _update_config(tmp / "config.json", changes)
 
 
-def _set_config_dtype(path: Path, dtype: str) -> None:
+def _update_config(path: Path, changes: dict[str, Any]) -> None:
     try:
         config: Any = json.loads(path.read_text())
     except (ValueError, OSError):
         return  # not ours to repair; copied as is
     if isinstance(config, dict):
-        config["torch_dtype"] = dtype
+        config.update({k: v for k, v in changes.items() if k != "vocab_size" or "vocab_size" in config})
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
