@@ -429,3 +429,25 @@ def test_shard_truncated_mid_merge_leaves_nothing(tiny_family: MakeFamily, tmp_p
     msg = str(err.value)
     assert str(shard) in msg and "tensor '" in msg and "truncated" in msg
     _assert_no_output(out)
+
+
+def test_symlinked_shard_escaping_the_folder_is_refused(tiny_family: Any, tmp_path: Path) -> None:
+    """A shard may be a symlink inside the folder; one that leads outside it is refused."""
+    base, (ft,) = tiny_family(1)
+    outside = tmp_path / "elsewhere.safetensors"
+    (ft / "model.safetensors").rename(outside)
+    (ft / "model.safetensors").symlink_to(outside)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["merge", "--method", "task_arithmetic", "--base", str(base), "--model", str(ft), "-o", str(out)]
+    )
+    assert result.exit_code == 1 and "outside the model folder" in result.output and not out.exists()
+    inside = ft / "blobs" / "weights.safetensors"
+    inside.parent.mkdir()
+    outside.rename(inside)
+    (ft / "model.safetensors").unlink()
+    (ft / "model.safetensors").symlink_to(inside)
+    result = CliRunner().invoke(
+        main, ["merge", "--method", "task_arithmetic", "--base", str(base), "--model", str(ft), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output

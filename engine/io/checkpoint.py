@@ -58,7 +58,7 @@ def open_checkpoint(folder: Path | str) -> Checkpoint:
         headers = [read_header(_shard_path(folder, index, f)) for f in files]
         _check_index(index, weight_map, headers)
     elif (folder / SINGLE_NAME).is_file():
-        headers = [read_header(folder / SINGLE_NAME)]
+        headers = [read_header(_inside(folder, folder / SINGLE_NAME))]
     else:
         raise CheckpointError(_missing_weights_message(folder))
     # Order tensors by (shard, offset) so that walking them reads each file front to back.
@@ -95,11 +95,23 @@ def _read_index(index: Path) -> dict[str, str]:
 
 def _shard_path(folder: Path, index: Path, file: str) -> Path:
     path = folder / file
-    # A shard may be a symlink (HF cache layout), but the name must not climb out of the folder.
     if Path(file).is_absolute() or ".." in Path(file).parts:
         raise CheckpointError(f"{index}: shard name {short_repr(file)} points outside the model folder")
     if not path.is_file():
         raise CheckpointError(f"{index}: shard {short_repr(file)} named in weight_map is missing from {folder}")
+    return _inside(folder, path)
+
+
+def _inside(folder: Path, path: Path) -> Path:
+    """`path`, after checking that it (through any symlinks) stays inside `folder`.
+
+    A model folder is data from outside: a symlinked shard must not make us read other files.
+    """
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(
+            f"{path}: a symlink to {path.resolve()}, outside the model folder; copy the files into the folder "
+            "(for a Hugging Face cache snapshot: `huggingface-cli download REPO --local-dir DIR`)"
+        )
     return path
 
 
