@@ -38,7 +38,7 @@ from engine.errors import SpecError
 from engine.gradient import Filtered, Gradient, Rule, Setting
 from engine.methods.base import Method
 from engine.methods.registry import METHODS
-from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, VOCAB_POLICIES, MergeSpec, ModelRef, _check_params
+from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, VOCAB_POLICIES, MergeSpec, ModelRef, check_params
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class _Config:
                 log.warning("%s:%d: %s.%s is not used by %s; ignored", self.path, at, where, name, method.name)
                 continue
             setting = self.setting(raw, at, f"{where}.{name}")
-            _check_params(method, {name: setting}, f"{self.path}:{at}: {where}", per_model=per_model)
+            check_params(method, {name: setting}, f"{self.path}:{at}: {where}", per_model=per_model)
             out[name] = setting
         return out
 

@@ -75,12 +75,9 @@ def prepare(
     """
     inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab)
     budget = max_memory if max_memory is not None else default_budget()
-    if budget > psutil.virtual_memory().available:
-        log.warning(
-            "--max-memory %s exceeds the RAM available now (%s)",
-            fmt_bytes(budget),
-            fmt_bytes(psutil.virtual_memory().available),
-        )
+    available = psutil.virtual_memory().available
+    if budget > available:
+        log.warning("--max-memory %s exceeds the RAM available now (%s)", fmt_bytes(budget), fmt_bytes(available))
     kw: dict[str, Any] = {
         "budget": budget,
         "baseline": current_rss() if baseline is None else baseline,

@@ -59,9 +59,9 @@ class MergeSpec:
             raise SpecError(
                 f"method {self.method!r} takes at most {method.max_models} model(s) besides the base, got {len(self.models)}"
             )
-        _check_params(method, self.params, "parameters", per_model=False)
+        check_params(method, self.params, "parameters", per_model=False)
         for m in self.models:
-            _check_params(method, m.params, f"parameters of model {str(m.path)!r}", per_model=True)
+            check_params(method, m.params, f"parameters of model {str(m.path)!r}", per_model=True)
         for t in sorted(set().union(*(knots(s) for s in self._settings()))) or [0.0]:
             method.validate(self._resolve(None, t))
         if self.vocab not in VOCAB_POLICIES:
@@ -131,7 +131,7 @@ class MergeSpec:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
 
-def _check_params(method: Method, params: Mapping[str, Setting], where: str, *, per_model: bool) -> None:
+def check_params(method: Method, params: Mapping[str, Setting], where: str, *, per_model: bool) -> None:
     for name, setting in params.items():
         for value in setting_values(setting):
             _check_param(method, name, value, where, per_model=per_model)

@@ -9,7 +9,6 @@ into place. A run stopped by a signal or an I/O error keeps its temporary folder
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,8 +18,6 @@ from engine import __version__
 from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
 from engine.plan import Plan
-
-log = logging.getLogger(__name__)
 
 # Files a model folder needs besides weights; copied from the base when present.
 SIDE_FILES = (
