@@ -20,8 +20,17 @@ random_seed: 42
 
 Relative paths are relative to the config file. Parameters known to mergekit but not used by
 the chosen method (e.g. `density` for `linear`) and `int8_mask` are ignored with a logged note,
-as mergekit does; anything else unknown is an error. `slices`, `modules`, `tokenizer` and
-`chat_template` are refused as not supported yet.
+as mergekit does; anything else unknown is an error. `modules`, `tokenizer` and `chat_template`
+are refused as not supported yet.
+
+Instead of `models`, `slices` lists layer ranges (engine.slices):
+
+```yaml
+merge_method: passthrough
+slices:
+  - sources: [{model: ./a, layer_range: [0, 24]}]   # end excluded, as in mergekit
+  - sources: [{model: ./b, layer_range: [8, 32]}]
+```
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from engine.errors import SpecError
 from engine.gradient import Filtered, Gradient, Rule, Setting
 from engine.methods.base import Method
 from engine.methods.registry import METHODS
+from engine.slices import Slice, SliceSource
 from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, VOCAB_POLICIES, MergeSpec, ModelRef, check_params
 
 log = logging.getLogger(__name__)
@@ -52,18 +62,19 @@ TOP_KEYS = (
     "tokenizer_source",
     "random_seed",
     "vocab",
+    "slices",
 )
 MODEL_KEYS = ("model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
 # mergekit keys that leanmerge knows and refuses, with why.
 UNSUPPORTED_KEYS = {
-    "slices": "slices (frankenmerges, layer stacking) are not supported yet; list whole models under 'models'",
     "modules": "per-module configs are not supported yet; list whole models under 'models'",
     "tokenizer": "the 'tokenizer' block (built vocabularies, embedding sources) is not supported yet; "
     "use 'tokenizer_source: base' or a model folder, and 'vocab: base' or 'vocab: union'",
     "chat_template": "'chat_template' is not supported yet; copy chat_template.jinja into the output folder",
 }
 # mergekit methods without an implementation here yet.
-MERGEKIT_ONLY_METHODS = ("passthrough", "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion")
+MERGEKIT_ONLY_METHODS = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion")
 # Parameters mergekit's methods take: accepted for any method, ignored (with a note) when unused.
 MERGEKIT_PARAMS = frozenset({"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t"})
 # Methods for which the base is only a template (names, shapes): it is averaged in only if
@@ -167,20 +178,18 @@ class _Config:
                 raise self.error(doc.lines[key], f"{key!r}: {UNSUPPORTED_KEYS[key]}")
             if key not in TOP_KEYS:
                 raise self.error(doc.lines[key], f"unsupported key {key!r} (supported: {', '.join(TOP_KEYS)})")
-        for key in ("merge_method", "models"):
-            if key not in doc:
-                raise SpecError(f"{self.path}: missing required key {key!r}")
+        if "merge_method" not in doc:
+            raise SpecError(f"{self.path}: missing required key 'merge_method'")
         method = self.method(overrides.pop("method", None))
-        models = self.models(method)
-        if "base_model" in doc:
-            base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model")
-        elif method.name in TEMPLATE_BASE_METHODS and models:
-            base = models[0].path
+        slices: tuple[Slice, ...] = ()
+        if "slices" in doc:
+            if "models" in doc:
+                raise self.error(doc.lines["models"], "give either 'models' or 'slices', not both")
+            base, models, slices = self.sliced(method)
+        elif "models" not in doc:
+            raise SpecError(f"{self.path}: missing required key 'models' (or 'slices')")
         else:
-            raise SpecError(f"{self.path}: missing required key 'base_model' (merge_method {method.name} needs a base)")
-        if method.name not in TEMPLATE_BASE_METHODS:
-            # mergekit lists the base among the models too; it is the base here, not a fine-tune.
-            models = [m for m in models if m.path.resolve() != base.resolve()]
+            base, models = self.listed(method)
         fields: dict[str, Any] = {
             "method": method.name,
             "base": base,
@@ -190,6 +199,7 @@ class _Config:
             "seed": self.seed(),
             "vocab": self.choice("vocab", VOCAB_POLICIES, "base"),
             "tokenizer_source": self.tokenizer_source(),
+            "slices": slices,
         }
         fields.update(overrides)
         try:
@@ -209,6 +219,117 @@ class _Config:
                 line, f"merge_method {value!r} is not supported yet (supported: {', '.join(sorted(METHODS))})"
             )
         raise self.error(line, f"unknown merge_method {value!r}; choose one of {', '.join(sorted(METHODS))}")
+
+    def listed(self, method: Method) -> tuple[Path, list[ModelRef]]:
+        """The base and the fine-tuned models of a config with `models`."""
+        doc = self.doc
+        models = self.models(method)
+        if method.name == "passthrough":
+            if len(models) != 1:
+                raise self.error(doc.lines["models"], "passthrough copies one model: list exactly one under 'models' "
+                                 "(or stack layers with 'slices')")  # fmt: skip
+            return models[0].path, []
+        if "base_model" in doc:
+            base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model")
+        elif method.name in TEMPLATE_BASE_METHODS:
+            base = models[0].path
+        else:
+            raise SpecError(f"{self.path}: missing required key 'base_model' (merge_method {method.name} needs a base)")
+        if method.name not in TEMPLATE_BASE_METHODS:
+            # mergekit lists the base among the models too; it is the base here, not a fine-tune.
+            models = [m for m in models if m.path.resolve() != base.resolve()]
+        return base, models
+
+    def sliced(self, method: Method) -> tuple[Path, list[ModelRef], tuple[Slice, ...]]:
+        """The base, the models and the slices of a config with `slices` (engine.slices).
+
+        In each slice the base is the source whose model is `base_model` (for linear: that or the
+        first source, as a template; for passthrough: the one source); the models are the other
+        sources in order, and the k-th of every slice is model k, with one set of parameters.
+        """
+        doc = self.doc
+        raw, line = doc["slices"], doc.lines["slices"]
+        if not isinstance(raw, _Seq) or not raw:
+            raise self.error(line, "'slices' must be a non-empty list of {sources: [{model, layer_range}, ...]}")
+        base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model") if "base_model" in doc else None
+        if base is None and method.name not in TEMPLATE_BASE_METHODS | {"passthrough"}:
+            raise SpecError(f"{self.path}: missing required key 'base_model' (merge_method {method.name} needs a base)")
+        slices: list[Slice] = []
+        refs: list[ModelRef] = []
+        for i, (entry, at) in enumerate(zip(raw, raw.lines)):
+            sources = self.slice_sources(entry, at, f"slices[{i}]", method)
+            b = self.slice_base(sources, base, method, at, f"slices[{i}]")
+            models = [s for j, s in enumerate(sources) if j != b or method.name in TEMPLATE_BASE_METHODS]
+            if i == 0:
+                refs = [ModelRef(src.path, params) for src, params, _ in models]
+            elif len(models) != len(refs):
+                raise self.error(at, f"slices[{i}] has {len(models)} model source(s) besides the base, slices[0] has "
+                                 f"{len(refs)}: every slice needs a source for each model")  # fmt: skip
+            for k, (_, params, src_line) in enumerate(models):
+                if params != refs[k].params:
+                    raise self.error(src_line, f"slices[{i}]: the parameters of model source {k} differ from slices[0]'s; "
+                                     "per-slice parameters are not supported: use filters on layer names")  # fmt: skip
+            try:
+                slices.append(Slice(sources[b][0], tuple(src for src, _, _ in models)))
+            except SpecError as e:
+                raise self.error(at, f"slices[{i}]: {e}") from None
+        return base if base is not None else slices[0].base.path, refs, tuple(slices)
+
+    def slice_sources(
+        self, entry: Any, line: int, where: str, method: Method
+    ) -> list[tuple[SliceSource, dict[str, Setting], int]]:
+        if not isinstance(entry, _Map) or "sources" not in entry:
+            raise self.error(line, f"{where} must be a mapping with 'sources'")
+        for key in entry:
+            if key != "sources":
+                raise self.error(entry.lines[key], f"{where}: unsupported key {key!r} (supported: sources)")
+        raw, at = entry["sources"], entry.lines["sources"]
+        if not isinstance(raw, _Seq) or not raw:
+            raise self.error(at, f"{where}.sources must be a non-empty list of {{model, layer_range}}")
+        out = []
+        for j, (src, src_line) in enumerate(zip(raw, raw.lines)):
+            here = f"{where}.sources[{j}]"
+            if not isinstance(src, _Map) or "model" not in src or "layer_range" not in src:
+                raise self.error(src_line, f"{here} must be a mapping with 'model' and 'layer_range'")
+            for key in src:
+                if key not in SOURCE_KEYS:
+                    raise self.error(
+                        src.lines[key], f"{here}: unsupported key {key!r} (supported: {', '.join(SOURCE_KEYS)})"
+                    )
+            folder = self.folder(src["model"], src.lines["model"], f"{here}.model")
+            start, end = self.layer_range(src["layer_range"], src.lines["layer_range"], f"{here}.layer_range")
+            params_line = src.lines.get("parameters", src_line)
+            params = self.params(src.get("parameters"), params_line, f"{here}.parameters", method, per_model=True)
+            out.append((SliceSource(folder, start, end), params, params_line))
+        return out
+
+    def slice_base(
+        self, sources: list[tuple[SliceSource, dict[str, Setting], int]], base: Path | None, method: Method,
+        line: int, where: str,
+    ) -> int:  # fmt: skip
+        """Which source of a slice plays the base."""
+        if method.name == "passthrough":
+            if len(sources) != 1:
+                raise self.error(line, f"{where}: passthrough takes one source per slice, got {len(sources)}")
+            return 0
+        matches = [j for j, (s, _, _) in enumerate(sources) if base is not None and s.path.resolve() == base.resolve()]
+        if len(matches) > 1:
+            raise self.error(line, f"{where}: base_model is listed {len(matches)} times; list it once per slice")
+        if matches:
+            return matches[0]
+        if method.name in TEMPLATE_BASE_METHODS:
+            return 0
+        raise self.error(line, f"{where}: no source is base_model {base}; every slice needs the base's layer_range")
+
+    def layer_range(self, value: Any, line: int, where: str) -> tuple[int, int]:
+        ok = (
+            isinstance(value, _Seq)
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        )
+        if not ok or not 0 <= value[0] < value[1]:
+            raise self.error(line, f"{where} must be [start, end] with 0 <= start < end (end excluded), got {value!r}")
+        return value[0], value[1]
 
     def models(self, method: Method) -> list[ModelRef]:
         entries, line = self.doc["models"], self.doc.lines["models"]

@@ -73,7 +73,7 @@ def prepare(
     `compile` ("auto", "on", "off") decides whether torch.compile kernels will run (`plan.compiled`);
     their memory is then reserved in the budget, and a budget too small for it runs eager.
     """
-    inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab)
+    inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab, spec.slices)
     budget = max_memory if max_memory is not None else default_budget()
     available = psutil.virtual_memory().available
     if budget > available:

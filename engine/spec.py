@@ -20,6 +20,8 @@ from engine.gradient import to_json as setting_json
 from engine.gradient import values as setting_values
 from engine.methods.base import Method, ParamValue, TensorParams
 from engine.methods.registry import get_method
+from engine.slices import Slice, check_slices, slices_json
+from engine.slices import position as slice_position
 
 DEFAULT_SEED = 0
 # Accepted in YAML for mergekit compatibility and ignored: they do not change our results.
@@ -48,9 +50,14 @@ class MergeSpec:
     seed: int = DEFAULT_SEED
     vocab: str = "base"  # rows of embedding-like tensors: the base's, or the union of all models'
     tokenizer_source: Path | None = None  # copy tokenizer files from here instead of the base
+    # Layer slices (engine.slices): the inputs are then views of these layer ranges, and `base`
+    # and each model's `path` only name the folders that config and tokenizer files come from.
+    slices: tuple[Slice, ...] = ()
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
+        if self.slices:
+            check_slices(self.slices, len(self.models))
         if len(self.models) < method.min_models:
             raise SpecError(
                 f"method {self.method!r} needs at least {method.min_models} model(s), got {len(self.models)}"
@@ -80,7 +87,8 @@ class MergeSpec:
         with model > global > default precedence; gradients and filter rules are evaluated for
         that tensor (`engine.gradient`). Without a name: the values at layer position 0.
         """
-        return self._resolve(name, position(name, n_layers))
+        t = slice_position(name, self.slices) if self.slices else position(name, n_layers)
+        return self._resolve(name, t)
 
     @property
     def varies_by_tensor(self) -> bool:
@@ -125,6 +133,7 @@ class MergeSpec:
             # Only when set, so that digests of specs without them stay what they were.
             **({"vocab": self.vocab} if self.vocab != "base" else {}),
             **({"tokenizer_source": str(self.tokenizer_source)} if self.tokenizer_source is not None else {}),
+            **({"slices": slices_json(self.slices)} if self.slices else {}),
         }
 
     def digest(self) -> str:

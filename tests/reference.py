@@ -316,3 +316,23 @@ def merge_folders_stats(
         r = stats_merge(method, name, b.float(), [m[name].float() for m in models], **params)
         out[name] = r.to(out_dtype or b.dtype)
     return out
+
+
+def stack_layers(parts: Sequence[tuple[dict[str, torch.Tensor], int, int]]) -> dict[str, torch.Tensor]:
+    """mergekit's passthrough over slices: layers [a, b) of each model in turn, renumbered from 0;
+    embeddings from the first part's model, every other tensor outside the layers from the last's."""
+    import re
+
+    layer = re.compile(r"\.layers\.(\d+)\.")
+    first, last = parts[0][0], parts[-1][0]
+    out = {n: t for n, t in first.items() if not layer.search(n) and "embed" in n}
+    j = 0
+    for model, a, b in parts:
+        for i in range(a, b):
+            for n, t in model.items():
+                m = layer.search(n)
+                if m and int(m.group(1)) == i:
+                    out[n[: m.start(1)] + str(j) + n[m.end(1) :]] = t
+            j += 1
+    out |= {n: t for n, t in last.items() if not layer.search(n) and "embed" not in n}
+    return out

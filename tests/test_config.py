@@ -22,7 +22,7 @@ from engine.methods.registry import METHODS
 from engine.plan import make_plan
 
 from conftest import MakeFamily
-from reference import dare_merge, load_model, merge_folders, merge_folders_stats, stats_merge
+from reference import dare_merge, load_model, merge_folders, merge_folders_stats, stack_layers, stats_merge
 
 CONFIGS = Path(__file__).parent / "configs"
 N_LAYERS = 5
@@ -49,6 +49,7 @@ EXPECTED: dict[str, tuple[str, dict[str, object]]] = {
     "della_linear": ("stats", {"weights": [0.6, 0.4], "densities": [0.5, 0.5], "epsilons": [0.1, 0.1], "seed": 3}),
     "slerp": ("stats", {"t": 0.3}),
     "model_stock": ("stats", {}),
+    "passthrough": ("passthrough", {}),
 }
 
 
@@ -73,6 +74,9 @@ def test_example_config_merges_to_its_reference(name: str, tiny_family: MakeFami
     out_dtype = torch.float32 if spec.out_dtype == "F32" else None
     if method == "linear":
         want = merge_folders("linear", base, [base, *models], out_dtype, **ref)
+    elif method == "passthrough":
+        ft1, ft2 = (load_model(m) for m in models)
+        want = stack_layers([(ft1, 0, 3), (ft2, 2, 5)])
     elif method == "stats":
         ms = models[:1] if name == "slerp" else models
         want = merge_folders_stats(name, base, ms, out_dtype, **ref)
@@ -209,14 +213,50 @@ def test_tokenizer_source_copies_that_models_tokenizer(tiny_family: MakeFamily) 
 
 
 GOOD = "merge_method: dare_ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters: {weight: 0.5}\n"
+# A passthrough slice of ./a (lines 1-5), and sources and slices to add to it.
+SL = "merge_method: passthrough\nslices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 2]\n"
+SRC_A = "      - model: ./a\n        layer_range: [0, 2]\n"
+SRC_B = SRC_A.replace("./a", "./b")
+SLICE2 = "  - sources:\n" + SRC_B
+TIES_SL = "merge_method: ties\nbase_model: ./b\nslices:\n  - sources:\n" + SRC_A
 # (text appended to or replacing GOOD, the line the error names, substrings of the message)
 BAD: list[tuple[str, int, list[str]]] = [
     (GOOD + "foo: 1\n", 6, ["unsupported key 'foo'", "supported: merge_method"]),
-    (GOOD + "slices: []\n", 6, ["'slices'", "not supported yet"]),
+    (GOOD + "slices: []\n", 3, ["give either 'models' or 'slices', not both"]),
     (GOOD + "tokenizer: {source: union}\n", 6, ["'tokenizer'", "not supported yet"]),
     (GOOD + "tokenizer_source: union\n", 6, ["tokenizer_source 'union'", "not supported yet"]),
     (GOOD + "tokenizer_source: ./nowhere\n", 6, ["tokenizer_source", "nowhere does not exist"]),
-    (GOOD.replace("dare_ties", "passthrough"), 1, ["merge_method 'passthrough' is not supported yet"]),
+    (GOOD.replace("dare_ties", "nuslerp"), 1, ["merge_method 'nuslerp' is not supported yet"]),
+    (GOOD.replace("dare_ties", "passthrough") + "  - model: ./c\n", 3, ["passthrough copies one model"]),
+    ("merge_method: passthrough\nslices: []\n", 2, ["'slices' must be a non-empty list"]),
+    (SL.replace("[0, 2]", "[2, 2]"), 5, ["sources[0].layer_range must be [start, end]", "[2, 2]"]),
+    (SL.replace("[0, 2]", "[0, x]"), 5, ["layer_range must be [start, end]"]),
+    (SL.replace("[0, 2]", "[0, 1, 2]"), 5, ["layer_range must be [start, end]"]),
+    (SL.replace("[0, 2]", "[true, 2]"), 5, ["layer_range must be [start, end]"]),
+    (
+        SL.replace("model: ./a", "modl: ./a"),
+        4,
+        ["slices[0].sources[0] must be a mapping with 'model' and 'layer_range'"],
+    ),
+    (SL.replace("./a", "./gone"), 4, ["slices[0].sources[0].model", "gone does not exist"]),
+    (SL + SRC_B, 3, ["passthrough takes one source per slice, got 2"]),
+    (SL + "    parameters: {t: 1}\n", 6, ["slices[0]: unsupported key 'parameters' (supported: sources)"]),
+    (SL + "        weight: 1\n", 6, ["slices[0].sources[0]: unsupported key 'weight'"]),
+    (SL + "        parameters: {scale: 0}\n", 6, ["'scale' is a global parameter"]),
+    (SL + "models: [{model: ./a}]\n", 6, ["give either 'models' or 'slices', not both"]),
+    (SL.replace("passthrough", "ties"), 0, ["missing required key 'base_model'", "needs a base"]),
+    (TIES_SL, 4, ["slices[0]: no source is base_model", "b;"]),
+    (
+        TIES_SL + SRC_B.replace("[0, 2]", "[0, 3]"),
+        4,
+        ["slices[0]: every source of a slice must span the same number of layers", "b [0, 3], a [0, 2]"],
+    ),
+    (TIES_SL + SRC_B + SLICE2, 9, ["slices[1] has 0 model source(s) besides the base, slices[0] has 1"]),
+    (
+        TIES_SL + SRC_B + SLICE2 + SRC_A.replace("./a", "./c") + "        parameters: {weight: 2}\n",
+        14,
+        ["slices[1]: the parameters of model source 0 differ from slices[0]'s"],
+    ),
     (GOOD.replace("dare_ties", "dare_tie"), 1, ["unknown merge_method 'dare_tie'", "dare_ties"]),
     (GOOD.replace("./b", "./missing"), 2, ["base_model", "missing does not exist", "download"]),
     (GOOD.replace("./a", "./gone"), 4, ["models[0].model", "gone does not exist"]),
@@ -268,10 +308,10 @@ def test_bad_config_is_one_error_line(tmp_path: Path, text: str, line: int, part
 
 def test_cli_reports_the_config_line(tmp_path: Path) -> None:
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a}]\nslices: []\n")
+    cfg.write_text("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a}]\nmodules: []\n")
     result = CliRunner().invoke(main, ["plan", str(cfg)])
     assert result.exit_code == 1
-    assert f"{cfg}:4: 'slices'" in result.output and result.output.count("\n") == 1
+    assert f"{cfg}:4: 'modules'" in result.output and result.output.count("\n") == 1
 
 
 def test_combined_constraints_are_checked_for_every_tensor(tiny_family: MakeFamily) -> None:

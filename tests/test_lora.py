@@ -191,3 +191,24 @@ def _weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+def test_resume_refuses_a_changed_adapter_config(tmp_path: Path) -> None:
+    """lora_alpha scales every delta: a resumed run must not mix two scalings."""
+    from engine.errors import ResumeError
+
+    write_checkpoint(tmp_path / "base", base_tensors())
+    write_adapter(tmp_path / "lora", factors(4), r=4, alpha=8.0)
+    spec = MergeSpec("task_arithmetic", tmp_path / "base", (ModelRef(tmp_path / "lora", {}),), {})
+
+    def crash(e: dict[str, object]) -> None:
+        if e["event"] == "tensor":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge(spec, tmp_path / "out", block_bytes=64, on_event=crash)
+    _config(tmp_path / "lora", lora_alpha=16.0)
+    with pytest.raises(ResumeError, match="inputs changed.*adapter_config.json"):
+        merge(spec, tmp_path / "out", resume=True)
+    _config(tmp_path / "lora", lora_alpha=8.0)
+    merge(spec, tmp_path / "out", resume=True)

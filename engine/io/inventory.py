@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.dtypes import MERGEABLE
-from engine.errors import ShapeMismatchError
+from engine.errors import CheckpointError, ShapeMismatchError
 from engine.io.checkpoint import Checkpoint, open_checkpoint
 from engine.io.header import short_repr
-from engine.io.lora import open_model
+from engine.io.lora import is_adapter, open_model
+from engine.slices import Slice, sliced_views
 from engine.vocab import Resized, plan_resized, rows_problem
 
 SHOW = 5  # offending tensors named in an error; the rest are counted
@@ -30,21 +31,35 @@ class Inventory:
         return self.base.nbytes + sum(m.nbytes for m in self.models)
 
 
-def take_inventory(base: Path, models: Sequence[Path], vocab: str = "base") -> Inventory:
+def take_inventory(base: Path, models: Sequence[Path], vocab: str = "base", slices: Sequence[Slice] = ()) -> Inventory:
     """Open `base` and `models` (model folders or LoRA adapters) and check each against the base.
 
     `vocab` ("base" or "union") decides which row-count differences of embedding-like tensors
-    are merged (`engine.vocab`).
+    are merged (`engine.vocab`). With `slices`, the base and models are views of the slices'
+    layer ranges (`engine.slices`) and `base` and `models` are not opened themselves.
 
     Raises:
         CheckpointError: a folder or file is unusable.
         ShapeMismatchError: a model lacks, adds or reshapes tensors of the base.
     """
-    base_ckpt = open_checkpoint(base)
-    opened = tuple(open_model(m, base_ckpt) for m in models)
+    if slices:
+        base_ckpt, *views = sliced_views(slices, _open_slice_source)
+        opened = tuple(views)
+    else:
+        base_ckpt = open_checkpoint(base)
+        opened = tuple(open_model(m, base_ckpt) for m in models)
     for model in opened:
         check_homology(base_ckpt, model, vocab)
     return Inventory(base_ckpt, opened, vocab, plan_resized(vocab, (base_ckpt, *opened)))
+
+
+def _open_slice_source(folder: Path) -> Checkpoint:
+    if is_adapter(folder):
+        raise CheckpointError(
+            f"{folder}: a LoRA adapter cannot be a slice source (its layers are deltas of another model); "
+            "merge it into its base first, or list it under 'models' without slices"
+        )
+    return open_checkpoint(folder)
 
 
 def check_homology(base: Checkpoint, model: Checkpoint, vocab: str = "base") -> None:

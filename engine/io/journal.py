@@ -22,6 +22,7 @@ from typing import Any
 from engine.errors import OutputError, ResumeError
 from engine.io.checkpoint import Checkpoint
 from engine.io.header import MAX_HEADER_BYTES
+from engine.io.lora import ADAPTER_CONFIG, LoraCheckpoint
 
 JOURNAL_NAME = "journal.jsonl"
 VERSION = 1
@@ -46,8 +47,15 @@ class JournalState:
 
 
 def fingerprint(ckpt: Checkpoint) -> list[dict[str, Any]]:
-    """Per shard: name, size and sha256 of the header bytes: cheap, and any re-save changes it."""
-    out = []
+    """Per shard: name, size and sha256 of the header bytes: cheap, and any re-save changes it.
+
+    A LoRA adapter's config is fingerprinted by the values read from it: `lora_alpha`, `r` and
+    the rest decide every delta.
+    """
+    out: list[dict[str, Any]] = []
+    if isinstance(ckpt, LoraCheckpoint):
+        config = json.dumps(ckpt.config, sort_keys=True, default=str).encode()
+        out.append({"file": str(ckpt.folder / ADAPTER_CONFIG), "config_sha256": hashlib.sha256(config).hexdigest()})
     for shard in ckpt.shards:
         with open(shard, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))

@@ -18,6 +18,7 @@ from engine import __version__
 from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
 from engine.plan import Plan
+from engine.slices import output_layers
 
 # Files a model folder needs besides weights; copied from the base when present.
 SIDE_FILES = (
@@ -34,6 +35,8 @@ SIDE_FILES = (
 )
 # Of those, the tokenizer's: copied from the spec's `tokenizer_source` when it names a model.
 TOKENIZER_FILES = frozenset(SIDE_FILES) - {"config.json", "generation_config.json"}
+# config.json keys that hold the layer count, by architecture family (Llama/Mistral/Qwen, GPT-2, T5-like).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
@@ -78,17 +81,20 @@ def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
     grown = [r.out_rows for r in plan.resized if r.out_rows != r.rows[0]]
     if grown:  # --vocab union added rows: the model must know its new vocabulary size
         changes["vocab_size"] = max(grown)
+    if plan.spec.slices:  # stacked or cut layers: the model must know its new depth
+        changes.update(dict.fromkeys(LAYER_COUNT_KEYS, output_layers(plan.spec.slices)))
     if changes and (tmp / "config.json").is_file():
         _update_config(tmp / "config.json", changes)
 
 
 def _update_config(path: Path, changes: dict[str, Any]) -> None:
+    """Set `changes` in a copied config.json; sizes only where the config has that key."""
     try:
         config: Any = json.loads(path.read_text())
     except (ValueError, OSError):
         return  # not ours to repair; copied as is
     if isinstance(config, dict):
-        config.update({k: v for k, v in changes.items() if k != "vocab_size" or "vocab_size" in config})
+        config.update({k: v for k, v in changes.items() if k == "torch_dtype" or k in config})
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -9,6 +9,7 @@ from engine.methods.dare import DareLinear, DareTies
 from engine.methods.della import Della, DellaLinear
 from engine.methods.linear import Linear
 from engine.methods.model_stock import ModelStock
+from engine.methods.passthrough import Passthrough
 from engine.methods.slerp import Slerp
 from engine.methods.task_arithmetic import TaskArithmetic
 from engine.methods.ties import Ties
@@ -27,6 +28,7 @@ METHODS: dict[str, Method] = {
         DellaLinear(),
         Slerp(),
         ModelStock(),
+        Passthrough(),
     )
 }
 
