@@ -104,6 +104,8 @@ def settings_for(quick: bool, cache: Path, repeats: int | None, hidden: dict[str
     family = hidden["family"] or (sizes[-1] if hidden["sizes"] else mode["family"])
     extra: dict[str, Any] = {k: hidden[k] or mode.get(k) for k in ("budgets", "methods") if hidden[k] or mode.get(k)}
     extra["compile_modes"] = hidden["compile_modes"] or mode["compile_modes"]
+    if hidden.get("baselines") is not None:
+        extra["baselines"] = hidden["baselines"]
     return Settings(cache, repeats or mode["repeats"], family, sizes, **extra)
 
 
@@ -145,6 +147,9 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[str, list[Pat
 @click.option("--methods", callback=split_list, help="Only these methods, comma-separated [default: all registered].")
 @click.option("--budgets", callback=parse_budgets, hidden=True, help="Budgets for rss_vs_budget.")
 @click.option("--compile-modes", callback=split_list, hidden=True, help="leanmerge --compile modes for throughput.")
+@click.option(
+    "--baselines", callback=split_list, hidden=True, help="Other tools to run: naive, mergekit (default both)."
+)
 def main(
     quick: bool, clean: bool, cache: Path, results: Path, repeats: int | None, sections: tuple[str, ...], **hidden: Any
 ) -> None:

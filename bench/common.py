@@ -264,7 +264,12 @@ def run_mergekit(
 ) -> dict[str, Any] | None:
     """The same merge through mergekit when `mergekit-yaml` is installed; None (skip) otherwise.
 
-    The config is written as JSON, which is valid YAML.
+    The config is written as JSON, which is valid YAML. mergekit computes in `dtype` (bf16 here,
+    its default for bf16 inputs and its fastest setting; leanmerge always computes in float32).
+    Paths are absolute and the model card is off: mergekit 0.1.5 looks relative paths up on the
+    Hub for the card, and fails without network. The tokenizer is not copied (leanmerge copies
+    files; mergekit would rebuild it through transformers, which the synthetic one does not
+    survive).
     """
     exe = shutil.which("mergekit-yaml")
     if exe is None:
@@ -272,13 +277,14 @@ def run_mergekit(
     model_params = {"weight": 1.0, **{k: v for k, v in params.items() if k == "density"}}
     config = {
         "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(m), "parameters": model_params} for m in models],
+        "base_model": str(base.resolve()),
+        "models": [{"model": str(m.resolve()), "parameters": model_params} for m in models],
         "dtype": dtype,
     }
     cfg = out.parent / f"{out.name}.mergekit.yml"
     cfg.write_text(json.dumps(config, indent=2))
-    figures = measured([exe, str(cfg), str(out)], out.parent, "mergekit")
+    flags = ["--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0", "--quiet"]
+    figures = measured([exe, str(cfg), str(out), *flags], out.parent, "mergekit")
     return {"tool": "mergekit", **figures, "report": None}
 
 

@@ -45,10 +45,13 @@ class Settings:
     size_budget: int = SIZE_BUDGET
     n_models: int = 3
     compile_modes: tuple[str, ...] = ("auto",)  # leanmerge `--compile` modes the throughput section runs
+    baselines: tuple[str, ...] = BASELINES  # the other tools measured beside leanmerge
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if set(self.baselines) - set(BASELINES):
+            raise ValueError(f"baselines must be among {', '.join(BASELINES)}, got {self.baselines}")
         bad = set(self.compile_modes) - {"auto", "on", "off"}
         if bad or not self.compile_modes:
             raise ValueError(f"compile modes must be auto, on or off, got {self.compile_modes}")
@@ -134,10 +137,12 @@ def baselines(
     (mergekit is guarded by the naive estimate: it too holds whole tensors)."""
     ok, why = naive_fits(family, method)
     if not ok:
-        skipped += [{"tool": t, "method": method, "preset": family.preset, "reason": why, **labels} for t in BASELINES]
+        skipped += [
+            {"tool": t, "method": method, "preset": family.preset, "reason": why, **labels} for t in s.baselines
+        ]
         return []
     out = []
-    for tool in BASELINES:
+    for tool in s.baselines:
         e = measure(s, tool, family, method, before=before, **labels)
         if e is None:
             skipped.append(

@@ -171,6 +171,14 @@ class _Config:
     def error(self, line: int, message: str) -> SpecError:
         return SpecError(f"{self.path}:{line}: {message}")
 
+    def only_keys(self, m: _Map, allowed: tuple[str, ...], where: str, context: str = "") -> None:
+        """Refuse any key of `m` not in `allowed`, naming its line."""
+        for key in m:
+            if key not in allowed:
+                raise self.error(
+                    m.lines[key], f"{where}: unsupported key {key!r}{context} (supported: {', '.join(allowed)})"
+                )
+
     def spec(self, overrides: dict[str, Any]) -> MergeSpec:
         doc = self.doc
         for key in doc:
@@ -280,9 +288,7 @@ class _Config:
     ) -> list[tuple[SliceSource, dict[str, Setting], int]]:
         if not isinstance(entry, _Map) or "sources" not in entry:
             raise self.error(line, f"{where} must be a mapping with 'sources'")
-        for key in entry:
-            if key != "sources":
-                raise self.error(entry.lines[key], f"{where}: unsupported key {key!r} (supported: sources)")
+        self.only_keys(entry, ("sources",), where)
         raw, at = entry["sources"], entry.lines["sources"]
         if not isinstance(raw, _Seq) or not raw:
             raise self.error(at, f"{where}.sources must be a non-empty list of {{model, layer_range}}")
@@ -291,11 +297,7 @@ class _Config:
             here = f"{where}.sources[{j}]"
             if not isinstance(src, _Map) or "model" not in src or "layer_range" not in src:
                 raise self.error(src_line, f"{here} must be a mapping with 'model' and 'layer_range'")
-            for key in src:
-                if key not in SOURCE_KEYS:
-                    raise self.error(
-                        src.lines[key], f"{here}: unsupported key {key!r} (supported: {', '.join(SOURCE_KEYS)})"
-                    )
+            self.only_keys(src, SOURCE_KEYS, here)
             folder = self.folder(src["model"], src.lines["model"], f"{here}.model")
             start, end = self.layer_range(src["layer_range"], src.lines["layer_range"], f"{here}.layer_range")
             params_line = src.lines.get("parameters", src_line)
@@ -340,11 +342,7 @@ class _Config:
             where = f"models[{i}]"
             if not isinstance(entry, _Map) or "model" not in entry:
                 raise self.error(item_line, f"{where} must be a mapping with a 'model' key")
-            for key in entry:
-                if key not in MODEL_KEYS:
-                    raise self.error(
-                        entry.lines[key], f"{where}: unsupported key {key!r} (supported: {', '.join(MODEL_KEYS)})"
-                    )
+            self.only_keys(entry, MODEL_KEYS, where)
             folder = self.folder(entry["model"], entry.lines["model"], f"{where}.model")
             params_line = entry.lines.get("parameters", item_line)
             params = self.params(entry.get("parameters"), params_line, f"{where}.parameters", method, per_model=True)
@@ -412,11 +410,7 @@ class _Config:
         raise self.error(line, f"{where}: expected a number, true/false, a string or a gradient list, got {raw!r}")
 
     def rule(self, raw: _Map, line: int, where: str) -> Rule:
-        for key in raw:
-            if key not in ("filter", "value"):
-                raise self.error(
-                    raw.lines[key], f"{where}: unsupported key {key!r} in a rule (supported: filter, value)"
-                )
+        self.only_keys(raw, ("filter", "value"), where, " in a rule")
         if "value" not in raw:
             raise self.error(line, f"{where}: a rule needs a 'value'")
         filt, value, at = raw.get("filter"), raw["value"], raw.lines["value"]

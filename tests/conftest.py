@@ -29,6 +29,19 @@ SHAPES: dict[str, tuple[int, ...]] = {
 }
 
 
+def llama_shapes(n_layers: int) -> dict[str, tuple[int, ...]]:
+    """A Llama-shaped miniature: embeddings (pre weights), `n_layers` numbered layers, the final
+    norm and lm_head (post weights), in the order HF checkpoints list them."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (13, 8)}
+    for i in range(n_layers):
+        shapes |= {
+            f"model.layers.{i}.self_attn.q_proj.weight": (8, 8),
+            f"model.layers.{i}.mlp.up_proj.weight": (6, 8),
+            f"model.layers.{i}.input_layernorm.weight": (8,),
+        }
+    return shapes | {"model.norm.weight": (8,), "lm_head.weight": (13, 8)}
+
+
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
     """Save `tensors` as a HF model folder: one file, or `shards` files plus the index."""
     folder.mkdir(parents=True, exist_ok=True)

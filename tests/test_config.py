@@ -21,20 +21,12 @@ from engine.errors import SpecError
 from engine.methods.registry import METHODS
 from engine.plan import make_plan
 
-from conftest import MakeFamily
+from conftest import MakeFamily, llama_shapes
 from reference import dare_merge, load_model, merge_folders, merge_folders_stats, stack_layers, stats_merge
 
 CONFIGS = Path(__file__).parent / "configs"
 N_LAYERS = 5
-# A Llama-shaped miniature: embeddings (pre), 5 numbered layers, final norm and lm_head (post).
-LLAMA: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (13, 8)}
-for _i in range(N_LAYERS):
-    LLAMA |= {
-        f"model.layers.{_i}.self_attn.q_proj.weight": (8, 8),
-        f"model.layers.{_i}.mlp.up_proj.weight": (6, 8),
-        f"model.layers.{_i}.input_layernorm.weight": (8,),
-    }
-LLAMA |= {"model.norm.weight": (8,), "lm_head.weight": (13, 8)}
+LLAMA = llama_shapes(N_LAYERS)  # embeddings (pre), 5 numbered layers, final norm and lm_head (post)
 
 # What each example config means, spelled out for the references (not parsed from the YAML).
 EXPECTED: dict[str, tuple[str, dict[str, object]]] = {

@@ -16,18 +16,11 @@ from engine.cli import main
 from engine.config import load_config
 from engine.errors import CheckpointError
 
-from conftest import MakeFamily
+from conftest import MakeFamily, llama_shapes
 from reference import load_model, stack_layers, task_arithmetic
 
 N_LAYERS = 4
-SHAPES: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (11, 8)}
-for _i in range(N_LAYERS):
-    SHAPES |= {
-        f"model.layers.{_i}.self_attn.o_proj.weight": (8, 8),
-        f"model.layers.{_i}.mlp.down_proj.weight": (9, 8),
-        f"model.layers.{_i}.input_layernorm.weight": (8,),
-    }
-SHAPES |= {"model.norm.weight": (8,), "lm_head.weight": (11, 8)}
+SHAPES = llama_shapes(N_LAYERS)
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -69,13 +62,13 @@ def test_passthrough_scale_by_filter_and_one_model_copy(tiny_family: MakeFamily)
         + source("ft1", 0, 2)
         + "  - sources:\n"
         + source("ft1", 1, 2)
-        + "parameters:\n  scale:\n    - {filter: layers.2.self_attn.o_proj, value: 0}\n    - {value: 1}\n"
+        + "parameters:\n  scale:\n    - {filter: layers.2.self_attn.q_proj, value: 0}\n    - {value: 1}\n"
     )
     merge(load_config(write_config(root, cfg)), root / "out")
     got, a = load_model(root / "out"), load_model(ft1)
-    assert torch.equal(got["model.layers.2.self_attn.o_proj.weight"], torch.zeros(8, 8, dtype=torch.bfloat16))
-    assert torch.equal(got["model.layers.2.mlp.down_proj.weight"], a["model.layers.1.mlp.down_proj.weight"])
-    assert torch.equal(got["model.layers.1.self_attn.o_proj.weight"], a["model.layers.1.self_attn.o_proj.weight"])
+    assert torch.equal(got["model.layers.2.self_attn.q_proj.weight"], torch.zeros(8, 8, dtype=torch.bfloat16))
+    assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(got["model.layers.1.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"])
     # Without slices, passthrough copies its one model, here converting the dtype.
     copy = "merge_method: passthrough\nmodels: [{model: ./ft1}]\ndtype: float32\n"
     merge(load_config(write_config(root, copy)), root / "copy")
@@ -144,7 +137,7 @@ def test_gradients_run_along_each_slice(tmp_path: Path) -> None:
         + "  - sources:\n" + source("base", 3, 4) + source("ft1", 3, 4)
     )  # fmt: skip
     spec = load_config(write_config(tmp_path, cfg))
-    weights = [spec.tensor_params(f"model.layers.{j}.mlp.down_proj.weight", 4).per_model("weight") for j in range(4)]
+    weights = [spec.tensor_params(f"model.layers.{j}.mlp.up_proj.weight", 4).per_model("weight") for j in range(4)]
     assert weights == [[0.0], [0.5], [1.0], [1.0]]
     assert spec.tensor_params("model.embed_tokens.weight", 4).per_model("weight") == [0.0]
     assert spec.tensor_params("lm_head.weight", 4).per_model("weight") == [1.0]
