@@ -11,7 +11,10 @@ Sections (`--sections`, default all):
 - throughput: GB/s of input of every registered method, cold cache (inputs dropped with
   fadvise before each run) and warm, next to this disk's cold read limit measured in the
   same run; `cold/limit` = leanmerge cold GB/s / read limit.
-- naive and, when `mergekit-yaml` is installed, mergekit are columns of each section.
+- naive and, when `mergekit-yaml` is installed, mergekit are columns of each section
+  (`--baselines mergekit` runs only the peer: the naive baseline is the slow half of a full run).
+  mergekit 0.1.5 installs beside the CPU torch wheel in its own venv (`python -m venv /tmp/mk;
+  /tmp/mk/bin/pip install torch==2.13.0 mergekit==0.1.5`); put its bin folder on PATH.
 
 Modes: `--quick` uses the tiny and small presets, budgets 512MiB and 1GiB, 1 repeat and every
 registered method: about two minutes on an idle 2-core box (twice that when others use it).

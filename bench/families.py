@@ -154,20 +154,30 @@ def compiled_as(family: Family, method: str, mode: str) -> bool | None:
     return want_compiled(mode, spec.method_impl, spec.tensor_params(), input_bytes(family, method))
 
 
-def leanmerge_args(family: Family, method: str, budget: int, out: Path, compile: str = "auto") -> list[str]:
+def leanmerge_args(
+    family: Family, method: str, budget: int, out: Path, compile: str = "auto", io: str = "direct"
+) -> list[str]:
     """`leanmerge merge` arguments for `family`, every fine-tune the method takes with weight 1."""
     models = method_models(family, method)
     args = ["--base", str(family.base), *(a for m in models for a in ("--model", str(m)))]
     args += ["--method", method, "--max-memory", str(budget), "--compile", compile, "-o", str(out)]
+    args += ["--buffered-io"] if io == "buffered" else []
     return args + [a for k, v in method_params(method).items() for a in (f"--{k}", str(v))]
 
 
 def run_tool(
-    tool: str, family: Family, method: str, cache: Path, budget: int | None = None, compile: str = "auto"
+    tool: str,
+    family: Family,
+    method: str,
+    cache: Path,
+    budget: int | None = None,
+    compile: str = "auto",
+    io: str = "direct",
 ) -> dict[str, Any] | None:
     """One measured merge of `family` by `tool` into a scratch folder, deleted afterwards.
 
-    `budget` and `compile` are leanmerge's `--max-memory` and `--compile`.
+    `budget`, `compile` and `io` are leanmerge's `--max-memory`, `--compile` and
+    `--direct-io` (io "direct") or `--buffered-io` (io "buffered").
     Returns None when the tool is not installed (mergekit) or does not know `method` (naive).
     """
     work = scratch_dir(cache)
@@ -176,7 +186,7 @@ def run_tool(
         if tool == "leanmerge":
             if budget is None:
                 raise ValueError("leanmerge runs need a budget")
-            return run_leanmerge(leanmerge_args(family, method, budget, out, compile), work / "events.jsonl")
+            return run_leanmerge(leanmerge_args(family, method, budget, out, compile, io), work / "events.jsonl")
         runner: Callable[..., dict[str, Any] | None] = run_naive if tool == "naive" else run_mergekit
         if tool == "naive" and method not in NAIVE_METHODS:
             return None

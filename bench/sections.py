@@ -95,16 +95,17 @@ def measure(
     *,
     budget: int | None = None,
     compile: str = "auto",
+    io: str = "direct",
     before: Callable[[], None] | None = None,
     **labels: Any,
 ) -> dict[str, Any] | None:
     """`s.repeats` measured runs summarised as one entry; None if the tool cannot run `method`.
 
-    leanmerge entries also say which `--compile` mode ran and whether it compiled.
+    leanmerge entries also say which `--compile` mode ran, whether it compiled, and how it read.
     """
     entry = {"tool": tool, "method": method, "preset": family.preset, "budget": budget, **labels}
     if tool == "leanmerge":
-        entry |= {"compile": compile, "compiled": compiled_as(family, method, compile)}
+        entry |= {"compile": compile, "compiled": compiled_as(family, method, compile), "io": io}
     entry["input_bytes"] = inputs = input_bytes(family, method)
     where = "".join(f", {k} {v}" for k, v in labels.items()) + (f", --max-memory {budget >> 20} MiB" if budget else "")
     log.info("%s %s on %s%s%s", tool, method, family.preset, where, ", compiled" if entry.get("compiled") else "")
@@ -115,7 +116,7 @@ def measure(
             if before is not None:
                 before()
             load = max(load, os.getloadavg()[0])
-            r = run_tool(tool, family, method, s.cache, budget, compile)
+            r = run_tool(tool, family, method, s.cache, budget, compile, io)
             if r is None:
                 return None
             results.append(r)
@@ -197,7 +198,9 @@ def distinct_modes(family: Family, method: str, modes: Sequence[str]) -> list[st
 def throughput(s: Settings) -> dict[str, Any]:
     """GB/s of input per method and tool, cold and warm, next to this disk's read limit.
 
-    leanmerge runs once per `s.compile_modes`; its GB/s include any one-off compile time.
+    leanmerge runs once per `s.compile_modes`; its GB/s include any one-off compile time. Cold runs
+    read with O_DIRECT (the default), warm ones with `--buffered-io`, as a user whose inputs sit
+    in the page cache would (direct reads bypass the cache, so warm would equal cold).
     """
     fam = ensure_family(s.cache, s.family, s.n_models)
     limit = stats([read_limit(fam.files) for _ in range(s.repeats)])
@@ -213,7 +216,17 @@ def throughput(s: Settings) -> dict[str, Any]:
             if state == "warm" and not warm_ok:
                 continue
             entries = [
-                measure(s, "leanmerge", fam, method, budget=s.size_budget, compile=mode, before=before, cache=state)
+                measure(
+                    s,
+                    "leanmerge",
+                    fam,
+                    method,
+                    budget=s.size_budget,
+                    compile=mode,
+                    before=before,
+                    cache=state,
+                    io="buffered" if state == "warm" else "direct",
+                )  # fmt: skip
                 for mode in distinct_modes(fam, method, s.compile_modes)
             ]
             entries += baselines(s, fam, method, skipped, before=before, cache=state)

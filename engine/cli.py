@@ -138,6 +138,12 @@ def main() -> None:
 @click.option("--sync-every", type=SIZE, default=SYNC_EVERY, hidden=True, help="Bytes between durable journal commits.")
 @click.option("--drop-cache", is_flag=True, help="Drop inputs from the page cache as they are read.")
 @click.option(
+    "--direct-io/--buffered-io",
+    default=True,
+    show_default=True,
+    help="Read inputs with O_DIRECT (no page cache, no copy); buffered is faster only for inputs already cached.",
+)
+@click.option(
     "--compile",
     "compile_mode",
     type=click.Choice(["auto", "on", "off"]),
@@ -154,6 +160,7 @@ def merge_cmd(
     resume: bool,
     sync_every: int,
     drop_cache: bool,
+    direct_io: bool,
     compile_mode: str,
     threads: int | None,
     log_json: Path | None,
@@ -182,6 +189,7 @@ def merge_cmd(
                 overwrite=overwrite,
                 resume=resume,
                 drop_cache=drop_cache,
+                direct_io=direct_io,
                 sync_every=sync_every,
                 compile=compile_mode,
                 on_event=on_event,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.dtypes import DTYPES, itemsize
+from engine.io.checkpoint import BUFFERED, ReadOptions, direct_buffer
 from engine.io.inventory import Inventory
 from engine.io.lora import RowReader
 from engine.io.write_behind import WriteBehind
@@ -35,7 +37,19 @@ TWO32 = 1 << 32
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
 Slot = list[torch.Tensor]  # one uint8 buffer per input stream (base first)
-_Item = tuple[TensorPlan, Block, Slot] | BaseException | None
+
+
+@dataclass(frozen=True)
+class Filled:
+    """A slot the reader filled with one block: the buffers (to release) and, for each stream
+    read, the block's elements in their storage dtype (flat; they may start a little into the
+    buffer, where an aligned direct read put them)."""
+
+    slot: Slot
+    data: list[torch.Tensor]
+
+
+_Item = tuple[TensorPlan, Block, Filled] | BaseException | None
 
 
 @dataclass
@@ -49,9 +63,7 @@ class Pipeline:
     @classmethod
     def allocate(cls, plan: Plan) -> Pipeline:
         m = plan.memory
-        slots = [
-            [torch.empty(m.buffer_elems * b, dtype=torch.uint8) for b in m.in_bytes_per_elem] for _ in range(m.depth)
-        ]
+        slots = [[direct_buffer(m.buffer_elems * b) for b in m.in_bytes_per_elem] for _ in range(m.depth)]
         outs = [torch.empty(m.buffer_elems * m.out_bytes_per_elem, dtype=torch.uint8) for _ in range(m.out_depth)]
         work = [torch.empty(m.chunk_elems, dtype=torch.float32) for _ in m.in_bytes_per_elem]
         return cls(slots, outs, work)
@@ -88,7 +100,7 @@ def execute(
     *,
     start: Mapping[str, int] | None = None,
     on_event: OnEvent | None = None,
-    drop_cache: bool = False,
+    reading: ReadOptions = BUFFERED,
     should_stop: Callable[[], bool] = lambda: False,
     compiled: bool = False,
 ) -> bool:
@@ -104,7 +116,7 @@ def execute(
     emit = on_event or (lambda e: None)
     start = start or {}
     with ExitStack() as stack:
-        readers = open_streams(inv, stack, drop_cache)
+        readers = open_streams(inv, stack, reading)
         prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots)
         stack.callback(prefetch.stop)
         stage = _Stage(plan, pipe, prefetch, out, emit, compiled)
@@ -128,11 +140,11 @@ class _Stage:
         self.filled = iter(prefetch)
         self.kernel = CompiledApply(self.method) if compiled else None
 
-    def _next(self, tensor: TensorPlan, block: Block) -> Slot:
-        _, got, slot = next(self.filled)
+    def _next(self, tensor: TensorPlan, block: Block) -> Filled:
+        _, got, filled = next(self.filled)
         assert got == block, "reader and compute stage disagree on the schedule"
         self.emit({"event": "block", "bytes": _block_read_bytes(tensor, block)})
-        return slot
+        return filled
 
     def run_tensor(self, tensor: TensorPlan, first_row: int, should_stop: Callable[[], bool]) -> bool:
         """Write `tensor` from `first_row` on; False if `should_stop` cut it short."""
@@ -141,11 +153,11 @@ class _Stage:
         reducers = self.method.reducers(self.params) if tensor.merge else ()
         if tensor.n_blocks == 1:  # read once, keep it for every pass
             (block,) = tensor.blocks()
-            slot = self._next(tensor, block)
+            filled = self._next(tensor, block)
             stats: Stats = {}
             for r in reducers:
-                stats = {**stats, **self._reduce(r, tensor, slot, streams, stats)}
-            self._emit_block(tensor, block, slot, streams, stats)
+                stats = {**stats, **self._reduce(r, tensor, filled, streams, stats)}
+            self._emit_block(tensor, block, filled, streams, stats)
             return not should_stop()
         stats = {}
         for r in reducers:
@@ -157,28 +169,28 @@ class _Stage:
         return not should_stop()
 
     def _reduce(
-        self, r: Reducer, tensor: TensorPlan, held: Slot | None, streams: tuple[KeyedRng, ...], stats: Stats
+        self, r: Reducer, tensor: TensorPlan, held: Filled | None, streams: tuple[KeyedRng, ...], stats: Stats
     ) -> dict[str, Any]:
         acc = r.start(self.params, stats, tensor.numel)
         for block in tensor.blocks():
-            slot = held if held is not None else self._next(tensor, block)
-            for base, models, c in self._chunks(tensor, block, slot, streams):
+            filled = held if held is not None else self._next(tensor, block)
+            for base, models, c in self._chunks(tensor, block, filled, streams):
                 r.chunk(acc, base, models, self.params, stats, c)
             if held is None:
-                self.prefetch.release(slot)
+                self.prefetch.release(filled.slot)
         return r.finish(acc, self.params, stats)
 
     def _emit_block(
-        self, tensor: TensorPlan, block: Block, slot: Slot, streams: tuple[KeyedRng, ...], stats: Stats
+        self, tensor: TensorPlan, block: Block, filled: Filled, streams: tuple[KeyedRng, ...], stats: Stats
     ) -> None:
         """Merge (or copy) one block into a free output buffer and hand it to the writer."""
         buffer = self.out.take()
         out_bytes = buffer[: block.numel * itemsize(tensor.out_dtype)]
         if not tensor.merge:
-            out_bytes.copy_(slot[0][: out_bytes.numel()])
+            out_bytes.copy_(filled.data[0].view(torch.uint8))
         else:
             out = out_bytes.view(DTYPES[tensor.out_dtype])
-            inputs = _views(tensor, block, slot)
+            inputs = filled.data
             for c0, c1 in self._spans(tensor, block):
                 c = Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
                 raw = [x[c0:c1] for x in inputs]
@@ -186,16 +198,15 @@ class _Stage:
                     continue
                 base, *models = self._to_work(raw)
                 out[c0:c1].copy_(self.method.apply(base, models, self.params, stats, c))
-        self.prefetch.release(slot)
+        self.prefetch.release(filled.slot)
         self.out.submit(tensor, block, out_bytes, buffer)
 
     def _chunks(
-        self, tensor: TensorPlan, block: Block, slot: Slot, streams: tuple[KeyedRng, ...]
+        self, tensor: TensorPlan, block: Block, filled: Filled, streams: tuple[KeyedRng, ...]
     ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], Chunk]]:
         """Float32 copies of each chunk of the block, with its position."""
-        inputs = _views(tensor, block, slot)
         for c0, c1 in self._spans(tensor, block):
-            base, *models = self._to_work([x[c0:c1] for x in inputs])
+            base, *models = self._to_work([x[c0:c1] for x in filled.data])
             yield base, models, Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
 
     def _spans(self, tensor: TensorPlan, block: Block) -> Iterator[tuple[int, int]]:
@@ -220,9 +231,9 @@ class _Stage:
         return work
 
 
-def _views(tensor: TensorPlan, block: Block, slot: Slot) -> list[torch.Tensor]:
-    """The block's data in each input buffer, flat, in its storage dtype."""
-    return [buf[: block.numel * itemsize(d)].view(DTYPES[d]) for buf, d in zip(slot, tensor.in_dtypes)]
+def _inputs(readers: Sequence[RowReader], tensor: TensorPlan) -> Sequence[RowReader]:
+    """The streams a tensor is read from: all of them, or only the base's for a copied tensor."""
+    return readers if tensor.merge else readers[:1]
 
 
 def _block_read_bytes(tensor: TensorPlan, block: Block) -> int:
@@ -239,7 +250,10 @@ def _streams(method: Method, seed: int, tensor: str, n_models: int) -> tuple[Key
 class _Prefetcher:
     """A reader thread that fills free slots in schedule order; iterate to get filled ones.
 
-    Errors in the thread are re-raised in the consumer; `stop` ends the thread early.
+    The input streams of a block are read in parallel, one thread per stream: a virtual disk
+    serves several outstanding requests faster than one (four files read cold here: 0.96 GB/s
+    from one thread, 1.34 GB/s from two). Each thread still reads its file front to back.
+    Errors in the threads are re-raised in the consumer; `stop` ends them early.
     """
 
     def __init__(
@@ -250,6 +264,7 @@ class _Prefetcher:
         self._stopped = threading.Event()
         for s in slots:
             self._free.put(s)
+        self._pool = ThreadPoolExecutor(max_workers=len(readers), thread_name_prefix="leanmerge-read")
         self._thread = threading.Thread(
             target=self._run, args=(schedule, readers), name="leanmerge-reader", daemon=True
         )
@@ -257,13 +272,22 @@ class _Prefetcher:
 
     def _run(self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[RowReader]) -> None:
         try:
-            for tensor, block in schedule:
+            upcoming = next(schedule, None)
+            while upcoming is not None:
+                tensor, block = upcoming
+                upcoming = next(schedule, None)
+                if upcoming is not None:  # the disk reads ahead while we wait for a slot and read this block
+                    for reader in _inputs(readers, upcoming[0]):
+                        reader.advise_rows(upcoming[0].name, upcoming[1].r0, upcoming[1].r1)
                 slot = self._take_free()
                 if slot is None:
                     return
-                for reader, buf in zip(readers if tensor.merge else readers[:1], slot):
-                    reader.read_rows(tensor.name, block.r0, block.r1, out=buf)
-                self._ready.put((tensor, block, slot))
+                reads = [
+                    self._pool.submit(reader.read_rows, tensor.name, block.r0, block.r1, out=buf)
+                    for reader, buf in zip(_inputs(readers, tensor), slot)
+                ]
+                data = [r.result().reshape(-1) for r in reads]
+                self._ready.put((tensor, block, Filled(slot, data)))
             self._ready.put(None)
         except BaseException as e:  # handed to the consumer, which re-raises it
             self._ready.put(e)
@@ -276,7 +300,7 @@ class _Prefetcher:
                 continue
         return None
 
-    def __iter__(self) -> Iterator[tuple[TensorPlan, Block, Slot]]:
+    def __iter__(self) -> Iterator[tuple[TensorPlan, Block, Filled]]:
         while True:
             item = self._ready.get()
             if item is None:
@@ -291,3 +315,4 @@ class _Prefetcher:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join()
+        self._pool.shutdown()

@@ -39,7 +39,8 @@ def can_compile(method: Method, params: TensorParams) -> bool:
 def want_compiled(
     mode: str, method: Method, params: TensorParams, bytes_read: int, *, per_tensor_params: bool = False
 ) -> bool:
-    """Resolve `--compile auto|on|off` for this merge (auto: inputs of at least 8 GiB).
+    """Resolve `--compile auto|on|off` for this merge (auto: inputs of at least 8 GiB, and a
+    method whose eager step is slower than the disk).
 
     Parameters that vary by tensor (gradients, filters) run eager: a compiled kernel
     specialises on parameter values and would recompile for every distinct value.
@@ -49,7 +50,7 @@ def want_compiled(
             why = "parameters vary by tensor" if per_tensor_params else "it cannot be compiled here"
             log.warning("--compile on: %s runs eager (%s)", method.name, why)
         return False
-    return mode == "on" or bytes_read >= AUTO_MIN_BYTES
+    return mode == "on" or (method.worth_compiling and bytes_read >= AUTO_MIN_BYTES)
 
 
 class CompiledApply:

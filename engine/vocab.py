@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.dtypes import DTYPES, MERGEABLE, itemsize
+from engine.io.checkpoint import BUFFERED, ReadOptions
 from engine.io.lora import RowReader, open_reader
 
 if TYPE_CHECKING:
@@ -124,6 +125,10 @@ class VocabStream:
             r = end
         return buf.view(DTYPES[dtype]).view(r1 - r0, rz.row_numel)
 
+    def advise_rows(self, name: str, r0: int, r1: int) -> None:
+        if name not in self.resized:
+            self.readers[self.index].advise_rows(name, r0, r1)
+
     def _copy(self, rz: Resized, src: int, r0: int, r1: int, dst: torch.Tensor) -> None:
         """Rows [r0, r1) of input `src` into the uint8 `dst`, as this stream's dtype."""
         reader, dtype, stored = self.readers[src], rz.dtypes[self.index], rz.stored[src]
@@ -143,12 +148,12 @@ class VocabStream:
         return None  # the underlying readers are closed by their owner
 
 
-def open_streams(inv: Inventory, stack: ExitStack, drop_cache: bool = False) -> list[RowReader]:
+def open_streams(inv: Inventory, stack: ExitStack, options: ReadOptions = BUFFERED) -> list[RowReader]:
     """One reader per input stream (base first), closed by `stack`: plain readers, LoRA readers,
     and in front of them `VocabStream`s when some tensor's rows differ."""
     raw: list[RowReader] = []
     for c in (inv.base, *inv.models):
-        reader = open_reader(c, drop_cache=drop_cache)
+        reader = open_reader(c, options)
         stack.callback(reader.close)
         raw.append(reader)
     if not inv.resized:

@@ -50,6 +50,7 @@ shapes_st = st.dictionaries(
     normalize=st.booleans(),
     block_bytes=st.integers(1, 400),
     seed=st.integers(0, 2**16),
+    direct_io=st.booleans(),
 )
 def test_blockwise_equals_reference(
     tmp_path_factory: pytest.TempPathFactory,
@@ -62,6 +63,7 @@ def test_blockwise_equals_reference(
     normalize: bool,
     block_bytes: int,
     seed: int,
+    direct_io: bool,
 ) -> None:
     root = tmp_path_factory.mktemp("prop")
     sets = family_tensors(shapes, n_models, seed, dtype)
@@ -71,7 +73,8 @@ def test_blockwise_equals_reference(
     params: dict[str, object] = {"normalize": normalize}
     if method == "task_arithmetic":
         params["lambda"] = lam
-    merge(spec_for(method, base, models, w, **params), root / "out", block_bytes=block_bytes, shard_size=200)
+    spec = spec_for(method, base, models, w, **params)
+    merge(spec, root / "out", block_bytes=block_bytes, shard_size=200, direct_io=direct_io)
     want = merge_folders(method, base, models, weights=w, lam=lam, normalize=normalize)
     assert_same(load_model(root / "out"), want)
 

@@ -6,10 +6,20 @@ A checkpoint is a Hugging Face model folder: one `model.safetensors`, or shards 
 only in the page cache (which the kernel may drop) and in the buffer we reuse. With
 `drop_cache=True` the read range is also dropped from the page cache, for batch jobs whose
 memory limit counts page cache.
+
+With `direct=True` (the merge's default) block reads use `O_DIRECT`: the disk writes straight
+into our buffer, with no page cache and no copy. On a 2-core machine that copy is most of a core:
+reading four 2.5 GB files cold from four threads cost 11.7-12.9 s of CPU buffered and 0.3-0.4 s
+direct, at the same 1.0-1.3 GB/s. Direct reads must start and end on 4096-byte boundaries in
+the file and in memory, while a tensor's rows start anywhere: the read covers the aligned range
+around the rows, into a buffer from `direct_buffer`, and the rows are a view at an offset below
+4096. Filesystems without O_DIRECT (tmpfs) and buffers that cannot take it are read buffered.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -19,10 +29,11 @@ from typing import Any
 
 import torch
 
-from engine.dtypes import DTYPES, byte_view
+from engine.dtypes import DTYPES, byte_view, itemsize
 from engine.errors import CheckpointError
 from engine.io.header import Header, TensorInfo, read_header, short_repr
 
+ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: the largest common logical block
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
@@ -131,20 +142,67 @@ def _check_index(index: Path, weight_map: dict[str, str], headers: list[Header])
         )
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """How input bytes are read: `direct` (O_DIRECT where possible), and whether buffered reads
+    are dropped from the page cache afterwards."""
+
+    direct: bool = False
+    drop_cache: bool = False
+
+
+BUFFERED = ReadOptions()  # plain reads through the page cache
+
+
+class _NoDirect(Exception):
+    """The filesystem refused an O_DIRECT read (EINVAL)."""
+
+
+def _read_at(fd: int, view: memoryview, pos: int, need: int, info: TensorInfo, *, direct: bool = False) -> None:
+    """Read `view` from file offset `pos` until at least `need` bytes are in (the rest of a
+    direct read's `view` only rounds it up to `ALIGN`; a direct read that comes back short of
+    that has met the end of the file)."""
+    done = 0
+    while done < need:
+        try:
+            got = os.preadv(fd, [view[done:]], pos + done)
+        except OSError as e:
+            if direct and e.errno == errno.EINVAL and done == 0:
+                raise _NoDirect from None
+            raise CheckpointError(f"{info.file}: read of tensor {short_repr(info.name)} failed: {e.strerror}") from None
+        done += got
+        if done < need and (got == 0 or (direct and done % ALIGN)):
+            raise CheckpointError(
+                f"{info.file}: tensor {short_repr(info.name)} ends past the end of the file (truncated while merging?)"
+            )
+
+
+def direct_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer that can take an aligned direct read of any `nbytes` at any file offset:
+    it starts on an `ALIGN` boundary and has room for the alignment on both sides."""
+    raw = torch.empty(nbytes + 3 * ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % ALIGN
+    return raw[skip : skip + nbytes + 2 * ALIGN]
+
+
 class Reader:
     """Reads row ranges of one checkpoint's tensors into reused buffers.
 
-    Holds one open file descriptor per shard; `os.preadv` takes explicit offsets, so one reader
-    may serve several threads.
+    Holds one open file descriptor per shard (two with `direct`: O_DIRECT reads and buffered
+    ones); `os.preadv` takes explicit offsets, so one reader may serve several threads.
     """
 
-    def __init__(self, ckpt: Checkpoint, *, drop_cache: bool = False) -> None:
+    def __init__(self, ckpt: Checkpoint, options: ReadOptions = BUFFERED) -> None:
         self.ckpt = ckpt
-        self.drop_cache = drop_cache
+        self.drop_cache = options.drop_cache
         self._fds: dict[Path, int] = {}
+        self._direct: dict[Path, int] = {}
         try:
             for shard in ckpt.shards:
                 self._fds[shard] = os.open(shard, os.O_RDONLY)
+                if options.direct:
+                    with contextlib.suppress(OSError):  # EINVAL on tmpfs and the like: read buffered
+                        self._direct[shard] = os.open(shard, os.O_RDONLY | os.O_DIRECT)
         except OSError as e:
             self.close()
             raise CheckpointError(f"{e.filename}: cannot open: {e.strerror}") from None
@@ -166,35 +224,54 @@ class Reader:
         nbytes = (r1 - r0) * row_bytes
         if out is None:
             out = torch.empty(nbytes, dtype=torch.uint8)
-        buf = out.view(-1)[:nbytes]
-        self.read_bytes(info, (r0 * row_bytes), buf)
+        buf = self._read_direct(info, r0 * row_bytes, nbytes, out.view(-1)) if info.file in self._direct else None
+        if buf is None:
+            buf = out.view(-1)[:nbytes]
+            self.read_bytes(info, r0 * row_bytes, buf)
         return buf.view(DTYPES[info.dtype]).view(r1 - r0, info.row_numel)
+
+    def _read_direct(self, info: TensorInfo, start: int, nbytes: int, out: torch.Tensor) -> torch.Tensor | None:
+        """`nbytes` of `info` from byte `start` on, read with O_DIRECT into `out` (uint8): a view of
+        `out` that begins less than `ALIGN` bytes in. None when `out` cannot take the aligned read
+        or the filesystem refuses it (the caller then reads buffered)."""
+        pos = info.offset + start
+        a0, a1 = pos - pos % ALIGN, -(-(pos + nbytes) // ALIGN) * ALIGN
+        if not nbytes or out.data_ptr() % ALIGN or out.numel() < a1 - a0 or pos % itemsize(info.dtype):
+            return None  # (a tensor at an offset that is not a multiple of its itemsize could not be viewed)
+        try:
+            _read_at(self._direct[info.file], byte_view(out[: a1 - a0]), a0, pos + nbytes - a0, info, direct=True)
+        except _NoDirect:  # this filesystem wants another alignment: read buffered from now on
+            os.close(self._direct.pop(info.file))
+            return None
+        return out[pos - a0 : pos - a0 + nbytes]
+
+    def advise_rows(self, name: str, r0: int, r1: int) -> None:
+        """Ask the kernel to start reading rows [r0, r1) of `name` in the background.
+
+        The reader thread announces the next block while it reads this one, so the disk always
+        has a request queued (reading four files block by block measured 1.32 -> 1.37 GB/s cold).
+        """
+        info = self.ckpt.tensors[name]
+        row_bytes = info.nbytes // info.rows if info.rows else 0
+        if r1 > r0 and row_bytes and info.file not in self._direct:  # direct reads skip the cache
+            os.posix_fadvise(
+                self._fds[info.file], info.offset + r0 * row_bytes, (r1 - r0) * row_bytes, os.POSIX_FADV_WILLNEED
+            )
 
     def read_bytes(self, info: TensorInfo, start: int, buf: torch.Tensor) -> None:
         """Fill the uint8 tensor `buf` with the bytes of `info` from byte `start` on."""
         fd = self._fds[info.file]
         pos = info.offset + start
         view = byte_view(buf)
-        done = 0
-        while done < len(view):
-            try:
-                got = os.preadv(fd, [view[done:]], pos + done)
-            except OSError as e:
-                raise CheckpointError(
-                    f"{info.file}: read of tensor {short_repr(info.name)} failed: {e.strerror}"
-                ) from None
-            if got == 0:
-                raise CheckpointError(
-                    f"{info.file}: tensor {short_repr(info.name)} ends past the end of the file (truncated while merging?)"
-                )
-            done += got
+        _read_at(fd, view, pos, len(view), info)
         if self.drop_cache and len(view):
             os.posix_fadvise(fd, pos, len(view), os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in (*self._fds.values(), *self._direct.values()):
             os.close(fd)
         self._fds.clear()
+        self._direct.clear()
 
     def __enter__(self) -> Reader:
         return self

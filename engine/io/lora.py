@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +34,7 @@ import torch
 
 from engine.dtypes import MERGEABLE, itemsize
 from engine.errors import CheckpointError
-from engine.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, Reader, open_checkpoint
+from engine.io.checkpoint import BUFFERED, INDEX_NAME, SINGLE_NAME, Checkpoint, Reader, ReadOptions, open_checkpoint
 from engine.io.header import TensorInfo, read_header, short_repr
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,6 +53,9 @@ class RowReader(Protocol):
     """What the executor reads through: `Reader`, `LoraReader` and the vocabulary streams."""
 
     def read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def advise_rows(self, name: str, r0: int, r1: int) -> None:
+        """A hint that rows [r0, r1) of `name` are read next (may do nothing)."""
 
     def close(self) -> None: ...
 
@@ -239,21 +243,27 @@ def _check_against(
 class LoraReader:
     """`read_rows` of a `LoraCheckpoint`: base rows plus s · B[r0:r1] @ A for target tensors."""
 
-    def __init__(self, ckpt: LoraCheckpoint, *, drop_cache: bool = False) -> None:
+    def __init__(self, ckpt: LoraCheckpoint, options: ReadOptions = BUFFERED) -> None:
         if ckpt.base is None:
             raise CheckpointError(f"{ckpt.folder}: a LoRA adapter is read against a base model")
         self.ckpt = ckpt
-        self._base = Reader(ckpt.base, drop_cache=drop_cache)
+        self._base = Reader(ckpt.base, options)
         try:
-            self._adapter = Reader(ckpt.adapter, drop_cache=drop_cache)
+            self._adapter = Reader(ckpt.adapter, options)
         except BaseException:
             self._base.close()
             raise
         self._a: tuple[str, torch.Tensor] | None = None  # the current target's A, float32 (r, in)
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        # Vocabulary streams may read rows of this model from their own reader threads.
+        self._lock = threading.Lock()
 
     def read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [r0, r1) of the model's tensor `name` (float32 for LoRA targets)."""
+        with self._lock:
+            return self._read_rows(name, r0, r1, out)
+
+    def _read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor | None) -> torch.Tensor:
         f = self.ckpt.factors.get(name)
         if f is None:
             src = self.ckpt.replaced.get(name)
@@ -274,6 +284,11 @@ class LoraReader:
             dst.copy_(self._base.read_rows(name, p0, p1, out=self._scratch_for(name, p1 - p0)))
             dst.add_(self.delta_rows(name, p0, p1))
         return result
+
+    def advise_rows(self, name: str, r0: int, r1: int) -> None:
+        if name not in self.ckpt.factors:
+            src = self.ckpt.replaced.get(name)
+            (self._base if src is None else self._adapter).advise_rows(src or name, r0, r1)
 
     def delta_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """s · B[r0:r1] @ A in float32 as an ordered sum of outer products: (r1 - r0, in)."""
@@ -312,8 +327,8 @@ class LoraReader:
         self.close()
 
 
-def open_reader(ckpt: Checkpoint, *, drop_cache: bool = False) -> Reader | LoraReader:
+def open_reader(ckpt: Checkpoint, options: ReadOptions = BUFFERED) -> Reader | LoraReader:
     """The right reader for a checkpoint or an adapter."""
     if isinstance(ckpt, LoraCheckpoint):
-        return LoraReader(ckpt, drop_cache=drop_cache)
-    return Reader(ckpt, drop_cache=drop_cache)
+        return LoraReader(ckpt, options)
+    return Reader(ckpt, options)

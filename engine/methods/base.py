@@ -148,6 +148,9 @@ class Method(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     row_aligned: ClassVar[bool] = False  # chunks must hold whole rows (per-row statistics)
+    # `--compile auto` fuses the method: False where the eager step already outruns the disk, so
+    # that the one-off compile (2 s with a warm cache, up to a minute cold) would be pure cost.
+    worth_compiling: ClassVar[bool] = True
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         """The passes to run over the whole tensor before `apply`; none for elementwise methods."""
