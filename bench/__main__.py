@@ -151,7 +151,12 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[str, list[Pat
 @click.option("--budgets", callback=parse_budgets, hidden=True, help="Budgets for rss_vs_budget.")
 @click.option("--compile-modes", callback=split_list, hidden=True, help="leanmerge --compile modes for throughput.")
 @click.option(
-    "--baselines", callback=split_list, hidden=True, help="Other tools to run: naive, mergekit (default both)."
+    "--baselines",
+    callback=lambda ctx, param, value: (
+        None if value is None else tuple(v for v in value.split(",") if v not in ("", "none"))
+    ),
+    hidden=True,
+    help="Other tools to run: naive, mergekit, or none (default both).",
 )
 def main(
     quick: bool, clean: bool, cache: Path, results: Path, repeats: int | None, sections: tuple[str, ...], **hidden: Any

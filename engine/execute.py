@@ -103,6 +103,7 @@ def execute(
     reading: ReadOptions = BUFFERED,
     should_stop: Callable[[], bool] = lambda: False,
     compiled: bool = False,
+    compile_behind: bool = False,
 ) -> bool:
     """Merge the tensors of `plan` into `out`, reading from `inv`.
 
@@ -110,6 +111,7 @@ def execute(
         start: first row to write per tensor (from `first_rows`, when resuming).
         should_stop: polled after every block; when it turns true the run stops there.
         compiled: run `apply` through `torch.compile` (see `engine.kernels`); same bytes.
+        compile_behind: compile in the background, merging eagerly until the kernel is ready.
     Returns:
         True when every tensor is written, False when stopped early.
     """
@@ -119,7 +121,8 @@ def execute(
         readers = open_streams(inv, stack, reading)
         prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots)
         stack.callback(prefetch.stop)
-        stage = _Stage(plan, pipe, prefetch, out, emit, compiled)
+        kernel = CompiledApply(plan.spec.method_impl, behind=compile_behind) if compiled else None
+        stage = _Stage(plan, pipe, prefetch, out, emit, kernel)
         for tensor in plan.tensors:
             first = start.get(tensor.name, 0)
             if tensor.numel and first < tensor.rows and not stage.run_tensor(tensor, first, should_stop):
@@ -132,13 +135,19 @@ class _Stage:
     """The compute side: consumes filled slots in `read_schedule` order."""
 
     def __init__(
-        self, plan: Plan, pipe: Pipeline, prefetch: _Prefetcher, out: WriteBehind, emit: OnEvent, compiled: bool
+        self,
+        plan: Plan,
+        pipe: Pipeline,
+        prefetch: _Prefetcher,
+        out: WriteBehind,
+        emit: OnEvent,
+        kernel: CompiledApply | None,
     ) -> None:
         self.plan, self.pipe, self.prefetch, self.out, self.emit = plan, pipe, prefetch, out, emit
         self.method: Method = plan.spec.method_impl
         self.params: TensorParams = plan.spec.tensor_params()
         self.filled = iter(prefetch)
-        self.kernel = CompiledApply(self.method) if compiled else None
+        self.kernel = kernel
 
     def _next(self, tensor: TensorPlan, block: Block) -> Filled:
         _, got, filled = next(self.filled)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from collections.abc import Callable
 
 import torch
@@ -54,9 +55,15 @@ def want_compiled(
 
 
 class CompiledApply:
-    """`method.apply` through `torch.compile`, falling back to eager if compiling fails."""
+    """`method.apply` through `torch.compile`, falling back to eager if compiling fails.
 
-    def __init__(self, method: Method) -> None:
+    With `behind=True` the kernel is compiled in a background thread on a copy of the first
+    chunk, and `run` declines (the caller merges eagerly, to the same bytes) until it is ready:
+    the merge and its reads go on during the compile (2 s with a warm compiler cache, up to a
+    minute cold) instead of waiting for it.
+    """
+
+    def __init__(self, method: Method, *, behind: bool = False) -> None:
         def fused(
             base: torch.Tensor, models: list[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk, dtype: torch.dtype
         ) -> torch.Tensor:
@@ -65,6 +72,8 @@ class CompiledApply:
             return method.apply(base.to(torch.float32), scratch, p, stats, c).to(dtype)
 
         self._fn: Callable[..., torch.Tensor] | None = torch.compile(fused)
+        self._ready = not behind
+        self._warming: threading.Thread | None = None
 
     def run(
         self, base: torch.Tensor, models: list[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk, out: torch.Tensor
@@ -72,6 +81,9 @@ class CompiledApply:
         """Merge one chunk (inputs in their storage dtypes) into `out`; False if the kernel is
         unavailable, and then nothing was written."""
         if self._fn is None:
+            return False
+        if not self._ready:
+            self._warm_up(base, models, p, stats, c, out.dtype)
             return False
         try:
             result = self._fn(base, models, p, stats, c.traceable(), out.dtype)
@@ -81,3 +93,33 @@ class CompiledApply:
             return False
         out.copy_(result)
         return True
+
+    def _warm_up(
+        self,
+        base: torch.Tensor,
+        models: list[torch.Tensor],
+        p: TensorParams,
+        stats: Stats,
+        c: Chunk,
+        dtype: torch.dtype,
+    ) -> None:
+        """Start compiling on copies of this chunk's inputs (once)."""
+        if self._warming is not None or self._fn is None:
+            return
+        fn, args = self._fn, (base.clone(), [m.clone() for m in models], p, stats, c.traceable(), dtype)
+
+        def compile_now() -> None:
+            try:
+                fn(*args)
+                self._ready = True
+            except Exception as e:  # eager gives the same bytes
+                log.warning("torch.compile failed (%s: %s); continuing eager", type(e).__name__, str(e)[:200])
+                self._fn = None
+
+        self._warming = threading.Thread(target=compile_now, name="leanmerge-compile", daemon=True)
+        self._warming.start()
+
+    def wait(self) -> None:
+        """Block until a background compile has finished (tests)."""
+        if self._warming is not None:
+            self._warming.join()

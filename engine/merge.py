@@ -129,8 +129,10 @@ def merge(
         on_event: called with `{"event": "plan" | "block" | "tensor", ...}` dicts.
         sync_every: bytes written between durable journal commits (the most a crash can lose).
         handle_signals: stop gracefully on SIGINT/SIGTERM (main thread only).
-        compile: "auto" (fuse elementwise methods with torch.compile for merges over 1 GiB),
-            "on" or "off"; the output bytes are the same either way.
+        compile: "auto" (fuse with torch.compile the elementwise methods whose eager step is slower
+            than the disk, for inputs of 8 GiB or more, compiling in the background while the
+            first blocks merge eagerly), "on" (compile first, then merge) or "off"; the output
+            bytes are the same either way.
     Returns:
         The run's `Report`.
     Raises:
@@ -158,7 +160,8 @@ def merge(
         state = _open_temp(tmp, plan, header, resume)
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
-        resumed = _run(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, plan.compiled)
+        compiling = (plan.compiled, compile == "auto")  # auto: compile behind the merge's first blocks
+        resumed = _run(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, compiling)
         commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(
@@ -216,7 +219,7 @@ def _run(
     reading: ReadOptions,
     sync_every: int,
     stop: StopRequest,
-    compiled: bool,
+    compiling: tuple[bool, bool],
 ) -> int:
     """Write every missing block into `tmp` and finalize it; returns how many tensors were
     already done. Input errors remove `tmp`; anything else leaves it to resume from."""
@@ -242,7 +245,8 @@ def _run(
                 on_event=emit,
                 reading=reading,
                 should_stop=stop.requested,
-                compiled=compiled,
+                compiled=compiling[0],
+                compile_behind=compiling[1],
             )
             out.drain()
             if not complete:

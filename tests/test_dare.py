@@ -244,3 +244,25 @@ def test_compiled_kernels_give_the_same_bytes(tiny_family: MakeFamily, tmp_path:
     eager = digests(Path(merge(spec, tmp_path / "eager", block_bytes=4000, compile="off").output))
     compiled = digests(Path(merge(spec, tmp_path / "compiled", block_bytes=4000, compile="on").output))
     assert compiled == eager
+
+
+@pytest.mark.slow
+def test_kernel_compiled_in_the_background_declines_until_ready() -> None:
+    """`--compile auto` merges eagerly while the kernel compiles behind; once ready it takes
+    over with the same bytes."""
+    from engine.kernels import CompiledApply
+
+    method = get_method("dare_ties")
+    spec = dare_spec("dare_ties", Path("b"), [Path("m1"), Path("m2")], [0.7, 0.4], [0.3, 0.5], normalize=True)
+    p = spec.tensor_params()
+    g = torch.Generator().manual_seed(0)
+    base, *models = (torch.randn(5000, generator=g).to(torch.bfloat16) for _ in range(3))
+    streams = tuple(KeyedRng(stream_key(0, "t", m)) for m in range(2))
+    c = Chunk(streams, 12345, 100_000)
+    want = method.apply(base.float(), [m.float() for m in models], p, {}, c).to(torch.bfloat16)
+    kernel = CompiledApply(method, behind=True)
+    out = torch.empty(5000, dtype=torch.bfloat16)
+    assert not kernel.run(base, models, p, {}, c, out)  # compiling: the caller merges eagerly
+    kernel.wait()
+    assert kernel.run(base, models, p, {}, c, out)
+    assert torch.equal(out, want)

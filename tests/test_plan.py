@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import BudgetError, MergeSpec, ModelRef
-from engine.budget import CHUNK_ELEMS, RESERVE, WORK_ARRAYS, parse_bytes
+from engine.budget import CHUNK_ELEMS, DEPTH, OUT_DEPTH, RESERVE, WORK_ARRAYS, parse_bytes
 from engine.io.inventory import take_inventory
 from engine.plan import Block, make_plan
 
@@ -27,27 +27,28 @@ def plan_for(pair: tuple[Path, Path], budget: int, **kw: int):  # type: ignore[n
     return make_plan(spec, take_inventory(base, [ft]), budget=budget, baseline=0, **kw)
 
 
-# Two input streams, each widest at 4 bytes/element (b is F32) -> 8 bytes x depth 2 = 16,
-# plus 4 bytes of F32 output x 2 output buffers = 24 bytes per element. Fixed: RESERVE + workspace.
+# Two input streams, each widest at 4 bytes/element (b is F32) -> 8 bytes x DEPTH input sets, plus
+# 4 bytes of F32 output x OUT_DEPTH output buffers per element. Fixed: RESERVE + workspace.
+PER_ELEM = 8 * DEPTH + 4 * OUT_DEPTH
 WORKSPACE = CHUNK_ELEMS * 4 * (2 + WORK_ARRAYS)
 FIXED = RESERVE + WORKSPACE
 
 
 def test_blocks_from_budget(pair: tuple[Path, Path]) -> None:
-    plan = plan_for(pair, FIXED + 24 * 13)  # room for 13 elements -> 2 rows of 6 for "a"
+    plan = plan_for(pair, FIXED + PER_ELEM * 13)  # room for 13 elements -> 2 rows of 6 for "a"
     by_name = {t.name: t for t in plan.tensors}
     a, b, c = by_name["a"], by_name["b"], by_name["c"]
     assert plan.memory.block_elems == 13
     assert list(a.blocks()) == [Block("a", r, min(r + 2, 10), r * 6, (min(r + 2, 10) - r) * 6) for r in range(0, 10, 2)]
     assert [(x.r0, x.r1) for x in b.blocks()] == [(0, 7)]
     assert list(c.blocks()) == [Block("c", 0, 1, 0, 1)]
-    assert plan.memory.predicted_peak == FIXED + 13 * 24
+    assert plan.memory.predicted_peak == FIXED + 13 * PER_ELEM
     assert plan.n_blocks == 5 + 1 + 1
 
 
 def test_budget_too_small_names_minimum(pair: tuple[Path, Path]) -> None:
     with pytest.raises(BudgetError, match="minimum for this merge is") as e:
-        plan_for(pair, FIXED + 24 * 5)  # a row of "a" is 6 elements
+        plan_for(pair, FIXED + PER_ELEM * 5)  # a row of "a" is 6 elements
     assert "6 elements" in str(e.value)
 
 
