@@ -228,6 +228,9 @@ class _Config:
             )
         raise self.error(line, f"unknown merge_method {value!r}; choose one of {', '.join(sorted(METHODS))}")
 
+    def missing_base(self, method: Method) -> SpecError:
+        return SpecError(f"{self.path}: missing required key 'base_model' (merge_method {method.name} needs a base)")
+
     def listed(self, method: Method) -> tuple[Path, list[ModelRef]]:
         """The base and the fine-tuned models of a config with `models`."""
         doc = self.doc
@@ -242,7 +245,7 @@ class _Config:
         elif method.name in TEMPLATE_BASE_METHODS:
             base = models[0].path
         else:
-            raise SpecError(f"{self.path}: missing required key 'base_model' (merge_method {method.name} needs a base)")
+            raise self.missing_base(method)
         if method.name not in TEMPLATE_BASE_METHODS:
             # mergekit lists the base among the models too; it is the base here, not a fine-tune.
             models = [m for m in models if m.path.resolve() != base.resolve()]
@@ -261,7 +264,7 @@ class _Config:
             raise self.error(line, "'slices' must be a non-empty list of {sources: [{model, layer_range}, ...]}")
         base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model") if "base_model" in doc else None
         if base is None and method.name not in TEMPLATE_BASE_METHODS | {"passthrough"}:
-            raise SpecError(f"{self.path}: missing required key 'base_model' (merge_method {method.name} needs a base)")
+            raise self.missing_base(method)
         slices: list[Slice] = []
         refs: list[ModelRef] = []
         for i, (entry, at) in enumerate(zip(raw, raw.lines)):

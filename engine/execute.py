@@ -242,11 +242,11 @@ class _Stage:
 
 def _inputs(readers: Sequence[RowReader], tensor: TensorPlan) -> Sequence[RowReader]:
     """The streams a tensor is read from: all of them, or only the base's for a copied tensor."""
-    return readers if tensor.merge else readers[:1]
+    return readers[: len(tensor.read_dtypes)]
 
 
 def _block_read_bytes(tensor: TensorPlan, block: Block) -> int:
-    dtypes = tensor.in_dtypes if tensor.merge else tensor.in_dtypes[:1]
+    dtypes = tensor.read_dtypes
     return block.numel * sum(itemsize(d) for d in dtypes)
 
 

@@ -160,8 +160,10 @@ def merge(
         state = _open_temp(tmp, plan, header, resume)
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
-        compiling = (plan.compiled, compile == "auto")  # auto: compile behind the merge's first blocks
-        resumed = _run(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, compiling)
+        # auto: compile behind the merge's first blocks
+        resumed = _run(
+            plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, plan.compiled, compile == "auto"
+        )
         commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(
@@ -219,7 +221,8 @@ def _run(
     reading: ReadOptions,
     sync_every: int,
     stop: StopRequest,
-    compiling: tuple[bool, bool],
+    compiled: bool,
+    compile_behind: bool,
 ) -> int:
     """Write every missing block into `tmp` and finalize it; returns how many tensors were
     already done. Input errors remove `tmp`; anything else leaves it to resume from."""
@@ -245,8 +248,8 @@ def _run(
                 on_event=emit,
                 reading=reading,
                 should_stop=stop.requested,
-                compiled=compiling[0],
-                compile_behind=compiling[1],
+                compiled=compiled,
+                compile_behind=compile_behind,
             )
             out.drain()
             if not complete:

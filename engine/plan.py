@@ -55,6 +55,11 @@ class TensorPlan:
         return self.passes if self.n_blocks > 1 else 1
 
     @property
+    def read_dtypes(self) -> tuple[str, ...]:
+        """The dtypes of the streams actually read: all of them, or only the base's for a copy."""
+        return self.in_dtypes if self.merge else self.in_dtypes[:1]
+
+    @property
     def numel(self) -> int:
         return self.rows * self.row_numel if self.shape else 1
 
@@ -101,10 +106,7 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(
-            t.reads * t.numel * sum(itemsize(d) for d in (t.in_dtypes if t.merge else t.in_dtypes[:1]))
-            for t in self.tensors
-        )
+        return sum(t.reads * t.numel * sum(itemsize(d) for d in t.read_dtypes) for t in self.tensors)
 
     @property
     def bytes_written(self) -> int:

@@ -220,7 +220,7 @@ class Reader:
         info = self.ckpt.tensors[name]
         if not 0 <= r0 <= r1 <= info.rows:
             raise IndexError(f"{name}: rows [{r0}, {r1}) outside [0, {info.rows})")
-        row_bytes = info.nbytes // info.rows if info.rows else 0
+        row_bytes = info.row_bytes
         nbytes = (r1 - r0) * row_bytes
         if out is None:
             out = torch.empty(nbytes, dtype=torch.uint8)
@@ -252,7 +252,7 @@ class Reader:
         has a request queued (reading four files block by block measured 1.32 -> 1.37 GB/s cold).
         """
         info = self.ckpt.tensors[name]
-        row_bytes = info.nbytes // info.rows if info.rows else 0
+        row_bytes = info.row_bytes
         if r1 > r0 and row_bytes and info.file not in self._direct:  # direct reads skip the cache
             os.posix_fadvise(
                 self._fds[info.file], info.offset + r0 * row_bytes, (r1 - r0) * row_bytes, os.POSIX_FADV_WILLNEED

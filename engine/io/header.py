@@ -45,6 +45,11 @@ class TensorInfo:
         return self.shape[0] if self.shape else 1
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes per row (0 for an empty tensor)."""
+        return self.nbytes // self.rows if self.rows else 0
+
+    @property
     def row_numel(self) -> int:
         """Elements per row: a 1-D tensor has rows of one element."""
         return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
