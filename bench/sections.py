@@ -96,12 +96,14 @@ def measure(
     budget: int | None = None,
     compile: str = "auto",
     io: str = "direct",
-    before: Callable[[], None] | None = None,
+    before: Callable[[], float | None] | None = None,
     **labels: Any,
 ) -> dict[str, Any] | None:
     """`s.repeats` measured runs summarised as one entry; None if the tool cannot run `method`.
 
     leanmerge entries also say which `--compile` mode ran, whether it compiled, and how it read.
+    `before` runs before each repeat; when it returns a read limit (GB/s), the entry gets those
+    as `read_limit_gbps` and each run's GB/s over the limit measured just before it as `ratio`.
     """
     entry = {"tool": tool, "method": method, "preset": family.preset, "budget": budget, **labels}
     if tool == "leanmerge":
@@ -110,11 +112,12 @@ def measure(
     where = "".join(f", {k} {v}" for k, v in labels.items()) + (f", --max-memory {budget >> 20} MiB" if budget else "")
     log.info("%s %s on %s%s%s", tool, method, family.preset, where, ", compiled" if entry.get("compiled") else "")
     results = []
+    limits: list[float] = []
     load = 0.0  # others' work on a shared machine shows up here before it skews a figure
     try:
         for _ in range(s.repeats):
-            if before is not None:
-                before()
+            if before is not None and (got := before()) is not None:
+                limits.append(got)
             load = max(load, os.getloadavg()[0])
             r = run_tool(tool, family, method, s.cache, budget, compile, io)
             if r is None:
@@ -122,7 +125,11 @@ def measure(
             results.append(r)
     except RunFailed as e:
         return {**entry, "error": str(e)}
-    return {**entry, **figures(results, inputs), "loadavg_1m_max": load}
+    out = {**entry, **figures(results, inputs), "loadavg_1m_max": load}
+    if len(limits) == len(results):
+        out["read_limit_gbps"] = stats(limits)
+        out["ratio"] = stats([g / lim for g, lim in zip(out["gbps"]["values"], limits)])
+    return out
 
 
 def baselines(
@@ -131,7 +138,7 @@ def baselines(
     method: str,
     skipped: list[dict[str, Any]],
     *,
-    before: Callable[[], None] | None = None,
+    before: Callable[[], float | None] | None = None,
     **labels: Any,
 ) -> list[dict[str, Any]]:
     """The naive (and mergekit, if installed) entries for `method`, unless they would not fit in RAM
@@ -195,23 +202,46 @@ def distinct_modes(family: Family, method: str, modes: Sequence[str]) -> list[st
     return list(out.values())
 
 
+def build_kernels(s: Settings, method: str) -> float:
+    """Wall seconds of one tiny `--compile on` merge with the same method, parameters, dtypes and
+    model count, which leaves the fused kernel in the kernel cache (engine.aot): the timed runs
+    then start as every merge after a user's first with these settings does."""
+    tiny = ensure_family(s.cache, "tiny", s.n_models)
+    r = run_tool("leanmerge", tiny, method, s.cache, SIZE_BUDGET, "on")
+    return float(r["wall_s"]) if r else 0.0
+
+
 def throughput(s: Settings) -> dict[str, Any]:
     """GB/s of input per method and tool, cold and warm, next to this disk's read limit.
 
-    leanmerge runs once per `s.compile_modes`; its GB/s include any one-off compile time. Cold runs
-    read with O_DIRECT (the default), warm ones with `--buffered-io`, as a user whose inputs sit
-    in the page cache would (direct reads bypass the cache, so warm would equal cold).
+    The read limit is measured before every cold run as well as up front, and each cold run's
+    `ratio` is against the limit measured just before it: this VM's disk swings between 0.5 and
+    1.5 GB/s from one minute to the next, so a median taken minutes away says little. Fused
+    kernels are built before the timed runs (`kernel_build_s`, once per settings); the GB/s
+    include everything else. Cold runs read with O_DIRECT (the default), warm ones with
+    `--buffered-io`, as a user whose inputs sit in the page cache would (direct reads bypass the
+    cache, so warm would equal cold).
     """
     fam = ensure_family(s.cache, s.family, s.n_models)
     limit = stats([read_limit(fam.files) for _ in range(s.repeats)])
     warm_ok = fam.input_bytes <= WARM_RAM_SHARE * psutil.virtual_memory().available
     hot = stats([read_hot(fam.files) for _ in range(s.repeats)]) if warm_ok else None
-    states = {"cold": lambda: drop_from_page_cache(fam.folders), "warm": lambda: warm_page_cache(fam.files)}
+
+    def cold() -> float:
+        limit = read_limit(fam.files)  # leaves the files cached: drop them again
+        drop_from_page_cache(fam.folders)
+        return limit
+
+    states: dict[str, Callable[[], float | None]] = {"cold": cold, "warm": lambda: warm_page_cache(fam.files)}
     runs: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     if not warm_ok:
         skipped.append({"tool": "all", "cache": "warm", "reason": "inputs larger than the page cache can hold"})
+    builds: dict[str, float] = {}
     for method in s.registered():
+        modes = distinct_modes(fam, method, s.compile_modes)
+        if any(compiled_as(fam, method, m) for m in modes):
+            builds[method] = build_kernels(s, method)
         for state, before in states.items():
             if state == "warm" and not warm_ok:
                 continue
@@ -227,18 +257,19 @@ def throughput(s: Settings) -> dict[str, Any]:
                     cache=state,
                     io="buffered" if state == "warm" else "direct",
                 )  # fmt: skip
-                for mode in distinct_modes(fam, method, s.compile_modes)
+                for mode in modes
             ]
             entries += baselines(s, fam, method, skipped, before=before, cache=state)
             for e in entries:
-                if e is not None and "error" not in e:
+                if e is not None and "error" not in e and "ratio" not in e:  # warm: against the up-front limit
                     e["ratio"] = stats([g / limit["median"] for g in e["gbps"]["values"]])
-                runs += [e] if e is not None else []
+            runs += [e for e in entries if e is not None]
     return {
         "preset": fam.preset,
         "input_bytes": fam.input_bytes,
         "read_limit_gbps": limit,
         "read_hot_gbps": hot,
+        "kernel_build_s": builds,
         "runs": runs,
         "skipped": skipped,
     }

@@ -122,12 +122,16 @@ def execute(
         prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots)
         stack.callback(prefetch.stop)
         kernel = CompiledApply(plan.spec.method_impl, behind=compile_behind) if compiled else None
+        if kernel is not None:
+            stack.callback(kernel.close, wait=False)  # stopped or failed: leave a build under way
         stage = _Stage(plan, pipe, prefetch, out, emit, kernel)
         for tensor in plan.tensors:
             first = start.get(tensor.name, 0)
             if tensor.numel and first < tensor.rows and not stage.run_tensor(tensor, first, should_stop):
                 return False
             emit({"event": "tensor", "name": tensor.name})
+        if kernel is not None:
+            kernel.close()  # a kernel still compiling lands in the cache for the next merge
     return True
 
 

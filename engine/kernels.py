@@ -1,4 +1,4 @@
-"""Compiled kernels: the same `apply`, fused by `torch.compile` into one pass over memory.
+"""Fused kernels: the same `apply`, compiled into one pass over memory.
 
 Eager torch runs each op of a method as its own pass over the chunk, so a 3-model dare_ties step
 costs ~5 ns per input element; compiled into one loop it costs ~0.6 ns (bench/bench_steps.py),
@@ -8,20 +8,28 @@ operations in the same order (elementwise, no reassociation), and the keep masks
 
 The kernel takes the chunk straight from the read buffer in its storage dtype and returns it in
 the output dtype, so the float32 conversions are fused in too. The chunk's position enters as
-tensors (`Chunk.traceable`), so full-size chunks share one kernel and the shorter tails of blocks
-one more (torch.compile's automatic dynamic shapes). Methods with reducers or whole-row chunks stay eager: their
-per-tensor statistics would specialise the kernel and recompile it for every tensor.
+tensors (`Chunk.traceable`) and its length is a dynamic dimension, so one kernel serves every
+chunk with the same dtypes. Kernels are compiled ahead of time and cached on disk
+(`engine.aot`); where torch cannot load such packages, `torch.compile` makes them in every merge.
+Methods with reducers or whole-row chunks stay eager: their per-tensor statistics would
+specialise the kernel for every tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import platform
+import queue
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
+from engine import aot
 from engine.methods.base import Chunk, Method, Stats, TensorParams
 
 log = logging.getLogger(__name__)
@@ -54,73 +62,180 @@ def want_compiled(
     return mode == "on" or (method.worth_compiling and bytes_read >= AUTO_MIN_BYTES)
 
 
-class CompiledApply:
-    """`method.apply` through `torch.compile`, falling back to eager if compiling fails.
+def skip_repeated_isa_probe() -> None:
+    """Let inductor trust the CPU's SIMD flags once it has checked them on this machine.
 
-    With `behind=True` the kernel is compiled in a background thread on a copy of the first
-    chunk, and `run` declines (the caller merges eagerly, to the same bytes) until it is ready:
-    the merge and its reads go on during the compile (2 s with a warm compiler cache, up to a
-    minute cold) instead of waiting for it.
+    Before its first kernel in every process, inductor compiles a test library per instruction
+    set the CPU reports (AVX-512 VNNI, AVX-512, AVX2, ...) and loads each in a fresh Python, in case
+    one crashes: 1.35 s of a 2.5 s cached compile here, paid by every merge. The answer changes
+    only with the CPU and torch, so the first process records it in inductor's cache folder and
+    later ones set `vec_isa_ok` when the probe agreed with the flags (the same instruction sets,
+    so the same kernels). Any surprise in torch's internals leaves inductor to probe as usual.
+    """
+    try:
+        from torch._inductor import config, cpu_vec_isa
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        if config.cpp.vec_isa_ok is not None:  # the user's TORCHINDUCTOR_VEC_ISA_OK wins
+            return
+        flags = cpu_vec_isa.x86_isa_checker()
+        by_flags = [str(i) for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
+        key = hashlib.sha256(json.dumps([torch.__version__, platform.machine(), by_flags]).encode()).hexdigest()[:16]
+        marker = Path(cache_dir()) / "leanmerge" / f"vec-isa-{key}.ok"
+        if not marker.exists():
+            if not by_flags or [str(i) for i in cpu_vec_isa.valid_vec_isa_list()] != by_flags:
+                return
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        config.cpp.vec_isa_ok = True
+    except Exception as e:  # noqa: BLE001 - an optimisation only
+        log.debug("vec ISA probe shortcut unavailable: %s", e)
+
+
+class CompiledApply:
+    """`method.apply` as one fused kernel per set of dtypes; eager (same bytes) when there is none.
+
+    A kernel built by an earlier merge loads from the cache in milliseconds. Otherwise it is built
+    on the first chunk with those dtypes: exported and compiled into the cache (~20 s here, once per
+    machine, method, parameters and dtypes), or, where torch cannot load such packages, through
+    `torch.compile` (~2.5 s in every merge). With `behind=True` building happens in a background
+    thread and `run` declines (the caller merges that chunk eagerly) until the kernel is ready;
+    without it the first chunk waits. An instance serves one merge: its parameters are constants
+    in the kernels, so they must not vary by tensor (`want_compiled` sees to that).
     """
 
-    def __init__(self, method: Method, *, behind: bool = False) -> None:
-        def fused(
-            base: torch.Tensor, models: list[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk, out: torch.Tensor
-        ) -> None:
-            # copy=True: apply overwrites its model chunks, which must not write back into the read buffer
-            scratch = [m.to(torch.float32, copy=True) for m in models]
-            # Writing into `out` inside the graph lets the kernel store its result straight into the
-            # output block, in its dtype: 0.50 -> 0.35 ms per dare_ties chunk of 3 x 256K elements.
-            out.copy_(method.apply(base.to(torch.float32), scratch, p, stats, c))
+    MIN_LEN = 2  # shorter chunks run eager: a dynamic dimension of 0 or 1 would be specialised
 
-        self._fn: Callable[..., None] | None = torch.compile(fused)
-        self._ready = not behind
-        self._warming: threading.Thread | None = None
+    def __init__(self, method: Method, *, behind: bool = False, use_cache: bool = True) -> None:
+        self.method = method
+        self._behind = behind
+        self._use_cache = use_cache and aot.supported()
+        self._kernels: dict[aot.Dtypes, aot.Kernel] = {}
+        self._asked: set[aot.Dtypes] = set()  # looked up, being built, built, or given up
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._jit: Callable[..., None] | None = None
 
     def run(
         self, base: torch.Tensor, models: list[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk, out: torch.Tensor
     ) -> bool:
-        """Merge one chunk (inputs in their storage dtypes) into `out`; False if the kernel is
-        unavailable, and then nothing was written."""
-        if self._fn is None:
+        """Merge one chunk (inputs in their storage dtypes) into `out`; False if no kernel is
+        ready for it, and then `out` is for the caller to fill."""
+        if base.numel() < self.MIN_LEN:
             return False
-        if not self._ready:
-            self._warm_up(base, models, p, stats, c, out)
-            return False
+        dtypes = (base.dtype, *(m.dtype for m in models), out.dtype)
+        kernel = self._kernels.get(dtypes)
+        if kernel is None:
+            if dtypes in self._asked:
+                return False
+            self._asked.add(dtypes)
+            kernel = self._cached(p, dtypes)
+            if kernel is None:
+                job = (p, stats, c, dtypes)
+                if self._behind:
+                    self._start_worker()
+                    self._jobs.put(job)
+                    return False
+                self._build(job)
+                kernel = self._kernels.get(dtypes)
+                if kernel is None:
+                    return False
         try:
-            self._fn(base, models, p, stats, c.traceable(), out)
-        except Exception as e:  # a compiler problem must not fail the merge: eager gives the same bytes
-            log.warning("torch.compile failed (%s: %s); continuing eager", type(e).__name__, str(e)[:200])
-            self._fn = None
+            kernel(base, models, c, out)
+        except Exception as e:  # a kernel problem must not fail the merge: eager gives the same bytes
+            log.warning("fused kernel failed (%s: %s); continuing eager", type(e).__name__, str(e)[:200])
+            self._kernels.pop(dtypes, None)
             return False
         return True
 
-    def _warm_up(
-        self,
-        base: torch.Tensor,
-        models: list[torch.Tensor],
-        p: TensorParams,
-        stats: Stats,
-        c: Chunk,
-        out: torch.Tensor,
-    ) -> None:
-        """Start compiling on copies of this chunk's inputs (once); the real `out` is merged eagerly."""
-        if self._warming is not None or self._fn is None:
-            return
-        fn, args = self._fn, (base.clone(), [m.clone() for m in models], p, stats, c.traceable(), torch.empty_like(out))
-
-        def compile_now() -> None:
-            try:
-                fn(*args)
-                self._ready = True
-            except Exception as e:  # eager gives the same bytes
-                log.warning("torch.compile failed (%s: %s); continuing eager", type(e).__name__, str(e)[:200])
-                self._fn = None
-
-        self._warming = threading.Thread(target=compile_now, name="leanmerge-compile", daemon=True)
-        self._warming.start()
-
     def wait(self) -> None:
-        """Block until a background compile has finished (tests)."""
-        if self._warming is not None:
-            self._warming.join()
+        """Block until every kernel asked for so far is built or given up (tests)."""
+        if self._worker is not None:
+            self._jobs.join()
+
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the build thread; `wait` lets a build under way finish and land in the cache
+        (a merge that completed), otherwise it is left to die with the process (one that stopped)."""
+        if self._worker is not None and self._worker.is_alive():
+            self._jobs.put(None)
+            if wait:
+                if not self._jobs.empty() or self._jobs.unfinished_tasks > 1:
+                    log.info("finishing the fused kernel build for later merges (once per settings)")
+                self._worker.join()
+
+    def _cached(self, p: TensorParams, dtypes: aot.Dtypes) -> aot.Kernel | None:
+        kernel = aot.load(aot.kernel_path(self.method, p, dtypes)) if self._use_cache else None
+        if kernel is not None:
+            self._kernels[dtypes] = kernel
+        return kernel
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="leanmerge-compile", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._build(job)
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def _build(self, job: _Job) -> None:
+        """Make the kernel for `job`'s dtypes: into the cache, else with torch.compile, else none."""
+        p, stats, c, dtypes = job
+        try:
+            skip_repeated_isa_probe()
+            if self._use_cache:
+                path = aot.kernel_path(self.method, p, dtypes)
+                log.info("compiling a fused %s kernel into %s (once for these settings)", self.method.name, path)
+                try:
+                    aot.build(self.method, p, stats, c, dtypes, path)
+                except Exception as e:  # noqa: BLE001 - torch.compile may still manage
+                    log.warning(
+                        "ahead-of-time compile failed (%s: %s); using torch.compile", type(e).__name__, str(e)[:200]
+                    )
+                else:
+                    if (kernel := aot.load(path)) is not None:
+                        self._kernels[dtypes] = kernel
+                        return
+            self._kernels[dtypes] = self._jit_kernel(p, stats, c, dtypes)
+        except Exception as e:  # eager gives the same bytes
+            log.warning("torch.compile failed (%s: %s); continuing eager", type(e).__name__, str(e)[:200])
+
+    def _jit_kernel(self, p: TensorParams, stats: Stats, c: Chunk, dtypes: aot.Dtypes) -> aot.Kernel:
+        """`torch.compile` the method for these dtypes, traced once with the chunk length dynamic."""
+        if self._jit is None:
+            method = self.method
+
+            def fused(
+                base: torch.Tensor,
+                models: list[torch.Tensor],
+                p: TensorParams,
+                stats: Stats,
+                c: Chunk,
+                out: torch.Tensor,
+            ) -> None:
+                # copy=True: apply overwrites its model chunks, which must not write back into the read buffer
+                scratch = [m.to(torch.float32, copy=True) for m in models]
+                # Writing into `out` inside the graph lets the kernel store its result straight into the
+                # output block, in its dtype: 0.50 -> 0.35 ms per dare_ties chunk of 3 x 256K elements.
+                out.copy_(method.apply(base.to(torch.float32), scratch, p, stats, c))
+
+            self._jit = torch.compile(fused)
+        fn = self._jit
+        *ins, out_dtype = dtypes
+        base, *models = (torch.zeros(4096, dtype=d) for d in ins)
+        out = torch.empty(4096, dtype=out_dtype)
+        for t in (base, *models, out):  # without this, the first shorter chunk recompiles (1.6 s here)
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        fn(base, models, p, stats, c.traceable(), out)
+
+        def run(base: torch.Tensor, models: Sequence[torch.Tensor], c: Chunk, out: torch.Tensor) -> None:
+            fn(base, list(models), p, stats, c.traceable(), out)
+
+        return run
+
+
+_Job = tuple[TensorParams, Stats, Chunk, "aot.Dtypes"]

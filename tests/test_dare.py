@@ -225,9 +225,15 @@ def test_traceable_mask_equals_keep(key: int, start: int, n: int, density: float
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["ahead-of-time", "torch.compile"])
 @pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties"])
-def test_compiled_kernels_give_the_same_bytes(tiny_family: MakeFamily, tmp_path: Path, method: str) -> None:
-    """torch.compile fuses the chunk step; the output must not change by a single bit."""
+def test_compiled_kernels_give_the_same_bytes(
+    tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, how: str
+) -> None:
+    """Fused kernels, cached ahead of time or made by torch.compile, must not change a single bit:
+    built by the first compiled merge, loaded from the cache by the second."""
+    if how == "torch.compile":
+        monkeypatch.setattr("engine.aot.supported", lambda: False)
     base, models = tiny_family(3, shapes={"a": (300, 70), "b": (1001,), "c": ()}, dtype=torch.bfloat16)
     spec = (
         dare_spec(method, base, models, [0.5, -0.3, 1.0], [0.3, 0.6, 1.0], normalize=True)
@@ -243,26 +249,6 @@ def test_compiled_kernels_give_the_same_bytes(tiny_family: MakeFamily, tmp_path:
     )
     eager = digests(Path(merge(spec, tmp_path / "eager", block_bytes=4000, compile="off").output))
     compiled = digests(Path(merge(spec, tmp_path / "compiled", block_bytes=4000, compile="on").output))
+    cached = digests(Path(merge(spec, tmp_path / "cached", block_bytes=3000, compile="on").output))
     assert compiled == eager
-
-
-@pytest.mark.slow
-def test_kernel_compiled_in_the_background_declines_until_ready() -> None:
-    """`--compile auto` merges eagerly while the kernel compiles behind; once ready it takes
-    over with the same bytes."""
-    from engine.kernels import CompiledApply
-
-    method = get_method("dare_ties")
-    spec = dare_spec("dare_ties", Path("b"), [Path("m1"), Path("m2")], [0.7, 0.4], [0.3, 0.5], normalize=True)
-    p = spec.tensor_params()
-    g = torch.Generator().manual_seed(0)
-    base, *models = (torch.randn(5000, generator=g).to(torch.bfloat16) for _ in range(3))
-    streams = tuple(KeyedRng(stream_key(0, "t", m)) for m in range(2))
-    c = Chunk(streams, 12345, 100_000)
-    want = method.apply(base.float(), [m.float() for m in models], p, {}, c).to(torch.bfloat16)
-    kernel = CompiledApply(method, behind=True)
-    out = torch.empty(5000, dtype=torch.bfloat16)
-    assert not kernel.run(base, models, p, {}, c, out)  # compiling: the caller merges eagerly
-    kernel.wait()
-    assert kernel.run(base, models, p, {}, c, out)
-    assert torch.equal(out, want)
+    assert cached == eager
