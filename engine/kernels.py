@@ -33,8 +33,8 @@ from engine import aot
 from engine.methods.base import Chunk, Method, Stats, TensorParams
 
 log = logging.getLogger(__name__)
-# Compiling costs 5-60 s once (less with a warm cache) and saves ~1.5 s per GB of dare_ties input
-# on 2 cores, so it pays off only for real models: 8 GiB is one 3B model plus a fine-tune.
+# A kernel costs 7-20 s to build once per settings (then milliseconds to load) and saves ~1.5 s per
+# GB of dare_ties input on 2 cores, so it pays off for real models: 8 GiB is one 3B model plus a fine-tune.
 AUTO_MIN_BYTES = 8 << 30
 
 

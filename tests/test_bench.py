@@ -77,6 +77,11 @@ def test_quick_run_writes_every_figure_and_cleans_up(tmp_path: Path) -> None:
     assert {"leanmerge", "naive"} <= {r["tool"] for r in data["sections"]["rss_vs_size"]["runs"]}
     tp = data["sections"]["throughput"]
     assert_stats(tp["read_limit_gbps"])
+    assert_stats(tp["read_limit_all_gbps"])
+    cold_runs = sum(r["cache"] == "cold" for r in tp["runs"])  # leanmerge's and naive's
+    assert tp["read_limit_all_gbps"]["runs"] == 1 + cold_runs  # one up front, one before each cold run
+    assert all(r["cache"] == "warm" or "read_limit_gbps" in r for r in tp["runs"])
+    assert tp["kernel_build_s"] == {}  # task_arithmetic is never fused
     assert {(r["tool"], r["cache"]) for r in tp["runs"]} >= {
         ("leanmerge", "cold"),
         ("leanmerge", "warm"),
@@ -130,3 +135,15 @@ def test_memory_check_reports_peak_against_the_ceiling(tmp_path: Path) -> None:
     for r in data["runs"]:
         assert_stats(r["peak_rss"])
         assert r["within_budget"] is True
+
+
+@pytest.mark.slow
+def test_kernels_are_built_before_the_timed_runs(tmp_path: Path, kernel_cache: Path) -> None:
+    """The throughput section's warm-up merge leaves the fused kernel of the timed runs' settings
+    in the kernel cache, so they time a merge as users run it after their first."""
+    from bench.sections import Settings, build_kernels
+
+    before = set(kernel_cache.glob("dare_ties-*.pt2"))
+    s = Settings(tmp_path, 1, "tiny", ("tiny",))
+    assert build_kernels(s, "dare_ties") > 0
+    assert set(kernel_cache.glob("dare_ties-*.pt2")) - before
