@@ -130,11 +130,11 @@ def throughput_table(sec: dict[str, Any]) -> list[str]:
     modes = len({m for _, m in rows})
     labels = [lean_label(find(runs, tool="leanmerge", method=m, compile=c), modes) for m, c in rows]
     w = max([17, *(len(x) + 2 for x in labels)])
-    heads = ("lean cold", "lean warm", "naive cold", "naive warm", "mk cold", "mk warm", "cold/limit")
+    heads = ("lean cold", "lean warm", "naive cold", "naive warm", "mk cold", "mk warm", "cold/limit", "cold/before")
     lines = [
         f"throughput, GB/s of input ({sec['preset']}, {fmt_size(sec['input_bytes'])}): read limit cold "
         f"{read_limit_text(sec)}" + (f", page-cache read {hot['median']:.2f} GB/s" if hot else ""),
-        f"{'method':<{w}}" + "".join(f"{h:>11}" for h in heads),
+        f"{'method':<{w}}" + "".join(f"{h:>11}" for h in heads[:-1]) + f"{heads[-1]:>12}",
     ]
     for (method, mode), label in zip(rows, labels):
         row = f"{label:<{w}}"
@@ -143,8 +143,10 @@ def throughput_table(sec: dict[str, Any]) -> list[str]:
                 match = {"compile": mode} if tool == "leanmerge" else {}
                 row += f"{cell(find(runs, tool=tool, method=method, cache=state, **match), 'gbps', 'num'):>11}"
         lean_cold = find(runs, tool="leanmerge", method=method, cache="cold", compile=mode)
-        lines.append(row + f"{cell(lean_cold, 'ratio', 'num'):>11}")
-    return lines + compiled_note(runs)
+        before = cell(lean_cold, "ratio_before", "num") if lean_cold and "ratio_before" in lean_cold else "-"
+        lines.append(row + f"{cell(lean_cold, 'ratio', 'num'):>11}{before:>12}")
+    note = "cold/limit: over the fastest read; cold/before: each run over the read just before it (medians)"
+    return lines + [note] + compiled_note(runs)
 
 
 TABLES = {"rss_vs_budget": budget_table, "rss_vs_size": size_table, "throughput": throughput_table}

@@ -103,7 +103,8 @@ def measure(
 
     leanmerge entries also say which `--compile` mode ran, whether it compiled, and how it read.
     `before` runs before each repeat; the read limits (GB/s) it returns, if any, are kept as
-    `read_limit_gbps`: the disk's speed just before each run.
+    `read_limit_gbps` (the disk's speed just before each run) and each run's GB/s over the limit
+    read just before it as `ratio_before`.
     """
     entry = {"tool": tool, "method": method, "preset": family.preset, "budget": budget, **labels}
     if tool == "leanmerge":
@@ -125,9 +126,11 @@ def measure(
             results.append(r)
     except RunFailed as e:
         return {**entry, "error": str(e)}
-    return {**entry, **figures(results, inputs), "loadavg_1m_max": load} | (
-        {"read_limit_gbps": stats(limits)} if limits else {}
-    )
+    out = {**entry, **figures(results, inputs), "loadavg_1m_max": load}
+    if limits:
+        out["read_limit_gbps"] = stats(limits)
+        out["ratio_before"] = stats([g / lim for g, lim in zip(out["gbps"]["values"], limits)])
+    return out
 
 
 def baselines(
