@@ -148,8 +148,9 @@ class Method(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     row_aligned: ClassVar[bool] = False  # chunks must hold whole rows (per-row statistics)
-    # `--compile auto` fuses the method: False where the eager step already outruns the disk, so
-    # that the one-off compile (2 s with a warm cache, up to a minute cold) would be pure cost.
+    # `--compile auto` fuses the method: False where there is nothing to fuse (a copy). Even
+    # task_arithmetic gains once the kernel is cached: 10.2 GB warm 7.2 s eager -> 6.1 s fused,
+    # 30% less CPU (the one-off build, ~11 s, lands in the kernel cache for every later merge).
     worth_compiling: ClassVar[bool] = True
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:

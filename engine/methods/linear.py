@@ -15,7 +15,6 @@ from engine.methods.base import WEIGHT, Chunk, Method, Stats, TensorParams, norm
 
 class Linear(Method):
     name = "linear"
-    worth_compiling = False  # as task arithmetic: the eager sum outruns the disk
     params = (WEIGHT, normalize_param(True))
 
     def apply(
