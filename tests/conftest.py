@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from engine.aot import CACHE_ENV
 
 
-
 @pytest.fixture(autouse=True, scope="session")
 def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Fused kernels the tests build go to a folder of the session's, never the user's cache

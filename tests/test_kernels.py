@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_dare import dare_spec
 
 from engine import aot
 from engine.kernels import CompiledApply
 from engine.methods.base import Chunk, Method, TensorParams
 from engine.methods.registry import get_method
 from engine.rng import KeyedRng, stream_key
-
-from test_dare import dare_spec
 
 Example = tuple[Method, TensorParams, Chunk, torch.Tensor, list[torch.Tensor]]
 
