@@ -44,6 +44,19 @@ Dtypes = tuple[torch.dtype, ...]  # base, each model, output
 Kernel = Callable[[torch.Tensor, Sequence[torch.Tensor], Chunk, torch.Tensor], None]
 
 
+EXAMPLE_LEN = 4096  # chunk length the kernels are traced with: any will do, it is a dynamic dimension
+
+
+def fused_apply(
+    method: Method, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
+) -> torch.Tensor:
+    """`method.apply` on a chunk in its storage dtypes, as the fused kernels trace it: the casts
+    to float32 happen inside, on copies (apply overwrites its model chunks, which must not write
+    back into the read buffer)."""
+    scratch = [m.to(torch.float32, copy=True) for m in models]
+    return method.apply(base.to(torch.float32), scratch, p, stats, c)
+
+
 def cache_root() -> Path:
     """Where kernels are kept (`LEANMERGE_KERNEL_CACHE`, else the user's cache folder)."""
     if env := os.environ.get(CACHE_ENV):
@@ -121,13 +134,10 @@ def build(method: Method, p: TensorParams, stats: Stats, example: Chunk, dtypes:
             self, base: torch.Tensor, models: list[torch.Tensor], lo: torch.Tensor, keys: torch.Tensor
         ) -> torch.Tensor:
             c = replace(traceable, lo=lo, keys=keys)
-            # copy=True: apply overwrites its model chunks, which must not write into the read buffer
-            scratch = [m.to(torch.float32, copy=True) for m in models]
-            return method.apply(base.to(torch.float32), scratch, p, stats, c).to(out_dtype)
+            return fused_apply(method, base, models, p, stats, c).to(out_dtype)
 
-    n = 4096  # any length: it is a dynamic dimension
-    models = [torch.zeros(n, dtype=d) for d in model_dtypes]
-    args = (torch.zeros(n, dtype=base_dtype), models, traceable.lo, traceable.keys)
+    models = [torch.zeros(EXAMPLE_LEN, dtype=d) for d in model_dtypes]
+    args = (torch.zeros(EXAMPLE_LEN, dtype=base_dtype), models, traceable.lo, traceable.keys)
     length = torch.export.Dim("n", min=2, max=(1 << 31) - 1)
     dynamic = ({0: length}, [{0: length} for _ in models], None, None)
     exported = torch.export.export(Apply(), args, dynamic_shapes=dynamic)

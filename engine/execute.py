@@ -110,8 +110,8 @@ def execute(
     Args:
         start: first row to write per tensor (from `first_rows`, when resuming).
         should_stop: polled after every block; when it turns true the run stops there.
-        compiled: run `apply` through `torch.compile` (see `engine.kernels`); same bytes.
-        compile_behind: compile in the background, merging eagerly until the kernel is ready.
+        compiled: run `apply` as fused kernels (see `engine.kernels`); same bytes.
+        compile_behind: build kernels in the background, merging eagerly until they are ready.
     Returns:
         True when every tensor is written, False when stopped early.
     """
