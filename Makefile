@@ -11,7 +11,7 @@ $(BIN)/leanmerge: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_CPU)" || echo "no local $(TORCH_CPU) wheel; pip will pick torch>=2.2"
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -e ".[test,bench,fast]"
 	touch $@
 
 demo: $(BIN)/leanmerge

@@ -304,7 +304,9 @@ def run_naive(method: str, base: Path, models: Sequence[Path], out: Path, params
     return {"tool": "naive", **figures, "report": last_event(log_json, "report")}
 
 
-MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+# Methods whose result does not involve the base: mergekit 0.1.5's linear refuses a base_model
+# without a weight of its own, and leanmerge's linear uses the base only as a template.
+MERGEKIT_NO_BASE = frozenset({"linear"})
 
 
 def run_mergekit(
@@ -323,12 +325,10 @@ def run_mergekit(
     if exe is None:
         return None
     model_params = {"weight": 1.0, **{k: v for k, v in params.items() if k == "density"}}
-    config = {
-        "merge_method": method,
-        "base_model": str(base.resolve()),
-        "models": [{"model": str(m.resolve()), "parameters": model_params} for m in models],
-        "dtype": dtype,
-    }
+    config: dict[str, Any] = {"merge_method": method}
+    if method not in MERGEKIT_NO_BASE:
+        config["base_model"] = str(base.resolve())
+    config |= {"models": [{"model": str(m.resolve()), "parameters": model_params} for m in models], "dtype": dtype}
     cfg = out.parent / f"{out.name}.mergekit.yml"
     cfg.write_text(json.dumps(config, indent=2))
     flags = ["--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0", "--quiet"]

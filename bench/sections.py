@@ -167,6 +167,7 @@ def rss_vs_budget(s: Settings) -> dict[str, Any]:
     fam = ensure_family(s.cache, s.family, s.n_models)
     runs: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
+    builds = {m: t for m in s.registered(BUDGET_METHODS) if (t := build_kernels(s, fam, m)) is not None}
     for method in s.registered(BUDGET_METHODS):
         for budget in s.budgets:
             e = measure(s, "leanmerge", fam, method, budget=budget)
@@ -174,7 +175,13 @@ def rss_vs_budget(s: Settings) -> dict[str, Any]:
                 e["within_budget"] = e["peak_rss"]["max"] <= budget
             runs += [e] if e is not None else []
         runs += baselines(s, fam, method, skipped)
-    return {"preset": fam.preset, "input_bytes": fam.input_bytes, "runs": runs, "skipped": skipped}
+    return {
+        "preset": fam.preset,
+        "input_bytes": fam.input_bytes,
+        "kernel_build_s": builds,
+        "runs": runs,
+        "skipped": skipped,
+    }
 
 
 def rss_vs_size(s: Settings) -> dict[str, Any]:
@@ -188,6 +195,7 @@ def rss_vs_size(s: Settings) -> dict[str, Any]:
             continue
         fam = ensure_family(s.cache, preset, s.n_models)
         for method in s.registered(SIZE_METHODS):
+            build_kernels(s, fam, method)
             e = measure(s, "leanmerge", fam, method, budget=s.size_budget)
             runs += [e] if e is not None else []
             runs += baselines(s, fam, method, skipped)
@@ -203,10 +211,13 @@ def distinct_modes(family: Family, method: str, modes: Sequence[str]) -> list[st
     return list(out.values())
 
 
-def build_kernels(s: Settings, method: str) -> float:
+def build_kernels(s: Settings, family: Family, method: str, modes: Sequence[str] = ("auto",)) -> float | None:
     """Wall seconds of one tiny `--compile on` merge with the same method, parameters, dtypes and
-    model count, which leaves the fused kernel in the kernel cache (engine.aot): the timed runs
-    then start as every merge after a user's first with these settings does."""
+    model count, which leaves the fused kernel in the kernel cache (engine.aot): the measured runs
+    then start as every merge after a user's first with these settings does (the first also
+    keeps memory for the compiler, and builds behind the merge). None when no mode fuses."""
+    if not any(compiled_as(family, method, m) for m in modes):
+        return None
     tiny = ensure_family(s.cache, "tiny", s.n_models)
     r = run_tool("leanmerge", tiny, method, s.cache, SIZE_BUDGET, "on")
     return float(r["wall_s"]) if r else 0.0
@@ -241,8 +252,8 @@ def throughput(s: Settings) -> dict[str, Any]:
     builds: dict[str, float] = {}
     for method in s.registered():
         modes = distinct_modes(fam, method, s.compile_modes)
-        if any(compiled_as(fam, method, m) for m in modes):
-            builds[method] = build_kernels(s, method)
+        if (took := build_kernels(s, fam, method, modes)) is not None:
+            builds[method] = took
         for state, before in states.items():
             if state == "warm" and not warm_ok:
                 continue

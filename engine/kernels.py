@@ -24,7 +24,7 @@ import platform
 import queue
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -60,6 +60,12 @@ def want_compiled(
             log.warning("--compile on: %s runs eager (%s)", method.name, why)
         return False
     return mode == "on" or (method.worth_compiling and bytes_read >= AUTO_MIN_BYTES)
+
+
+def all_cached(method: Method, params: TensorParams, dtype_sets: Iterable[aot.Dtypes]) -> bool:
+    """Whether the kernel cache holds a fused kernel for every dtype set: then the merge only
+    loads them (~1 MiB each) and needs no memory for the compiler."""
+    return aot.supported() and all(aot.kernel_path(method, params, d).is_file() for d in dtype_sets)
 
 
 def skip_repeated_isa_probe() -> None:

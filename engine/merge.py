@@ -6,7 +6,6 @@ import logging
 import shutil
 import signal
 import time
-import zlib
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,17 +14,19 @@ from typing import Any
 import psutil
 
 from engine import __version__
-from engine.budget import current_rss, default_budget, fmt_bytes, peak_rss
+from engine.budget import COMPILE_RESERVE, current_rss, default_budget, fmt_bytes, peak_rss
+from engine.dtypes import DTYPES
 from engine.errors import BudgetError, CheckpointError, Interrupted, OutputError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.checkpoint import ReadOptions
+from engine.io.crc import crc32
 from engine.io.inventory import Inventory, take_inventory
 from engine.io.journal import Journal, JournalState, check_resumable, fingerprint, load_journal
 from engine.io.lock import output_lock
 from engine.io.output import abort_output, check_target, commit_output, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
 from engine.io.write_behind import SYNC_EVERY, WriteBehind
-from engine.kernels import want_compiled
+from engine.kernels import all_cached, want_compiled
 from engine.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, make_plan
 from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
@@ -71,8 +72,9 @@ def prepare(
 ) -> tuple[Inventory, Plan]:
     """Open the inputs and plan the merge, reading headers only.
 
-    `compile` ("auto", "on", "off") decides whether torch.compile kernels will run (`plan.compiled`);
-    their memory is then reserved in the budget, and a budget too small for it runs eager.
+    `compile` ("auto", "on", "off") decides whether fused kernels will run (`plan.compiled`); unless
+    the kernel cache already holds them all, the compiler's memory is reserved in the budget, and a
+    budget too small for it runs eager.
     """
     inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab, spec.slices)
     budget = max_memory if max_memory is not None else default_budget()
@@ -86,11 +88,12 @@ def prepare(
         "shard_size": shard_size,
     }
     plan = make_plan(spec, inv, **kw)
-    if want_compiled(
-        compile, spec.method_impl, spec.tensor_params(), plan.bytes_read, per_tensor_params=spec.varies_by_tensor
-    ):
+    params = spec.tensor_params()
+    if want_compiled(compile, spec.method_impl, params, plan.bytes_read, per_tensor_params=spec.varies_by_tensor):
+        dtype_sets = {(*(DTYPES[d] for d in t.in_dtypes), DTYPES[t.out_dtype]) for t in plan.tensors if t.merge}
+        reserve = 0 if all_cached(spec.method_impl, params, dtype_sets) else COMPILE_RESERVE
         try:
-            plan = make_plan(spec, inv, **kw, compiled=True)
+            plan = make_plan(spec, inv, **kw, compiled=True, compile_reserve=reserve)
         except BudgetError:
             log.warning("--max-memory %s leaves no room for compiled kernels; running eager", fmt_bytes(budget))
     return inv, plan
@@ -283,7 +286,7 @@ def _restore_prefix(
         if r0 >= rows:
             break
         for pos in range(r0 * row_bytes, r1 * row_bytes, REHASH_PIECE):
-            crc = zlib.crc32(writer.read_back(tensor, pos, min(REHASH_PIECE, r1 * row_bytes - pos)), crc)
+            crc = crc32(writer.read_back(tensor, pos, min(REHASH_PIECE, r1 * row_bytes - pos)), crc)
         if crc != want:
             log.warning("%s: rows %d..%d on disk do not match the journal; rewriting the tensor", tensor.name, r0, r1)
             return 0

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from engine.budget import MemoryPlan, plan_memory
+from engine.budget import COMPILE_RESERVE, MemoryPlan, plan_memory
 from engine.dtypes import MERGEABLE, itemsize
 from engine.errors import SpecError
 from engine.gradient import count_layers
@@ -96,7 +96,7 @@ class Plan:
     tensors: tuple[TensorPlan, ...]
     shards: tuple[ShardPlan, ...]
     memory: MemoryPlan
-    compiled: bool = False  # torch.compile kernels will run (their memory is in the budget)
+    compiled: bool = False  # fused kernels will run (memory to build them is in the budget unless cached)
     n_layers: int = 0  # numbered layers of the base: positions for parameter gradients
     resized: tuple[Resized, ...] = ()  # embedding-like tensors whose rows differ (engine.vocab)
 
@@ -126,6 +126,7 @@ def make_plan(
     block_bytes: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     compiled: bool = False,
+    compile_reserve: int = COMPILE_RESERVE,
 ) -> Plan:
     """Plan the merge of `inv` by `spec` under a whole-process RSS `budget`.
 
@@ -135,7 +136,7 @@ def make_plan(
         budget: peak RSS ceiling in bytes; `baseline` is the RSS already in use.
         block_bytes: fixed block size per input stream (tuning, tests); default from the budget.
         shard_size: largest output shard in bytes (a bigger tensor gets a shard of its own).
-        compiled: reserve memory for torch.compile kernels.
+        compiled: fused kernels will run; `compile_reserve` bytes are kept for building them.
     Raises:
         BudgetError: the budget cannot hold one row of the widest tensor.
     """
@@ -155,7 +156,7 @@ def make_plan(
         block_bytes,
         spec.method_impl.row_aligned,
         max((math.prod(shapes[n]) for n in names), default=1),
-        compiled,
+        compile_reserve if compiled else 0,
     )
     n_layers = count_layers(names)
     params = {n: spec.tensor_params(n, n_layers) for n in names} if spec.varies_by_tensor else {}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from engine.dtypes import byte_view
 from engine.errors import CheckpointError
 from engine.io.checkpoint import INDEX_NAME, Reader, open_checkpoint
+from engine.io.crc import crc32
 from engine.spec import MergeSpec
 
 PIECE = 16 << 20  # bytes read at a time: verify runs in bounded memory too
@@ -47,7 +47,7 @@ def verify(folder: Path, against: MergeSpec | None = None) -> VerifyResult:
             for pos in range(0, info.nbytes, PIECE):
                 piece = buf[: min(PIECE, info.nbytes - pos)]
                 reader.read_bytes(info, pos, piece)
-                crc = zlib.crc32(byte_view(piece), crc)
+                crc = crc32(byte_view(piece), crc)
             result.tensors += 1
             result.bytes += info.nbytes
             if name not in sums:

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from bench.common import measured, stats
+from bench.common import measured, run_mergekit, stats
 from bench.naive_merge import naive_merge
 from tools.make_synthetic import PRESETS, make_family
 
@@ -139,11 +140,38 @@ def test_memory_check_reports_peak_against_the_ceiling(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kernels_are_built_before_the_timed_runs(tmp_path: Path, kernel_cache: Path) -> None:
-    """The throughput section's warm-up merge leaves the fused kernel of the timed runs' settings
-    in the kernel cache, so they time a merge as users run it after their first."""
+    """The sections' warm-up merge leaves the fused kernel of the measured runs' settings in the
+    kernel cache, so they measure a merge as users run it after their first; nothing is built
+    for a family no mode fuses."""
+    from bench.families import ensure_family
     from bench.sections import Settings, build_kernels
 
     before = set(kernel_cache.glob("dare_ties-*.pt2"))
     s = Settings(tmp_path, 1, "tiny", ("tiny",))
-    assert build_kernels(s, "dare_ties") > 0
+    tiny = ensure_family(tmp_path, "tiny")
+    assert build_kernels(s, tiny, "dare_ties") is None  # auto does not fuse a tiny merge
+    assert not set(kernel_cache.glob("dare_ties-*.pt2")) - before
+    took = build_kernels(s, tiny, "dare_ties", ("auto", "on"))
+    assert took is not None and took > 0
     assert set(kernel_cache.glob("dare_ties-*.pt2")) - before
+
+
+def test_mergekit_gets_the_same_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer column runs `mergekit-yaml` on the same inputs and weights; linear is given no
+    base_model (mergekit 0.1.5 refuses one without a weight; leanmerge's linear ignores the base)."""
+
+    fake = tmp_path / "bin" / "mergekit-yaml"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\ncp "$1" "$2.config"\n')  # records the config it was given
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    base, models = tmp_path / "base", [tmp_path / "ft1", tmp_path / "ft2"]
+    for method, params in [("linear", {}), ("dare_ties", {"density": 0.5})]:
+        out = tmp_path / method
+        r = run_mergekit(method, base, models, out, params)
+        assert r is not None and r["tool"] == "mergekit" and r["peak_rss"] > 0
+        config = yaml.safe_load(Path(f"{out}.config").read_text())
+        assert config["merge_method"] == method
+        assert ("base_model" in config) == (method != "linear")
+        assert [m["model"] for m in config["models"]] == [str(m.resolve()) for m in models]
+        assert all(m["parameters"] == {"weight": 1.0, **params} for m in config["models"])

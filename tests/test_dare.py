@@ -14,7 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine import MergeSpec, ModelRef, merge
+from engine.budget import COMPILE_RESERVE, RESERVE
 from engine.cli import main
+from engine.merge import prepare
 from engine.methods.base import Chunk, TensorParams
 from engine.methods.registry import get_method
 from engine.rng import KeyedRng, stream_key
@@ -231,7 +233,8 @@ def test_compiled_kernels_give_the_same_bytes(
     tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, how: str
 ) -> None:
     """Fused kernels, cached ahead of time or made by torch.compile, must not change a single bit:
-    built by the first compiled merge, loaded from the cache by the second."""
+    built by the first compiled merge, loaded from the cache by the second (which then keeps no
+    memory for the compiler)."""
     if how == "torch.compile":
         monkeypatch.setattr("engine.aot.supported", lambda: False)
     base, models = tiny_family(3, shapes={"a": (300, 70), "b": (1001,), "c": ()}, dtype=torch.bfloat16)
@@ -247,8 +250,16 @@ def test_compiled_kernels_give_the_same_bytes(
             )
         )
     )
+
+    def reserve() -> int:
+        plan = prepare(spec, block_bytes=4000, compile="on", max_memory=1 << 30)[1]
+        assert plan.compiled
+        return plan.memory.reserve
+
     eager = digests(Path(merge(spec, tmp_path / "eager", block_bytes=4000, compile="off").output))
+    assert reserve() == RESERVE + COMPILE_RESERVE
     compiled = digests(Path(merge(spec, tmp_path / "compiled", block_bytes=4000, compile="on").output))
+    assert reserve() == RESERVE + (COMPILE_RESERVE if how == "torch.compile" else 0)
     cached = digests(Path(merge(spec, tmp_path / "cached", block_bytes=3000, compile="on").output))
     assert compiled == eager
     assert cached == eager
