@@ -4,8 +4,9 @@ Sections (`--sections`, default all):
 
 - rss_vs_budget: peak RSS of task_arithmetic, dare_ties (and ties once registered) at
   `--max-memory` 512MiB, 1GiB, 2GiB, 4GiB, and whether it stayed under; naive for scale.
-- rss_vs_size: base + 3 fine-tunes of growing presets (tiny, small, llama8b-embed,
-  llama70b-layer) at 1GiB; leanmerge should stay flat while the naive whole-tensor merge grows.
+- rss_vs_size: base + 3 fine-tunes of growing presets (tiny, small, llama1b-embed,
+  llama8b-embed, llama70b-layer: 1.75 MB to 23.7 GB of inputs) at 1GiB; leanmerge should stay
+  flat once the models outgrow the budget, while the naive whole-tensor merge grows.
   A size whose family would not fit in free disk minus 10 GB is skipped, and so is a baseline
   predicted not to fit in RAM (the naive 70B-layer merge would need ~25 GB).
 - throughput: GB/s of input of every registered method, cold cache (inputs dropped with
@@ -19,11 +20,12 @@ Sections (`--sections`, default all):
 Modes: `--quick` uses the tiny and small presets, budgets 512MiB and 1GiB, 1 repeat and every
 registered method: about two minutes on an idle 2-core box (twice that when others use it).
 Full mode uses 3 repeats, the big presets, and leanmerge both eager (`--compile off`) and fused
-(`--compile on`) in the throughput section. It writes ~34 GB of synthetic models into the cache
-(a few minutes, once). With task_arithmetic, dare_ties and ties it takes about two hours on a
-2-core machine with a ~1.2 GB/s disk, half of it in the naive baseline (`torch.bernoulli` and
-`kthvalue` over 1 GB tensors); every other registered method adds its throughput runs (4 to 12
-merges of ~10 GB each, slower for methods with reducer passes), so narrow it with `--methods`.
+(`--compile on`) in the throughput section. It writes ~39 GB of synthetic models into the cache
+(a few minutes, once). Measured on a 2-core machine with a ~1.2 GB/s disk (2026-11-27):
+rss_vs_budget + rss_vs_size with both baselines 33 min; throughput of linear, task_arithmetic,
+dare_linear, dare_ties and ties beside mergekit 63 min. The naive baseline's throughput column adds
+~2 min per merge for the DARE methods (`torch.bernoulli` over 1 GB tensors), and every other
+registered method its own 12 merges of ~10 GB, so narrow it with `--methods`.
 Run it on an otherwise idle machine: contention skews the time and the engine's threads.
 
 Outputs: `RESULTS/<UTC timestamp>.json` (machine, mode, every figure as min/median/max of
@@ -61,7 +63,7 @@ QUICK = {
 }
 FULL = {
     "family": "llama8b-embed",
-    "sizes": ("tiny", "small", "llama8b-embed", "llama70b-layer"),
+    "sizes": ("tiny", "small", "llama1b-embed", "llama8b-embed", "llama70b-layer"),
     "repeats": 3,
     "compile_modes": ("off", "on"),  # eager vs fused: the gap the disk is measured against
 }

@@ -175,3 +175,18 @@ def test_mergekit_gets_the_same_merge(tmp_path: Path, monkeypatch: pytest.Monkey
         assert ("base_model" in config) == (method != "linear")
         assert [m["model"] for m in config["models"]] == [str(m.resolve()) for m in models]
         assert all(m["parameters"] == {"weight": 1.0, **params} for m in config["models"])
+
+
+def test_size_table_judges_flatness_on_models_larger_than_the_budget() -> None:
+    """The flat-RSS claim is about models that outgrow the budget; a tiny model, whose whole
+    tensors are smaller than one block, sits lower and must not make the line look steep."""
+    from bench.report import size_table
+
+    def run(preset: str, size: int, rss: int) -> dict[str, Any]:
+        return {"tool": "leanmerge", "method": "task_arithmetic", "preset": preset, "input_bytes": size,
+                "peak_rss": {"median": rss << 20}}  # fmt: skip
+
+    sec = {"budget": 1 << 30, "runs": [run("tiny", 2 << 20, 230), run("mid", 5 << 30, 670), run("big", 24 << 30, 690)]}
+    text = "\n".join(size_table(sec))
+    assert "larger than the budget (5.37 GB to 25.8 GB): largest / smallest 1.03x" in text
+    assert "smaller models never fill the block buffers" in text

@@ -61,6 +61,7 @@ class SyntheticShape:
 PRESETS: dict[str, SyntheticShape] = {
     "tiny": SyntheticShape(),
     "small": SyntheticShape(hidden=512, intermediate=1376, layers=2, vocab=8000, heads=8, kv_heads=4),
+    "llama1b-embed": SyntheticShape(hidden=2048, intermediate=8192, layers=2, vocab=128256, heads=32, kv_heads=8),
     "llama8b-embed": SyntheticShape(hidden=4096, intermediate=14336, layers=1, vocab=128256, heads=32, kv_heads=8),
     "llama70b-layer": SyntheticShape(hidden=8192, intermediate=28672, layers=1, vocab=128256, heads=64, kv_heads=8),
 }
