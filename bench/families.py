@@ -128,8 +128,12 @@ def method_models(family: Family, method: str) -> tuple[Path, ...]:
 
 
 def input_bytes(family: Family, method: str) -> int:
-    """Bytes a merge of `family` by `method` reads: the base and the models it is given."""
-    return family.model_bytes * (1 + len(method_models(family, method)))
+    """Bytes a merge of `family` by `method` reads: the models it is given, and the base unless
+    the method ignores its values (linear)."""
+    from engine.methods.registry import METHODS
+
+    reads_base = getattr(METHODS.get(method), "uses_base", True)
+    return family.model_bytes * (reads_base + len(method_models(family, method)))
 
 
 def compiled_as(family: Family, method: str, mode: str) -> bool | None:

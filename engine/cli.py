@@ -266,7 +266,8 @@ def format_plan(plan: Plan) -> str:
         f"tensors {len(plan.tensors)}, blocks {plan.n_blocks}, up to {m.block_elems} elements per block",
         f"memory budget {fmt_bytes(m.budget)}: baseline {fmt_bytes(m.baseline)} + buffers {fmt_bytes(m.buffers)}"
         f" + workspace {fmt_bytes(m.workspace)} -> predicted peak RSS {fmt_bytes(m.predicted_peak)}",
-        f"read {fmt_bytes(plan.bytes_read)} (up to {max((t.passes for t in plan.tensors), default=1)} pass(es) per tensor),"
+        f"read {fmt_bytes(plan.bytes_read)} (up to {max((t.passes for t in plan.tensors), default=1)} pass(es) per tensor"
+        f"{'' if plan.spec.method_impl.uses_base else '; the base is a template, not read'}),"
         f" write {fmt_bytes(plan.bytes_written)}; kernels {'compiled' if plan.compiled else 'eager'}",
         "",
         f"{'tensor':<48} {'shape':<18} {'dtype':<6} {'rows/block':>10} {'blocks':>7} {'passes':>6}",

@@ -42,11 +42,13 @@ Slot = list[torch.Tensor]  # one uint8 buffer per input stream (base first)
 @dataclass(frozen=True)
 class Filled:
     """A slot the reader filled with one block: the buffers (to release) and, for each stream
-    read, the block's elements in their storage dtype (flat; they may start a little into the
-    buffer, where an aligned direct read put them)."""
+    of the tensor (base first; only the base for a copy), the block's elements in their storage
+    dtype (flat; they may start a little into the buffer, where an aligned direct read put them).
+    A base the method ignores is not read: its entry is the unfilled buffer (`base_read` False)."""
 
     slot: Slot
     data: list[torch.Tensor]
+    base_read: bool = True
 
 
 _Item = tuple[TensorPlan, Block, Filled] | BaseException | None
@@ -209,7 +211,7 @@ class _Stage:
                 raw = [x[c0:c1] for x in inputs]
                 if self.kernel is not None and self.kernel.run(raw[0], raw[1:], self.params, stats, c, out[c0:c1]):
                     continue
-                base, *models = self._to_work(raw)
+                base, *models = self._to_work(raw, filled.base_read)
                 out[c0:c1].copy_(self.method.apply(base, models, self.params, stats, c))
         self.prefetch.release(filled.slot)
         self.out.submit(tensor, block, out_bytes, buffer)
@@ -219,7 +221,7 @@ class _Stage:
     ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], Chunk]]:
         """Float32 copies of each chunk of the block, with its position."""
         for c0, c1 in self._spans(tensor, block):
-            base, *models = self._to_work([x[c0:c1] for x in filled.data])
+            base, *models = self._to_work([x[c0:c1] for x in filled.data], filled.base_read)
             yield base, models, Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
 
     def _spans(self, tensor: TensorPlan, block: Block) -> Iterator[tuple[int, int]]:
@@ -236,17 +238,20 @@ class _Stage:
             yield c0, c1
             c0 = c1
 
-    def _to_work(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copy chunk views into the float32 workspace (the cast to float32 happens here)."""
+    def _to_work(self, raw: list[torch.Tensor], base_read: bool = True) -> list[torch.Tensor]:
+        """Copy chunk views into the float32 workspace (the cast to float32 happens here); a base
+        that was not read is not copied (its workspace keeps whatever it held)."""
         work = [w[: raw[0].numel()] for w in self.pipe.work]
-        for w, x in zip(work, raw):
+        for w, x in zip(work[0 if base_read else 1 :], raw[0 if base_read else 1 :]):
             w.copy_(x)
         return work
 
 
-def _inputs(readers: Sequence[RowReader], tensor: TensorPlan) -> Sequence[RowReader]:
-    """The streams a tensor is read from: all of them, or only the base's for a copied tensor."""
-    return readers[: len(tensor.read_dtypes)]
+def _unread_base(tensor: TensorPlan, block: Block, slot: Slot) -> torch.Tensor:
+    """Stands in for a base the method ignores: the right dtype and length, never read or written
+    (its pages need not even be touched)."""
+    dtype = tensor.in_dtypes[0]
+    return slot[0][: block.numel * itemsize(dtype)].view(DTYPES[dtype])
 
 
 def _block_read_bytes(tensor: TensorPlan, block: Block) -> int:
@@ -290,17 +295,20 @@ class _Prefetcher:
                 tensor, block = upcoming
                 upcoming = next(schedule, None)
                 if upcoming is not None:  # the disk reads ahead while we wait for a slot and read this block
-                    for reader in _inputs(readers, upcoming[0]):
-                        reader.advise_rows(upcoming[0].name, upcoming[1].r0, upcoming[1].r1)
+                    for i in upcoming[0].streams:
+                        readers[i].advise_rows(upcoming[0].name, upcoming[1].r0, upcoming[1].r1)
                 slot = self._take_free()
                 if slot is None:
                     return
                 reads = [
-                    self._pool.submit(reader.read_rows, tensor.name, block.r0, block.r1, out=buf)
-                    for reader, buf in zip(_inputs(readers, tensor), slot)
+                    self._pool.submit(readers[i].read_rows, tensor.name, block.r0, block.r1, out=slot[i])
+                    for i in tensor.streams
                 ]
                 data = [r.result().reshape(-1) for r in reads]
-                self._ready.put((tensor, block, Filled(slot, data)))
+                base_read = tensor.streams[0] == 0
+                if not base_read:
+                    data.insert(0, _unread_base(tensor, block, slot))
+                self._ready.put((tensor, block, Filled(slot, data, base_read)))
             self._ready.put(None)
         except BaseException as e:  # handed to the consumer, which re-raises it
             self._ready.put(e)

@@ -48,6 +48,7 @@ class TensorPlan:
     shard: int  # index into Plan.shards
     offset: int  # byte offset inside the shard's data section
     passes: int = 1  # reduce passes + the apply pass
+    reads_base: bool = True  # False: the method ignores the base's values (`Method.uses_base`)
 
     @property
     def reads(self) -> int:
@@ -55,9 +56,17 @@ class TensorPlan:
         return self.passes if self.n_blocks > 1 else 1
 
     @property
+    def streams(self) -> tuple[int, ...]:
+        """The input streams read (0 is the base): only the base for a copy; only the models
+        when the method ignores the base's values (a linear merge reads 3 files of 4)."""
+        if not self.merge:
+            return (0,)
+        return tuple(range(0 if self.reads_base else 1, len(self.in_dtypes)))
+
+    @property
     def read_dtypes(self) -> tuple[str, ...]:
-        """The dtypes of the streams actually read: all of them, or only the base's for a copy."""
-        return self.in_dtypes if self.merge else self.in_dtypes[:1]
+        """The dtypes of the streams actually read (`streams`)."""
+        return tuple(self.in_dtypes[i] for i in self.streams)
 
     @property
     def numel(self) -> int:
@@ -184,6 +193,7 @@ def make_plan(
                 shard=shard,
                 offset=offset,
                 passes=passes[n] if info.dtype in MERGEABLE else 1,
+                reads_base=spec.method_impl.uses_base,
             )
         )
     return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled, n_layers, tuple(inv.resized.values()))

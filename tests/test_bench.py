@@ -190,3 +190,13 @@ def test_size_table_judges_flatness_on_models_larger_than_the_budget() -> None:
     text = "\n".join(size_table(sec))
     assert "larger than the budget (5.37 GB to 25.8 GB): largest / smallest 1.03x" in text
     assert "smaller models never fill the block buffers" in text
+
+
+def test_input_bytes_counts_what_each_method_reads(tmp_path: Path) -> None:
+    """GB/s figures divide by the bytes a merge reads: linear skips the base, slerp takes one model."""
+    from bench.families import Family, input_bytes
+
+    fam = Family("p", tmp_path / "base", (tmp_path / "a", tmp_path / "b", tmp_path / "c"), 400, 100, 10)
+    assert input_bytes(fam, "task_arithmetic") == 400
+    assert input_bytes(fam, "linear") == 300
+    assert input_bytes(fam, "slerp") == 200

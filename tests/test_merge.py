@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from engine import MergeSpec, ModelRef, merge
+from engine.io.checkpoint import Reader, open_checkpoint
 
 from conftest import SHAPES, MakeFamily, family_tensors, write_checkpoint
 from reference import load_model, merge_folders
@@ -125,6 +126,31 @@ def test_out_dtype_and_mixed_input_dtypes(tiny_family: MakeFamily, tmp_path: Pat
     merge(spec, out, block_bytes=64)
     assert_same(load_model(out), merge_folders("task_arithmetic", base, models, out_dtype=torch.float32))
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_linear_never_reads_the_base(
+    tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compile: str
+) -> None:
+    """linear ignores the base's values (a template for names and shapes), so it reads only the
+    models: fewer bytes from disk, and a base whose values are garbage changes nothing."""
+    base, models = tiny_family(2, dtype=torch.float16)
+    for shard in base.glob("*.safetensors"):  # every value NaN; the header stays valid
+        header = 8 + int.from_bytes(shard.read_bytes()[:8], "little")
+        shard.write_bytes(shard.read_bytes()[:header] + b"\xff" * (shard.stat().st_size - header))
+    read_from: set[Path] = set()
+    real = Reader.read_rows
+
+    def spy(self: Reader, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        read_from.add(self.ckpt.folder)
+        return real(self, name, r0, r1, out)
+
+    monkeypatch.setattr(Reader, "read_rows", spy)
+    spec = spec_for("linear", base, models, [0.5, 1.5])
+    report = merge(spec, tmp_path / "out", block_bytes=40, compile=compile)
+    assert {f.resolve() for f in read_from} == {m.resolve() for m in models}
+    assert report.bytes_read == sum(open_checkpoint(m).nbytes for m in models)
+    assert_same(load_model(tmp_path / "out"), merge_folders("linear", base, models, weights=[0.5, 1.5]))
 
 
 def test_non_float_tensors_are_copied(tmp_path: Path) -> None:

@@ -148,6 +148,9 @@ class Method(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     row_aligned: ClassVar[bool] = False  # chunks must hold whole rows (per-row statistics)
+    # False when `apply` and the reducers never look at the base's values (it is a template for
+    # names and shapes): the executor then skips reading it, and `base` holds arbitrary numbers.
+    uses_base: ClassVar[bool] = True
     # `--compile auto` fuses the method: False where there is nothing to fuse (a copy). Even
     # task_arithmetic gains once the kernel is cached: 10.2 GB warm 7.2 s eager -> 6.1 s fused,
     # 30% less CPU (the one-off build, ~11 s, lands in the kernel cache for every later merge).

@@ -1,7 +1,7 @@
 """Linear merge (model soups; Wortsman et al., 2022, "Model soups"): θ = Σ wₘ θₘ [/ Σ wₘ].
 
-The base is used only as the template for names, shapes and files; include it among the
-models to average it in, as mergekit does.
+The base is used only as the template for names, shapes and files, and is never read; include
+it among the models to average it in, as mergekit does.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from engine.methods.base import WEIGHT, Chunk, Method, Stats, TensorParams, norm
 class Linear(Method):
     name = "linear"
     params = (WEIGHT, normalize_param(True))
+    uses_base = False
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
