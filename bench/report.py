@@ -130,6 +130,12 @@ def read_limit_text(sec: dict[str, Any]) -> str:
     return f"{reads['max']:.2f} GB/s (fastest of {reads['runs']} reads in this run, median {reads['median']:.2f})"
 
 
+def fewer_inputs(runs: list[dict[str, Any]], family_bytes: int) -> str:
+    """Which methods read less than the whole family (linear skips the base, slerp takes one model)."""
+    less = dict.fromkeys(f"{r['method']} {fmt_size(r['input_bytes'])}" for r in runs if r["input_bytes"] < family_bytes)
+    return f"; {', '.join(less)}" if less else ""
+
+
 def throughput_table(sec: dict[str, Any]) -> list[str]:
     runs = sec["runs"]
     hot = sec.get("read_hot_gbps")
@@ -138,10 +144,12 @@ def throughput_table(sec: dict[str, Any]) -> list[str]:
     labels = [lean_label(find(runs, tool="leanmerge", method=m, compile=c), modes) for m, c in rows]
     w = max([17, *(len(x) + 2 for x in labels)])
     heads = ("lean cold", "lean warm", "naive cold", "naive warm", "mk cold", "mk warm", "cold/limit", "cold/before")
+    heads += ("disk/limit",)
     lines = [
-        f"throughput, GB/s of input ({sec['preset']}, {fmt_size(sec['input_bytes'])}): read limit cold "
+        f"throughput, GB/s of the input each merge reads ({sec['preset']}, {fmt_size(sec['input_bytes'])}"
+        f"{fewer_inputs(runs, sec['input_bytes'])}): read limit cold "
         f"{read_limit_text(sec)}" + (f", page-cache read {hot['median']:.2f} GB/s" if hot else ""),
-        f"{'method':<{w}}" + "".join(f"{h:>11}" for h in heads[:-1]) + f"{heads[-1]:>12}",
+        f"{'method':<{w}}" + "".join(f"{h:>11}" for h in heads[:-2]) + "".join(f"{h:>12}" for h in heads[-2:]),
     ]
     for (method, mode), label in zip(rows, labels):
         row = f"{label:<{w}}"
@@ -151,8 +159,12 @@ def throughput_table(sec: dict[str, Any]) -> list[str]:
                 row += f"{cell(find(runs, tool=tool, method=method, cache=state, **match), 'gbps', 'num'):>11}"
         lean_cold = find(runs, tool="leanmerge", method=method, cache="cold", compile=mode)
         before = cell(lean_cold, "ratio_before", "num") if lean_cold and "ratio_before" in lean_cold else "-"
-        lines.append(row + f"{cell(lean_cold, 'ratio', 'num'):>11}{before:>12}")
-    note = "cold/limit: over the fastest read; cold/before: each run over the read just before it (medians)"
+        disk = cell(lean_cold, "disk_ratio", "num") if lean_cold and "disk_ratio" in lean_cold else "-"
+        lines.append(row + f"{cell(lean_cold, 'ratio', 'num'):>11}{before:>12}{disk:>12}")
+    note = (
+        "cold/limit: over the fastest read; cold/before: each run over the read just before it; disk/limit:"
+        " bytes read + written per second over the fastest read (the output shares the disk) (medians)"
+    )
     return lines + [note] + compiled_note(runs)
 
 

@@ -84,6 +84,8 @@ def figures(results: Sequence[dict[str, Any]], nbytes: int) -> dict[str, Any]:
     if reports:  # leanmerge's own view, to compare with the kernel's
         out["engine_peak_rss"] = stats([r["peak_rss"] for r in reports])
         out["predicted_peak_rss"] = reports[-1]["predicted_peak_rss"]
+        # Everything the disk moved: the output competes with the inputs for the same disk.
+        out["disk_gbps"] = stats([(r["bytes_read"] + r["bytes_written"]) / r["wall_s"] / GB for r in reports])
     return out
 
 
@@ -277,6 +279,8 @@ def throughput(s: Settings) -> dict[str, Any]:
     for e in runs:
         if "error" not in e:
             e["ratio"] = stats([g / max(reads) for g in e["gbps"]["values"]])
+        if "disk_gbps" in e:
+            e["disk_ratio"] = stats([g / max(reads) for g in e["disk_gbps"]["values"]])
     return {
         "preset": fam.preset,
         "input_bytes": fam.input_bytes,

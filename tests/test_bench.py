@@ -89,6 +89,9 @@ def test_quick_run_writes_every_figure_and_cleans_up(tmp_path: Path) -> None:
         ("naive", "cold"),
     }
     assert all("ratio" in r for r in tp["runs"])
+    for r in tp["runs"]:  # the disk's figure counts the output too: never below the input's
+        if r["tool"] == "leanmerge":
+            assert r["disk_ratio"]["median"] > r["ratio"]["median"]
     assert path.with_suffix(".txt").read_text().startswith("leanmerge bench")
     assert done.stdout.startswith("leanmerge bench")
     assert not (cache / "tmp").exists(), "merge outputs must be deleted after each run"
