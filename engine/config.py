@@ -77,9 +77,6 @@ UNSUPPORTED_KEYS = {
 MERGEKIT_ONLY_METHODS = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion")
 # Parameters mergekit's methods take: accepted for any method, ignored (with a note) when unused.
 MERGEKIT_PARAMS = frozenset({"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t"})
-# Methods for which the base is only a template (names, shapes): it is averaged in only if
-# listed among the models, and without a base_model the first model serves as the template.
-TEMPLATE_BASE_METHODS = frozenset({"linear"})
 
 
 class _Map(dict[str, Any]):
@@ -242,11 +239,11 @@ class _Config:
             return models[0].path, []
         if "base_model" in doc:
             base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model")
-        elif method.name in TEMPLATE_BASE_METHODS:
+        elif not method.uses_base:  # the base is only a template: any model will do
             base = models[0].path
         else:
             raise self.missing_base(method)
-        if method.name not in TEMPLATE_BASE_METHODS:
+        if method.uses_base:
             # mergekit lists the base among the models too; it is the base here, not a fine-tune.
             models = [m for m in models if m.path.resolve() != base.resolve()]
         return base, models
@@ -263,14 +260,14 @@ class _Config:
         if not isinstance(raw, _Seq) or not raw:
             raise self.error(line, "'slices' must be a non-empty list of {sources: [{model, layer_range}, ...]}")
         base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model") if "base_model" in doc else None
-        if base is None and method.name not in TEMPLATE_BASE_METHODS | {"passthrough"}:
+        if base is None and method.uses_base and method.name != "passthrough":
             raise self.missing_base(method)
         slices: list[Slice] = []
         refs: list[ModelRef] = []
         for i, (entry, at) in enumerate(zip(raw, raw.lines)):
             sources = self.slice_sources(entry, at, f"slices[{i}]", method)
             b = self.slice_base(sources, base, method, at, f"slices[{i}]")
-            models = [s for j, s in enumerate(sources) if j != b or method.name in TEMPLATE_BASE_METHODS]
+            models = [s for j, s in enumerate(sources) if j != b or not method.uses_base]
             if i == 0:
                 refs = [ModelRef(src.path, params) for src, params, _ in models]
             elif len(models) != len(refs):
@@ -322,7 +319,7 @@ class _Config:
             raise self.error(line, f"{where}: base_model is listed {len(matches)} times; list it once per slice")
         if matches:
             return matches[0]
-        if method.name in TEMPLATE_BASE_METHODS:
+        if not method.uses_base:
             return 0
         raise self.error(line, f"{where}: no source is base_model {base}; every slice needs the base's layer_range")
 

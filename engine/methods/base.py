@@ -150,6 +150,8 @@ class Method(ABC):
     row_aligned: ClassVar[bool] = False  # chunks must hold whole rows (per-row statistics)
     # False when `apply` and the reducers never look at the base's values (it is a template for
     # names and shapes): the executor then skips reading it, and `base` holds arbitrary numbers.
+    # A config may then leave base_model out (the first model is the template), and a base listed
+    # among the models is averaged in as one of them, as in mergekit.
     uses_base: ClassVar[bool] = True
     # `--compile auto` fuses the method: False where there is nothing to fuse (a copy). Even
     # task_arithmetic gains once the kernel is cached: 10.2 GB warm 7.2 s eager -> 6.1 s fused,
