@@ -336,9 +336,10 @@ def run_mergekit(
     return {"tool": "mergekit", **figures, "report": None}
 
 
-def scratch_dir(cache: Path) -> Path:
-    """A fresh folder for one run's output and logs, inside the cache (same disk as the inputs)."""
-    parent = cache / "tmp"
+def scratch_dir(root: Path) -> Path:
+    """A fresh folder for one run's output and logs under `root`/tmp: the cache (the inputs'
+    disk) unless `--scratch` names another place."""
+    parent = root / "tmp"
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="run-", dir=parent))
 

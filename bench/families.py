@@ -173,18 +173,19 @@ def run_tool(
     tool: str,
     family: Family,
     method: str,
-    cache: Path,
+    outputs: Path,
     budget: int | None = None,
     compile: str = "auto",
     io: str = "direct",
 ) -> dict[str, Any] | None:
-    """One measured merge of `family` by `tool` into a scratch folder, deleted afterwards.
+    """One measured merge of `family` by `tool` into a scratch folder under `outputs`, deleted
+    afterwards.
 
     `budget`, `compile` and `io` are leanmerge's `--max-memory`, `--compile` and
     `--direct-io` (io "direct") or `--buffered-io` (io "buffered").
     Returns None when the tool is not installed (mergekit) or does not know `method` (naive).
     """
-    work = scratch_dir(cache)
+    work = scratch_dir(outputs)
     out = work / "merged"
     try:
         if tool == "leanmerge":

@@ -46,6 +46,11 @@ class Settings:
     n_models: int = 3
     compile_modes: tuple[str, ...] = ("auto",)  # leanmerge `--compile` modes the throughput section runs
     baselines: tuple[str, ...] = BASELINES  # the other tools measured beside leanmerge
+    scratch: Path | None = None  # where merge outputs go; None: inside `cache`, the inputs' disk
+
+    @property
+    def outputs(self) -> Path:
+        return self.scratch or self.cache
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -122,7 +127,7 @@ def measure(
             if before is not None and (got := before()) is not None:
                 limits.append(got)
             load = max(load, os.getloadavg()[0])
-            r = run_tool(tool, family, method, s.cache, budget, compile, io)
+            r = run_tool(tool, family, method, s.outputs, budget, compile, io)
             if r is None:
                 return None
             results.append(r)
@@ -221,7 +226,7 @@ def build_kernels(s: Settings, family: Family, method: str, modes: Sequence[str]
     if not any(compiled_as(family, method, m) for m in modes):
         return None
     tiny = ensure_family(s.cache, "tiny", s.n_models)
-    r = run_tool("leanmerge", tiny, method, s.cache, SIZE_BUDGET, "on")
+    r = run_tool("leanmerge", tiny, method, s.outputs, SIZE_BUDGET, "on")
     return float(r["wall_s"]) if r else 0.0
 
 

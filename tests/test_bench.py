@@ -203,3 +203,25 @@ def test_input_bytes_counts_what_each_method_reads(tmp_path: Path) -> None:
     assert input_bytes(fam, "task_arithmetic") == 400
     assert input_bytes(fam, "linear") == 300
     assert input_bytes(fam, "slerp") == 200
+
+
+def test_outputs_go_under_scratch_and_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--scratch` takes the merge outputs off the inputs' disk; nothing is left behind there."""
+    import bench.families as families
+
+    seen: list[list[str]] = []
+
+    def fake_run(args: list[str], events: Path) -> dict[str, Any]:
+        out = Path(args[args.index("-o") + 1])
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"x")
+        seen.append(args)
+        return {"wall_s": 1.0}
+
+    monkeypatch.setattr(families, "run_leanmerge", fake_run)
+    fam = families.Family("p", tmp_path / "base", (tmp_path / "a",), 2, 1, 1)
+    scratch = tmp_path / "scratch"
+    assert families.run_tool("leanmerge", fam, "linear", scratch, budget=1 << 30) == {"wall_s": 1.0}
+    (args,) = seen
+    assert scratch in Path(args[args.index("-o") + 1]).parents
+    assert not (scratch / "tmp").exists()
