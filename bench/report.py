@@ -161,9 +161,10 @@ def throughput_table(sec: dict[str, Any]) -> list[str]:
         before = cell(lean_cold, "ratio_before", "num") if lean_cold and "ratio_before" in lean_cold else "-"
         disk = cell(lean_cold, "disk_ratio", "num") if lean_cold and "disk_ratio" in lean_cold else "-"
         lines.append(row + f"{cell(lean_cold, 'ratio', 'num'):>11}{before:>12}{disk:>12}")
+    where = f"outputs went to {sec['scratch']}" if sec.get("scratch") else "the output shares the disk"
     note = (
         "cold/limit: over the fastest read; cold/before: each run over the read just before it; disk/limit:"
-        " bytes read + written per second over the fastest read (the output shares the disk) (medians)"
+        f" bytes read + written per second over the fastest read ({where}) (medians)"
     )
     return lines + [note] + compiled_note(runs)
 

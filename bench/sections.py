@@ -186,6 +186,7 @@ def rss_vs_budget(s: Settings) -> dict[str, Any]:
         "preset": fam.preset,
         "input_bytes": fam.input_bytes,
         "kernel_build_s": builds,
+        "scratch": str(s.scratch) if s.scratch else None,  # outputs off the inputs' disk
         "runs": runs,
         "skipped": skipped,
     }
@@ -293,6 +294,7 @@ def throughput(s: Settings) -> dict[str, Any]:
         "read_limit_all_gbps": stats(reads),
         "read_hot_gbps": hot,
         "kernel_build_s": builds,
+        "scratch": str(s.scratch) if s.scratch else None,  # outputs off the inputs' disk
         "runs": runs,
         "skipped": skipped,
     }

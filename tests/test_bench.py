@@ -89,6 +89,7 @@ def test_quick_run_writes_every_figure_and_cleans_up(tmp_path: Path) -> None:
         ("naive", "cold"),
     }
     assert all("ratio" in r for r in tp["runs"])
+    assert tp["scratch"] is None  # outputs beside the inputs unless --scratch
     for r in tp["runs"]:  # the disk's figure counts the output too: never below the input's
         if r["tool"] == "leanmerge":
             assert r["disk_ratio"]["median"] > r["ratio"]["median"]
