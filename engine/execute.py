@@ -44,11 +44,11 @@ class Filled:
     """A slot the reader filled with one block: the buffers (to release) and, for each stream
     of the tensor (base first; only the base for a copy), the block's elements in their storage
     dtype (flat; they may start a little into the buffer, where an aligned direct read put them).
-    A base the method ignores is not read: its entry is the unfilled buffer (`base_read` False)."""
+    A base the method ignores (`TensorPlan.reads_base` False) is not read: its entry is the
+    unfilled buffer."""
 
     slot: Slot
     data: list[torch.Tensor]
-    base_read: bool = True
 
 
 _Item = tuple[TensorPlan, Block, Filled] | BaseException | None
@@ -211,7 +211,7 @@ class _Stage:
                 raw = [x[c0:c1] for x in inputs]
                 if self.kernel is not None and self.kernel.run(raw[0], raw[1:], self.params, stats, c, out[c0:c1]):
                     continue
-                base, *models = self._to_work(raw, filled.base_read)
+                base, *models = self._to_work(raw, tensor.reads_base)
                 out[c0:c1].copy_(self.method.apply(base, models, self.params, stats, c))
         self.prefetch.release(filled.slot)
         self.out.submit(tensor, block, out_bytes, buffer)
@@ -221,7 +221,7 @@ class _Stage:
     ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], Chunk]]:
         """Float32 copies of each chunk of the block, with its position."""
         for c0, c1 in self._spans(tensor, block):
-            base, *models = self._to_work([x[c0:c1] for x in filled.data], filled.base_read)
+            base, *models = self._to_work([x[c0:c1] for x in filled.data], tensor.reads_base)
             yield base, models, Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
 
     def _spans(self, tensor: TensorPlan, block: Block) -> Iterator[tuple[int, int]]:
@@ -238,11 +238,12 @@ class _Stage:
             yield c0, c1
             c0 = c1
 
-    def _to_work(self, raw: list[torch.Tensor], base_read: bool = True) -> list[torch.Tensor]:
+    def _to_work(self, raw: list[torch.Tensor], reads_base: bool) -> list[torch.Tensor]:
         """Copy chunk views into the float32 workspace (the cast to float32 happens here); a base
         that was not read is not copied (its workspace keeps whatever it held)."""
         work = [w[: raw[0].numel()] for w in self.pipe.work]
-        for w, x in zip(work[0 if base_read else 1 :], raw[0 if base_read else 1 :]):
+        first = 0 if reads_base else 1
+        for w, x in zip(work[first:], raw[first:]):
             w.copy_(x)
         return work
 
@@ -305,10 +306,9 @@ class _Prefetcher:
                     for i in tensor.streams
                 ]
                 data = [r.result().reshape(-1) for r in reads]
-                base_read = tensor.streams[0] == 0
-                if not base_read:
+                if tensor.streams[0] != 0:
                     data.insert(0, _unread_base(tensor, block, slot))
-                self._ready.put((tensor, block, Filled(slot, data, base_read)))
+                self._ready.put((tensor, block, Filled(slot, data)))
             self._ready.put(None)
         except BaseException as e:  # handed to the consumer, which re-raises it
             self._ready.put(e)
