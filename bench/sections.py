@@ -186,7 +186,6 @@ def rss_vs_budget(s: Settings) -> dict[str, Any]:
         "preset": fam.preset,
         "input_bytes": fam.input_bytes,
         "kernel_build_s": builds,
-        "scratch": str(s.scratch) if s.scratch else None,  # outputs off the inputs' disk
         "runs": runs,
         "skipped": skipped,
     }
