@@ -194,6 +194,11 @@ def main(
             f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}", param_hint="--sections"
         )
     check_methods(hidden["methods"])
+    if scratch is not None:  # fail before any work, not after the first model family is written
+        try:
+            scratch.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise click.BadParameter(f"cannot create {scratch}: {e.strerror}", param_hint="--scratch") from None
     try:
         s = dataclasses.replace(settings_for(quick, cache, repeats, hidden), scratch=scratch)
     except ValueError as e:

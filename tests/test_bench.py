@@ -226,3 +226,12 @@ def test_outputs_go_under_scratch_and_are_removed(tmp_path: Path, monkeypatch: p
     (args,) = seen
     assert scratch in Path(args[args.index("-o") + 1]).parents
     assert not (scratch / "tmp").exists()
+
+
+def test_unusable_scratch_is_refused_before_any_work(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = run_module("bench", "--quick", "--cache", str(tmp_path / "cache"), "--scratch", str(blocker / "sub"))
+    assert done.returncode == 2
+    assert "--scratch" in done.stderr and str(blocker / "sub") in done.stderr
+    assert not (tmp_path / "cache").exists()
