@@ -32,7 +32,9 @@ output's writes take their share of its bandwidth (a cold linear merge here: 7.0
 output beside the inputs, 4.1-4.5 s with it on tmpfs).
 
 Outputs: `RESULTS/<UTC timestamp>.json` (machine, mode, every figure as min/median/max of
-the repeats), `.txt` (the table printed here) and `.png` (if matplotlib is installed).
+the repeats), `.txt` (the table printed here) and `.png` (if matplotlib is installed), written
+after every section: a long run that is stopped keeps the sections it finished, and its JSON's
+`unfinished` (its table's PARTIAL line) names the ones it did not.
 Synthetic families are cached in `--cache` (default bench/cache, gitignored); `--clean`
 deletes it and exits.
 """
@@ -43,6 +45,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -117,14 +120,23 @@ def settings_for(quick: bool, cache: Path, repeats: int | None, hidden: dict[str
     return Settings(cache, repeats or mode["repeats"], family, sizes, **extra)
 
 
-def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[str, list[Path]]:
-    """`<timestamp>.json`, `.txt` and `.png` in `out_dir`; returns the table and the files written."""
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole: a run killed mid-write leaves the previous version, never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[str, list[Path]]:
+    """`<stamp>.json`, `.txt` and `.png` in `out_dir`; returns the table and the files written.
+
+    Called after every section with the same stamp, so a run stopped after hours keeps the
+    sections it finished (the JSON's `unfinished` lists the rest)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     table = text_table(results)
     paths = [out_dir / f"{stamp}.json", out_dir / f"{stamp}.txt"]
-    paths[0].write_text(json.dumps(results, indent=2) + "\n")
-    paths[1].write_text(table + "\n")
+    write_atomic(paths[0], json.dumps(results, indent=2) + "\n")
+    write_atomic(paths[1], table + "\n")
     png = save_plot(results, out_dir / f"{stamp}.png")
     if png is None:
         table += "\n(no PNG: matplotlib is not installed; pip install -e '.[bench]')"
@@ -207,11 +219,17 @@ def main(
     out: dict[str, Any] = {"machine": machine_info(cache), "mode": "quick" if quick else "full"}
     out["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()}
     out["sections"] = {}
-    for name in sections:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for i, name in enumerate(sections):
         log.info("section %s", name)
         out["sections"][name] = RUNNERS[name](s)
-    out["elapsed_s"] = time.perf_counter() - t0
-    table, paths = write_outputs(out, results)
+        out["elapsed_s"] = time.perf_counter() - t0
+        out["unfinished"] = list(sections[i + 1 :])
+        if out["unfinished"]:
+            _, paths = write_outputs(out, results, stamp)
+            log.info("section %s done; results so far in %s", name, paths[0])
+    del out["unfinished"]
+    table, paths = write_outputs(out, results, stamp)
     click.echo(table)
     click.echo("\n" + "\n".join(f"wrote {p}" for p in paths))
 

@@ -50,11 +50,14 @@ def header(results: dict[str, Any]) -> list[str]:
     m = results["machine"]
     disk = m.get("disk", {})
     commit = (m.get("commit") or "?")[:10] + (" (dirty)" if m.get("dirty") else "")
-    return [
+    lines = [
         f"leanmerge bench, {results['mode']} mode, {m['timestamp']}, {results.get('elapsed_s', 0):.0f} s",
         f"{m['cpu']} | {m['cores']} cores | RAM {fmt_bytes(m['ram_total'])} | disk {disk.get('device', '?')} "
         f"{disk.get('free', 0) / 1e9:.0f} GB free | {m['device']} | torch {m['torch']} | {commit}",
     ]
+    if results.get("unfinished"):  # written after each section: the run is still going, or was stopped
+        lines.append(f"PARTIAL: not yet run when this was written: {', '.join(results['unfinished'])}")
+    return lines
 
 
 def budget_table(sec: dict[str, Any]) -> list[str]:

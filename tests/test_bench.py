@@ -235,3 +235,44 @@ def test_unusable_scratch_is_refused_before_any_work(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--scratch" in done.stderr and str(blocker / "sub") in done.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def run_fake_sections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **runners: Any) -> tuple[int, Path]:
+    """`python -m bench` in-process with stand-in sections; its exit code and its results JSON."""
+    from click.testing import CliRunner
+
+    import bench.__main__ as bench_main
+
+    for name, fn in runners.items():
+        monkeypatch.setitem(bench_main.RUNNERS, name, fn)
+    results = tmp_path / "results"
+    args = ["--quick", "--sections", ",".join(runners), "--cache", str(tmp_path / "c"), "--results", str(results)]
+    done = CliRunner().invoke(bench_main.main, args)
+    (path,) = results.glob("*.json")
+    assert not list(results.glob(".*.tmp")), "no temporary file is left beside the results"
+    return done.exit_code, path
+
+
+def empty_size_section(s: Any) -> dict[str, Any]:
+    return {"budget": 1 << 30, "runs": [], "skipped": []}
+
+
+def test_a_run_stopped_mid_way_keeps_the_sections_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results are written after every section: a full run stopped in its third hour keeps the first two."""
+
+    def interrupted(s: Any) -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+    code, path = run_fake_sections(tmp_path, monkeypatch, rss_vs_size=empty_size_section, throughput=interrupted)
+    assert code != 0
+    data = json.loads(path.read_text())
+    assert set(data["sections"]) == {"rss_vs_size"}
+    assert data["unfinished"] == ["throughput"]
+    assert "PARTIAL" in path.with_suffix(".txt").read_text()
+
+
+def test_a_finished_run_is_not_marked_partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, path = run_fake_sections(tmp_path, monkeypatch, rss_vs_size=empty_size_section)
+    assert code == 0
+    assert "unfinished" not in json.loads(path.read_text())
+    assert "PARTIAL" not in path.with_suffix(".txt").read_text()
