@@ -120,11 +120,12 @@ def method_params(method: str) -> dict[str, float]:
 
 
 def method_models(family: Family, method: str) -> tuple[Path, ...]:
-    """The fine-tunes `method` is given: all of them, or the first `max_models` (slerp takes one)."""
+    """The fine-tunes `method` is given: all of them, or the first `max_models` (slerp takes one,
+    passthrough none)."""
     from engine.methods.registry import METHODS
 
     most = getattr(METHODS.get(method), "max_models", None)
-    return family.models[:most] if most else family.models
+    return family.models if most is None else family.models[:most]
 
 
 def input_bytes(family: Family, method: str) -> int:

@@ -83,7 +83,8 @@ def throughput(ax: Any, sec: dict[str, Any]) -> None:
     ax.axhline(reads["max"], color="black", linestyle="--", label="disk read limit (fastest plain read)")
     ticks = [j + 0.4 - width / 2 for j in range(len(methods))]
     ax.set_xticks(ticks, methods, rotation=35, ha="right", fontsize="small")
-    ax.set(ylabel="GB/s of input", title=f"Throughput ({sec['preset']})")
+    where = f", outputs on {sec['scratch']}" if sec.get("scratch") else ""  # else beside the inputs
+    ax.set(ylabel="GB/s of input", title=f"Throughput ({sec['preset']}{where})")
     _legend(ax, fontsize="x-small")
 
 

@@ -18,7 +18,16 @@ from typing import Any
 import psutil
 
 from bench.common import GB, RunFailed, drop_from_page_cache, read_hot, read_limit, stats, warm_page_cache
-from bench.families import Family, compiled_as, ensure_family, fits_on_disk, input_bytes, naive_fits, run_tool
+from bench.families import (
+    Family,
+    compiled_as,
+    ensure_family,
+    fits_on_disk,
+    input_bytes,
+    method_models,
+    naive_fits,
+    run_tool,
+)
 
 log = logging.getLogger("bench")
 GiB = 1 << 30
@@ -258,6 +267,9 @@ def throughput(s: Settings) -> dict[str, Any]:
         skipped.append({"tool": "all", "cache": "warm", "reason": "inputs larger than the page cache can hold"})
     builds: dict[str, float] = {}
     for method in s.registered():
+        if not method_models(fam, method):  # passthrough: nothing to merge, its run is a copy of the base
+            skipped.append({"tool": "all", "method": method, "preset": fam.preset, "reason": "it takes no fine-tunes"})
+            continue
         modes = distinct_modes(fam, method, s.compile_modes)
         if (took := build_kernels(s, fam, method, modes)) is not None:
             builds[method] = took

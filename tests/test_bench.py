@@ -204,6 +204,7 @@ def test_input_bytes_counts_what_each_method_reads(tmp_path: Path) -> None:
     assert input_bytes(fam, "task_arithmetic") == 400
     assert input_bytes(fam, "linear") == 300
     assert input_bytes(fam, "slerp") == 200
+    assert input_bytes(fam, "passthrough") == 100  # the base alone: it takes no fine-tunes
 
 
 def test_outputs_go_under_scratch_and_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,3 +277,14 @@ def test_a_finished_run_is_not_marked_partial(tmp_path: Path, monkeypatch: pytes
     assert code == 0
     assert "unfinished" not in json.loads(path.read_text())
     assert "PARTIAL" not in path.with_suffix(".txt").read_text()
+
+
+def test_a_method_without_fine_tunes_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    """passthrough takes no fine-tunes: the throughput section lists it as skipped instead of failing."""
+    args = ["--quick", "--sections", "throughput", "--family", "tiny", "--methods", "passthrough"]
+    done = run_module("bench", *args, "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = (tmp_path / "results").glob("*.json")
+    tp = json.loads(path.read_text())["sections"]["throughput"]
+    assert tp["runs"] == []
+    assert [(s["method"], s["reason"]) for s in tp["skipped"]] == [("passthrough", "it takes no fine-tunes")]
