@@ -23,9 +23,10 @@ Full mode uses 3 repeats, the big presets, and leanmerge both eager (`--compile 
 (`--compile on`) in the throughput section. It writes ~39 GB of synthetic models into the cache
 (a few minutes, once). Measured on a 2-core machine with a ~1.2 GB/s disk (2026-11-27):
 rss_vs_budget + rss_vs_size with both baselines 33 min; throughput of linear, task_arithmetic,
-dare_linear, dare_ties and ties beside mergekit 63 min. The naive baseline's throughput column adds
-~2 min per merge for the DARE methods (`torch.bernoulli` over 1 GB tensors), and every other
-registered method its own 12 merges of ~10 GB, so narrow it with `--methods`.
+dare_linear, dare_ties and ties beside mergekit 63 min, beside the naive merge 54 min (a naive DARE
+merge takes 1.3-2.2 min: `torch.bernoulli` over 1 GB tensors); the seven other methods, leanmerge
+alone, 52 min (della: 2-2.5 min per merge). Every section, method and baseline in one run is
+therefore about 3.5 hours here: narrow it with `--methods` and `--baselines`.
 Run it on an otherwise idle machine: contention skews the time and the engine's threads.
 Merge outputs share the inputs' disk unless `--scratch` puts them elsewhere: on one disk the
 output's writes take their share of its bandwidth (a cold linear merge here: 7.0-8.3 s with the
