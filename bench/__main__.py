@@ -225,11 +225,9 @@ def main(
         log.info("section %s", name)
         out["sections"][name] = RUNNERS[name](s)
         out["elapsed_s"] = time.perf_counter() - t0
-        out["unfinished"] = list(sections[i + 1 :])
-        if out["unfinished"]:
-            _, paths = write_outputs(out, results, stamp)
+        if rest := list(sections[i + 1 :]):
+            _, paths = write_outputs({**out, "unfinished": rest}, results, stamp)
             log.info("section %s done; results so far in %s", name, paths[0])
-    del out["unfinished"]
     table, paths = write_outputs(out, results, stamp)
     click.echo(table)
     click.echo("\n" + "\n".join(f"wrote {p}" for p in paths))
