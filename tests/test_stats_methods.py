@@ -269,6 +269,24 @@ def test_della_keeps_density_on_average_and_favours_large_magnitudes(tmp_path: P
     assert kept[~big].float().mean().item() == pytest.approx(0.2, abs=0.01)
 
 
+@pytest.mark.parametrize(("rows", "w"), [(1, 2), (3, 5), (257, 300), (5, 70000)])
+def test_della_ranks_equal_a_stable_sort(rows: int, w: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packed-key sort (split across threads) ranks like a stable sort of |δ|: equal
+    magnitudes by position, −0 equal to +0, infinities last."""
+    from engine.methods import della
+
+    monkeypatch.setattr(della, "_PART_MIN", 1)  # as many parts as threads, even for tiny rows
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g = torch.Generator().manual_seed(rows * w)
+    ties = torch.randint(-3, 4, (rows * w,), generator=g).float()
+    ties[::7], ties[::11] = -0.0, float("-inf")
+    for delta in (ties, torch.randn(rows * w, generator=g)):
+        order = torch.sort(delta.view(rows, w).abs(), dim=1, stable=True).indices
+        rank = torch.argsort(order, dim=1).float() / (w - 1)  # the inverse permutation
+        want = ((0.4 - 0.15) + rank * 2 * 0.15).view(-1)
+        assert torch.equal(della.keep_probabilities(delta, w, 0.4, 0.15), want)
+
+
 def test_plan_counts_the_passes(tiny_family: MakeFamily) -> None:
     from engine.io.inventory import take_inventory
     from engine.plan import make_plan

@@ -26,7 +26,10 @@ Choices where mergekit is silent or differs:
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -45,6 +48,7 @@ from engine.methods.base import (
 )
 from engine.methods.dare import RESCALE
 from engine.methods.task_arithmetic import DeltaMerge, deltas_
+from engine.stats.topk import magnitude_key
 
 
 def _non_negative(v: ParamValue) -> str | None:
@@ -52,23 +56,49 @@ def _non_negative(v: ParamValue) -> str | None:
 
 
 EPSILON = ParamDef("epsilon", 0.15, per_model=True, check=_non_negative)
+_LOW32 = (1 << 32) - 1
+_PART_MIN = 1 << 16  # elements: below this a sorting thread costs more than it saves
 
 
-def row_ranks(mag: torch.Tensor) -> torch.Tensor:
-    """Rank of each element in its row, smallest magnitude 0; ties by position. (rows, w) -> float32."""
-    rows, w = mag.shape
-    order = torch.sort(mag, dim=1, stable=True).indices
-    ranks = torch.empty(rows, w, dtype=torch.float32, device=mag.device)
-    position = torch.arange(w, dtype=torch.float32, device=mag.device).expand(rows, w)
-    return ranks.scatter_(1, order, position)
+def row_order(key: torch.Tensor) -> torch.Tensor:
+    """Each row's positions from smallest key to largest, equal keys by position. (rows, w) int32 -> int64.
+
+    The keys are |δ| as int32 bits (`magnitude_key`, which orders as the value), and a stable
+    sort of them is what the ranks need. Packing the key above the position makes every int64
+    unique, so any sort is stable: on CPU numpy's (vectorised, x86-simd-sort) sorts them 4-5x
+    faster than `torch.sort(stable=True)` sorts the floats, and parts of the rows go to threads
+    (numpy lets go of the GIL while it sorts). A NaN ranks above infinity; where among other
+    NaNs does not matter, as it stays NaN whether kept or dropped.
+    """
+    rows, w = key.shape
+    packed = key.to(torch.int64).bitwise_left_shift_(32).bitwise_or_(torch.arange(w, device=key.device))
+    if key.device.type != "cpu":
+        return torch.sort(packed, dim=1).values.bitwise_and_(_LOW32)
+    flat = packed.numpy()
+    parts = min(torch.get_num_threads(), rows, max(packed.numel() // _PART_MIN, 1))
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    list(_sorters().map(lambda a, b: flat[a:b].sort(axis=1), cuts[:-1], cuts[1:]))
+    return packed.bitwise_and_(_LOW32)
+
+
+@functools.cache
+def _sorters() -> ThreadPoolExecutor:
+    """The threads every row sort of the process shares (made on first use)."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="leanmerge-sort")
 
 
 def keep_probabilities(delta: torch.Tensor, row_numel: int, density: float, epsilon: float) -> torch.Tensor:
-    """pᵢ = (d − ε) + rank / (w − 1) · 2ε per element of whole rows; rows of one element get d. (n,) -> (n,)."""
+    """pᵢ = (d − ε) + rank / (w − 1) · 2ε per element of whole rows; rows of one element get d. (n,) -> (n,).
+
+    The w probabilities of a row are computed once, in rank order, and scattered to the
+    elements holding those ranks."""
     if row_numel == 1:
         return torch.full_like(delta, density)
-    rank_norm = row_ranks(delta.view(-1, row_numel).abs()).div_(row_numel - 1).view(-1)
-    return rank_norm.mul_(2).mul_(epsilon).add_(density - epsilon)
+    rows = delta.view(-1, row_numel)
+    by_rank = torch.arange(row_numel, dtype=torch.float32, device=delta.device).div_(row_numel - 1)
+    by_rank.mul_(2).mul_(epsilon).add_(density - epsilon)
+    order = row_order(magnitude_key(rows))
+    return torch.empty_like(rows).scatter_(1, order, by_rank.expand_as(rows)).view(-1)
 
 
 def magprune_(delta: torch.Tensor, model: int, density: float, epsilon: float, rescale: bool, c: Chunk) -> torch.Tensor:
