@@ -178,13 +178,26 @@ def baselines(
     return out
 
 
+def mergeable(family: Family, methods: Sequence[str], skipped: list[dict[str, Any]]) -> list[str]:
+    """`methods` that merge fine-tunes; any other (passthrough: its run is a copy of the base, with
+    nothing to merge) is listed in `skipped` instead."""
+    out = []
+    for m in methods:
+        if method_models(family, m):
+            out.append(m)
+        else:
+            skipped.append({"tool": "all", "method": m, "preset": family.preset, "reason": "it takes no fine-tunes"})
+    return out
+
+
 def rss_vs_budget(s: Settings) -> dict[str, Any]:
     """Peak RSS of each method at each `--max-memory`, and whether it stayed under; naive for scale."""
     fam = ensure_family(s.cache, s.family, s.n_models)
     runs: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    builds = {m: t for m in s.registered(BUDGET_METHODS) if (t := build_kernels(s, fam, m)) is not None}
-    for method in s.registered(BUDGET_METHODS):
+    methods = mergeable(fam, s.registered(BUDGET_METHODS), skipped)
+    builds = {m: t for m in methods if (t := build_kernels(s, fam, m)) is not None}
+    for method in methods:
         for budget in s.budgets:
             e = measure(s, "leanmerge", fam, method, budget=budget)
             if e is not None and "error" not in e:
@@ -210,7 +223,7 @@ def rss_vs_size(s: Settings) -> dict[str, Any]:
             skipped.append({"tool": "all", "preset": preset, "reason": why})
             continue
         fam = ensure_family(s.cache, preset, s.n_models)
-        for method in s.registered(SIZE_METHODS):
+        for method in mergeable(fam, s.registered(SIZE_METHODS), skipped):
             build_kernels(s, fam, method)
             e = measure(s, "leanmerge", fam, method, budget=s.size_budget)
             runs += [e] if e is not None else []
@@ -266,10 +279,7 @@ def throughput(s: Settings) -> dict[str, Any]:
     if not warm_ok:
         skipped.append({"tool": "all", "cache": "warm", "reason": "inputs larger than the page cache can hold"})
     builds: dict[str, float] = {}
-    for method in s.registered():
-        if not method_models(fam, method):  # passthrough: nothing to merge, its run is a copy of the base
-            skipped.append({"tool": "all", "method": method, "preset": fam.preset, "reason": "it takes no fine-tunes"})
-            continue
+    for method in mergeable(fam, s.registered(), skipped):
         modes = distinct_modes(fam, method, s.compile_modes)
         if (took := build_kernels(s, fam, method, modes)) is not None:
             builds[method] = took

@@ -105,7 +105,9 @@ def build_spec(kw: dict[str, Any]) -> MergeSpec:
         if params:
             spec = dataclasses.replace(spec, params={**spec.params, **params})
         return spec
-    missing = [f for f, v in (("--base", kw["base"]), ("--model", kw["models"]), ("--method", kw["method"])) if not v]
+    takes_models = kw["method"] is None or METHODS[kw["method"]].min_models > 0  # passthrough takes none
+    needed = (("--base", kw["base"]), ("--model", kw["models"] or not takes_models), ("--method", kw["method"]))
+    missing = [f for f, v in needed if not v]
     if missing:
         raise SpecError(f"missing {', '.join(missing)} (or give a CONFIG.yaml)")
     spec = cli_spec(kw["method"], kw["base"], kw["models"], params, kw["out_dtype"], kw["seed"])

@@ -280,11 +280,14 @@ def test_a_finished_run_is_not_marked_partial(tmp_path: Path, monkeypatch: pytes
 
 
 def test_a_method_without_fine_tunes_is_skipped_with_its_reason(tmp_path: Path) -> None:
-    """passthrough takes no fine-tunes: the throughput section lists it as skipped instead of failing."""
-    args = ["--quick", "--sections", "throughput", "--family", "tiny", "--methods", "passthrough"]
+    """passthrough takes no fine-tunes: every section lists it as skipped instead of failing (the
+    RSS sections, asked for none of their own methods, take those of --methods)."""
+    args = ["--quick", "--family", "tiny", "--sizes", "tiny", "--budgets", "512MiB", "--methods", "passthrough"]
     done = run_module("bench", *args, "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"))
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = (tmp_path / "results").glob("*.json")
-    tp = json.loads(path.read_text())["sections"]["throughput"]
-    assert tp["runs"] == []
-    assert [(s["method"], s["reason"]) for s in tp["skipped"]] == [("passthrough", "it takes no fine-tunes")]
+    sections = json.loads(path.read_text())["sections"]
+    assert set(sections) == {"rss_vs_budget", "rss_vs_size", "throughput"}
+    for section in sections.values():
+        assert section["runs"] == []
+        assert [(s["method"], s["reason"]) for s in section["skipped"]] == [("passthrough", "it takes no fine-tunes")]

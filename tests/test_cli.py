@@ -40,6 +40,18 @@ def test_merge_flags_with_weights_log_and_report(tiny_family: MakeFamily, tmp_pa
     assert report["budget"] == 2 << 30
 
 
+def test_passthrough_needs_no_model_flag(tiny_family: MakeFamily, tmp_path: Path) -> None:
+    """passthrough takes no fine-tunes, so --model is not asked for; other methods still need it."""
+    base, _ = tiny_family(1)
+    run("merge", "--method", "passthrough", "--base", str(base), "-o", str(tmp_path / "out"))
+    want = load_model(base)
+    got = load_model(tmp_path / "out")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], t) for n, t in want.items())
+    refused = CliRunner().invoke(main, ["merge", "--method", "ties", "--base", str(base), "-o", str(tmp_path / "o2")])
+    assert refused.exit_code != 0 and "missing --model" in refused.output
+    assert not (tmp_path / "o2").exists()
+
+
 def test_yaml_config(tiny_family: MakeFamily, tmp_path: Path) -> None:
     base, (a, b) = tiny_family(2)
     config = tmp_path / "merge.yaml"
