@@ -26,7 +26,8 @@ rss_vs_budget + rss_vs_size with both baselines 33 min; throughput of linear, ta
 dare_linear, dare_ties and ties beside mergekit 63 min, beside the naive merge 54 min (a naive DARE
 merge takes 1.3-2.2 min: `torch.bernoulli` over 1 GB tensors); the seven other methods, leanmerge
 alone, 52 min (della: 2-2.5 min per merge). Every section, method and baseline in one run is
-therefore about 3.5 hours here: narrow it with `--methods` and `--baselines`.
+therefore about 3.5 hours here: narrow it with `--methods`, `--baselines` and `--caches cold`
+(the throughput section without its warm runs).
 Run it on an otherwise idle machine: contention skews the time and the engine's threads.
 Merge outputs share the inputs' disk unless `--scratch` puts them elsewhere: on one disk the
 output's writes take their share of its bandwidth (a cold linear merge here: 7.0-8.3 s with the
@@ -116,6 +117,8 @@ def settings_for(quick: bool, cache: Path, repeats: int | None, hidden: dict[str
     family = hidden["family"] or (sizes[-1] if hidden["sizes"] else mode["family"])
     extra: dict[str, Any] = {k: hidden[k] or mode.get(k) for k in ("budgets", "methods") if hidden[k] or mode.get(k)}
     extra["compile_modes"] = hidden["compile_modes"] or mode["compile_modes"]
+    if hidden.get("caches"):
+        extra["caches"] = hidden["caches"]
     if hidden.get("baselines") is not None:
         extra["baselines"] = hidden["baselines"]
     return Settings(cache, repeats or mode["repeats"], family, sizes, **extra)
@@ -174,6 +177,9 @@ def write_outputs(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[s
 @click.option("--methods", callback=split_list, help="Only these methods, comma-separated [default: all registered].")
 @click.option("--budgets", callback=parse_budgets, hidden=True, help="Budgets for rss_vs_budget.")
 @click.option("--compile-modes", callback=split_list, hidden=True, help="leanmerge --compile modes for throughput.")
+@click.option(
+    "--caches", callback=split_list, hidden=True, help="Page-cache states for throughput: cold, warm (default both)."
+)
 @click.option(
     "--baselines",
     callback=lambda ctx, param, value: (

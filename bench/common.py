@@ -307,6 +307,8 @@ def run_naive(method: str, base: Path, models: Sequence[Path], out: Path, params
 # Methods whose result does not involve the base: mergekit 0.1.5's linear refuses a base_model
 # without a weight of its own, and leanmerge's linear uses the base only as a template.
 MERGEKIT_NO_BASE = frozenset({"linear"})
+# Global parameters mergekit requires and has no default for: given leanmerge's defaults.
+MERGEKIT_REQUIRED = {"slerp": ("t",)}
 
 
 def run_mergekit(
@@ -329,6 +331,11 @@ def run_mergekit(
     if method not in MERGEKIT_NO_BASE:
         config["base_model"] = str(base.resolve())
     config |= {"models": [{"model": str(m.resolve()), "parameters": model_params} for m in models], "dtype": dtype}
+    if method in MERGEKIT_REQUIRED:
+        from engine.methods.registry import METHODS
+
+        defaults = {d.name: d.default for d in METHODS[method].params}
+        config["parameters"] = {name: defaults[name] for name in MERGEKIT_REQUIRED[method]}
     cfg = out.parent / f"{out.name}.mergekit.yml"
     cfg.write_text(json.dumps(config, indent=2))
     flags = ["--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0", "--quiet"]

@@ -39,6 +39,7 @@ SIZE_METHODS = ("task_arithmetic",)
 BASELINES = ("naive", "mergekit")
 WARM_RAM_SHARE = 0.6  # a warm run needs the inputs in page cache: skip it when they would not fit
 SECTIONS = ("rss_vs_budget", "rss_vs_size", "throughput")
+CACHES = ("cold", "warm")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Settings:
     size_budget: int = SIZE_BUDGET
     n_models: int = 3
     compile_modes: tuple[str, ...] = ("auto",)  # leanmerge `--compile` modes the throughput section runs
+    caches: tuple[str, ...] = CACHES  # page-cache states the throughput section measures
     baselines: tuple[str, ...] = BASELINES  # the other tools measured beside leanmerge
     scratch: Path | None = None  # where merge outputs go; None: inside `cache`, the inputs' disk
 
@@ -69,6 +71,8 @@ class Settings:
         bad = set(self.compile_modes) - {"auto", "on", "off"}
         if bad or not self.compile_modes:
             raise ValueError(f"compile modes must be auto, on or off, got {self.compile_modes}")
+        if set(self.caches) - set(CACHES) or not self.caches:
+            raise ValueError(f"caches must be among {', '.join(CACHES)}, got {self.caches}")
 
     def registered(self, wanted: Sequence[str] | None = None) -> list[str]:
         """Registered methods (read now, so new ones are picked up) among `wanted`, narrowed to
@@ -284,7 +288,7 @@ def throughput(s: Settings) -> dict[str, Any]:
         if (took := build_kernels(s, fam, method, modes)) is not None:
             builds[method] = took
         for state, before in states.items():
-            if state == "warm" and not warm_ok:
+            if state not in s.caches or (state == "warm" and not warm_ok):
                 continue
             entries = [
                 measure(

@@ -162,7 +162,8 @@ def test_kernels_are_built_before_the_timed_runs(tmp_path: Path, kernel_cache: P
 
 def test_mergekit_gets_the_same_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The peer column runs `mergekit-yaml` on the same inputs and weights; linear is given no
-    base_model (mergekit 0.1.5 refuses one without a weight; leanmerge's linear ignores the base)."""
+    base_model (mergekit 0.1.5 refuses one without a weight; leanmerge's linear ignores the base),
+    slerp leanmerge's default t (mergekit requires one)."""
 
     fake = tmp_path / "bin" / "mergekit-yaml"
     fake.parent.mkdir()
@@ -179,6 +180,26 @@ def test_mergekit_gets_the_same_merge(tmp_path: Path, monkeypatch: pytest.Monkey
         assert ("base_model" in config) == (method != "linear")
         assert [m["model"] for m in config["models"]] == [str(m.resolve()) for m in models]
         assert all(m["parameters"] == {"weight": 1.0, **params} for m in config["models"])
+        assert "parameters" not in config
+    run_mergekit("slerp", base, models[:1], tmp_path / "slerp", {})  # mergekit has no default t
+    assert yaml.safe_load(Path(f"{tmp_path / 'slerp'}.config").read_text())["parameters"] == {"t": 0.5}
+
+
+def test_throughput_measures_only_the_cache_states_asked_for(tmp_path: Path) -> None:
+    """`--caches cold` halves a long run: no warm entry, and no warm run behind one."""
+    from bench.sections import Settings, throughput
+
+    s = Settings(tmp_path, 1, "tiny", ("tiny",), methods=("linear",), baselines=(), caches=("cold",))
+    runs = throughput(s)["runs"]
+    assert [(r["tool"], r["method"], r["cache"]) for r in runs] == [("leanmerge", "linear", "cold")]
+
+
+def test_settings_refuse_unknown_cache_states(tmp_path: Path) -> None:
+    from bench.sections import Settings
+
+    for bad in [(), ("hot",)]:
+        with pytest.raises(ValueError, match="caches must be among cold, warm"):
+            Settings(tmp_path, 1, "tiny", ("tiny",), caches=bad)
 
 
 def test_size_table_judges_flatness_on_models_larger_than_the_budget() -> None:
