@@ -18,16 +18,16 @@ Sections (`--sections`, default all):
   /tmp/mk/bin/pip install torch==2.13.0 mergekit==0.1.5`); put its bin folder on PATH.
 
 Modes: `--quick` uses the tiny and small presets, budgets 512MiB and 1GiB, 1 repeat and every
-registered method: about two minutes on an idle 2-core box (twice that when others use it).
-Full mode uses 3 repeats, the big presets, and leanmerge both eager (`--compile off`) and fused
-(`--compile on`) in the throughput section. It writes ~39 GB of synthetic models into the cache
-(a few minutes, once). Measured on a 2-core machine with a ~1.2 GB/s disk (2026-11-27):
-rss_vs_budget + rss_vs_size with both baselines 33 min; throughput of linear, task_arithmetic,
-dare_linear, dare_ties and ties beside mergekit 63 min, beside the naive merge 54 min (a naive DARE
-merge takes 1.3-2.2 min: `torch.bernoulli` over 1 GB tensors); the seven other methods, leanmerge
-alone, 52 min (della: 2-2.5 min per merge). Every section, method and baseline in one run is
-therefore about 3.5 hours here: narrow it with `--methods`, `--baselines` and `--caches cold`
-(the throughput section without its warm runs).
+registered method: about two minutes on an idle 2-core box (twice that when others use it). Full
+mode uses 3 repeats, the big presets, and leanmerge both eager (`--compile off`) and fused
+(`--compile on`) in the throughput section. It writes ~39 GB of synthetic models into the cache (a
+few minutes, once). Measured on a 2-core machine with a ~1.2 GB/s disk (2026-11-27): rss_vs_budget +
+rss_vs_size with both baselines 33 min; throughput of linear, task_arithmetic, dare_linear,
+dare_ties and ties beside mergekit 63 min, beside the naive merge 54 min (a naive DARE merge takes
+1.3-2.2 min: `torch.bernoulli` over 1 GB tensors); the seven other methods, leanmerge alone, 52 min
+(della: 2-2.5 min per merge then, 2.3x faster since 8a7eedf). Every section, method and baseline in
+one run is therefore about 3.5 hours here: narrow it with `--methods`, `--baselines` and `--caches
+cold` (the throughput section without its warm runs).
 Run it on an otherwise idle machine: contention skews the time and the engine's threads.
 Merge outputs share the inputs' disk unless `--scratch` puts them elsewhere: on one disk the
 output's writes take their share of its bandwidth (a cold linear merge here: 7.0-8.3 s with the
