@@ -254,6 +254,29 @@ def test_exact_sums_do_not_depend_on_chunking(exps: list[int], splits: list[int]
     assert total.value() == math.fsum(x.double().tolist())
 
 
+@pytest.mark.parametrize("kind", ["bf16 weights", "bf16 deltas", "half zeros", "float32"])
+def test_exact_dot_products_of_every_kind_of_data(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each path of `add_products` (no low parts, a few, many; runs of zeros) against math.fsum,
+    across sub-chunks and with spills forced."""
+    from engine.stats import exact
+
+    monkeypatch.setattr(exact, "_MAX_TERMS", 50_000)  # spill every sub-chunk or so
+    g = torch.Generator().manual_seed(7)
+    n = 2 * exact.SUB + 1234
+    w = torch.randn(n, generator=g).bfloat16().float()
+    x, y = w, (w + torch.randn(n, generator=g) * 0.01).bfloat16().float()
+    if kind != "bf16 weights":
+        x, y = y - w, (w + torch.randn(n, generator=g) * 0.01).bfloat16().float() - w
+    if kind == "half zeros":
+        x[torch.rand(n, generator=g) < 0.5] = 0.0
+    if kind == "float32":
+        x, y = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    dot = ExactSum()
+    for a, b in [(0, 1000), (1000, exact.SUB + 7), (exact.SUB + 7, n)]:
+        dot.add_products(x[a:b], y[a:b])
+    assert dot.value() == math.fsum((x.double() * y.double()).tolist())
+
+
 def test_della_keeps_density_on_average_and_favours_large_magnitudes(tmp_path: Path) -> None:
     base = torch.zeros(64, 4096)
     model = torch.randn(64, 4096, generator=torch.Generator().manual_seed(1))

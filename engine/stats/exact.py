@@ -22,6 +22,9 @@ import math
 import torch
 
 _BINS = 4096  # float64 sign and exponent: 1 + 11 bits
+# Each bin has this many lanes, taken in turn by consecutive terms: a run of terms with one
+# exponent (zeros, say) would otherwise be a chain of dependent adds to one address, 3x slower.
+_LANES = 8
 SUB = 1 << 16  # elements per sub-chunk: its float64 temporaries stay in L2
 _MAX_TERMS = 1 << 29  # terms the bins may hold before a float64 bin sum could round
 # Keeps the sign, the exponent and the top 23 fraction bits (a 24-bit significand).
@@ -32,7 +35,8 @@ class ExactSum:
     """A running sum, exact until `value()`. Terms are float32 values or float32 products."""
 
     def __init__(self) -> None:
-        self._bins: torch.Tensor | None = None  # float64 (4096,), made on the first chunk's device
+        self._bins: torch.Tensor | None = None  # float64 (4096 * 8,), made on the first chunk's device
+        self._lanes: torch.Tensor | None = None  # int64 (SUB,): where each term's bin's lanes start
         self._terms = 0
         self._spilled: list[float] = []
 
@@ -53,16 +57,22 @@ class ExactSum:
         p = x64 * y64  # exact: 24 x 24 bits fit float64's 53
         high = (p.view(torch.int64) & _HIGH).view(torch.float64)
         self._bin(high)
-        self._bin(p.sub_(high))  # the low 24 bits, exact
+        low = p.sub_(high)  # the low 24 bits, exact
+        # Products of bf16 weights fit in 24 bits, and of their deltas nearly all do: bin only
+        # the low parts that are not zero (zeros add nothing, and cost the most: one address).
+        some = int(torch.count_nonzero(low))
+        if some:
+            self._bin(low if some > low.numel() // 8 else low[low != 0])
 
     def _bin(self, v: torch.Tensor) -> None:
         """Add float64 terms of at most 24 significant bits into their sign-and-exponent bins."""
-        if self._bins is None:
-            self._bins = torch.zeros(_BINS, dtype=torch.float64, device=v.device)
+        if self._bins is None or self._lanes is None:
+            self._bins = torch.zeros(_BINS * _LANES, dtype=torch.float64, device=v.device)
+            self._lanes = torch.arange(SUB, device=v.device).remainder_(_LANES).add_(_BINS // 2 * _LANES)
         if self._terms + v.numel() > _MAX_TERMS:
             self._spill()
         # int64 >> 52 is the exponent for positive terms and exponent - 2048 for negative ones.
-        index = (v.view(torch.int64) >> 52).add_(_BINS // 2)
+        index = torch.add(self._lanes[: v.numel()], v.view(torch.int64) >> 52, alpha=_LANES)
         self._bins.scatter_add_(0, index, v)
         self._terms += v.numel()
 
