@@ -12,7 +12,8 @@ of them add up exactly in float64, in any order (`scatter_add_`'s order included
 could hold more, the bins are spilled into a Python list. `math.fsum` of the bins is the
 correctly rounded exact total.
 
-Cost (2-core Xeon, 64K-element sub-chunks): ~2 ns per float32 value, ~5 ns per product.
+Cost (2-core Xeon, 64K-element sub-chunks): ~2 ns per float32 value; per product ~3.4 ns for
+bf16 weights, ~4.7 ns for their deltas, 5-6 ns for full float32 data.
 """
 
 from __future__ import annotations
