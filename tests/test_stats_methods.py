@@ -271,10 +271,11 @@ def test_exact_dot_products_of_every_kind_of_data(kind: str, monkeypatch: pytest
         x[torch.rand(n, generator=g) < 0.5] = 0.0
     if kind == "float32":
         x, y = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    dot = ExactSum()
+    dot, whole = ExactSum(), ExactSum()
     for a, b in [(0, 1000), (1000, exact.SUB + 7), (exact.SUB + 7, n)]:
         dot.add_products(x[a:b], y[a:b])
-    assert dot.value() == math.fsum((x.double() * y.double()).tolist())
+    whole.add_products64(x.double(), y.double())  # one call over more than a sub-chunk
+    assert dot.value() == whole.value() == math.fsum((x.double() * y.double()).tolist())
 
 
 def test_della_keeps_density_on_average_and_favours_large_magnitudes(tmp_path: Path) -> None:

@@ -67,9 +67,11 @@ class ExactSum:
 
     def _bin(self, v: torch.Tensor) -> None:
         """Add float64 terms of at most 24 significant bits into their sign-and-exponent bins."""
-        if self._bins is None or self._lanes is None:
+        if self._bins is None:
             self._bins = torch.zeros(_BINS * _LANES, dtype=torch.float64, device=v.device)
-            self._lanes = torch.arange(SUB, device=v.device).remainder_(_LANES).add_(_BINS // 2 * _LANES)
+        if self._lanes is None or self._lanes.numel() < v.numel():
+            n = max(SUB, v.numel())
+            self._lanes = torch.arange(n, device=v.device).remainder_(_LANES).add_(_BINS // 2 * _LANES)
         if self._terms + v.numel() > _MAX_TERMS:
             self._spill()
         # int64 >> 52 is the exponent for positive terms and exponent - 2048 for negative ones.
