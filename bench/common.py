@@ -334,8 +334,9 @@ def run_mergekit(
     if method in MERGEKIT_REQUIRED:
         from engine.methods.registry import METHODS
 
-        defaults = {d.name: d.default for d in METHODS[method].params}
-        config["parameters"] = {name: defaults[name] for name in MERGEKIT_REQUIRED[method]}
+        config["parameters"] = {
+            d.name: d.default for d in METHODS[method].params if d.name in MERGEKIT_REQUIRED[method]
+        }
     cfg = out.parent / f"{out.name}.mergekit.yml"
     cfg.write_text(json.dumps(config, indent=2))
     flags = ["--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0", "--quiet"]

@@ -270,26 +270,26 @@ def throughput(s: Settings) -> dict[str, Any]:
     fam = ensure_family(s.cache, s.family, s.n_models)
     limit = stats([read_limit(fam.files) for _ in range(s.repeats)])
     warm_ok = fam.input_bytes <= WARM_RAM_SHARE * psutil.virtual_memory().available
-    hot = stats([read_hot(fam.files) for _ in range(s.repeats)]) if warm_ok else None
+    warm = "warm" in s.caches and warm_ok
+    hot = stats([read_hot(fam.files) for _ in range(s.repeats)]) if warm else None
 
     def cold() -> float:
         limit = read_limit(fam.files)  # leaves the files cached: drop them again
         drop_from_page_cache(fam.folders)
         return limit
 
-    states: dict[str, Callable[[], float | None]] = {"cold": cold, "warm": lambda: warm_page_cache(fam.files)}
+    prepares: dict[str, Callable[[], float | None]] = {"cold": cold, "warm": lambda: warm_page_cache(fam.files)}
+    states = {k: f for k, f in prepares.items() if k in s.caches and (k != "warm" or warm)}
     runs: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    if not warm_ok:
+    if "warm" in s.caches and not warm_ok:
         skipped.append({"tool": "all", "cache": "warm", "reason": "inputs larger than the page cache can hold"})
     builds: dict[str, float] = {}
     for method in mergeable(fam, s.registered(), skipped):
         modes = distinct_modes(fam, method, s.compile_modes)
         if (took := build_kernels(s, fam, method, modes)) is not None:
             builds[method] = took
-        for state, before in states.items():
-            if state not in s.caches or (state == "warm" and not warm_ok):
-                continue
+        for state, prepare in states.items():
             entries = [
                 measure(
                     s,
@@ -298,13 +298,13 @@ def throughput(s: Settings) -> dict[str, Any]:
                     method,
                     budget=s.size_budget,
                     compile=mode,
-                    before=before,
+                    before=prepare,
                     cache=state,
                     io="buffered" if state == "warm" else "direct",
                 )  # fmt: skip
                 for mode in modes
             ]
-            entries += baselines(s, fam, method, skipped, before=before, cache=state)
+            entries += baselines(s, fam, method, skipped, before=prepare, cache=state)
             runs += [e for e in entries if e is not None]
     reads = limit["values"] + [v for r in runs for v in r.get("read_limit_gbps", {}).get("values", [])]
     for e in runs:

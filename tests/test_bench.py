@@ -190,8 +190,9 @@ def test_throughput_measures_only_the_cache_states_asked_for(tmp_path: Path) -> 
     from bench.sections import Settings, throughput
 
     s = Settings(tmp_path, 1, "tiny", ("tiny",), methods=("linear",), baselines=(), caches=("cold",))
-    runs = throughput(s)["runs"]
-    assert [(r["tool"], r["method"], r["cache"]) for r in runs] == [("leanmerge", "linear", "cold")]
+    section = throughput(s)
+    assert [(r["tool"], r["method"], r["cache"]) for r in section["runs"]] == [("leanmerge", "linear", "cold")]
+    assert section["read_hot_gbps"] is None  # the page-cache read is measured for warm runs only
 
 
 def test_settings_refuse_unknown_cache_states(tmp_path: Path) -> None:

@@ -74,10 +74,10 @@ def row_order(key: torch.Tensor) -> torch.Tensor:
     packed = key.to(torch.int64).bitwise_left_shift_(32).bitwise_or_(torch.arange(w, device=key.device))
     if key.device.type != "cpu":
         return torch.sort(packed, dim=1).values.bitwise_and_(_LOW32)
-    flat = packed.numpy()
+    rows_np = packed.numpy()  # shares memory: sorting its rows sorts `packed`
     parts = min(torch.get_num_threads(), rows, max(packed.numel() // _PART_MIN, 1))
     cuts = [rows * i // parts for i in range(parts + 1)]
-    list(_sorters().map(lambda a, b: flat[a:b].sort(axis=1), cuts[:-1], cuts[1:]))
+    list(_sorters().map(lambda a, b: rows_np[a:b].sort(axis=1), cuts[:-1], cuts[1:]))
     return packed.bitwise_and_(_LOW32)
 
 

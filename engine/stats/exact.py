@@ -18,6 +18,7 @@ bf16 weights, ~4.7 ns for their deltas, 5-6 ns for full float32 data.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,7 +38,6 @@ class ExactSum:
 
     def __init__(self) -> None:
         self._bins: torch.Tensor | None = None  # float64 (4096 * 8,), made on the first chunk's device
-        self._lanes: torch.Tensor | None = None  # int64 (SUB,): where each term's bin's lanes start
         self._terms = 0
         self._spilled: list[float] = []
 
@@ -69,13 +69,11 @@ class ExactSum:
         """Add float64 terms of at most 24 significant bits into their sign-and-exponent bins."""
         if self._bins is None:
             self._bins = torch.zeros(_BINS * _LANES, dtype=torch.float64, device=v.device)
-        if self._lanes is None or self._lanes.numel() < v.numel():
-            n = max(SUB, v.numel())
-            self._lanes = torch.arange(n, device=v.device).remainder_(_LANES).add_(_BINS // 2 * _LANES)
         if self._terms + v.numel() > _MAX_TERMS:
             self._spill()
         # int64 >> 52 is the exponent for positive terms and exponent - 2048 for negative ones.
-        index = torch.add(self._lanes[: v.numel()], v.view(torch.int64) >> 52, alpha=_LANES)
+        lanes = _lane_offsets(max(SUB, v.numel()), v.device)[: v.numel()]
+        index = torch.add(lanes, v.view(torch.int64) >> 52, alpha=_LANES)
         self._bins.scatter_add_(0, index, v)
         self._terms += v.numel()
 
@@ -92,3 +90,10 @@ class ExactSum:
             return math.fsum(terms)
         except ValueError:  # inf + -inf
             return math.nan
+
+
+@functools.lru_cache(maxsize=4)
+def _lane_offsets(n: int, device: torch.device) -> torch.Tensor:
+    """int64 (n,): where the lanes of term i's bin start, less its exponent (read only, shared by
+    every sum on `device`)."""
+    return torch.arange(n, device=device).remainder_(_LANES).add_(_BINS // 2 * _LANES)
