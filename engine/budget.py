@@ -77,7 +77,8 @@ def plan_memory(
         block_bytes: user override of one stream's block size (`--block-size`).
         row_aligned: compute chunks hold whole rows, so the workspace holds at least one row.
         max_numel: elements of the largest tensor: no block needs more.
-        compile_reserve: memory kept for building fused kernels (0 when none is built).
+        compile_reserve: memory kept for building fused kernels (0 when none is built) and for
+            what a CUDA device loads later (`engine.device.CUDA_HOST_RESERVE`).
     Raises:
         BudgetError: the budget cannot hold one row; the message gives the minimum.
     """

@@ -19,6 +19,7 @@ import click
 from engine import __version__
 from engine.budget import fmt_bytes, parse_bytes
 from engine.config import load_config
+from engine.device import DevicePlan
 from engine.errors import EngineError, Interrupted, SpecError
 from engine.inspect import SAMPLE_ELEMS, format_inspection, inspect
 from engine.io.write_behind import SYNC_EVERY
@@ -75,6 +76,14 @@ def spec_options(f: F) -> F:
             "--max-memory", type=SIZE, help="Peak RSS ceiling for the whole process (default: half of free RAM)."
         ),
         click.option("--block-size", type=SIZE, help="Bytes per input stream per block (overrides the planner)."),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            metavar="auto|cpu|cuda[:N]",
+            help="Where the arithmetic runs (auto: CUDA when present). Same bytes on both, but for slerp's last place.",
+        ),
+        click.option("--max-gpu-memory", type=SIZE, help="Device memory ceiling on CUDA (default: 80% of free)."),
         click.option(
             "--shard-size", type=SIZE, default=DEFAULT_SHARD_SIZE, show_default=True, help="Largest output shard."
         ),
@@ -194,6 +203,8 @@ def merge_cmd(
                 direct_io=direct_io,
                 sync_every=sync_every,
                 compile=compile_mode,
+                device=kw["device"],
+                max_gpu_memory=kw["max_gpu_memory"],
                 on_event=on_event,
             )
             on_event({"event": "report", **report.to_json()})
@@ -207,7 +218,14 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
     """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
     with engine_errors():
         spec = build_spec(kw)
-        _, plan = prepare(spec, max_memory=kw["max_memory"], block_bytes=kw["block_size"], shard_size=kw["shard_size"])
+        _, plan = prepare(
+            spec,
+            max_memory=kw["max_memory"],
+            block_bytes=kw["block_size"],
+            shard_size=kw["shard_size"],
+            device=kw["device"],
+            max_gpu_memory=kw["max_gpu_memory"],
+        )
     if as_json:
         summary = plan_summary(plan)
         summary["tensor_plans"] = [
@@ -271,6 +289,7 @@ def format_plan(plan: Plan) -> str:
         f"read {fmt_bytes(plan.bytes_read)} (up to {max((t.passes for t in plan.tensors), default=1)} pass(es) per tensor"
         f"{'' if plan.spec.method_impl.uses_base else '; the base is a template, not read'}),"
         f" write {fmt_bytes(plan.bytes_written)}; kernels {'compiled' if plan.compiled else 'eager'}",
+        *_device_line(plan.device),
         "",
         f"{'tensor':<48} {'shape':<18} {'dtype':<6} {'rows/block':>10} {'blocks':>7} {'passes':>6}",
     ]
@@ -296,7 +315,17 @@ def format_report(r: Report) -> str:
         f"wrote {fmt_bytes(r.bytes_written)}\n"
         f"peak RSS {fmt_bytes(r.peak_rss)} (budget {fmt_bytes(r.budget)}, predicted {fmt_bytes(r.predicted_peak_rss)}, "
         f"at start {fmt_bytes(r.baseline_rss)}), seed {r.seed}"
+        + (f"\non {r.device}: peak GPU memory {fmt_bytes(r.peak_gpu_memory)}" if r.device != "cpu" else "")
     )
+
+
+def _device_line(d: DevicePlan) -> list[str]:
+    if d.device == "cpu":
+        return []
+    return [
+        f"on {d.device}: chunks of {d.chunk_elems} elements, GPU budget {fmt_bytes(d.budget)}"
+        f" -> predicted peak {fmt_bytes(d.predicted_peak)}"
+    ]
 
 
 @contextmanager

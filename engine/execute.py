@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from engine.device import Mover, PinnedBuffers, Staged, on_device
 from engine.dtypes import DTYPES, itemsize
 from engine.io.checkpoint import BUFFERED, ReadOptions, direct_buffer
 from engine.io.inventory import Inventory
@@ -56,19 +57,29 @@ _Item = tuple[TensorPlan, Block, Filled] | BaseException | None
 
 @dataclass
 class Pipeline:
-    """The reused buffers of one run."""
+    """The reused buffers of one run, and the mover that takes chunks to the compute device."""
 
     slots: list[Slot]
     outs: list[torch.Tensor]  # uint8 output blocks: one being filled, one being written
-    work: list[torch.Tensor]  # float32 (chunk_elems,) per stream; separate tensors, never aliased
+    mover: Mover
+    pinned: PinnedBuffers
 
     @classmethod
-    def allocate(cls, plan: Plan) -> Pipeline:
+    def allocate(cls, plan: Plan, staged: bool | None = None) -> Pipeline:
+        """Buffers for `plan`; `staged` (default: on CUDA) moves chunks through device staging
+        buffers, page-locking the host buffers when the device is a GPU."""
         m = plan.memory
+        dev = torch.device(plan.device.device)
         slots = [[direct_buffer(m.buffer_elems * b) for b in m.in_bytes_per_elem] for _ in range(m.depth)]
         outs = [torch.empty(m.buffer_elems * m.out_bytes_per_elem, dtype=torch.uint8) for _ in range(m.out_depth)]
-        work = [torch.empty(m.chunk_elems, dtype=torch.float32) for _ in m.in_bytes_per_elem]
-        return cls(slots, outs, work)
+        if staged if staged is not None else dev.type == "cuda":
+            mover: Mover = Staged(dev, plan.device, m.in_bytes_per_elem, m.out_bytes_per_elem)
+        else:  # float32 (chunk_elems,) per stream; separate tensors, never aliased
+            mover = Mover([torch.empty(m.chunk_elems, dtype=torch.float32) for _ in m.in_bytes_per_elem], m.chunk_elems)
+        return cls(slots, outs, mover, PinnedBuffers(dev, [b for s in slots for b in s] + outs))
+
+    def close(self) -> None:
+        self.pinned.close()
 
 
 def first_rows(plan: Plan, rows_done: Mapping[str, int]) -> dict[str, int]:
@@ -127,6 +138,7 @@ def execute(
         if kernel is not None:
             stack.callback(kernel.close, wait=False)  # stopped or failed: leave a build under way
         stage = _Stage(plan, pipe, prefetch, out, emit, kernel)
+        stack.enter_context(on_device(pipe.mover.device))
         for tensor in plan.tensors:
             first = start.get(tensor.name, 0)
             if tensor.numel and first < tensor.rows and not stage.run_tensor(tensor, first, should_stop):
@@ -154,6 +166,7 @@ class _Stage:
         self.params: TensorParams = plan.spec.tensor_params()
         self.filled = iter(prefetch)
         self.kernel = kernel
+        self.mover = pipe.mover
 
     def _next(self, tensor: TensorPlan, block: Block) -> Filled:
         _, got, filled = next(self.filled)
@@ -201,33 +214,40 @@ class _Stage:
         """Merge (or copy) one block into a free output buffer and hand it to the writer."""
         buffer = self.out.take()
         out_bytes = buffer[: block.numel * itemsize(tensor.out_dtype)]
+        ready = None
         if not tensor.merge:
             out_bytes.copy_(filled.data[0].view(torch.uint8))
         else:
             out = out_bytes.view(DTYPES[tensor.out_dtype])
             inputs = filled.data
             for c0, c1 in self._spans(tensor, block):
-                c = Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
+                c = self._chunk(tensor, streams, block.start + c0)
                 raw = [x[c0:c1] for x in inputs]
                 if self.kernel is not None and self.kernel.run(raw[0], raw[1:], self.params, stats, c, out[c0:c1]):
                     continue
-                base, *models = self._to_work(raw, tensor.reads_base)
-                out[c0:c1].copy_(self.method.apply(base, models, self.params, stats, c))
+                base, *models = self.mover.to_work(raw, tensor.reads_base)
+                self.mover.store(self.method.apply(base, models, self.params, stats, c), out[c0:c1])
+            self.mover.inputs_done()
+            ready = self.mover.outputs_ready()
         self.prefetch.release(filled.slot)
-        self.out.submit(tensor, block, out_bytes, buffer)
+        self.out.submit(tensor, block, out_bytes, buffer, ready)
 
     def _chunks(
         self, tensor: TensorPlan, block: Block, filled: Filled, streams: tuple[KeyedRng, ...]
     ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], Chunk]]:
-        """Float32 copies of each chunk of the block, with its position."""
+        """Float32 copies of each chunk of the block on the compute device, with its position."""
         for c0, c1 in self._spans(tensor, block):
-            base, *models = self._to_work([x[c0:c1] for x in filled.data], tensor.reads_base)
-            yield base, models, Chunk(streams, block.start + c0, tensor.numel, tensor.row_numel)
+            base, *models = self.mover.to_work([x[c0:c1] for x in filled.data], tensor.reads_base)
+            yield base, models, self._chunk(tensor, streams, block.start + c0)
+        self.mover.inputs_done()
+
+    def _chunk(self, tensor: TensorPlan, streams: tuple[KeyedRng, ...], start: int) -> Chunk:
+        return Chunk(streams, start, tensor.numel, tensor.row_numel, self.mover.device)
 
     def _spans(self, tensor: TensorPlan, block: Block) -> Iterator[tuple[int, int]]:
         """Chunk bounds inside the block: cache-sized, whole rows for row-aligned methods, and
         never across a 2**32 flat-index boundary (one set of rng round keys per chunk)."""
-        step = self.plan.memory.chunk_elems
+        step = self.mover.chunk_elems
         if self.method.row_aligned:
             step = max(1, step // tensor.row_numel) * tensor.row_numel
         c0 = 0
@@ -237,15 +257,6 @@ class _Stage:
                 c1 = min(c1, ((block.start + c0) // TWO32 + 1) * TWO32 - block.start)
             yield c0, c1
             c0 = c1
-
-    def _to_work(self, raw: list[torch.Tensor], reads_base: bool) -> list[torch.Tensor]:
-        """Copy chunk views into the float32 workspace (the cast to float32 happens here); a base
-        that was not read is not copied (its workspace keeps whatever it held)."""
-        work = [w[: raw[0].numel()] for w in self.pipe.work]
-        first = 0 if reads_base else 1
-        for w, x in zip(work[first:], raw[first:]):
-            w.copy_(x)
-        return work
 
 
 def _unread_base(tensor: TensorPlan, block: Block, slot: Slot) -> torch.Tensor:

@@ -7,7 +7,7 @@ import shutil
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import psutil
 
 from engine import __version__
 from engine.budget import COMPILE_RESERVE, current_rss, default_budget, fmt_bytes, peak_rss
+from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
 from engine.dtypes import DTYPES
 from engine.errors import BudgetError, CheckpointError, Interrupted, OutputError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
@@ -48,6 +49,7 @@ class Report:
     shards: int
     resumed_tensors: int
     compiled: bool
+    device: str
     wall_s: float
     bytes_read: int
     bytes_written: int
@@ -56,6 +58,8 @@ class Report:
     predicted_peak_rss: int
     peak_rss: int
     baseline_rss: int
+    predicted_peak_gpu_memory: int
+    peak_gpu_memory: int  # what the CUDA caching allocator reserved at most (0 on the CPU)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,13 +73,17 @@ def prepare(
     shard_size: int = DEFAULT_SHARD_SIZE,
     baseline: int | None = None,
     compile: str = "auto",
+    device: str = "auto",
+    max_gpu_memory: int | None = None,
 ) -> tuple[Inventory, Plan]:
     """Open the inputs and plan the merge, reading headers only.
 
-    `compile` ("auto", "on", "off") decides whether fused kernels will run (`plan.compiled`); unless
-    the kernel cache already holds them all, the compiler's memory is reserved in the budget, and a
-    budget too small for it runs eager.
+    `compile` ("auto", "on", "off") decides whether fused kernels will run (`plan.compiled`) on the
+    CPU; unless the kernel cache already holds them all, the compiler's memory is reserved in the
+    budget, and a budget too small for it runs eager. On CUDA the methods run eager (the GPU is
+    far faster than any disk) in chunks planned for `max_gpu_memory` (`plan.device`).
     """
+    dev = resolve_device(device)
     inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab, spec.slices)
     budget = max_memory if max_memory is not None else default_budget()
     available = psutil.virtual_memory().available
@@ -87,6 +95,10 @@ def prepare(
         "block_bytes": block_bytes,
         "shard_size": shard_size,
     }
+    if dev.type == "cuda":
+        plan = make_plan(spec, inv, **kw, device_reserve=CUDA_HOST_RESERVE)
+        numel = max((t.numel for t in plan.tensors), default=1)
+        return inv, replace(plan, device=plan_device(dev, max_gpu_memory, plan.memory, numel))
     plan = make_plan(spec, inv, **kw)
     params = spec.tensor_params()
     if want_compiled(compile, spec.method_impl, params, plan.bytes_read, per_tensor_params=spec.varies_by_tensor):
@@ -114,6 +126,8 @@ def merge(
     sync_every: int = SYNC_EVERY,
     handle_signals: bool = True,
     compile: str = "auto",
+    device: str = "auto",
+    max_gpu_memory: int | None = None,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -136,6 +150,8 @@ def merge(
             than the disk, for inputs of 8 GiB or more, compiling in the background while the
             first blocks merge eagerly), "on" (compile first, then merge) or "off"; the output
             bytes are the same either way.
+        device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N": where the arithmetic runs.
+        max_gpu_memory: device memory the merge may hold in bytes (default: 80% of what is free).
     Returns:
         The run's `Report`.
     Raises:
@@ -145,11 +161,20 @@ def merge(
         >>> merge(spec, "merged", max_memory=1 << 30)  # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    dev = resolve_device(device)
+    start_device(dev)  # before the baseline: a CUDA context costs host RAM too
     baseline = current_rss()
     output = Path(output)
     emit = on_event or (lambda e: None)
     inv, plan = prepare(
-        spec, max_memory=max_memory, block_bytes=block_bytes, shard_size=shard_size, baseline=baseline, compile=compile
+        spec,
+        max_memory=max_memory,
+        block_bytes=block_bytes,
+        shard_size=shard_size,
+        baseline=baseline,
+        compile=compile,
+        device=str(dev),
+        max_gpu_memory=max_gpu_memory,
     )
     check_target(output, overwrite, [spec.base, *(m.path for m in spec.models)])
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
@@ -178,6 +203,7 @@ def merge(
         shards=len(plan.shards),
         resumed_tensors=resumed,
         compiled=plan.compiled,
+        device=plan.device.device,
         wall_s=wall,
         bytes_read=plan.bytes_read,
         bytes_written=plan.bytes_written,
@@ -186,6 +212,8 @@ def merge(
         predicted_peak_rss=plan.memory.predicted_peak,
         peak_rss=peak_rss(),
         baseline_rss=baseline,
+        predicted_peak_gpu_memory=plan.device.predicted_peak,
+        peak_gpu_memory=peak_device_memory(dev),
     )
 
 
@@ -236,6 +264,7 @@ def _run(
             journal = Journal.reopen(tmp) if state is not None else Journal.create(tmp, header)
             stack.callback(journal.close)
             pipe = Pipeline.allocate(plan)
+            stack.callback(pipe.close)
             out = WriteBehind(writer, journal, pipe.outs, sync_every)
             stack.callback(out.close)
             start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})
@@ -314,6 +343,10 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "blocks": plan.n_blocks,
         "passes": max((t.passes for t in plan.tensors), default=1),
         "compiled": plan.compiled,
+        "device": plan.device.device,
+        "device_chunk_elems": plan.device.chunk_elems,
+        "gpu_budget": plan.device.budget,
+        "predicted_peak_gpu_memory": plan.device.predicted_peak,
         "block_elems": m.block_elems,
         "budget": m.budget,
         "baseline_rss": m.baseline,

@@ -10,7 +10,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from engine.budget import COMPILE_RESERVE, MemoryPlan, plan_memory
+from engine.budget import CHUNK_ELEMS, COMPILE_RESERVE, MemoryPlan, plan_memory
+from engine.device import DevicePlan
 from engine.dtypes import MERGEABLE, itemsize
 from engine.errors import SpecError
 from engine.gradient import count_layers
@@ -108,6 +109,7 @@ class Plan:
     compiled: bool = False  # fused kernels will run (memory to build them is in the budget unless cached)
     n_layers: int = 0  # numbered layers of the base: positions for parameter gradients
     resized: tuple[Resized, ...] = ()  # embedding-like tensors whose rows differ (engine.vocab)
+    device: DevicePlan = DevicePlan("cpu", CHUNK_ELEMS, 0, 0)  # where chunks are computed (`prepare` plans CUDA)
 
     def params_for(self, name: str) -> TensorParams:
         """The method parameters of tensor `name` (they vary with gradients and filters)."""
@@ -136,6 +138,7 @@ def make_plan(
     shard_size: int = DEFAULT_SHARD_SIZE,
     compiled: bool = False,
     compile_reserve: int = COMPILE_RESERVE,
+    device_reserve: int = 0,
 ) -> Plan:
     """Plan the merge of `inv` by `spec` under a whole-process RSS `budget`.
 
@@ -146,6 +149,7 @@ def make_plan(
         block_bytes: fixed block size per input stream (tuning, tests); default from the budget.
         shard_size: largest output shard in bytes (a bigger tensor gets a shard of its own).
         compiled: fused kernels will run; `compile_reserve` bytes are kept for building them.
+        device_reserve: host memory the compute device takes after the baseline was measured.
     Raises:
         BudgetError: the budget cannot hold one row of the widest tensor.
     """
@@ -165,7 +169,7 @@ def make_plan(
         block_bytes,
         spec.method_impl.row_aligned,
         max((math.prod(shapes[n]) for n in names), default=1),
-        compile_reserve if compiled else 0,
+        (compile_reserve if compiled else 0) + device_reserve,
     )
     n_layers = count_layers(names)
     params = {n: spec.tensor_params(n, n_layers) for n in names} if spec.varies_by_tensor else {}
@@ -196,7 +200,9 @@ def make_plan(
                 reads_base=spec.method_impl.uses_base,
             )
         )
-    return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled, n_layers, tuple(inv.resized.values()))
+    resized = tuple(inv.resized.values())
+    cpu = DevicePlan("cpu", memory.chunk_elems, 0, 0)
+    return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled, n_layers, resized, cpu)
 
 
 def _out_shape(inv: Inventory, name: str) -> tuple[int, ...]:

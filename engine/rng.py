@@ -53,8 +53,8 @@ Why it looks like this:
   :meth:`KeyedRng.bits` pays one in-place xor to return ``word``.
 * int32 multiply/add overflow wraps as two's complement; the tests check the CPU bits
   against a pure-Python ``& 0xFFFFFFFF`` reference, run the non-CPU code path (int scalars,
-  unfused multiply-add) on CPU, and compare CUDA with CPU when a GPU is present (none was
-  available when this was written, so CUDA equality is by construction, not yet by test).
+  unfused multiply-add, whole-chunk sub-blocks) on CPU, and compare CUDA with CPU when a GPU
+  is present (`bench/gpu_check.py` on an H200: every method's merged output bit-identical).
 
 Why the code is shaped the way it is (CPU speed): each elementwise torch op over 256K int32
 elements is bound by cache bandwidth, and each call costs ~1-2 us of dispatch. So the hash
@@ -113,7 +113,11 @@ _GOLDEN64 = 0x9E3779B97F4A7C15
 
 # Elements per sub-block: words plus shift scratch (2 x 256 KiB) stay in L2 (see module doc).
 _BLOCK = 1 << 16
-# Columns of the broadcast add that generates the Weyl sequence; divides _BLOCK.
+# On a GPU the L2 argument does not hold and every sub-block costs ~15 kernel launches: a
+# 64K-element sub-block kept the CPU thread launching while the GPU idled (dare_ties on an H200
+# ran at the same 1.0 GB/s cold and warm). There one sub-block is a whole merge chunk.
+_DEVICE_BLOCK = 1 << 24
+# Columns of the broadcast add that generates the Weyl sequence; divides _BLOCK and _DEVICE_BLOCK.
 _COLS = 1024
 
 _PERSON = b"leanmerge.rng.1"  # BLAKE2b personalisation: domain-separates these keys
@@ -260,9 +264,9 @@ class _Hasher:
         For each sub-block ``[p, q)`` (positions relative to ``start``) the pre-flip words
         ``word ^ 0x80000000`` are written into ``dest(p, q)`` (a contiguous int32 tensor of
         ``q - p`` elements) and ``(p, q, that tensor)`` is yielded, so the caller consumes it
-        while it is still in cache. ``scratch`` (int32, at least ``min(n, _BLOCK)`` elements,
-        on the device) is the xorshift temporary. Splits are at 2**32 index boundaries (new
-        round keys) and every ``_BLOCK`` elements; neither changes any value.
+        while it is still in cache. ``scratch`` (int32, at least ``min(n, sub_block_size(dev))``
+        elements, on the device) is the xorshift temporary. Splits are at 2**32 index boundaries
+        (new round keys) and every ``sub_block_size(dev)`` elements; neither changes any value.
 
         With ``last_xorshift=False`` the final ``x ^= x >>> 16`` is skipped and the yielded
         values are ``y``, the state after the last multiply-add (``pre = y ^ (y >>> 16)``);
@@ -278,8 +282,9 @@ class _Hasher:
             nrows = -(-seg_n // _COLS)
             rows = torch.arange(nrows, dtype=torch.int32, device=dev)
             rows = rows.mul_(_s32(_COLS * _M1)).add_(_s32((lo + k0) * _M1)).view(nrows, 1)
-            for off in range(0, seg_n, _BLOCK):
-                m = min(_BLOCK, seg_n - off)
+            step = sub_block_size(dev)
+            for off in range(0, seg_n, step):
+                m = min(step, seg_n - off)
                 x = dest(pos + off, pos + off + m)
                 t = scratch if scratch.numel() == m else scratch[:m]
                 r0 = off // _COLS
@@ -319,6 +324,11 @@ def _affine(x: torch.Tensor, mul: int, add: _Const) -> None:
         torch.add(add, x, alpha=_s32(mul), out=x)
     else:
         x.mul_(_s32(mul)).add_(add)
+
+
+def sub_block_size(dev: torch.device) -> int:
+    """Elements hashed per step: L2-sized on the CPU, a whole chunk on a GPU (see _DEVICE_BLOCK)."""
+    return _BLOCK if dev.type == "cpu" else _DEVICE_BLOCK
 
 
 def _sub_block(work: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
@@ -382,7 +392,7 @@ class KeyedRng:
         Paths that consume each sub-block at once (keep, uniform, keep_where) need only one
         sub-block of words, which keeps the working set in L2 and avoids allocating.
         """
-        b = min(n, _BLOCK)
+        b = min(n, sub_block_size(dev))
         have = 0 if out is None else out.numel()
         if out is not None and have >= 2 * b:
             return out[:b], out[b : 2 * b]
@@ -411,7 +421,7 @@ class KeyedRng:
         words = _flat_buffer(out, n, torch.int32, dev, "out")
         if n == 0:
             return words
-        scratch = torch.empty(min(n, _BLOCK), dtype=torch.int32, device=dev)
+        scratch = torch.empty(min(n, sub_block_size(dev)), dtype=torch.int32, device=dev)
         h = _Hasher(self.key, start, n, dev, [_SIGN])
         (sign,) = h.extra
         for _, _, x in h.blocks(lambda p, q: words[p:q], scratch):

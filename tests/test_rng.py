@@ -154,17 +154,19 @@ def test_int32_multiply_wraps_like_python() -> None:
         assert u32(fused).tolist() == u32(plain).tolist() == [((v & M32) * mul + 0xDEADBEEF) & M32 for v in vals]
 
 
-def test_non_cpu_code_path_gives_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Off CPU the constants are Python ints and multiply-add is two ops; run that path on CPU."""
+@pytest.mark.parametrize("sub_block", [None, 1 << 24, 3 * 1024])
+def test_non_cpu_code_path_gives_same_bits(monkeypatch: pytest.MonkeyPatch, sub_block: int | None) -> None:
+    """Off CPU the constants are Python ints, multiply-add is two ops and a sub-block is a whole
+    chunk (16M elements, or any other size); run those paths on CPU."""
     r = KeyedRng(KEY)
     start, n = 2**32 - 40_000, 150_000
-    want_bits = r.bits(start, n)
-    want_keep = r.keep(start, n, 0.3)
-    want_u = r.uniform(start, n)
+    prob = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    want = (r.bits(start, n), r.keep(start, n, 0.3), r.uniform(start, n), r.keep_where(start, prob))
     monkeypatch.setattr(rng_mod, "_consts", lambda values, dev: [rng_mod._s32(v) for v in values])
-    assert torch.equal(r.bits(start, n), want_bits)
-    assert torch.equal(r.keep(start, n, 0.3), want_keep)
-    assert torch.equal(r.uniform(start, n), want_u)
+    if sub_block is not None:
+        monkeypatch.setattr(rng_mod, "sub_block_size", lambda dev: sub_block)
+    got = (r.bits(start, n), r.keep(start, n, 0.3), r.uniform(start, n), r.keep_where(start, prob))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_thread_count_does_not_change_bits() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from engine.io.safetensors_writer import ShardWriter
 from engine.plan import Block, TensorPlan
 
 SYNC_EVERY = 256 << 20
-_Job = tuple[TensorPlan, Block, torch.Tensor, torch.Tensor] | None
+_Job = tuple[TensorPlan, Block, torch.Tensor, torch.Tensor, Any] | None
 
 
 class WriteBehind:
@@ -58,10 +59,13 @@ class WriteBehind:
             except queue.Empty:
                 continue
 
-    def submit(self, tensor: TensorPlan, block: Block, data: torch.Tensor, buffer: torch.Tensor) -> None:
-        """Queue `data` (a view of `buffer`) to be written as `block` of `tensor`."""
+    def submit(
+        self, tensor: TensorPlan, block: Block, data: torch.Tensor, buffer: torch.Tensor, ready: Any = None
+    ) -> None:
+        """Queue `data` (a view of `buffer`) to be written as `block` of `tensor`, once `ready`
+        (a CUDA event recorded after the block's last copy from the device; None: already) is."""
         self._raise_if_failed()
-        self._jobs.put((tensor, block, data, buffer))
+        self._jobs.put((tensor, block, data, buffer, ready))
 
     def drain(self) -> None:
         """Wait for every queued write, then make all of it durable and journaled."""
@@ -89,7 +93,9 @@ class WriteBehind:
             while self._jobs.get() is not None:  # unblock a producer waiting on a full pipeline
                 pass
 
-    def _write(self, tensor: TensorPlan, block: Block, data: torch.Tensor, buffer: torch.Tensor) -> None:
+    def _write(self, tensor: TensorPlan, block: Block, data: torch.Tensor, buffer: torch.Tensor, ready: Any) -> None:
+        if ready is not None:
+            ready.synchronize()
         view = byte_view(data)
         self.writer.write(tensor, block.start * itemsize(tensor.out_dtype), view)
         crc = self._crc[tensor.name] = crc32(view, self._crc.get(tensor.name, 0))

@@ -190,6 +190,18 @@ def weighted_sum_(terms: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     return acc
 
 
+def div_(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x /= d in place, correctly rounded on every device.
+
+    CUDA divides by a Python number as a multiplication by its reciprocal, one rounding more than
+    the CPU's true division, so the last bit (and, through DELLA's keep probabilities, a mask
+    decision) could differ; a divisor that is a tensor on the device takes the true division.
+    """
+    if x.device.type == "cpu":
+        return x.div_(d)
+    return x.div_(torch.tensor(d, dtype=x.dtype, device=x.device))
+
+
 def safe_divisor(total: float) -> float:
     """A weight sum used as a divisor; mergekit's rule: near zero becomes 1 (no rescale)."""
     return 1.0 if abs(total) < 1e-8 else total

@@ -30,6 +30,7 @@ from engine.methods.base import (
     Reducer,
     Stats,
     TensorParams,
+    div_,
     normalize_param,
     one_of,
     scale_,
@@ -55,7 +56,7 @@ def drop_and_rescale_(delta: torch.Tensor, keep: torch.Tensor, density: float, r
     Multiply-then-divide, as mergekit does, so the two agree bit for bit.
     """
     delta.mul_(keep)
-    return delta.div_(density) if rescale else delta
+    return div_(delta, density) if rescale else delta
 
 
 def dare_deltas_(

@@ -43,6 +43,7 @@ from engine.methods.base import (
     ParamValue,
     Stats,
     TensorParams,
+    div_,
     normalize_param,
     scale_,
 )
@@ -95,7 +96,7 @@ def keep_probabilities(delta: torch.Tensor, row_numel: int, density: float, epsi
     if row_numel == 1:
         return torch.full_like(delta, density)
     rows = delta.view(-1, row_numel)
-    by_rank = torch.arange(row_numel, dtype=torch.float32, device=delta.device).div_(row_numel - 1)
+    by_rank = div_(torch.arange(row_numel, dtype=torch.float32, device=delta.device), row_numel - 1)
     by_rank.mul_(2).mul_(epsilon).add_(density - epsilon)
     order = row_order(magnitude_key(rows))
     return torch.empty_like(rows).scatter_(1, order, by_rank.expand_as(rows)).view(-1)

@@ -10,7 +10,17 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.methods.base import WEIGHT, Chunk, Method, Stats, TensorParams, normalize_param, safe_divisor, weighted_sum_
+from engine.methods.base import (
+    WEIGHT,
+    Chunk,
+    Method,
+    Stats,
+    TensorParams,
+    div_,
+    normalize_param,
+    safe_divisor,
+    weighted_sum_,
+)
 
 
 class Linear(Method):
@@ -24,5 +34,5 @@ class Linear(Method):
         weights = p.per_model("weight")
         out = weighted_sum_(models, weights)
         if p.flag("normalize"):
-            out /= safe_divisor(sum(weights))
+            div_(out, safe_divisor(sum(weights)))
         return out

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from engine.methods.base import Chunk, Method, ParamDef, ParamValue, Reducer, Stats, TensorParams, weighted_sum_
+from engine.methods.base import Chunk, Method, ParamDef, ParamValue, Reducer, Stats, TensorParams, div_, weighted_sum_
 from engine.methods.task_arithmetic import deltas_
 from engine.stats.gram import Gram, Pair
 
@@ -61,5 +61,5 @@ class ModelStock(Method):
     ) -> torch.Tensor:
         k = len(models)
         t = interpolation_ratio(stats[GRAM], k)
-        mean = weighted_sum_(models, [1.0] * k).div_(k)
+        mean = div_(weighted_sum_(models, [1.0] * k), k)
         return mean.mul_(t).add_(torch.mul(base, 1.0 - t))

@@ -22,6 +22,7 @@ from engine.methods.base import (
     Method,
     Stats,
     TensorParams,
+    div_,
     normalize_param,
     safe_divisor,
     scale_,
@@ -53,7 +54,7 @@ def merge_weighted_(
     else:
         mixed = weighted_sum_(weighted, [1.0] * len(weighted))
         if p.flag("normalize"):
-            mixed /= safe_divisor(sum(weights))
+            div_(mixed, safe_divisor(sum(weights)))
     return add_to_base_(base, mixed, p.number("lambda"))
 
 

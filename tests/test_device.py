@@ -1,0 +1,219 @@
+"""The device stage: `--device` parsing and errors, the GPU memory plan, and the staged path
+(device staging buffers, large chunks, the order of copies) run on the CPU, where it must give
+the same bytes as the direct path for every method, block size and chunk size."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_stats_methods import digests
+
+from engine import MergeSpec, ModelRef, merge
+from engine.budget import RESERVE, plan_memory
+from engine.cli import main
+from engine.device import CUDA_HOST_RESERVE, DEVICE_CHUNK_ELEMS, GPU_RESERVE, Staged, plan_device, resolve_device
+from engine.errors import BudgetError, SpecError
+from engine.execute import Pipeline
+from engine.merge import prepare
+from engine.methods.registry import METHODS
+from engine.plan import Plan
+
+from conftest import MakeFamily, family_tensors, write_checkpoint
+
+CUDA = torch.device("cuda", 0)  # a device object needs no GPU; nothing here allocates on it
+
+
+# --------------------------------------------------------------------------- --device
+
+
+def test_cpu_and_auto_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("text", ["cuda", "cuda:0", "cuda:1"])
+def test_cuda_absent_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SpecError, match=rf"--device {text}: .*use --device cpu"):
+        resolve_device(text)
+
+
+def test_cuda_index_out_of_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    with pytest.raises(SpecError, match=r"2 CUDA device\(s\): cuda:0 \.\. cuda:1"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("text", ["gpu", "mps", "cuda:x", ""])
+def test_unknown_device(text: str) -> None:
+    with pytest.raises(SpecError, match="--device"):
+        resolve_device(text)
+
+
+def test_cli_cuda_absent_leaves_nothing(
+    tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base, models = tiny_family(1)
+    out = tmp_path / "out"
+    args = ["merge", "--base", str(base), "--model", str(models[0]), "--method", "linear", "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--device", "cuda"])
+    assert result.exit_code == 1
+    assert "--device cuda" in result.output and "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == [base.parent]
+    ok = CliRunner().invoke(main, [*args, "--device", "cpu"])
+    assert ok.exit_code == 0, ok.output
+    assert (out / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- the GPU memory plan
+
+
+def test_gpu_plan_fits_its_budget() -> None:
+    memory = plan_memory(8 << 30, 0, (2, 2, 2, 2), 2, 4096)
+    for budget in (256 << 20, 1 << 30, 80 << 30):
+        d = plan_device(CUDA, budget, memory, 10**10)
+        assert memory.chunk_elems <= d.chunk_elems <= DEVICE_CHUNK_ELEMS
+        assert d.predicted_peak <= budget and d.budget == budget and d.device == "cuda:0"
+    assert plan_device(CUDA, 80 << 30, memory, 1000).chunk_elems == memory.chunk_elems  # never below the floor
+    assert plan_device(CUDA, 80 << 30, memory, 5_000_000).chunk_elems == 5_000_000  # nor above a tensor
+
+
+def test_gpu_plan_too_small_names_the_minimum() -> None:
+    memory = plan_memory(8 << 30, 0, (2, 2), 2, 1 << 20, row_aligned=True)  # a row of 1M elements
+    with pytest.raises(BudgetError, match=r"--max-gpu-memory \(100 MiB\) cannot hold .* minimum for this merge is"):
+        plan_device(CUDA, 100 << 20, memory, 1 << 30)
+    need = GPU_RESERVE + memory.chunk_elems * (2 * 6 + 4 * (2 + 8))
+    assert plan_device(CUDA, need, memory, 1 << 30).chunk_elems == memory.chunk_elems
+
+
+def test_cpu_plan_is_the_ram_plans_chunk() -> None:
+    memory = plan_memory(8 << 30, 0, (2, 2), 2, 1 << 19, row_aligned=True)
+    d = plan_device(torch.device("cpu"), None, memory, 1 << 30)
+    assert (d.device, d.chunk_elems, d.budget, d.predicted_peak) == ("cpu", 1 << 19, 0, 0)
+
+
+# --------------------------------------------------------------------------- the staged path on the CPU
+
+
+_ALLOCATE = Pipeline.allocate.__func__  # type: ignore[attr-defined]
+
+
+@contextmanager
+def staged_on_cpu(chunk: int) -> Iterator[list[int]]:
+    """Within the block, merges use the staged mover on the CPU with chunks of `chunk` elements
+    (at least the RAM plan's chunk for row-aligned methods, which need whole rows); yields a
+    one-item list counting the chunks that went through it."""
+    moved = [0]
+
+    def allocate(cls: type[Pipeline], plan: Plan, staged: bool | None = None) -> Pipeline:
+        floor = plan.memory.chunk_elems if plan.spec.method_impl.row_aligned else 1
+        device = dataclasses.replace(plan.device, chunk_elems=max(chunk, floor))
+        pipe: Pipeline = _ALLOCATE(cls, dataclasses.replace(plan, device=device), staged=True)
+        assert isinstance(pipe.mover, Staged)
+        to_work = pipe.mover.to_work
+
+        def counted(raw: list[torch.Tensor], reads_base: bool) -> list[torch.Tensor]:
+            moved[0] += 1
+            return to_work(raw, reads_base)
+
+        pipe.mover.to_work = counted  # type: ignore[method-assign]
+        return pipe
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Pipeline, "allocate", classmethod(allocate))
+        yield moved
+
+
+SHAPES = {"embed": (37, 16), "attn": (24, 24), "norm": (24,), "scale": (), "conv": (5, 3, 4), "empty": (0, 8)}
+MERGING = sorted(m for m in METHODS if METHODS[m].min_models > 0)
+
+
+def family(root: Path, n_models: int, dtype: torch.dtype) -> tuple[Path, list[Path]]:
+    sets = family_tensors(SHAPES, n_models, 7, dtype)
+    base = write_checkpoint(root / "base", sets[0])
+    return base, [write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:], 1)]
+
+
+def spec_for(method: str, base: Path, models: list[Path]) -> MergeSpec:
+    """`method` with valid parameters: weights where it takes them, density 0.5, at most its
+    number of models."""
+    impl = METHODS[method]
+    weighted = impl.param("weight") is not None
+    refs = tuple(ModelRef(m, {"weight": w} if weighted else {}) for m, w in zip(models, [1.0, 0.5, -0.25]))
+    density = {"density": 0.5} if impl.param("density") is not None else {}
+    return MergeSpec(method, base, refs[: impl.max_models], density, seed=3)
+
+
+@pytest.mark.parametrize("method", MERGING)
+def test_staged_equals_direct_for_every_method(method: str, tmp_path: Path) -> None:
+    base, models = family(tmp_path / "f", 3, torch.bfloat16)
+    spec = spec_for(method, base, models)
+    direct = digests(Path(merge(spec, tmp_path / "direct", block_bytes=300).output))
+    with staged_on_cpu(50) as moved:
+        staged = digests(Path(merge(spec, tmp_path / "staged", block_bytes=300).output))
+    assert moved[0] > len(SHAPES)  # blocks went through the staging sets in several chunks
+    assert staged == direct
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    method=st.sampled_from(["dare_ties", "ties", "della", "model_stock", "task_arithmetic"]),
+    block_bytes=st.integers(2, 400),
+    chunk=st.integers(1, 200),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+)
+def test_staged_any_block_and_chunk(
+    method: str, block_bytes: int, chunk: int, dtype: torch.dtype, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    root = tmp_path_factory.mktemp("staged")
+    base, models = family(root, 2, dtype)
+    spec = spec_for(method, base, models)
+    want = digests(Path(merge(spec, root / "direct", block_bytes=block_bytes).output))
+    with staged_on_cpu(chunk) as moved:
+        got = digests(Path(merge(spec, root / "staged", block_bytes=block_bytes).output))
+    assert moved[0] > 0 and got == want
+
+
+def test_report_names_the_device(tiny_family: MakeFamily, tmp_path: Path) -> None:
+    base, models = tiny_family(2)
+    report = merge(spec_for("dare_ties", base, models), tmp_path / "out", device="cpu")
+    assert (report.device, report.peak_gpu_memory, report.predicted_peak_gpu_memory) == ("cpu", 0, 0)
+
+
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch says one GPU is there; nothing may allocate on it (planning only)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_cuda_plan(tiny_family: MakeFamily, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, models = tiny_family(2)
+    spec = spec_for("dare_ties", base, models)
+    fake_gpu(monkeypatch)
+    plan = prepare(spec, max_memory=1 << 30, baseline=200 << 20, compile="on", device="cuda", max_gpu_memory=1 << 30)[1]
+    assert plan.device.device == "cuda:0" and plan.device.budget == 1 << 30
+    assert plan.device.chunk_elems == plan.memory.chunk_elems  # a tiny model: the smallest chunk
+    assert not plan.compiled  # eager on the GPU
+    assert plan.memory.reserve == RESERVE + CUDA_HOST_RESERVE
+    args = ["plan", "--base", str(base), *(a for m in models for a in ("--model", str(m))), "--method", "dare_ties"]
+    shown = CliRunner().invoke(main, [*args, "--device", "cuda", "--max-gpu-memory", "1GiB"])
+    assert shown.exit_code == 0 and "on cuda:0: chunks of" in shown.output and "GPU budget 1 GiB" in shown.output
+    small = CliRunner().invoke(main, [*args, "--device", "cuda", "--max-gpu-memory", "1MiB"])
+    assert small.exit_code == 1 and "--max-gpu-memory (1 MiB) cannot hold" in small.output
