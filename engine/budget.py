@@ -45,6 +45,7 @@ class MemoryPlan:
     depth: int = DEPTH
     out_depth: int = OUT_DEPTH
     reserve: int = RESERVE  # fixed allowance: allocator, threads, Python objects (and the compiler)
+    resident: int = 0  # tensors held whole for their passes (`Plan.with_resident`), when on the CPU
 
     @property
     def buffers(self) -> int:
@@ -52,7 +53,7 @@ class MemoryPlan:
 
     @property
     def predicted_peak(self) -> int:
-        return self.baseline + self.reserve + self.workspace + self.buffers
+        return self.baseline + self.reserve + self.workspace + self.buffers + self.resident
 
 
 def plan_memory(

@@ -85,6 +85,13 @@ def spec_options(f: F) -> F:
         ),
         click.option("--max-gpu-memory", type=SIZE, help="Device memory ceiling on CUDA (default: 80% of free)."),
         click.option(
+            "--hold/--no-hold",
+            default=True,
+            show_default=True,
+            help="Read a tensor with statistics passes (TIES, DELLA, SLERP, ...) once and hold it for all of them "
+            "where the budget has room; --no-hold reads it once per pass (the least memory).",
+        ),
+        click.option(
             "--shard-size", type=SIZE, default=DEFAULT_SHARD_SIZE, show_default=True, help="Largest output shard."
         ),
     ]
@@ -205,6 +212,7 @@ def merge_cmd(
                 compile=compile_mode,
                 device=kw["device"],
                 max_gpu_memory=kw["max_gpu_memory"],
+                hold=kw["hold"],
                 on_event=on_event,
             )
             on_event({"event": "report", **report.to_json()})
@@ -225,6 +233,7 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
             shard_size=kw["shard_size"],
             device=kw["device"],
             max_gpu_memory=kw["max_gpu_memory"],
+            hold=kw["hold"],
         )
     if as_json:
         summary = plan_summary(plan)
@@ -285,11 +294,13 @@ def format_plan(plan: Plan) -> str:
         f"method {plan.spec.method}: {len(plan.spec.models)} model(s) onto {plan.spec.base}",
         f"tensors {len(plan.tensors)}, blocks {plan.n_blocks}, up to {m.block_elems} elements per block",
         f"memory budget {fmt_bytes(m.budget)}: baseline {fmt_bytes(m.baseline)} + buffers {fmt_bytes(m.buffers)}"
-        f" + workspace {fmt_bytes(m.workspace)} -> predicted peak RSS {fmt_bytes(m.predicted_peak)}",
+        f" + workspace {fmt_bytes(m.workspace)}{f' + held tensors {fmt_bytes(m.resident)}' if m.resident else ''}"
+        f" -> predicted peak RSS {fmt_bytes(m.predicted_peak)}",
         f"read {fmt_bytes(plan.bytes_read)} (up to {max((t.passes for t in plan.tensors), default=1)} pass(es) per tensor"
         f"{'' if plan.spec.method_impl.uses_base else '; the base is a template, not read'}),"
         f" write {fmt_bytes(plan.bytes_written)}; kernels {'compiled' if plan.compiled else 'eager'}",
         *_device_line(plan.device),
+        *_held_line(plan),
         "",
         f"{'tensor':<48} {'shape':<18} {'dtype':<6} {'rows/block':>10} {'blocks':>7} {'passes':>6}",
     ]
@@ -317,6 +328,14 @@ def format_report(r: Report) -> str:
         f"at start {fmt_bytes(r.baseline_rss)}), seed {r.seed}"
         + (f"\non {r.device}: peak GPU memory {fmt_bytes(r.peak_gpu_memory)}" if r.device != "cpu" else "")
     )
+
+
+def _held_line(plan: Plan) -> list[str]:
+    held = [t for t in plan.tensors if t.resident]
+    if not held:
+        return []
+    where = "on the GPU" if plan.device.budget else "in RAM"
+    return [f"{len(held)} tensor(s) read once and held {where} for their passes ({fmt_bytes(sum(plan.resident))})"]
 
 
 def _device_line(d: DevicePlan) -> list[str]:

@@ -217,6 +217,10 @@ class Mover:
         """Put a chunk's float32 result into `out`, a view of a host output buffer."""
         out.copy_(result)
 
+    def upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy raw block data `src` (a read buffer's view) into `dst` (a resident buffer's)."""
+        dst.copy_(src)
+
     def inputs_done(self) -> None:
         """Return once every chunk handed to `to_work` has left the host buffers."""
 
@@ -272,6 +276,12 @@ class Staged(Mover):
             self._wait(self._copy_out, cast)
             out.copy_(staged, non_blocking=True)
             self._out_free[j] = self._last_out = self._record(self._copy_out)
+
+    def upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """On the copy-in stream, which also reads the resident buffers: no other ordering needed."""
+        with self._on(self._copy_in):
+            dst.copy_(src, non_blocking=True)
+            self._last_in = self._record(self._copy_in)
 
     def inputs_done(self) -> None:
         if self._last_in is not None:

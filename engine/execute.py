@@ -48,7 +48,7 @@ class Filled:
     A base the method ignores (`TensorPlan.reads_base` False) is not read: its entry is the
     unfilled buffer."""
 
-    slot: Slot
+    slot: Slot | None  # None: the data is held resident, not in a read buffer
     data: list[torch.Tensor]
 
 
@@ -63,6 +63,7 @@ class Pipeline:
     outs: list[torch.Tensor]  # uint8 output blocks: one being filled, one being written
     mover: Mover
     pinned: PinnedBuffers
+    resident: list[torch.Tensor]  # uint8 per input stream, on the compute device: a held tensor
 
     @classmethod
     def allocate(cls, plan: Plan, staged: bool | None = None) -> Pipeline:
@@ -76,7 +77,8 @@ class Pipeline:
             mover: Mover = Staged(dev, plan.device, m.in_bytes_per_elem, m.out_bytes_per_elem)
         else:  # float32 (chunk_elems,) per stream; separate tensors, never aliased
             mover = Mover([torch.empty(m.chunk_elems, dtype=torch.float32) for _ in m.in_bytes_per_elem], m.chunk_elems)
-        return cls(slots, outs, mover, PinnedBuffers(dev, [b for s in slots for b in s] + outs))
+        resident = [torch.empty(b, dtype=torch.uint8, device=dev) for b in plan.resident]
+        return cls(slots, outs, mover, PinnedBuffers(dev, [b for s in slots for b in s] + outs), resident)
 
     def close(self) -> None:
         self.pinned.close()
@@ -94,15 +96,16 @@ def first_rows(plan: Plan, rows_done: Mapping[str, int]) -> dict[str, int]:
 
 def read_schedule(plan: Plan, start: Mapping[str, int]) -> Iterator[tuple[TensorPlan, Block]]:
     """Every block read, in order: each reduce pass reads all blocks of a tensor, the apply pass
-    those from its first unwritten row; a tensor that fits one block is read once."""
+    those from its first unwritten row; a tensor that fits one block is read once, and so is a
+    resident one (all of it, for its statistics)."""
     for tensor in plan.tensors:
         first = start.get(tensor.name, 0)
         if tensor.numel == 0 or first >= tensor.rows:
             continue
-        if tensor.n_blocks > 1:
+        if not tensor.read_once:
             for _ in range(tensor.passes - 1):
                 yield from ((tensor, b) for b in tensor.blocks())
-        yield from ((tensor, b) for b in tensor.blocks(first))
+        yield from ((tensor, b) for b in tensor.blocks(0 if tensor.resident else first))
 
 
 def execute(
@@ -184,24 +187,43 @@ class _Stage:
             filled = self._next(tensor, block)
             stats: Stats = {}
             for r in reducers:
-                stats = {**stats, **self._reduce(r, tensor, filled, streams, stats)}
+                stats = {**stats, **self._reduce(r, tensor, lambda b: filled, streams, stats)}
             self._emit_block(tensor, block, filled, streams, stats)
             return not should_stop()
+        held = self._hold(tensor) if tensor.resident else None
         stats = {}
         for r in reducers:
-            stats = {**stats, **self._reduce(r, tensor, None, streams, stats)}
+            stats = {**stats, **self._reduce(r, tensor, held, streams, stats)}
         for block in tensor.blocks(first_row):
-            self._emit_block(tensor, block, self._next(tensor, block), streams, stats)
+            self._emit_block(tensor, block, held(block) if held else self._next(tensor, block), streams, stats)
             if should_stop() and block.r1 < tensor.rows:
                 return False
         return not should_stop()
 
+    def _hold(self, tensor: TensorPlan) -> Callable[[Block], Filled]:
+        """Read every block of a resident tensor once into the resident buffers (on the compute
+        device), giving each read buffer back at once; returns each block's view of them."""
+        whole = [b[: tensor.numel * itemsize(d)].view(DTYPES[d]) for b, d in zip(self.pipe.resident, tensor.in_dtypes)]
+        for block in tensor.blocks():
+            filled = self._next(tensor, block)
+            for i in tensor.streams:
+                self.mover.upload(whole[i][block.start : block.start + block.numel], filled.data[i])
+            self.mover.inputs_done()
+            self.prefetch.release(filled.slot)
+        return lambda b: Filled(None, [w[b.start : b.start + b.numel] for w in whole])
+
     def _reduce(
-        self, r: Reducer, tensor: TensorPlan, held: Filled | None, streams: tuple[KeyedRng, ...], stats: Stats
+        self,
+        r: Reducer,
+        tensor: TensorPlan,
+        held: Callable[[Block], Filled] | None,
+        streams: tuple[KeyedRng, ...],
+        stats: Stats,
     ) -> dict[str, Any]:
+        """One statistics pass over the tensor: from the held blocks, or reading each again."""
         acc = r.start(self.params, stats, tensor.numel)
         for block in tensor.blocks():
-            filled = held if held is not None else self._next(tensor, block)
+            filled = held(block) if held is not None else self._next(tensor, block)
             for base, models, c in self._chunks(tensor, block, filled, streams):
                 r.chunk(acc, base, models, self.params, stats, c)
             if held is None:
@@ -341,8 +363,10 @@ class _Prefetcher:
                 raise item
             yield item
 
-    def release(self, slot: Slot) -> None:
-        self._free.put(slot)
+    def release(self, slot: Slot | None) -> None:
+        """Give a slot back to the reader (None: a held block's, given back when it was read)."""
+        if slot is not None:
+            self._free.put(slot)
 
     def stop(self) -> None:
         self._stopped.set()

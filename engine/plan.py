@@ -7,8 +7,8 @@ exactly what a merge will do before it starts, and tests can assert the exact bl
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 from engine.budget import CHUNK_ELEMS, COMPILE_RESERVE, MemoryPlan, plan_memory
 from engine.device import DevicePlan
@@ -50,11 +50,22 @@ class TensorPlan:
     offset: int  # byte offset inside the shard's data section
     passes: int = 1  # reduce passes + the apply pass
     reads_base: bool = True  # False: the method ignores the base's values (`Method.uses_base`)
+    resident: bool = False  # read once and held whole on the compute device for every pass
 
     @property
     def reads(self) -> int:
-        """Times the tensor's bytes are read: once per pass, or once if it fits one block."""
-        return self.passes if self.n_blocks > 1 else 1
+        """Times the tensor's bytes are read: once per pass, or once if it fits one block or is
+        held resident."""
+        return 1 if self.read_once else self.passes
+
+    @property
+    def read_once(self) -> bool:
+        return self.n_blocks <= 1 or self.resident
+
+    @property
+    def resident_bytes(self) -> tuple[int, ...]:
+        """Bytes per input stream (base first) that holding it resident takes."""
+        return tuple(self.numel * itemsize(d) for d in self.in_dtypes)
 
     @property
     def streams(self) -> tuple[int, ...]:
@@ -91,6 +102,29 @@ class TensorPlan:
             yield Block(self.name, r0, r1, r0 * self.row_numel, (r1 - r0) * self.row_numel)
 
 
+def hold_resident(
+    tensors: Sequence[TensorPlan], room: int, min_passes: int = 2
+) -> tuple[tuple[TensorPlan, ...], tuple[int, ...]]:
+    """Mark resident the tensors of `min_passes` passes or more, in several blocks, that fit `room`
+    bytes together with the others marked: one buffer per input stream, reused tensor after
+    tensor, so what counts is each stream's largest. Smallest first, so that as many tensors as
+    possible skip re-reads.
+
+    Returns:
+        The tensors (in their order) and the bytes of each stream's resident buffer.
+    """
+    n = max((len(t.in_dtypes) for t in tensors), default=0)
+    held = [0] * n
+    chosen: set[str] = set()
+    candidates = [t for t in tensors if t.merge and t.reads_base and t.passes >= max(min_passes, 2) and t.n_blocks > 1]
+    for t in sorted(candidates, key=lambda t: sum(t.resident_bytes)):
+        grown = [max(h, b) for h, b in zip(held, t.resident_bytes)]
+        if sum(grown) > room:
+            break
+        held, chosen = grown, chosen | {t.name}
+    return tuple(replace(t, resident=t.name in chosen) for t in tensors), tuple(held)
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """One output file: its name, tensors in write order and data size."""
@@ -110,6 +144,12 @@ class Plan:
     n_layers: int = 0  # numbered layers of the base: positions for parameter gradients
     resized: tuple[Resized, ...] = ()  # embedding-like tensors whose rows differ (engine.vocab)
     device: DevicePlan = DevicePlan("cpu", CHUNK_ELEMS, 0, 0)  # where chunks are computed (`prepare` plans CUDA)
+    resident: tuple[int, ...] = ()  # bytes per input stream held for resident tensors, on the device
+
+    def with_resident(self, room: int, min_passes: int = 2) -> Plan:
+        """This plan with the tensors that fit `room` bytes held resident (see `hold_resident`)."""
+        tensors, held = hold_resident(self.tensors, room, min_passes)
+        return replace(self, tensors=tensors, resident=held if any(held) else ())
 
     def params_for(self, name: str) -> TensorParams:
         """The method parameters of tensor `name` (they vary with gradients and filters)."""

@@ -1,0 +1,124 @@
+"""Held tensors: a tensor with statistics passes is read once and held for all of them where the
+budget has room. Same bytes as reading it once per pass, fewer bytes read, peak within budget,
+and a run stopped in the middle of a held tensor resumes to the same output."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from test_stats_methods import digests
+
+from engine import MergeSpec, ModelRef, merge
+from engine.errors import Interrupted
+from engine.io.journal import load_journal
+from engine.io.output import temp_dir_for
+from engine.merge import prepare
+
+from conftest import family_tensors, write_checkpoint
+
+merge_module = importlib.import_module("engine.merge")  # `engine.merge` the attribute is the function
+SHAPES = {"embed": (64, 16), "attn": (24, 24), "norm": (24,), "mlp": (40, 24)}
+BLOCK = 160  # bytes per stream per block: every matrix takes several blocks
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("hold")
+    sets = family_tensors(SHAPES, 3, 11, torch.bfloat16)
+    base = write_checkpoint(root / "base", sets[0])
+    return base, [write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:], 1)]
+
+
+def spec(method: str, family: tuple[Path, list[Path]], **params: object) -> MergeSpec:
+    base, models = family
+    n = 1 if method == "slerp" else 3
+    return MergeSpec(method, base, tuple(ModelRef(m, {}) for m in models[:n]), dict(params), seed=2)  # type: ignore[arg-type]
+
+
+CASES = [
+    ("ties", {"density": 0.3}),
+    ("breadcrumbs", {"density": 0.6}),
+    ("slerp", {}),
+    ("model_stock", {}),
+    ("dare_ties", {"density": 0.3, "rescale_norm": "l2"}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_held_equals_read_per_pass(
+    method: str,
+    params: dict[str, object],
+    family: tuple[Path, list[Path]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(merge_module, "CPU_HOLD_PASSES", 2)  # as on a GPU: hold two-pass tensors too
+    s = spec(method, family, **params)
+    plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30)[1]
+    reread = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
+    held = [t for t in plan.tensors if t.resident]
+    assert held and not any(t.resident for t in reread.tensors)
+    assert plan.bytes_read < reread.bytes_read and all(t.reads == 1 for t in held)
+    assert plan.memory.resident == sum(plan.resident) >= max(sum(t.resident_bytes) for t in held)
+    assert plan.memory.predicted_peak == reread.memory.predicted_peak + plan.memory.resident <= plan.memory.budget
+    a = merge(s, tmp_path / "held", block_bytes=BLOCK, max_memory=2 << 30)
+    b = merge(s, tmp_path / "reread", block_bytes=BLOCK, max_memory=2 << 30, hold=False)
+    assert a.bytes_read == plan.bytes_read < b.bytes_read == reread.bytes_read
+    assert digests(Path(a.output)) == digests(Path(b.output))
+
+
+def test_cpu_holds_tensors_of_three_passes_or_more(family: tuple[Path, list[Path]]) -> None:
+    """On the CPU a second read hides behind the arithmetic; the third and fourth do not."""
+    two = prepare(spec("slerp", family), block_bytes=BLOCK, max_memory=2 << 30)[1]
+    four = prepare(spec("ties", family, density=0.3), block_bytes=BLOCK, max_memory=2 << 30)[1]
+    assert max(t.passes for t in two.tensors) == 2 and not any(t.resident for t in two.tensors)
+    assert max(t.passes for t in four.tensors) == 4 and any(t.resident for t in four.tensors)
+
+
+def test_only_what_fits_is_held(family: tuple[Path, list[Path]]) -> None:
+    plan = prepare(spec("ties", family, density=0.3), block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
+    multi = sorted((t for t in plan.tensors if t.passes > 1 and t.n_blocks > 1), key=lambda t: sum(t.resident_bytes))
+    assert len(multi) >= 3
+    assert not any(t.resident for t in plan.with_resident(sum(multi[0].resident_bytes) - 1).tensors)
+    for k, t in enumerate(multi):
+        held = plan.with_resident(sum(t.resident_bytes))
+        assert {x.name for x in held.tensors if x.resident} >= {x.name for x in multi[: k + 1]}
+        assert sum(held.resident) <= sum(t.resident_bytes)  # one buffer per stream, reused: the largest counts
+    assert all(t.resident for t in plan.with_resident(1 << 40).tensors if t in multi)
+
+
+def test_budget_without_room_reads_per_pass(family: tuple[Path, list[Path]]) -> None:
+    s = spec("ties", family, density=0.3)
+    lean = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
+    tight = lean.memory.predicted_peak + 100  # the budget has no room beyond the buffers
+    plan = prepare(s, block_bytes=BLOCK, max_memory=tight, baseline=lean.memory.baseline)[1]
+    assert not any(t.resident for t in plan.tensors) and plan.bytes_read == lean.bytes_read
+
+
+def test_stopped_inside_a_held_tensor_resumes(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """SIGINT while "embed" (held, 13 blocks) is being written: some rows are journaled, and the
+    resumed run reads the whole tensor again for its statistics but writes only the rest."""
+    s = spec("ties", family, density=0.3)
+    plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30)[1]
+    order = [t.name for t in plan.tensors]
+    assert order[:2] == ["attn", "embed"] and all(t.resident for t in plan.tensors[:2])
+    reads = [0]
+
+    def interrupt(e: dict[str, object]) -> None:
+        reads[0] += e["event"] == "block"
+        if reads[0] == plan.tensors[0].n_blocks + plan.tensors[1].n_blocks:  # embed's last read
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        merge(s, out, block_bytes=BLOCK, sync_every=1, on_event=interrupt)
+    state = load_journal(temp_dir_for(out))
+    assert state is not None and 0 < state.rows_done("embed") < 64
+    merge(s, out, block_bytes=BLOCK, resume=True)
+    want = merge(s, tmp_path / "ref", block_bytes=BLOCK, hold=False)
+    assert digests(out) == digests(Path(want.output))
