@@ -4,10 +4,12 @@ and the writer puts each merged block at its offset.
 Buffers are allocated once, sized by the plan's `MemoryPlan`, and reused for every block:
 `depth` sets of input buffers circulate between the reader thread and the compute stage through
 two queues, so reading block k+1 overlaps merging block k. Within a block the compute stage works
-on cache-sized chunks through a fixed float32 workspace, because the arithmetic is memory-bound.
+on chunks through a fixed float32 workspace: cache-sized on the CPU, because the arithmetic is
+memory-bound, and large on a GPU, where a `Mover` (engine.device) stages them to the device.
 
 A method with reducers gets one extra pass over the tensor's blocks per reducer before the apply
-pass; a tensor that fits in one block is read once and kept for all its passes.
+pass; a tensor that fits in one block is read once and kept for all its passes, and so is one
+the plan holds resident (read once into a buffer on the compute device).
 """
 
 from __future__ import annotations
