@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 
 from engine import __version__
 from engine.budget import COMPILE_RESERVE, current_rss, default_budget, fmt_bytes, peak_rss
@@ -213,9 +214,23 @@ def merge(
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         # auto: compile behind the merge's first blocks
-        resumed = _run(
-            plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, plan.compiled, compile == "auto"
-        )
+        try:
+            resumed = _run(
+                plan,
+                inv,
+                tmp,
+                metadata,
+                header,
+                state,
+                emit,
+                reading,
+                sync_every,
+                stop,
+                plan.compiled,
+                compile == "auto",
+            )
+        except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
+            raise BudgetError(_out_of_memory(plan, tmp, e)) from None
         commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(
@@ -239,6 +254,20 @@ def merge(
         predicted_peak_gpu_memory=plan.device.predicted_peak,
         peak_gpu_memory=peak_device_memory(dev),
     )
+
+
+def _out_of_memory(plan: Plan, tmp: Path, e: BaseException) -> str:
+    """What to do when an allocation failed mid-merge: usually something else took the memory
+    the plan counted on (another job on the GPU, or the machine's RAM)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    d, m = plan.device, plan.memory
+    if d.budget:
+        what = f"{d.device} ran out of memory ({first}); the merge planned {fmt_bytes(d.predicted_peak)} of it"
+        fix = "free the GPU or lower --max-gpu-memory"
+    else:
+        what = f"out of memory ({first}); the merge planned a peak RSS of {fmt_bytes(m.predicted_peak)}"
+        fix = "free RAM or lower --max-memory"
+    return f"{what}, so something else is using it: {fix}, then run the same command with --resume (the work so far is in {tmp})"
 
 
 def _open_temp(tmp: Path, plan: Plan, header: dict[str, Any], resume: bool) -> JournalState | None:

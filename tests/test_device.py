@@ -22,6 +22,7 @@ from engine.cli import main
 from engine.device import CUDA_HOST_RESERVE, DEVICE_CHUNK_ELEMS, GPU_RESERVE, Staged, plan_device, resolve_device
 from engine.errors import BudgetError, SpecError
 from engine.execute import Pipeline
+from engine.io.output import temp_dir_for
 from engine.merge import prepare
 from engine.methods.registry import METHODS
 from engine.plan import Plan
@@ -217,3 +218,33 @@ def test_cuda_plan(tiny_family: MakeFamily, monkeypatch: pytest.MonkeyPatch) -> 
     assert shown.exit_code == 0 and "on cuda:0: chunks of" in shown.output and "GPU budget 1 GiB" in shown.output
     small = CliRunner().invoke(main, [*args, "--device", "cuda", "--max-gpu-memory", "1MiB"])
     assert small.exit_code == 1 and "--max-gpu-memory (1 MiB) cannot hold" in small.output
+
+
+def test_out_of_memory_midway_is_one_line_and_resumes(
+    tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another job takes the memory the plan counted on: say so, keep the work, resume."""
+    base, models = tiny_family(2)
+    impl = type(METHODS["ties"])
+    apply, calls = impl.apply, [0]
+
+    def starved(self: object, *args: object) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return apply(self, *args)  # type: ignore[arg-type]
+
+    out = tmp_path / "out"
+    args = ["merge", "--base", str(base), *(a for m in models for a in ("--model", str(m))), "--method", "ties"]
+    args += ["--density", "0.4", "--block-size", "64", "-o", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(impl, "apply", starved)
+        failed = CliRunner().invoke(main, args)
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    assert "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in failed.output
+    assert "lower --max-memory, then run the same command with --resume" in failed.output
+    assert not out.exists() and (temp_dir_for(out) / "journal.jsonl").exists()
+    resumed = CliRunner().invoke(main, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    ref = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "ref")])
+    assert ref.exit_code == 0 and digests(out) == digests(tmp_path / "ref")
