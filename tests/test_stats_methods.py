@@ -239,8 +239,21 @@ def test_topk_any_chunking(n: int, levels: int, frac: float, splits: list[float]
     exps=st.lists(st.integers(-120, 120), min_size=1, max_size=400),
     splits=st.lists(st.integers(0, 400), max_size=6),
     seed=st.integers(0, 1000),
+    gpu_path=st.booleans(),
 )
-def test_exact_sums_do_not_depend_on_chunking(exps: list[int], splits: list[int], seed: int) -> None:
+def test_exact_sums_do_not_depend_on_chunking(exps: list[int], splits: list[int], seed: int, gpu_path: bool) -> None:
+    """Terms of widely spread magnitudes, any cuts, on the CPU's path and the GPU's (steps of 7)."""
+    from engine.stats import exact
+
+    with pytest.MonkeyPatch.context() as m:
+        if gpu_path:
+            m.setattr(exact, "_gpu", lambda device: True)
+            m.setattr(exact, "DEVICE_SUB", 7)
+            m.setattr(exact, "_ZERO_LANES", 2)  # few: a non-zero term among the zeros would round
+        _check_exact_sums(exps, splits, seed)
+
+
+def _check_exact_sums(exps: list[int], splits: list[int], seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     n = len(exps)
     x = torch.randn(n, generator=g) * torch.exp2(torch.tensor(exps, dtype=torch.float32) / 2)
@@ -254,13 +267,19 @@ def test_exact_sums_do_not_depend_on_chunking(exps: list[int], splits: list[int]
     assert total.value() == math.fsum(x.double().tolist())
 
 
+@pytest.mark.parametrize("gpu_path", [False, True])
 @pytest.mark.parametrize("kind", ["bf16 weights", "bf16 deltas", "half zeros", "float32"])
-def test_exact_dot_products_of_every_kind_of_data(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each path of `add_products` (no low parts, a few, many; runs of zeros) against math.fsum,
-    across sub-chunks and with spills forced."""
+def test_exact_dot_products_of_every_kind_of_data(kind: str, gpu_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each path of `add_products` (no low parts, a few, many; runs of zeros; the GPU's, which
+    bins every low part and spreads zeros over lanes of their own, in steps of DEVICE_SUB)
+    against math.fsum, across sub-chunks and with spills forced."""
     from engine.stats import exact
 
     monkeypatch.setattr(exact, "_MAX_TERMS", 50_000)  # spill every sub-chunk or so
+    if gpu_path:
+        monkeypatch.setattr(exact, "_gpu", lambda device: True)
+        monkeypatch.setattr(exact, "DEVICE_SUB", exact.SUB + 3)  # steps that do not divide the cuts
+        monkeypatch.setattr(exact, "_ZERO_LANES", 2)
     g = torch.Generator().manual_seed(7)
     n = 2 * exact.SUB + 1234
     w = torch.randn(n, generator=g).bfloat16().float()

@@ -13,7 +13,8 @@ could hold more, the bins are spilled into a Python list. `math.fsum` of the bin
 correctly rounded exact total.
 
 Cost (2-core Xeon, 64K-element sub-chunks): ~2 ns per float32 value; per product ~3.4 ns for
-bf16 weights, ~4.7 ns for their deltas, 5-6 ns for full float32 data.
+bf16 weights, ~4.7 ns for their deltas, 5-6 ns for full float32 data. On a GPU the steps are 4M
+elements and nothing waits for the device (no count of the zero low parts: zeros are spread).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ _BINS = 4096  # float64 sign and exponent: 1 + 11 bits
 # exponent (zeros, say) would otherwise be a chain of dependent adds to one address, 3x slower.
 _LANES = 8
 SUB = 1 << 16  # elements per sub-chunk: its float64 temporaries stay in L2
+# On a GPU there is no L2 to stay in and each sub-chunk costs ~15 kernel launches; 4M elements
+# keep the float64 temporaries (~8 arrays, 256 MiB) inside the work arrays the GPU plan counts.
+DEVICE_SUB = 1 << 22
+# Zero terms add nothing wherever they land; on a GPU they are spread over this many lanes of
+# their own, past the bins, so that a run of them does not queue atomic adds on one address.
+_ZERO_LANES = 1 << 12
 _MAX_TERMS = 1 << 29  # terms the bins may hold before a float64 bin sum could round
 # Keeps the sign, the exponent and the top 23 fraction bits (a 24-bit significand).
 _HIGH = -(1 << 29)
@@ -43,15 +50,15 @@ class ExactSum:
 
     def add(self, x: torch.Tensor) -> None:
         """Add every element of the float32 tensor `x`."""
-        flat = x.reshape(-1)
-        for s in range(0, flat.numel(), SUB):
-            self._bin(flat[s : s + SUB].double())
+        flat, step = x.reshape(-1), sub_size(x.device)
+        for s in range(0, flat.numel(), step):
+            self._bin(flat[s : s + step].double())
 
     def add_products(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add Σ xᵢ·yᵢ over the elements of two float32 tensors of one shape."""
-        fx, fy = x.reshape(-1), y.reshape(-1)
-        for s in range(0, fx.numel(), SUB):
-            self.add_products64(fx[s : s + SUB].double(), fy[s : s + SUB].double())
+        fx, fy, step = x.reshape(-1), y.reshape(-1), sub_size(x.device)
+        for s in range(0, fx.numel(), step):
+            self.add_products64(fx[s : s + step].double(), fy[s : s + step].double())
 
     def add_products64(self, x64: torch.Tensor, y64: torch.Tensor) -> None:
         """As `add_products`, for float64 copies of float32 data (convert once, pair many times)."""
@@ -59,6 +66,9 @@ class ExactSum:
         high = (p.view(torch.int64) & _HIGH).view(torch.float64)
         self._bin(high)
         low = p.sub_(high)  # the low 24 bits, exact
+        if _gpu(low.device):  # counting would wait for the GPU: spread the zeros instead
+            self._bin(low)
+            return
         # Products of bf16 weights fit in 24 bits, and of their deltas nearly all do: bin only
         # the low parts that are not zero (zeros add nothing, and cost the most: one address).
         some = int(torch.count_nonzero(low))
@@ -68,12 +78,15 @@ class ExactSum:
     def _bin(self, v: torch.Tensor) -> None:
         """Add float64 terms of at most 24 significant bits into their sign-and-exponent bins."""
         if self._bins is None:
-            self._bins = torch.zeros(_BINS * _LANES, dtype=torch.float64, device=v.device)
+            self._bins = torch.zeros(_BINS * _LANES + _ZERO_LANES, dtype=torch.float64, device=v.device)
         if self._terms + v.numel() > _MAX_TERMS:
             self._spill()
         # int64 >> 52 is the exponent for positive terms and exponent - 2048 for negative ones.
         lanes = _lane_offsets(max(SUB, v.numel()), v.device)[: v.numel()]
         index = torch.add(lanes, v.view(torch.int64) >> 52, alpha=_LANES)
+        if _gpu(v.device):
+            spread = _zero_lanes(max(SUB, v.numel()), _ZERO_LANES, v.device)[: v.numel()]
+            index = torch.where(v == 0, spread, index)
         self._bins.scatter_add_(0, index, v)
         self._terms += v.numel()
 
@@ -90,6 +103,22 @@ class ExactSum:
             return math.fsum(terms)
         except ValueError:  # inf + -inf
             return math.nan
+
+
+def sub_size(device: torch.device) -> int:
+    """Elements summed per step: L2-sized on the CPU, large on a GPU (see DEVICE_SUB)."""
+    return DEVICE_SUB if _gpu(device) else SUB
+
+
+def _gpu(device: torch.device) -> bool:
+    """Whether to take the GPU's path (tests take it on the CPU)."""
+    return device.type != "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_lanes(n: int, lanes: int, device: torch.device) -> torch.Tensor:
+    """int64 (n,): the lane past the bins where zero term i is added (read only, shared)."""
+    return torch.arange(n, device=device).remainder_(lanes).add_(_BINS * _LANES)
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from engine.methods.base import Chunk, Reducer, Stats, TensorParams
-from engine.stats.exact import SUB, ExactSum
+from engine.stats.exact import ExactSum, sub_size
 
 # (base, models) -> the float32 vectors of the chunk; may overwrite the (scratch) models.
 Vectors = Callable[[torch.Tensor, Sequence[torch.Tensor]], Sequence[torch.Tensor]]
@@ -34,8 +34,9 @@ class Gram(Reducer):
     ) -> None:
         vecs = self.vectors(base, models)
         used = sorted({i for pair in self.pairs for i in pair})
-        for s in range(0, base.numel(), SUB):
-            wide = {i: vecs[i][s : s + SUB].double() for i in used}  # float32 -> float64 once per vector
+        step = sub_size(base.device)
+        for s in range(0, base.numel(), step):
+            wide = {i: vecs[i][s : s + step].double() for i in used}  # float32 -> float64 once per vector
             for i, j in self.pairs:
                 acc[(i, j)].add_products64(wide[i], wide[j])
 
