@@ -42,6 +42,7 @@ from bench.common import (
     RunFailed,
     drop_from_page_cache,
     git_commit,
+    last_event,
     machine_info,
     read_limit,
     run_leanmerge,
@@ -128,7 +129,8 @@ def one_merge(
         RunFailed: the merge exited non-zero.
     """
     args = leanmerge_args(family, method, check.max_memory, out, io=io) + check.device_args(device) + list(extra)
-    return run_leanmerge(args, out.parent / f"{out.name}.events.jsonl")
+    log = out.parent / f"{out.name}.events.jsonl"
+    return {**run_leanmerge(args, log), "device_event": last_event(log, "device")}
 
 
 # ----------------------------------------------------------------------------- equality
@@ -324,6 +326,7 @@ def timed_entry(check: Check, fam: Family, method: str, device: str, cache: str)
     entry["peak_gpu_memory"] = stats(gpu) if gpu else None
     entry["predicted_peak_gpu_memory"] = reports[-1].get("predicted_peak_gpu_memory")
     entry["compiled"] = any(r.get("compiled") for r in reports)
+    entry["host_buffers"] = results[-1].get("device_event")  # pinned / not_pinned counts on CUDA
     return entry
 
 

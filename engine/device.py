@@ -176,6 +176,11 @@ class PinnedBuffers:
                 "%d host buffer(s) could not be page-locked: their copies to %s will not overlap", self.failed, dev
             )
 
+    @property
+    def locked(self) -> int:
+        """How many buffers are page-locked now."""
+        return len(self._ptrs)
+
     def close(self) -> None:
         if self._ptrs:
             torch.cuda.synchronize()

@@ -318,6 +318,15 @@ def _run(
             stack.callback(journal.close)
             pipe = Pipeline.allocate(plan)
             stack.callback(pipe.close)
+            if pipe.pinned.locked or pipe.pinned.failed:  # on CUDA: did the copies get page-locked buffers?
+                emit(
+                    {
+                        "event": "device",
+                        "device": plan.device.device,
+                        "pinned": pipe.pinned.locked,
+                        "not_pinned": pipe.pinned.failed,
+                    }
+                )
             out = WriteBehind(writer, journal, pipe.outs, sync_every)
             stack.callback(out.close)
             start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})

@@ -248,3 +248,44 @@ def test_out_of_memory_midway_is_one_line_and_resumes(
     assert resumed.exit_code == 0, resumed.output
     ref = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "ref")])
     assert ref.exit_code == 0 and digests(out) == digests(tmp_path / "ref")
+
+
+class FakeCudart:
+    """Stands in for torch.cuda.cudart(): records (un)registrations; fails the addresses in `refuse`."""
+
+    def __init__(self, refuse: set[int], style: str) -> None:
+        self.refuse, self.style = refuse, style
+        self.registered: list[tuple[int, int]] = []
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> object:  # noqa: N802 (CUDA's name)
+        code = 1 if ptr in self.refuse else 0
+        if code == 0:
+            self.registered.append((ptr, size))
+
+        class Enum:  # pybind enums carry .value; some builds return (error,) tuples
+            value = code
+
+        return {"int": code, "enum": Enum(), "tuple": (Enum(),)}[self.style]
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+
+@pytest.mark.parametrize("style", ["int", "enum", "tuple"])
+def test_pinned_buffers_lock_each_storage_once_and_unlock(monkeypatch: pytest.MonkeyPatch, style: str) -> None:
+    from engine.device import PinnedBuffers
+    from engine.io.checkpoint import direct_buffer
+
+    a, b, c = direct_buffer(10_000), torch.empty(4096, dtype=torch.uint8), torch.empty(100, dtype=torch.uint8)
+    fake = FakeCudart({c.untyped_storage().data_ptr()}, style)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    pinned = PinnedBuffers(CUDA, [a, a[5:], b, c])  # a view shares its storage: locked once
+    assert (pinned.locked, pinned.failed) == (2, 1)
+    assert fake.registered == [(s.data_ptr(), s.nbytes()) for s in (a.untyped_storage(), b.untyped_storage())]
+    assert a.untyped_storage().nbytes() > 10_000  # the whole allocation, alignment slack included
+    pinned.close()
+    assert fake.unregistered == [p for p, _ in fake.registered] and pinned.locked == 0
+    assert PinnedBuffers(torch.device("cpu"), [a]).locked == 0  # nothing to lock on the CPU
