@@ -87,7 +87,8 @@ def prepare(
     `compile` ("auto", "on", "off") decides whether fused kernels will run (`plan.compiled`) on the
     CPU; unless the kernel cache already holds them all, the compiler's memory is reserved in the
     budget, and a budget too small for it runs eager. On CUDA the methods run eager (the GPU is
-    far faster than any disk) in chunks planned for `max_gpu_memory` (`plan.device`). With `hold`,
+    far faster than any disk) in chunks planned for `max_gpu_memory` (`plan.device`); "auto" falls
+    back to the CPU when the GPU's free memory cannot hold one chunk. With `hold`,
     tensors with statistics passes that fit what the budget leaves are read once (`_hold_resident`).
     """
     dev = resolve_device(device)
@@ -105,8 +106,13 @@ def prepare(
     if dev.type == "cuda":
         plan = make_plan(spec, inv, **kw, device_reserve=CUDA_HOST_RESERVE)
         numel = max((t.numel for t in plan.tensors), default=1)
-        plan = replace(plan, device=plan_device(dev, max_gpu_memory, plan.memory, numel))
-        return inv, _hold_resident(plan) if hold else plan
+        try:
+            plan = replace(plan, device=plan_device(dev, max_gpu_memory, plan.memory, numel))
+            return inv, _hold_resident(plan) if hold else plan
+        except BudgetError as e:
+            if device.strip().lower() != "auto" or max_gpu_memory is not None:
+                raise
+            log.warning("--device auto: %s; merging on the CPU instead", e)
     plan = make_plan(spec, inv, **kw)
     params = spec.tensor_params()
     if want_compiled(compile, spec.method_impl, params, plan.bytes_read, per_tensor_params=spec.varies_by_tensor):
@@ -197,7 +203,7 @@ def merge(
         shard_size=shard_size,
         baseline=baseline,
         compile=compile,
-        device=str(dev),
+        device=device,
         max_gpu_memory=max_gpu_memory,
         hold=hold,
     )
@@ -252,7 +258,7 @@ def merge(
         peak_rss=peak_rss(),
         baseline_rss=baseline,
         predicted_peak_gpu_memory=plan.device.predicted_peak,
-        peak_gpu_memory=peak_device_memory(dev),
+        peak_gpu_memory=peak_device_memory(torch.device(plan.device.device)),  # auto may have fallen back
     )
 
 

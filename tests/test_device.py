@@ -289,3 +289,20 @@ def test_pinned_buffers_lock_each_storage_once_and_unlock(monkeypatch: pytest.Mo
     pinned.close()
     assert fake.unregistered == [p for p, _ in fake.registered] and pinned.locked == 0
     assert PinnedBuffers(torch.device("cpu"), [a]).locked == 0  # nothing to lock on the CPU
+
+
+def test_auto_falls_back_to_the_cpu_when_the_gpu_is_full(
+    tiny_family: MakeFamily, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU another job has filled: auto merges on the CPU (and says so); cuda asked for is an error."""
+    base, models = tiny_family(2)
+    spec = spec_for("dare_ties", base, models)
+    fake_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (1 << 20, 80 << 30))  # 1 MiB free
+    with caplog.at_level("WARNING"):
+        plan = prepare(spec, max_memory=1 << 30, device="auto")[1]
+    assert plan.device.device == "cpu" and "--device auto:" in caplog.text and "merging on the CPU" in caplog.text
+    with pytest.raises(BudgetError, match="80% of the free GPU memory"):
+        prepare(spec, max_memory=1 << 30, device="cuda")
+    with pytest.raises(BudgetError, match="--max-gpu-memory"):
+        prepare(spec, max_memory=1 << 30, device="auto", max_gpu_memory=1 << 20)
