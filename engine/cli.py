@@ -81,7 +81,7 @@ def spec_options(f: F) -> F:
             default="auto",
             show_default=True,
             metavar="auto|cpu|cuda[:N]",
-            help="Where the arithmetic runs (auto: CUDA when present). Same bytes on both, but for slerp's last place.",
+            help="Where the arithmetic runs (auto: CUDA when present). Same bytes on both.",
         ),
         click.option("--max-gpu-memory", type=SIZE, help="Device memory ceiling on CUDA (default: 80% of free)."),
         click.option(
@@ -98,6 +98,19 @@ def spec_options(f: F) -> F:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def planning(kw: dict[str, Any]) -> dict[str, Any]:
+    """The `spec_options` flags that shape the plan (not the spec), as `prepare`/`merge` keywords:
+    `merge` and `plan` pass the same ones, so the plan shown is the plan run."""
+    return {
+        "max_memory": kw["max_memory"],
+        "block_bytes": kw["block_size"],
+        "shard_size": kw["shard_size"],
+        "device": kw["device"],
+        "max_gpu_memory": kw["max_gpu_memory"],
+        "hold": kw["hold"],
+    }
 
 
 def build_spec(kw: dict[str, Any]) -> MergeSpec:
@@ -201,19 +214,14 @@ def merge_cmd(
             report = merge(
                 spec,
                 output,
-                max_memory=kw["max_memory"],
-                block_bytes=kw["block_size"],
-                shard_size=kw["shard_size"],
                 overwrite=overwrite,
                 resume=resume,
                 drop_cache=drop_cache,
                 direct_io=direct_io,
                 sync_every=sync_every,
                 compile=compile_mode,
-                device=kw["device"],
-                max_gpu_memory=kw["max_gpu_memory"],
-                hold=kw["hold"],
                 on_event=on_event,
+                **planning(kw),
             )
             on_event({"event": "report", **report.to_json()})
     click.echo(format_report(report))
@@ -226,15 +234,7 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
     """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
     with engine_errors():
         spec = build_spec(kw)
-        _, plan = prepare(
-            spec,
-            max_memory=kw["max_memory"],
-            block_bytes=kw["block_size"],
-            shard_size=kw["shard_size"],
-            device=kw["device"],
-            max_gpu_memory=kw["max_gpu_memory"],
-            hold=kw["hold"],
-        )
+        _, plan = prepare(spec, **planning(kw))
     if as_json:
         summary = plan_summary(plan)
         summary["tensor_plans"] = [
