@@ -82,10 +82,12 @@ class ExactSum:
         if self._terms + v.numel() > _MAX_TERMS:
             self._spill()
         # int64 >> 52 is the exponent for positive terms and exponent - 2048 for negative ones.
-        lanes = _lane_offsets(max(SUB, v.numel()), v.device)[: v.numel()]
+        # One cached offsets tensor per device, a step long (a longer call grows it).
+        size = max(sub_size(v.device), v.numel())
+        lanes = _lane_offsets(size, v.device)[: v.numel()]
         index = torch.add(lanes, v.view(torch.int64) >> 52, alpha=_LANES)
         if _gpu(v.device):
-            spread = _zero_lanes(max(SUB, v.numel()), _ZERO_LANES, v.device)[: v.numel()]
+            spread = _zero_lanes(size, _ZERO_LANES, v.device)[: v.numel()]
             index = torch.where(v == 0, spread, index)
         self._bins.scatter_add_(0, index, v)
         self._terms += v.numel()
