@@ -141,15 +141,30 @@ def dare_merge(
 
 # --- Methods with tensor-wide statistics (TIES, breadcrumbs, DELLA, SLERP, model stock, DARE's
 # norm rescale). Whole tensors: top-k by a stable sort of |δ| (largest first, equal magnitudes by
-# lowest flat index), ranks by argsort, norms and dot products by `math.fsum` (exact, correctly
-# rounded), so none of them shares code or summation order with the engine's reducers.
+# lowest flat index), ranks by argsort, norms and dot products summed in the engine's defined
+# order over the whole flat tensor at once (numpy), so none of them shares code with the engine's
+# reducers, which must meet the same order chunk by chunk.
 
 
-def exact_dot(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Σ xᵢ·yᵢ of float32 tensors: float64 products are exact, `math.fsum` rounds once."""
-    import math
+def pairwise_sum(terms: torch.Tensor, group: int = 4096) -> float:
+    """Σ of float64 terms in the engine's defined order (engine.stats.pairwise), over the whole
+    flat tensor: pad to a multiple of `group`, sum each group by halving, repeat on the sums."""
+    import numpy as np
 
-    return math.fsum((x.double().reshape(-1) * y.double().reshape(-1)).tolist())
+    v = terms.reshape(-1).numpy()
+    while v.size > 1:
+        v = np.concatenate([v, np.zeros(-v.size % group)]).reshape(-1, group)
+        width = group
+        while width > 1:
+            width //= 2
+            v = v[:, :width] + v[:, width : 2 * width]
+        v = v[:, 0]
+    return float(v[0]) + 0.0 if v.size else 0.0
+
+
+def pairwise_dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Σ xᵢ·yᵢ of float32 tensors: float64 products are exact; summed pairwise."""
+    return pairwise_sum(x.double().reshape(-1) * y.double().reshape(-1))
 
 
 def rank_order(delta: torch.Tensor) -> torch.Tensor:
@@ -199,11 +214,11 @@ def della_trim(delta: torch.Tensor, density: float, epsilon: float, rescale: boo
 
 
 def slerp_ref(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
-    """mergekit's slerp with exact norms and dot product."""
+    """mergekit's slerp, with float64 pairwise norms and dot product."""
     import math
 
-    n0, n1 = math.sqrt(exact_dot(base, base)), math.sqrt(exact_dot(model, model))
-    dot = exact_dot(base, model) / ((n0 if n0 > 1e-8 else 1.0) * (n1 if n1 > 1e-8 else 1.0))
+    n0, n1 = math.sqrt(pairwise_dot(base, base)), math.sqrt(pairwise_dot(model, model))
+    dot = pairwise_dot(base, model) / ((n0 if n0 > 1e-8 else 1.0) * (n1 if n1 > 1e-8 else 1.0))
     if abs(dot) > 0.9995:
         return (1 - t) * base + t * model
     theta_0 = math.acos(dot)
@@ -221,8 +236,8 @@ def model_stock_ref(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch
     cos = []
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
-            norms = math.sqrt(exact_dot(offsets[i], offsets[i])) * math.sqrt(exact_dot(offsets[j], offsets[j]))
-            cos.append(min(max(exact_dot(offsets[i], offsets[j]) / max(norms, 1e-6), -1.0), 1.0))
+            norms = math.sqrt(pairwise_dot(offsets[i], offsets[i])) * math.sqrt(pairwise_dot(offsets[j], offsets[j]))
+            cos.append(min(max(pairwise_dot(offsets[i], offsets[j]) / max(norms, 1e-6), -1.0), 1.0))
     c = sum(cos) / len(cos)
     n = len(models)
     t = n * c / (1 + (n - 1) * c) if 1 + (n - 1) * c != 0 else 0.0
@@ -244,11 +259,11 @@ def dare_norm_trim(delta: torch.Tensor, keep: torch.Tensor, density: float, norm
         before, after = float(delta.abs().max()), float(masked.abs().max())
     elif norm == "l1":
         before, after = (
-            math.fsum(delta.double().abs().reshape(-1).tolist()),
-            math.fsum(masked.double().abs().reshape(-1).tolist()),
+            pairwise_sum(delta.double().abs()),
+            pairwise_sum(masked.double().abs()),
         )
     else:
-        before, after = math.sqrt(exact_dot(delta, delta)), math.sqrt(exact_dot(masked, masked))
+        before, after = math.sqrt(pairwise_dot(delta, delta)), math.sqrt(pairwise_dot(masked, masked))
     if before < 1e-7 or after < 1e-7:
         return masked
     return masked * (before / after)

@@ -4,6 +4,7 @@ rescale): block-wise output equals whole-tensor references bit for bit, for ever
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from pathlib import Path
 
@@ -15,11 +16,11 @@ from hypothesis import strategies as st
 from engine import MergeSpec, ModelRef, merge
 from engine.errors import SpecError
 from engine.methods.base import Chunk, TensorParams
-from engine.stats.exact import ExactSum
+from engine.stats.pairwise import PairwiseSum
 from engine.stats.topk import in_top, magnitude_key, topk_reducers
 
 from conftest import MakeFamily, family_tensors, write_checkpoint
-from reference import load_model, merge_folders_stats, rank_order
+from reference import load_model, merge_folders_stats, pairwise_sum, rank_order
 
 TOPK = ["ties", "breadcrumbs", "breadcrumbs_ties"]
 SAMPLED = ["della", "della_linear"]
@@ -236,65 +237,70 @@ def test_topk_any_chunking(n: int, levels: int, frac: float, splits: list[float]
 
 
 @given(
-    exps=st.lists(st.integers(-120, 120), min_size=1, max_size=400),
+    exps=st.lists(st.integers(-120, 120), max_size=400),
     splits=st.lists(st.integers(0, 400), max_size=6),
     seed=st.integers(0, 1000),
-    gpu_path=st.booleans(),
+    group=st.sampled_from([2, 4, 8, 4096]),
+    step=st.integers(1, 9),
 )
-def test_exact_sums_do_not_depend_on_chunking(exps: list[int], splits: list[int], seed: int, gpu_path: bool) -> None:
-    """Terms of widely spread magnitudes, any cuts, on the CPU's path and the GPU's (steps of 7)."""
-    from engine.stats import exact
+def test_pairwise_sums_do_not_depend_on_chunking(
+    exps: list[int], splits: list[int], seed: int, group: int, step: int
+) -> None:
+    """Terms of widely spread magnitudes (so any other order would round differently), any cuts,
+    groups small enough that several stages fill and close: the whole-tensor tree's sum, bit for
+    bit, and within the pairwise error bound of the exact sum."""
+    from engine.stats import pairwise
 
-    with pytest.MonkeyPatch.context() as m:
-        if gpu_path:
-            m.setattr(exact, "_gpu", lambda device: True)
-            m.setattr(exact, "DEVICE_SUB", 7)
-            m.setattr(exact, "_ZERO_LANES", 2)  # few: a non-zero term among the zeros would round
-        _check_exact_sums(exps, splits, seed)
-
-
-def _check_exact_sums(exps: list[int], splits: list[int], seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     n = len(exps)
     x = torch.randn(n, generator=g) * torch.exp2(torch.tensor(exps, dtype=torch.float32) / 2)
     y = torch.randn(n, generator=g) * torch.exp2(-torch.tensor(exps, dtype=torch.float32) / 3)
     cuts = sorted({0, n, *(min(s, n) for s in splits)})
-    dot, total = ExactSum(), ExactSum()
-    for a, b in zip(cuts, cuts[1:]):
-        dot.add_products(x[a:b], y[a:b])
-        total.add(x[a:b])
-    assert dot.value() == math.fsum((x.double() * y.double()).tolist())
-    assert total.value() == math.fsum(x.double().tolist())
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pairwise, "GROUP", group)
+        m.setattr(pairwise, "CPU_STEP", step)
+        dot, total = PairwiseSum(), PairwiseSum()
+        for a, b in zip(cuts, cuts[1:]):
+            dot.add_products(x[a:b], y[a:b])
+            total.add(x[a:b])
+        got_dot, got_total = dot.value(), total.value()
+    products = x.double() * y.double()
+    assert got_dot == pairwise_sum(products, group)
+    assert got_total == pairwise_sum(x.double(), group)
+    for got, terms in [(got_dot, products), (got_total, x.double())]:
+        bound = max(1, n).bit_length() * 2.0**-53 * math.fsum(terms.abs().tolist())
+        assert abs(got - math.fsum(terms.tolist())) <= bound
 
 
-@pytest.mark.parametrize("gpu_path", [False, True])
-@pytest.mark.parametrize("kind", ["bf16 weights", "bf16 deltas", "half zeros", "float32"])
-def test_exact_dot_products_of_every_kind_of_data(kind: str, gpu_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each path of `add_products` (no low parts, a few, many; runs of zeros; the GPU's, which
-    bins every low part and spreads zeros over lanes of their own, in steps of DEVICE_SUB)
-    against math.fsum, across sub-chunks and with spills forced."""
-    from engine.stats import exact
+@pytest.mark.parametrize("kind", ["bf16 weights", "bf16 deltas", "half zeros", "negative zeros", "float32"])
+def test_pairwise_dot_products_of_every_kind_of_data(kind: str) -> None:
+    """Chunks cut off every group boundary, and one call over several steps, give the tree's sum
+    (the order the whole-tensor references use); a sum of negative zeros is +0.0 however padded."""
+    from engine.stats import pairwise
 
-    monkeypatch.setattr(exact, "_MAX_TERMS", 50_000)  # spill every sub-chunk or so
-    if gpu_path:
-        monkeypatch.setattr(exact, "_gpu", lambda device: True)
-        monkeypatch.setattr(exact, "DEVICE_SUB", exact.SUB + 3)  # steps that do not divide the cuts
-        monkeypatch.setattr(exact, "_ZERO_LANES", 2)
+    assert inspect.signature(pairwise_sum).parameters["group"].default == pairwise.GROUP
+
     g = torch.Generator().manual_seed(7)
-    n = 2 * exact.SUB + 1234
+    n = 2 * pairwise.CPU_STEP + 1234
     w = torch.randn(n, generator=g).bfloat16().float()
     x, y = w, (w + torch.randn(n, generator=g) * 0.01).bfloat16().float()
     if kind != "bf16 weights":
         x, y = y - w, (w + torch.randn(n, generator=g) * 0.01).bfloat16().float() - w
     if kind == "half zeros":
         x[torch.rand(n, generator=g) < 0.5] = 0.0
+    if kind == "negative zeros":
+        x, y = torch.full((n,), -0.0), torch.ones(n)
     if kind == "float32":
         x, y = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    dot, whole = ExactSum(), ExactSum()
-    for a, b in [(0, 1000), (1000, exact.SUB + 7), (exact.SUB + 7, n)]:
+    dot, whole = PairwiseSum(), PairwiseSum()
+    for a, b in [(0, 1000), (1000, pairwise.CPU_STEP + 7), (pairwise.CPU_STEP + 7, n)]:
         dot.add_products(x[a:b], y[a:b])
-    whole.add_products64(x.double(), y.double())  # one call over more than a sub-chunk
-    assert dot.value() == whole.value() == math.fsum((x.double() * y.double()).tolist())
+    whole.add_products64(x.double(), y.double())  # one call over several steps' worth
+    want = pairwise_sum(x.double() * y.double())
+    got = dot.value()
+    assert got == whole.value() == want
+    if kind == "negative zeros":
+        assert got == 0.0 and math.copysign(1.0, got) == 1.0
 
 
 def test_della_keeps_density_on_average_and_favours_large_magnitudes(tmp_path: Path) -> None:

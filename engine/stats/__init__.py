@@ -1,7 +1,9 @@
-"""Tensor-wide statistics computed exactly out of core, as reducer passes over a tensor's chunks.
+"""Tensor-wide statistics computed out of core, as reducer passes over a tensor's chunks, and
+independent of how the tensor was cut.
 
-- `exact`: sums of float32 values and of products of float32 values (norms, dot products),
-  exact until one final rounding, so they do not depend on how the tensor was cut.
+- `pairwise`: sums of float32 values and of products of float32 values (norms, dot products)
+  in one fixed pairwise order over the flat index.
+- `gram`: the Gram entries of a few vectors per tensor (SLERP, model stock), from `pairwise`.
 - `topk`: the exact top-k magnitude threshold by radix select over float bit patterns, with
   ties broken by lowest flat index.
 """
