@@ -32,6 +32,7 @@ from engine.kernels import all_cached, want_compiled
 from engine.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, make_plan
 from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
+from engine.stats import pairwise
 
 log = logging.getLogger(__name__)
 # Measured on llama1b-embed (2-core VM, cold, --max-memory 4GiB, medians of 3), held vs read per
@@ -237,6 +238,8 @@ def merge(
             )
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
+        finally:
+            pairwise.release()  # the statistics' scratch: a library caller's GPU gets it back
         commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from engine import MergeSpec, ModelRef, merge
 from engine.errors import SpecError
 from engine.methods.base import Chunk, TensorParams
+from engine.stats import pairwise
 from engine.stats.pairwise import PairwiseSum
 from engine.stats.topk import in_top, magnitude_key, topk_reducers
 
@@ -140,6 +141,7 @@ def test_same_bytes_for_any_block_size(tiny_family: MakeFamily, tmp_path: Path, 
     spec = make_spec(method, base, models, per, 1234, **globals_for(method, True, 1.0, "l1", 0.4))
     runs = [digests(Path(merge(spec, tmp_path / f"out{b}", block_bytes=b).output)) for b in (1, 50, 777, 1 << 20)]
     assert all(r == runs[0] for r in runs[1:])
+    assert not vars(pairwise._local).get("arrays")  # the sums' scratch is freed after a merge
 
 
 def test_large_tensor_across_chunks(tmp_path: Path) -> None:
@@ -249,8 +251,6 @@ def test_pairwise_sums_do_not_depend_on_chunking(
     """Terms of widely spread magnitudes (so any other order would round differently), any cuts,
     groups small enough that several stages fill and close: the whole-tensor tree's sum, bit for
     bit, and within the pairwise error bound of the exact sum."""
-    from engine.stats import pairwise
-
     g = torch.Generator().manual_seed(seed)
     n = len(exps)
     x = torch.randn(n, generator=g) * torch.exp2(torch.tensor(exps, dtype=torch.float32) / 2)
@@ -276,8 +276,6 @@ def test_pairwise_sums_do_not_depend_on_chunking(
 def test_pairwise_dot_products_of_every_kind_of_data(kind: str) -> None:
     """Chunks cut off every group boundary, and one call over several steps, give the tree's sum
     (the order the whole-tensor references use); a sum of negative zeros is +0.0 however padded."""
-    from engine.stats import pairwise
-
     assert inspect.signature(pairwise_sum).parameters["group"].default == pairwise.GROUP
 
     g = torch.Generator().manual_seed(7)

@@ -126,6 +126,11 @@ def scratch(name: Hashable, n: int, device: torch.device) -> torch.Tensor:
     return buf[:n]
 
 
+def release() -> None:
+    """Free this thread's scratch arrays (at the end of a merge)."""
+    _local.__dict__.pop("arrays", None)
+
+
 def step_size(device: torch.device) -> int:
     """Elements converted to float64 per step: cache-sized on the CPU, large on a GPU."""
     return CPU_STEP if device.type == "cpu" else DEVICE_STEP
