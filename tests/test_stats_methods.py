@@ -17,11 +17,11 @@ from engine import MergeSpec, ModelRef, merge
 from engine.errors import SpecError
 from engine.methods.base import Chunk, TensorParams
 from engine.stats import pairwise
-from engine.stats.pairwise import PairwiseSum
+from engine.stats.pairwise import PairwiseSums
 from engine.stats.topk import in_top, magnitude_key, topk_reducers
 
 from conftest import MakeFamily, family_tensors, write_checkpoint
-from reference import load_model, merge_folders_stats, pairwise_sum, rank_order
+from reference import load_model, merge_folders_stats, pairwise_dot, pairwise_sum, rank_order
 
 TOPK = ["ties", "breadcrumbs", "breadcrumbs_ties"]
 SAMPLED = ["della", "della_linear"]
@@ -259,7 +259,7 @@ def test_pairwise_sums_do_not_depend_on_chunking(
     with pytest.MonkeyPatch.context() as m:
         m.setattr(pairwise, "GROUP", group)
         m.setattr(pairwise, "CPU_STEP", step)
-        dot, total = PairwiseSum(), PairwiseSum()
+        dot, total = PairwiseSums(), PairwiseSums()
         for a, b in zip(cuts, cuts[1:]):
             dot.add_products(x[a:b], y[a:b])
             total.add(x[a:b])
@@ -290,10 +290,10 @@ def test_pairwise_dot_products_of_every_kind_of_data(kind: str) -> None:
         x, y = torch.full((n,), -0.0), torch.ones(n)
     if kind == "float32":
         x, y = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    dot, whole = PairwiseSum(), PairwiseSum()
+    dot, whole = PairwiseSums(), PairwiseSums()
     for a, b in [(0, 1000), (1000, pairwise.CPU_STEP + 7), (pairwise.CPU_STEP + 7, n)]:
         dot.add_products(x[a:b], y[a:b])
-    whole.add_products64(x.double(), y.double())  # one call over several steps' worth
+    whole.add64((x.double() * y.double()).view(1, -1))  # one call over several steps' worth
     want = pairwise_sum(x.double() * y.double())
     got = dot.value()
     assert got == whole.value() == want
@@ -385,3 +385,23 @@ def test_edge_parameters_are_accepted(tmp_path: Path) -> None:
     make_spec("della", tmp_path, models, [{"density": 1.0, "epsilon": 0.5}])  # density 1 prunes nothing
     make_spec("breadcrumbs", tmp_path, models, [{"density": 0.7, "gamma": 0.3}])
     make_spec("breadcrumbs", tmp_path, models, [{}])  # density 1 with the default gamma
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_gram_batches_of_pairs_equal_the_reference(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four vectors, ten pairs, summed `rows` at a time, over chunks cut off the group boundaries:
+    each entry is the whole-tensor pairwise dot product."""
+    from engine.methods.model_stock import pairs
+    from engine.stats import gram
+
+    monkeypatch.setattr(gram, "ROWS", rows)
+    monkeypatch.setattr(pairwise, "CPU_STEP", 5000)  # steps that do not divide the chunks
+    g = torch.Generator().manual_seed(3)
+    n = 3 * pairwise.GROUP + 77
+    vecs = [torch.randn(n, generator=g) * 10.0**e for e in (-3, 0, 2, -1)]
+    reducer = gram.Gram("g", lambda base, models: [base, *models], pairs(4))
+    acc = reducer.start(None, {}, n)  # type: ignore[arg-type]
+    for a, b in [(0, 4000), (4000, 4001), (4001, 11000), (11000, n)]:
+        reducer.chunk(acc, vecs[0][a:b], [v[a:b] for v in vecs[1:]], None, {}, None)  # type: ignore[arg-type]
+    got = reducer.finish(acc, None, {})["g"]  # type: ignore[arg-type]
+    assert got == {(i, j): pairwise_dot(vecs[i], vecs[j]) for i, j in pairs(4)}

@@ -8,7 +8,7 @@ Instead of dividing survivors by the density, the dropped delta δ̂ = m ⊙ δ 
 If either norm is below 1e-7 the delta is left unscaled (mergekit's rule).
 
 The norms need the whole tensor: one reducer pass recomputes each chunk's keyed mask (the same
-one `apply` will draw) and sums in one fixed order (`PairwiseSum`), so the factor, and every
+one `apply` will draw) and sums in one fixed order (`PairwiseSums`), so the factor, and every
 merged byte, is the same for any block size. mergekit sums in float32, which can move the factor's last bits.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from engine.methods.base import Chunk, Reducer, Stats, TensorParams
-from engine.stats.pairwise import PairwiseSum
+from engine.stats.pairwise import PairwiseSums
 
 NORMS = ("l1", "l2", "linf")
 FACTORS = "dare.rescale"  # stats key: per model, the factor (1.0 where nothing is dropped)
@@ -33,8 +33,8 @@ EPS = 1e-7
 class _Norm:
     """One model's ‖δ‖ and ‖m ⊙ δ‖ so far."""
 
-    before: PairwiseSum = field(default_factory=PairwiseSum)
-    after: PairwiseSum = field(default_factory=PairwiseSum)
+    before: PairwiseSums = field(default_factory=PairwiseSums)
+    after: PairwiseSums = field(default_factory=PairwiseSums)
     max_before: float = 0.0
     max_after: float = 0.0
 

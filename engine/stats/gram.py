@@ -1,7 +1,7 @@
 """Gram entries Σ xᵢ·xⱼ over whole tensors, as one reducer pass (SLERP, model stock).
 
 The vectors are derived from each chunk by the method (weights for SLERP, deltas for model
-stock) and summed in one fixed order (`PairwiseSum`), so the statistic, and every byte merged
+stock) and summed in one fixed order (`PairwiseSums`), so the statistic, and every byte merged
 from it, is the same for any block size, device or thread count.
 """
 
@@ -13,32 +13,44 @@ from typing import Any
 import torch
 
 from engine.methods.base import Chunk, Reducer, Stats, TensorParams
-from engine.stats.pairwise import PairwiseSum, step_size, widen
+from engine.stats.pairwise import PairwiseSums, scratch, step_size
 
 # (base, models) -> the float32 vectors of the chunk; may overwrite the (scratch) models.
 Vectors = Callable[[torch.Tensor, Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 Pair = tuple[int, int]
 
 
+ROWS = 8  # products summed side by side: up to 8 float64 arrays of a step (16 MiB on the CPU)
+
+
 class Gram(Reducer):
-    """Puts `stats[name]`: {(i, j): Σ xᵢ·xⱼ} for the requested pairs, each a pairwise float64 sum."""
+    """Puts `stats[name]`: {(i, j): Σ xᵢ·xⱼ} for the requested pairs, each a float64 sum in the
+    order `PairwiseSums` fixes, up to ROWS of them side by side."""
 
     def __init__(self, name: str, vectors: Vectors, pairs: Sequence[Pair]) -> None:
         self.name, self.vectors, self.pairs = name, vectors, tuple(pairs)
+        self.used = sorted({i for pair in self.pairs for i in pair})
+        self.batches = [self.pairs[b : b + ROWS] for b in range(0, len(self.pairs), ROWS)]
 
     def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
-        return {pair: PairwiseSum() for pair in self.pairs}
+        return [PairwiseSums(len(batch)) for batch in self.batches]
 
     def chunk(
         self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> None:
         vecs = self.vectors(base, models)
-        used = sorted({i for pair in self.pairs for i in pair})
         step = step_size(base.device)
         for s in range(0, base.numel(), step):
-            wide = {i: widen(vecs[i][s : s + step], ("gram", i)) for i in used}  # once per vector
-            for i, j in self.pairs:
-                acc[(i, j)].add_products64(wide[i], wide[j])
+            n = min(step, base.numel() - s)
+            wide = scratch("gram", (max(self.used) + 1, n), base.device)
+            for i in self.used:  # float32 -> float64 once per vector
+                wide[i].copy_(vecs[i][s : s + n])
+            for sums, batch in zip(acc, self.batches):
+                products = scratch("products", (len(batch), n), base.device)
+                for row, (i, j) in enumerate(batch):
+                    torch.mul(wide[i], wide[j], out=products[row])  # exact: 24 x 24 bits fit float64's 53
+                sums.add64(products)
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
-        return {self.name: {pair: s.value() for pair, s in acc.items()}}
+        values = [v for sums in acc for v in sums.values()]
+        return {self.name: dict(zip(self.pairs, values))}

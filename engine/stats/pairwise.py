@@ -27,8 +27,9 @@ here, and they were most of a SLERP or model stock merge (bench numbers in the R
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -39,91 +40,103 @@ CPU_STEP = 1 << 18  # elements converted to float64 at once: 2 MiB per array, st
 DEVICE_STEP = 1 << 22
 
 
-class PairwiseSum:
-    """A float64 sum of terms given in flat order, by the pairwise tree over their index."""
+class PairwiseSums:
+    """`batch` float64 sums of terms given in flat order, each by the tree over their index.
 
-    def __init__(self) -> None:
-        self._open: list[torch.Tensor] = []  # per stage: its unfinished group (< GROUP terms)
+    The sums run side by side over the same flat positions (a tensor's norms and dot products),
+    so every step is one whole-tensor op for all of them: the tree's small levels cost a launch
+    each whatever their size, and a batch pays that once.
+    """
+
+    def __init__(self, batch: int = 1) -> None:
+        self.batch = batch
+        self._open: list[torch.Tensor] = []  # per stage: its unfinished group, (batch, < GROUP)
 
     def add(self, x: torch.Tensor) -> None:
-        """Add the elements of the float32 tensor `x`, which come next in flat order."""
-        flat, step = x.reshape(-1), step_size(x.device)
-        for s in range(0, flat.numel(), step):
-            self._push(0, widen(flat[s : s + step], "x"))
+        """Add the elements of the float32 tensor `x` (batch 1), which come next in flat order."""
+        flat, step = x.reshape(1, -1), step_size(x.device)
+        for s in range(0, flat.shape[1], step):
+            self.add64(widen(flat[:, s : s + step], "x"))
 
     def add_products(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add xᵢ·yᵢ for the elements of two float32 tensors of one shape, next in flat order."""
-        fx, fy, step = x.reshape(-1), y.reshape(-1), step_size(x.device)
-        for s in range(0, fx.numel(), step):
-            self.add_products64(widen(fx[s : s + step], "x"), widen(fy[s : s + step], "y"))
+        """Add xᵢ·yᵢ for the elements of two float32 tensors of one shape (batch 1)."""
+        fx, fy, step = x.reshape(1, -1), y.reshape(1, -1), step_size(x.device)
+        for s in range(0, fx.shape[1], step):
+            x64, y64 = widen(fx[:, s : s + step], "x"), widen(fy[:, s : s + step], "y")
+            self.add64(torch.mul(x64, y64, out=scratch("products", x64.shape, x64.device)))  # exact
 
-    def add_products64(self, x64: torch.Tensor, y64: torch.Tensor) -> None:
-        """As `add_products`, for float64 copies of float32 data (convert once, pair many times)."""
-        # exact: 24 x 24 bits fit float64's 53
-        self._push(0, torch.mul(x64, y64, out=scratch("products", x64.numel(), x64.device)))
+    def add64(self, terms: torch.Tensor) -> None:
+        """Add float64 terms, (batch, n), the next n positions of each sum. Overwrites `terms`."""
+        self._push(0, terms)
 
-    def value(self) -> float:
-        """The tree's sum of every term added (0.0 for none)."""
+    def values(self) -> list[float]:
+        """Each tree's sum of every term added (0.0 for none)."""
         stage = 0
         while stage < len(self._open):
-            top, rest = stage == len(self._open) - 1, self._open[stage]
-            if top and rest.numel() <= 1:
-                return (float(rest[0]) if rest.numel() else 0.0) + 0.0
-            if rest.numel():  # the last group of this stage, zero-padded
-                self._open[stage] = rest[:0]
-                self._push(stage + 1, group_sums(torch.nn.functional.pad(rest, (0, GROUP - rest.numel()))))
+            rest = self._open[stage]
+            if stage == len(self._open) - 1 and rest.shape[1] <= 1:
+                return [(v[0] if v else 0.0) + 0.0 for v in rest.tolist()]
+            if rest.shape[1]:  # the last group of this stage, zero-padded
+                self._open[stage] = rest[:, :0]
+                self._push(stage + 1, group_sums(torch.nn.functional.pad(rest, (0, GROUP - rest.shape[1]))))
             stage += 1
-        return 0.0
+        return [0.0] * self.batch
+
+    def value(self) -> float:
+        """The sum, for a batch of 1."""
+        (v,) = self.values()
+        return v
 
     def _push(self, stage: int, terms: torch.Tensor) -> None:
-        """Append `terms` to a stage: finished groups are reduced and go up one stage."""
+        """Append `terms` (batch, n) to a stage: finished groups are summed and go up one stage."""
         if stage == len(self._open):
-            self._open.append(terms[:0])
+            self._open.append(terms[:, :0])
         rest = self._open[stage]
-        if rest.numel():  # finish the open group first
-            need = GROUP - rest.numel()
-            rest = torch.cat([rest, terms[:need]])
-            terms = terms[need:]
-            if rest.numel() < GROUP:
+        if rest.shape[1]:  # finish the open group first
+            need = GROUP - rest.shape[1]
+            rest = torch.cat([rest, terms[:, :need]], dim=1)
+            terms = terms[:, need:]
+            if rest.shape[1] < GROUP:
                 self._open[stage] = rest
                 return
             self._push(stage + 1, group_sums(rest))
-        whole = terms.numel() // GROUP * GROUP
+        whole = terms.shape[1] // GROUP * GROUP
         if whole:
-            self._push(stage + 1, group_sums(terms[:whole]))
-        self._open[stage] = terms[whole:].clone()  # a copy: `terms` may be a view of a big buffer
+            self._push(stage + 1, group_sums(terms[:, :whole]))
+        self._open[stage] = terms[:, whole:].clone()  # a copy: `terms` may be a view of a big buffer
 
 
 def group_sums(terms: torch.Tensor) -> torch.Tensor:
-    """The sum of each aligned group of GROUP terms (terms.numel() is a multiple), by halving:
-    the upper half of the group is added onto the lower half until one term is left. In place:
+    """The sum of each aligned group of GROUP terms, (batch, n) -> (batch, n / GROUP), by halving:
+    the upper half of a group is added onto its lower half until one term is left. In place:
     `terms` is overwritten."""
-    w, half = terms.view(-1, GROUP), GROUP // 2
+    w, half = terms.view(terms.shape[0], -1, GROUP), GROUP // 2
     while half:
-        w[:, :half].add_(w[:, half : 2 * half])
+        w[..., :half].add_(w[..., half : 2 * half])
         half //= 2
-    return w[:, 0].clone()  # a fresh copy: `terms` is scratch that the next step reuses
+    return w[..., 0].clone()  # a fresh copy: `terms` is scratch that the next step reuses
 
 
 def widen(x: torch.Tensor, name: Hashable) -> torch.Tensor:
     """A float64 copy of the float32 `x` in the scratch array `name` (valid until its next use)."""
-    return scratch(name, x.numel(), x.device).copy_(x)
+    return scratch(name, x.shape, x.device).copy_(x)
 
 
 _local = threading.local()
 
 
-def scratch(name: Hashable, n: int, device: torch.device) -> torch.Tensor:
-    """n float64 of this thread's scratch array `name` on `device`, kept between calls.
+def scratch(name: Hashable, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A float64 tensor of `shape` in this thread's scratch array `name` on `device`, kept between calls.
 
     A fresh allocation of a step's float64 temporaries maps new pages each time: one SLERP merge of
     2.6 GB took 4M page faults and 8 s of system time on 2 cores before these were reused.
     """
+    n = math.prod(shape)
     arrays: dict[tuple[Hashable, torch.device], torch.Tensor] = _local.__dict__.setdefault("arrays", {})
     buf = arrays.get((name, device))
     if buf is None or buf.numel() < n:
         buf = arrays[(name, device)] = torch.empty(max(n, step_size(device)), dtype=torch.float64, device=device)
-    return buf[:n]
+    return buf[:n].view(shape)
 
 
 def release() -> None:
