@@ -192,9 +192,10 @@ class _Stage:
                 stats = {**stats, **self._reduce(r, tensor, lambda b: filled, streams, stats)}
             self._emit_block(tensor, block, filled, streams, stats)
             return not should_stop()
-        held = self._hold(tensor) if tensor.resident else None
-        stats = {}
-        for r in reducers:
+        held, stats, todo = None, {}, list(reducers)
+        if tensor.resident:  # the first pass runs as the blocks land, behind the next reads
+            held, stats = self._hold(tensor, todo.pop(0), streams)
+        for r in todo:
             stats = {**stats, **self._reduce(r, tensor, held, streams, stats)}
         for block in tensor.blocks(first_row):
             self._emit_block(tensor, block, held(block) if held else self._next(tensor, block), streams, stats)
@@ -202,17 +203,30 @@ class _Stage:
                 return False
         return not should_stop()
 
-    def _hold(self, tensor: TensorPlan) -> Callable[[Block], Filled]:
+    def _hold(
+        self, tensor: TensorPlan, first: Reducer, streams: tuple[KeyedRng, ...]
+    ) -> tuple[Callable[[Block], Filled], Stats]:
         """Read every block of a resident tensor once into the resident buffers (on the compute
-        device), giving each read buffer back at once; returns each block's view of them."""
+        device), giving each read buffer back at once, and run the `first` statistics pass over
+        each block as it lands, while the readers fill the next ones.
+
+        Returns each block's view of the buffers, and the first pass's statistics.
+        """
         whole = [b[: tensor.numel * itemsize(d)].view(DTYPES[d]) for b, d in zip(self.pipe.resident, tensor.in_dtypes)]
+
+        def held(b: Block) -> Filled:
+            return Filled(None, [w[b.start : b.start + b.numel] for w in whole])
+
+        acc = first.start(self.params, {}, tensor.numel)
         for block in tensor.blocks():
             filled = self._next(tensor, block)
             for i in tensor.streams:
                 self.mover.upload(whole[i][block.start : block.start + block.numel], filled.data[i])
             self.mover.inputs_done()
             self.prefetch.release(filled.slot)
-        return lambda b: Filled(None, [w[b.start : b.start + b.numel] for w in whole])
+            for base, models, c in self._chunks(tensor, block, held(block), streams):
+                first.chunk(acc, base, models, self.params, {}, c)
+        return held, first.finish(acc, self.params, {})
 
     def _reduce(
         self,
