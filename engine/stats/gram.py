@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 
+from engine.budget import WORK_ARRAYS
 from engine.methods.base import Chunk, Reducer, Stats, TensorParams
-from engine.stats.pairwise import PairwiseSums, scratch, step_size
+from engine.stats.pairwise import GROUP, PairwiseSums, scratch, step_size
 
 # (base, models) -> the float32 vectors of the chunk; may overwrite the (scratch) models.
 Vectors = Callable[[torch.Tensor, Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 Pair = tuple[int, int]
 
 
-ROWS = 8  # products summed side by side: up to 8 float64 arrays of a step (16 MiB on the CPU)
+ROWS = 8  # products summed side by side
 
 
 class Gram(Reducer):
@@ -39,7 +40,10 @@ class Gram(Reducer):
         self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> None:
         vecs = self.vectors(base, models)
-        step = step_size(base.device)
+        # The float64 copies and products of a step live in the chunk's planned temporaries
+        # (WORK_ARRAYS float32 arrays): a step is as long as they can hold.
+        arrays = max(self.used) + 1 + len(self.batches[0])
+        step = min(step_size(base.device), max(1, base.numel() * WORK_ARRAYS // 2 // arrays // GROUP) * GROUP)
         for s in range(0, base.numel(), step):
             n = min(step, base.numel() - s)
             wide = scratch("gram", (max(self.used) + 1, n), base.device)

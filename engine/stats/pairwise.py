@@ -34,10 +34,8 @@ from collections.abc import Hashable, Sequence
 import torch
 
 GROUP = 1 << 12  # terms per group: a group's tree is 12 levels of whole-tensor adds
-CPU_STEP = 1 << 18  # elements converted to float64 at once: 2 MiB per array, stays in L2
-# On a GPU a step costs ~15 kernel launches; 4M elements keep the float64 temporaries (~8 arrays,
-# 256 MiB) inside the work arrays the GPU plan counts.
-DEVICE_STEP = 1 << 22
+CPU_STEP = 1 << 18  # elements converted to float64 at once: 2 MiB per array
+DEVICE_STEP = 1 << 22  # on a GPU a step costs ~15 kernel launches whatever its size
 
 
 class PairwiseSums:
@@ -135,7 +133,7 @@ def scratch(name: Hashable, shape: Sequence[int], device: torch.device) -> torch
     arrays: dict[tuple[Hashable, torch.device], torch.Tensor] = _local.__dict__.setdefault("arrays", {})
     buf = arrays.get((name, device))
     if buf is None or buf.numel() < n:
-        buf = arrays[(name, device)] = torch.empty(max(n, step_size(device)), dtype=torch.float64, device=device)
+        buf = arrays[(name, device)] = torch.empty(n, dtype=torch.float64, device=device)
     return buf[:n].view(shape)
 
 
