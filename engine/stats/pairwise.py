@@ -68,7 +68,8 @@ class PairwiseSums:
         self._push(0, terms)
 
     def values(self) -> list[float]:
-        """Each tree's sum of every term added (0.0 for none)."""
+        """Each tree's sum of every term added (0.0 for none). Closes the open groups: call it
+        once, after the last add."""
         stage = 0
         while stage < len(self._open):
             rest = self._open[stage]
