@@ -217,16 +217,15 @@ class _Stage:
         def held(b: Block) -> Filled:
             return Filled(None, [w[b.start : b.start + b.numel] for w in whole])
 
-        acc = first.start(self.params, {}, tensor.numel)
-        for block in tensor.blocks():
-            filled = self._next(tensor, block)
+        def land(b: Block) -> Filled:  # read the block into the buffers, free its read buffer
+            filled, view = self._next(tensor, b), held(b)
             for i in tensor.streams:
-                self.mover.upload(whole[i][block.start : block.start + block.numel], filled.data[i])
+                self.mover.upload(view.data[i], filled.data[i])
             self.mover.inputs_done()
             self.prefetch.release(filled.slot)
-            for base, models, c in self._chunks(tensor, block, held(block), streams):
-                first.chunk(acc, base, models, self.params, {}, c)
-        return held, first.finish(acc, self.params, {})
+            return view
+
+        return held, self._reduce(first, tensor, land, streams, {})
 
     def _reduce(
         self,
@@ -236,7 +235,8 @@ class _Stage:
         streams: tuple[KeyedRng, ...],
         stats: Stats,
     ) -> dict[str, Any]:
-        """One statistics pass over the tensor: from the held blocks, or reading each again."""
+        """One statistics pass over the tensor: each block from `held` (held blocks, or blocks
+        landing in the hold), or read again without it."""
         acc = r.start(self.params, stats, tensor.numel)
         for block in tensor.blocks():
             filled = held(block) if held is not None else self._next(tensor, block)

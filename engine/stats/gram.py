@@ -32,6 +32,7 @@ class Gram(Reducer):
         self.name, self.vectors, self.pairs = name, vectors, tuple(pairs)
         self.used = sorted({i for pair in self.pairs for i in pair})
         self.batches = [self.pairs[b : b + ROWS] for b in range(0, len(self.pairs), ROWS)]
+        self.arrays = max(self.used) + 1 + len(self.batches[0])  # float64 arrays of a step
 
     def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
         return [PairwiseSums(len(batch)) for batch in self.batches]
@@ -42,8 +43,7 @@ class Gram(Reducer):
         vecs = self.vectors(base, models)
         # The float64 copies and products of a step live in the chunk's planned temporaries
         # (WORK_ARRAYS float32 arrays): a step is as long as they can hold.
-        arrays = max(self.used) + 1 + len(self.batches[0])
-        step = min(step_size(base.device), max(1, base.numel() * WORK_ARRAYS // 2 // arrays // GROUP) * GROUP)
+        step = min(step_size(base.device), max(1, base.numel() * WORK_ARRAYS // 2 // self.arrays // GROUP) * GROUP)
         for s in range(0, base.numel(), step):
             n = min(step, base.numel() - s)
             wide = scratch("gram", (max(self.used) + 1, n), base.device)
