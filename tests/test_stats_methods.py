@@ -261,7 +261,7 @@ def test_pairwise_sums_do_not_depend_on_chunking(
         m.setattr(pairwise, "CPU_STEP", step)
         dot, total = PairwiseSums(), PairwiseSums()
         for a, b in zip(cuts, cuts[1:]):
-            dot.add_products(x[a:b], y[a:b])
+            dot.add_products([x[a:b], y[a:b]], [(0, 1)])
             total.add(x[a:b])
         got_dot, got_total = dot.value(), total.value()
     products = x.double() * y.double()
@@ -292,7 +292,7 @@ def test_pairwise_dot_products_of_every_kind_of_data(kind: str) -> None:
         x, y = torch.randn(n, generator=g), torch.randn(n, generator=g)
     dot, whole = PairwiseSums(), PairwiseSums()
     for a, b in [(0, 1000), (1000, pairwise.CPU_STEP + 7), (pairwise.CPU_STEP + 7, n)]:
-        dot.add_products(x[a:b], y[a:b])
+        dot.add_products([x[a:b], y[a:b]], [(0, 1)])
     whole.add64((x.double() * y.double()).view(1, -1))  # one call over several steps' worth
     want = pairwise_sum(x.double() * y.double())
     got = dot.value()

@@ -19,7 +19,8 @@ import torch
 
 from engine.methods.base import Chunk, Method, ParamDef, ParamValue, Reducer, Stats, TensorParams, div_, weighted_sum_
 from engine.methods.task_arithmetic import deltas_
-from engine.stats.gram import Gram, Pair
+from engine.stats.gram import Gram
+from engine.stats.pairwise import Pair
 
 GRAM = "model_stock.gram"
 

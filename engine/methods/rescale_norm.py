@@ -43,8 +43,8 @@ class _Norm:
             self.before.add(delta.abs())
             self.after.add(dropped.abs_())
         elif norm == "l2":
-            self.before.add_products(delta, delta)
-            self.after.add_products(dropped, dropped)
+            self.before.add_products([delta], [(0, 0)])
+            self.after.add_products([dropped], [(0, 0)])
         elif delta.numel():  # linf: a max is exact in any order
             self.max_before = max(self.max_before, float(delta.abs().max()))
             self.max_after = max(self.max_after, float(dropped.abs_().max()))

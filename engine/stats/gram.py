@@ -14,11 +14,10 @@ import torch
 
 from engine.budget import WORK_ARRAYS
 from engine.methods.base import Chunk, Reducer, Stats, TensorParams
-from engine.stats.pairwise import GROUP, PairwiseSums, scratch, step_size
+from engine.stats.pairwise import GROUP, Pair, PairwiseSums, step_size
 
 # (base, models) -> the float32 vectors of the chunk; may overwrite the (scratch) models.
 Vectors = Callable[[torch.Tensor, Sequence[torch.Tensor]], Sequence[torch.Tensor]]
-Pair = tuple[int, int]
 
 
 ROWS = 8  # products summed side by side
@@ -41,19 +40,11 @@ class Gram(Reducer):
         self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> None:
         vecs = self.vectors(base, models)
-        # The float64 copies and products of a step live in the chunk's planned temporaries
+        # The torch path's float64 copies and products live in the chunk's planned temporaries
         # (WORK_ARRAYS float32 arrays): a step is as long as they can hold.
         step = min(step_size(base.device), max(1, base.numel() * WORK_ARRAYS // 2 // self.arrays // GROUP) * GROUP)
-        for s in range(0, base.numel(), step):
-            n = min(step, base.numel() - s)
-            wide = scratch("gram", (max(self.used) + 1, n), base.device)
-            for i in self.used:  # float32 -> float64 once per vector
-                wide[i].copy_(vecs[i][s : s + n])
-            for sums, batch in zip(acc, self.batches):
-                products = scratch("products", (len(batch), n), base.device)
-                for row, (i, j) in enumerate(batch):
-                    torch.mul(wide[i], wide[j], out=products[row])  # exact: 24 x 24 bits fit float64's 53
-                sums.add64(products)
+        for sums, batch in zip(acc, self.batches):
+            sums.add_products(vecs, batch, step)
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         values = [v for sums in acc for v in sums.values()]

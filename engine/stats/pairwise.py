@@ -21,8 +21,11 @@ than GROUP terms) until the next chunk completes it; a finished group is summed 
 whole-tensor step, and its sum goes up a stage. The state is a few small tensors, nothing waits
 for a GPU until `value()`, and chunks may be cut anywhere.
 
-This replaced exact (correctly rounded) binned sums: 3.4-6 ns per product on 2 cores against ~1
-here, and they were most of a SLERP or model stock merge (bench numbers in the README).
+On the CPU the first level (products, widening and the GROUP-term groups) runs in C
+(`engine.stats._fused`, one pass over the float32 inputs, the same adds in the same order); the
+torch path below does it on a GPU, in the head and tail of a chunk that cut a group, and where the
+extension was not built. This replaced exact (correctly rounded) binned sums: 3.4-6 ns per
+product on 2 cores, most of a SLERP or model stock merge (bench numbers in the README).
 """
 
 from __future__ import annotations
@@ -30,12 +33,21 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Hashable, Sequence
+from types import ModuleType
 
 import torch
+
+_fused: ModuleType | None
+try:
+    import engine.stats._fused as _fused
+except ImportError:  # installed without a C compiler: the torch path gives the same sums, slower
+    _fused = None
 
 GROUP = 1 << 12  # terms per group: a group's tree is 12 levels of whole-tensor adds
 CPU_STEP = 1 << 18  # elements converted to float64 at once: 2 MiB per array
 DEVICE_STEP = 1 << 22  # on a GPU a step costs ~15 kernel launches whatever its size
+ALONE = -1  # the j of a pair (i, ALONE): the terms are vectors[i] itself, not a product
+Pair = tuple[int, int]
 
 
 class PairwiseSums:
@@ -52,16 +64,29 @@ class PairwiseSums:
 
     def add(self, x: torch.Tensor) -> None:
         """Add the elements of the float32 tensor `x` (batch 1), which come next in flat order."""
-        flat, step = x.reshape(1, -1), step_size(x.device)
-        for s in range(0, flat.shape[1], step):
-            self.add64(widen(flat[:, s : s + step], "x"))
+        self.add_products([x], [(0, ALONE)])
 
-    def add_products(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add xᵢ·yᵢ for the elements of two float32 tensors of one shape (batch 1)."""
-        fx, fy, step = x.reshape(1, -1), y.reshape(1, -1), step_size(x.device)
-        for s in range(0, fx.shape[1], step):
-            x64, y64 = widen(fx[:, s : s + step], "x"), widen(fy[:, s : s + step], "y")
-            self.add64(torch.mul(x64, y64, out=scratch("products", x64.shape, x64.device)))  # exact
+    def add_products(self, vectors: Sequence[torch.Tensor], pairs: Sequence[Pair], step: int | None = None) -> None:
+        """Add vectors[i]ₖ·vectors[j]ₖ (or vectors[i]ₖ where j is ALONE) for each (i, j) of `pairs`,
+        the batch in order. The vectors are float32 tensors of one shape, next in flat order; the
+        products are exact in float64. `step` bounds the torch path's float64 temporaries
+        (elements per step; default `step_size`)."""
+        flat = [v.reshape(-1) for v in vectors]
+        n = flat[0].numel()
+        head = min(n, -self.pending % GROUP)  # the terms that complete the open group
+        kernel = fused_kernel(flat[0].device)
+        fused = (n - head) // GROUP * GROUP if kernel else 0
+        self._widened(flat, pairs, 0, head, step)
+        if kernel and fused:
+            sums = torch.empty(len(pairs), fused // GROUP, dtype=torch.float64)
+            kernel.group_sums(tuple(v[head : head + fused].numpy() for v in flat), tuple(pairs), sums.numpy())
+            self._push(1, sums)
+        self._widened(flat, pairs, head + fused, n, step)
+
+    @property
+    def pending(self) -> int:
+        """Terms added so far that do not fill a group yet (those of the open group of stage 0)."""
+        return self._open[0].shape[1] if self._open else 0
 
     def add64(self, terms: torch.Tensor) -> None:
         """Add float64 terms, (batch, n), the next n positions of each sum. Overwrites `terms`."""
@@ -86,10 +111,28 @@ class PairwiseSums:
         (v,) = self.values()
         return v
 
+    def _widened(self, flat: Sequence[torch.Tensor], pairs: Sequence[Pair], a: int, b: int, step: int | None) -> None:
+        """The torch path of `add_products` for flat positions [a, b): widen, multiply, `add64`."""
+        device = flat[0].device
+        step = step or step_size(device)
+        used = sorted({i for pair in pairs for i in pair if i != ALONE})
+        for s in range(a, b, step):
+            n = min(step, b - s)
+            wide = scratch("wide", (max(used) + 1, n), device)
+            for i in used:  # float32 -> float64 once per vector
+                wide[i].copy_(flat[i][s : s + n])
+            terms = scratch("terms", (len(pairs), n), device)
+            for row, (i, j) in enumerate(pairs):
+                if j == ALONE:
+                    terms[row].copy_(wide[i])
+                else:
+                    torch.mul(wide[i], wide[j], out=terms[row])  # exact: 24 x 24 bits fit float64's 53
+            self.add64(terms)
+
     def _push(self, stage: int, terms: torch.Tensor) -> None:
         """Append `terms` (batch, n) to a stage: finished groups are summed and go up one stage."""
-        if stage == len(self._open):
-            self._open.append(terms[:, :0])
+        while stage >= len(self._open):
+            self._open.append(terms.new_empty((self.batch, 0)))
         rest = self._open[stage]
         if rest.shape[1]:  # finish the open group first
             need = GROUP - rest.shape[1]
@@ -116,11 +159,6 @@ def group_sums(terms: torch.Tensor) -> torch.Tensor:
     return w[..., 0].clone()  # a fresh copy: `terms` is scratch that the next step reuses
 
 
-def widen(x: torch.Tensor, name: Hashable) -> torch.Tensor:
-    """A float64 copy of the float32 `x` in the scratch array `name` (valid until its next use)."""
-    return scratch(name, x.shape, x.device).copy_(x)
-
-
 _local = threading.local()
 
 
@@ -141,6 +179,11 @@ def scratch(name: Hashable, shape: Sequence[int], device: torch.device) -> torch
 def release() -> None:
     """Free this thread's scratch arrays (at the end of a merge)."""
     _local.__dict__.pop("arrays", None)
+
+
+def fused_kernel(device: torch.device) -> ModuleType | None:
+    """The C first level where it applies: built, for this GROUP (tests change it), on the CPU."""
+    return _fused if _fused is not None and _fused.GROUP == GROUP and device.type == "cpu" else None
 
 
 def step_size(device: torch.device) -> int:
