@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # Measured on llama1b-embed (2-core VM, cold, --max-memory 4GiB, medians of 3), held vs read per
 # pass: ties (4 passes) 17.7 vs 22.1 s, breadcrumbs (4) 20.3 vs 21.5 s; slerp (2) 11.6 vs 11.0 s,
 # model_stock (2) 27.2 vs 26.6 s: the copy into the held buffer costs what the re-read did.
+# Again with the statistics' first level in C (3 alternating runs): slerp 11.1 vs 12.2 s, model_stock
+# 16.2 vs 15.5 s, at 3-4x the peak RSS: still no clear gain for two passes.
 CPU_HOLD_PASSES = 3
 SPACE_MARGIN = 64 << 20  # journal, index and side files
 REHASH_PIECE = 16 << 20
