@@ -59,8 +59,9 @@ def test_held_equals_read_per_pass(
 ) -> None:
     monkeypatch.setattr(merge_module, "CPU_HOLD_PASSES", 2)  # as on a GPU: hold two-pass tensors too
     s = spec(method, family, **params)
-    plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30)[1]
-    reread = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
+    rss = 600 << 20  # one baseline for both plans: the process's RSS moves between two calls
+    plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, baseline=rss)[1]
+    reread = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False, baseline=rss)[1]
     held = [t for t in plan.tensors if t.resident]
     assert held and not any(t.resident for t in reread.tensors)
     assert plan.bytes_read < reread.bytes_read and all(t.reads == 1 for t in held)
