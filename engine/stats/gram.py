@@ -29,9 +29,9 @@ class Gram(Reducer):
 
     def __init__(self, name: str, vectors: Vectors, pairs: Sequence[Pair]) -> None:
         self.name, self.vectors, self.pairs = name, vectors, tuple(pairs)
-        self.used = sorted({i for pair in self.pairs for i in pair})
         self.batches = [self.pairs[b : b + ROWS] for b in range(0, len(self.pairs), ROWS)]
-        self.arrays = max(self.used) + 1 + len(self.batches[0])  # float64 arrays of a step
+        # float64 arrays of a torch-path step (`PairwiseSums._widened`): the vectors, the products
+        self.arrays = max(max(pair) for pair in self.pairs) + 1 + len(self.batches[0])
 
     def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
         return [PairwiseSums(len(batch)) for batch in self.batches]

@@ -113,6 +113,8 @@ class PairwiseSums:
 
     def _widened(self, flat: Sequence[torch.Tensor], pairs: Sequence[Pair], a: int, b: int, step: int | None) -> None:
         """The torch path of `add_products` for flat positions [a, b): widen, multiply, `add64`."""
+        if a >= b:  # the C took all of it (the usual case on the CPU)
+            return
         device = flat[0].device
         step = step or step_size(device)
         used = sorted({i for pair in pairs for i in pair if i != ALONE})
