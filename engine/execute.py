@@ -240,8 +240,12 @@ class _Stage:
         acc = r.start(self.params, stats, tensor.numel)
         for block in tensor.blocks():
             filled = held(block) if held is not None else self._next(tensor, block)
-            for base, models, c in self._chunks(tensor, block, filled, streams):
-                r.chunk(acc, base, models, self.params, stats, c)
+            for c0, c1 in self._spans(tensor, block):
+                raw, c = [x[c0:c1] for x in filled.data], self._chunk(tensor, streams, block.start + c0)
+                if not (tensor.reads_base and r.raw_chunk(acc, raw, self.params, stats, c)):
+                    base, *models = self.mover.to_work(raw, tensor.reads_base)
+                    r.chunk(acc, base, models, self.params, stats, c)
+            self.mover.inputs_done()
             if held is None:
                 self.prefetch.release(filled.slot)
         return r.finish(acc, self.params, stats)
@@ -269,15 +273,6 @@ class _Stage:
             ready = self.mover.outputs_ready()
         self.prefetch.release(filled.slot)
         self.out.submit(tensor, block, out_bytes, buffer, ready)
-
-    def _chunks(
-        self, tensor: TensorPlan, block: Block, filled: Filled, streams: tuple[KeyedRng, ...]
-    ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], Chunk]]:
-        """Float32 copies of each chunk of the block on the compute device, with its position."""
-        for c0, c1 in self._spans(tensor, block):
-            base, *models = self.mover.to_work([x[c0:c1] for x in filled.data], tensor.reads_base)
-            yield base, models, self._chunk(tensor, streams, block.start + c0)
-        self.mover.inputs_done()
 
     def _chunk(self, tensor: TensorPlan, streams: tuple[KeyedRng, ...], start: int) -> Chunk:
         return Chunk(streams, start, tensor.numel, tensor.row_numel, self.mover.device)

@@ -7,7 +7,9 @@ import hashlib
 import inspect
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from engine import MergeSpec, ModelRef, merge
 from engine.errors import SpecError
 from engine.methods.base import Chunk, TensorParams
 from engine.stats import pairwise
-from engine.stats.pairwise import PairwiseSums
+from engine.stats.pairwise import ALONE, PairwiseSums
 from engine.stats.topk import in_top, magnitude_key, topk_reducers
 
 from conftest import MakeFamily, family_tensors, write_checkpoint
@@ -158,6 +160,37 @@ def test_large_tensor_across_chunks(tmp_path: Path) -> None:
             merge(make_spec(method, base, models, per, **g), tmp_path / f"{method}{b}", block_bytes=b)
             got = load_model(tmp_path / f"{method}{b}")
             assert all(torch.equal(got[n], w) for n, w in want.items()), (method, b)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (torch.float32, torch.bfloat16, torch.float16)])
+def test_gram_from_the_read_buffers_equals_the_float32_copies(
+    tmp_path: Path, dtypes: tuple[torch.dtype, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SLERP and model stock with the C reading the read buffers (bfloat16, float32; a float16
+    model sends its chunks to the float32 copies), and without the C: the same bytes as the
+    whole-tensor reference, for blocks cut inside and across the groups."""
+    sets = family_tensors({"w": (300, 1000), "v": (70_001,)}, 2, 7, torch.float32)
+    sets = [{n: t.to(d) for n, t in s.items()} for s, d in zip(sets, dtypes)]
+    base = write_checkpoint(tmp_path / "base", sets[0])
+    models = [write_checkpoint(tmp_path / f"ft{i}", s) for i, s in enumerate(sets[1:])]
+    kernel, formats = pairwise._fused, set()
+
+    def group_sums(streams: tuple[np.ndarray, ...], *rest: object) -> None:
+        formats.update(s.dtype.char for s in streams)
+        kernel.group_sums(streams, *rest)
+
+    spy = SimpleNamespace(GROUP=pairwise.GROUP, group_sums=group_sums) if kernel else None
+    for method, ms in (("slerp", models[:1]), ("model_stock", models)):
+        g = globals_for(method, True, 1.0, "l1", 0.3)
+        want = merge_folders_stats(method, base, ms, **g)
+        for fused in (spy, None):
+            monkeypatch.setattr(pairwise, "_fused", fused)
+            for b in (1 << 20, 150_001):
+                out = tmp_path / f"{method}{b}{fused is None}"
+                merge(make_spec(method, base, ms, [{} for _ in ms], **g), out, block_bytes=b)
+                got = load_model(out)
+                assert all(torch.equal(got[n], w) for n, w in want.items()), (method, b, fused)
+    assert not kernel or formats == {"h"} | ({"f"} if torch.float32 in dtypes else set())  # read as they are
 
 
 @pytest.mark.parametrize(("method", "gamma"), [("ties", 0.0), ("breadcrumbs", 0.0), ("breadcrumbs", 0.1)])
@@ -387,9 +420,11 @@ def test_edge_parameters_are_accepted(tmp_path: Path) -> None:
     make_spec("breadcrumbs", tmp_path, models, [{}])  # density 1 with the default gamma
 
 
+@pytest.mark.parametrize("raw", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_gram_batches_of_pairs_equal_the_reference(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Four vectors, ten pairs, summed `rows` at a time, over chunks cut off the group boundaries:
+def test_gram_batches_of_pairs_equal_the_reference(rows: int, raw: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four vectors, ten pairs, summed `rows` at a time, over chunks cut off the group boundaries,
+    given as float32 copies (`chunk`) or as the read buffers (`raw_chunk`, the C where built):
     each entry is the whole-tensor pairwise dot product."""
     from engine.methods.model_stock import pairs
     from engine.stats import gram
@@ -399,9 +434,11 @@ def test_gram_batches_of_pairs_equal_the_reference(rows: int, monkeypatch: pytes
     g = torch.Generator().manual_seed(3)
     n = 3 * pairwise.GROUP + 77
     vecs = [torch.randn(n, generator=g) * 10.0**e for e in (-3, 0, 2, -1)]
-    reducer = gram.Gram("g", lambda base, models: [base, *models], pairs(4))
+    reducer = gram.Gram("g", [(i, ALONE) for i in range(4)], pairs(4))
     acc = reducer.start(None, {}, n)  # type: ignore[arg-type]
     for a, b in [(0, 4000), (4000, 4001), (4001, 11000), (11000, n)]:
-        reducer.chunk(acc, vecs[0][a:b], [v[a:b] for v in vecs[1:]], None, {}, None)  # type: ignore[arg-type]
+        part, c = [v[a:b] for v in vecs], Chunk((), a, n)
+        if not (raw and reducer.raw_chunk(acc, part, None, {}, c)):  # type: ignore[arg-type]
+            reducer.chunk(acc, part[0], part[1:], None, {}, c)  # type: ignore[arg-type]
     got = reducer.finish(acc, None, {})["g"]  # type: ignore[arg-type]
     assert got == {(i, j): pairwise_dot(vecs[i], vecs[j]) for i, j in pairs(4)}

@@ -134,6 +134,12 @@ class Reducer(ABC):
     ) -> None:
         """Fold one chunk into `acc` (in place)."""
 
+    def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
+        """Fold one chunk given as views of the read buffers (the inputs' dtypes, base first), if
+        this reducer can: True if it did. The default cannot, and `chunk` then gets the float32
+        copies; a reducer that reads the raw inputs itself saves the copies' pass over memory."""
+        return False
+
     @abstractmethod
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         """The statistics this pass adds, by name."""

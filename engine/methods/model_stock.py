@@ -4,7 +4,7 @@ With k fine-tunes and cos θ the mean pairwise cosine between their deltas δₘ
 (over the whole tensor; the paper's angle, averaged over pairs as mergekit does for k > 2),
     t = k·cos θ / (1 + (k − 1)·cos θ),   θ = t · mean(θₘ) + (1 − t) · θ_base.
 Each cosine is δᵢ·δⱼ / max(‖δᵢ‖‖δⱼ‖, 1e-6), clamped to [−1, 1], as in mergekit. The dot
-products and norms are summed exactly in one reducer pass (`engine.stats.gram`), so t and the
+products and norms are summed in one fixed order in one reducer pass (`engine.stats.gram`), so t and the
 merged bytes do not depend on the block size. Needs at least two models besides the base.
 mergekit's `filter_wise: true` (one angle per row) is not supported. Where 1 + (k − 1)·cos θ is
 exactly 0 (t would be infinite) the base is kept (t = 0).
@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from engine.methods.base import Chunk, Method, ParamDef, ParamValue, Reducer, Stats, TensorParams, div_, weighted_sum_
-from engine.methods.task_arithmetic import deltas_
 from engine.stats.gram import Gram
 from engine.stats.pairwise import Pair
 
@@ -55,7 +54,7 @@ class ModelStock(Method):
     min_models = 2
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
-        return (Gram(GRAM, deltas_, pairs(len(p.models))),)
+        return (Gram(GRAM, [(m, 0) for m in range(1, len(p.models) + 1)], pairs(len(p.models))),)  # the deltas
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk

@@ -6,7 +6,7 @@ Each tensor is treated as one vector: with Ω the angle between θ_base and θ�
 falling back to linear interpolation (1 − t)·θ_base + t·θ₁ when the vectors are nearly
 parallel (|cos Ω| > 0.9995), as mergekit does. A norm at most 1e-8 is taken as 1 (mergekit's
 `normalize`). cos Ω needs ‖θ_base‖², ‖θ₁‖² and θ_base·θ₁ over the whole tensor: one reducer pass
-sums them exactly (`engine.stats.gram`), so the two coefficients, and the merged bytes, are the
+sums them in one fixed order (`engine.stats.gram`), so the two coefficients, and the merged bytes, are the
 same for any block size. mergekit sums in float32 numpy, which can move cos Ω in its last bits.
 
 `t` is global (mergekit: required; here 0.5 if unset) and must lie in [0, 1].
@@ -21,6 +21,7 @@ import torch
 
 from engine.methods.base import Chunk, Method, ParamDef, ParamValue, Reducer, Stats, TensorParams
 from engine.stats.gram import Gram
+from engine.stats.pairwise import ALONE
 
 DOT_THRESHOLD = 0.9995  # mergekit's: beyond it the vectors count as parallel
 NORM_EPS = 1e-8
@@ -44,10 +45,6 @@ def slerp_coefficients(t: float, s00: float, s11: float, s01: float) -> tuple[fl
     return math.sin(omega - omega * t) / math.sin(omega), math.sin(omega * t) / math.sin(omega)
 
 
-def _weights(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [base, models[0]]
-
-
 class Slerp(Method):
     name = "slerp"
     params = (T,)
@@ -55,7 +52,7 @@ class Slerp(Method):
     max_models = 1
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
-        return (Gram(GRAM, _weights, [(0, 0), (1, 1), (0, 1)]),)
+        return (Gram(GRAM, [(0, ALONE), (1, ALONE)], [(0, 0), (1, 1), (0, 1)]),)  # the weights
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk

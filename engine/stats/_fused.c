@@ -1,6 +1,6 @@
 /* The first level of `engine.stats.pairwise`'s tree, fused: each aligned group of GROUP terms
  * (float32 values, or products of two float32 values, widened to float64) summed by halving, in
- * one pass over the float32 inputs.
+ * one pass over the inputs, which may be the merge's bfloat16 read buffers themselves.
  *
  * The torch path widens every input to a float64 array, writes every product to another, then
  * runs GROUP's 12 halving levels as whole-array ops: about ten passes over memory per term. Here a
@@ -14,10 +14,17 @@
  * so the sums are bit for bit those of the torch path; tests check both. Contracting a product
  * and an add into an FMA cannot change a result: the products are exact.
  *
+ * The terms' vectors are formed here too (a bfloat16 widened, a model stock delta subtracted in
+ * float32, as torch's cast and `sub_` do), so the statistics pass of a bfloat16 merge never
+ * writes the float32 copies of its chunks: on 2 cores those copies and deltas took about as long
+ * as the sums.
+ *
  * The GIL is released while the loops run: the readers and the writer keep going.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
+#include <string.h>
 
 #define GROUP 4096 /* the kernel is used only while engine.stats.pairwise.GROUP equals it */
 #define HALF (GROUP / 2)
@@ -32,8 +39,15 @@
 #endif
 
 typedef struct {
-    const float *x, *y; /* y is NULL for a plain sum of x */
-} Terms;
+    const void *buf;
+    int bf16; /* 1: bfloat16 bits, 0: float32 */
+} Stream;
+
+/* Two indices: a vector's streams (a - b, or a alone where b < 0), or a term's vectors (i * j, or
+ * i alone where j < 0). */
+typedef struct {
+    Py_ssize_t x, y;
+} Indices;
 
 /* The halving levels after the first, on w[0 .. HALF). */
 static inline double halve(double *w) {
@@ -52,65 +66,123 @@ static inline double group_sum(const float *x, double *w) {
     return halve(w);
 }
 
-/* out[b * groups + g]: the sum of group g of terms[b], for every b < batch. Group-major, so a
- * group's inputs are read from memory once for the whole batch. Single-threaded: a second thread
- * lost to torch's OpenMP workers (which spin between ops) in a merge: 3.6 s vs 1.2 s for SLERP's
- * statistics on 2 cores. */
-CLONES static void sum_groups(const Terms *terms, Py_ssize_t batch, Py_ssize_t groups, double *out) {
+/* A bfloat16 is the upper half of a float32: widening is exact, as torch's cast. */
+static inline void widen_bf16(const uint16_t *h, float *out) {
+    for (int k = 0; k < GROUP; k++) {
+        uint32_t u = (uint32_t)h[k] << 16;
+        memcpy(&out[k], &u, sizeof u);
+    }
+}
+
+/* One float32 subtraction per element, as torch's `sub_` of the float32 workspace copies (a
+ * model stock delta): IEEE, the same rounding on every path. */
+static inline void difference(const float *x, const float *y, float *out) {
+    for (int k = 0; k < GROUP; k++) out[k] = x[k] - y[k];
+}
+
+/* out[t * groups + g]: the sum of group g of terms[t], for every t < nterms. Group-major, so a
+ * group's inputs are read from memory once for every term: each stream is widened (bfloat16) and
+ * each vector formed (a difference) into `scratch`, GROUP floats per stream and per vector, which
+ * stays in the L2 cache. Single-threaded: a second thread lost to torch's OpenMP workers (which
+ * spin between ops) in a merge: 3.6 s vs 1.2 s for SLERP's statistics on 2 cores. */
+CLONES static void sum_groups(const Stream *streams, Py_ssize_t nstreams, const Indices *vectors, Py_ssize_t nvec,
+                              const Indices *terms, Py_ssize_t nterms, Py_ssize_t groups, float *scratch,
+                              const float **at, double *out) {
     double w[HALF];
     for (Py_ssize_t g = 0; g < groups; g++) {
-        Py_ssize_t at = g * GROUP;
-        for (Py_ssize_t b = 0; b < batch; b++) {
-            const Terms *t = &terms[b];
-            out[b * groups + g] = t->y ? group_dot(t->x + at, t->y + at, w) : group_sum(t->x + at, w);
+        Py_ssize_t first = g * GROUP;
+        for (Py_ssize_t s = 0; s < nstreams; s++) {
+            if (streams[s].bf16) {
+                widen_bf16((const uint16_t *)streams[s].buf + first, scratch + s * GROUP);
+                at[s] = scratch + s * GROUP;
+            } else {
+                at[s] = (const float *)streams[s].buf + first;
+            }
+        }
+        for (Py_ssize_t v = 0; v < nvec; v++) {
+            const Indices *d = &vectors[v];
+            float *mine = scratch + (nstreams + v) * GROUP;
+            if (d->y >= 0) difference(at[d->x], at[d->y], mine);
+            at[nstreams + v] = d->y >= 0 ? mine : at[d->x];
+        }
+        const float **vec = at + nstreams;
+        for (Py_ssize_t t = 0; t < nterms; t++) {
+            const Indices *term = &terms[t];
+            out[t * groups + g] = term->y >= 0 ? group_dot(vec[term->x], vec[term->y], w) : group_sum(vec[term->x], w);
         }
     }
 }
 
-/* Fills `view` with a C-contiguous buffer of items of `format` (one char); -1 with a Python error set. */
-static int get_buffer(PyObject *obj, Py_buffer *view, char format, int writable, const char *what) {
+/* Fills `view` with a C-contiguous buffer of one of `formats` (one char each); -1 with a Python
+ * error set. */
+static int get_buffer(PyObject *obj, Py_buffer *view, const char *formats, int writable, const char *what) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
-    if (view->format == NULL || view->format[0] != format || view->format[1] != '\0') {
-        PyErr_Format(PyExc_TypeError, "%s: want a contiguous buffer of format '%c', got '%s'", what, format,
-                     view->format ? view->format : "B");
+    const char *f = view->format ? view->format : "B";
+    if (f[0] == '\0' || f[1] != '\0' || strchr(formats, f[0]) == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s: want a contiguous buffer of format '%s', got '%s'", what, formats, f);
         PyBuffer_Release(view);
         return -1;
     }
     return 0;
 }
 
+/* Reads `tuple` of (x, y) into out[k], each x in [0, n) and y in [-1, n). */
+static int get_indices(PyObject *tuple, Indices *out, Py_ssize_t n, const char *what) {
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(tuple); k++) {
+        Py_ssize_t x, y;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(tuple, k), "nn:group_sums", &x, &y)) return -1;
+        if (x < 0 || x >= n || y < -1 || y >= n) {
+            PyErr_Format(PyExc_IndexError, "group_sums: %s (%zd, %zd) for %zd", what, x, y, n);
+            return -1;
+        }
+        out[k].x = x;
+        out[k].y = y;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(group_sums_doc,
-             "group_sums(vectors, pairs, out)\n\n"
+             "group_sums(streams, vectors, pairs, out)\n\n"
              "For each (i, j) of `pairs`, the float64 sums of the aligned groups of GROUP terms\n"
-             "vectors[i][k] * vectors[j][k] (j >= 0) or vectors[i][k] (j == -1), each group summed\n"
-             "by halving, written to out[b * groups + g]. `vectors`: float32 buffers of one length,\n"
-             "a multiple of GROUP; `out`: a float64 buffer of len(pairs) * length / GROUP items.");
+             "v[i][k] * v[j][k] (j >= 0) or v[i][k] (j == -1), each group summed by halving, written to\n"
+             "out[p * groups + g]. Vector v[i] is, for (a, b) = vectors[i], the float32 difference\n"
+             "streams[a] - streams[b] (b >= 0) or streams[a] (b == -1). `streams`: float32 ('f') or\n"
+             "bfloat16-bit ('h', 'H') buffers of one length, a multiple of GROUP; `out`: a float64\n"
+             "buffer of len(pairs) * length / GROUP items.");
 
 static PyObject *group_sums(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *vectors, *pairs, *out_obj;
-    if (!PyArg_ParseTuple(args, "O!O!O:group_sums", &PyTuple_Type, &vectors, &PyTuple_Type, &pairs, &out_obj))
+    PyObject *streams_obj, *vectors_obj, *pairs_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "O!O!O!O:group_sums", &PyTuple_Type, &streams_obj, &PyTuple_Type, &vectors_obj,
+                          &PyTuple_Type, &pairs_obj, &out_obj))
         return NULL;
-    Py_ssize_t nvec = PyTuple_GET_SIZE(vectors), batch = PyTuple_GET_SIZE(pairs);
-    if (nvec == 0 || batch == 0) {
-        PyErr_SetString(PyExc_ValueError, "group_sums: no vectors or no pairs");
+    Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj), nvec = PyTuple_GET_SIZE(vectors_obj);
+    Py_ssize_t nterms = PyTuple_GET_SIZE(pairs_obj);
+    if (nstreams == 0 || nvec == 0 || nterms == 0) {
+        PyErr_SetString(PyExc_ValueError, "group_sums: no streams, vectors or pairs");
         return NULL;
     }
-    Py_buffer *views = PyMem_Calloc(nvec, sizeof(Py_buffer));
-    Terms *terms = PyMem_Calloc(batch, sizeof(Terms));
+    Py_buffer *views = PyMem_Calloc(nstreams, sizeof(Py_buffer));
+    Stream *streams = PyMem_Calloc(nstreams, sizeof(Stream));
+    Indices *vectors = PyMem_Calloc(nvec, sizeof(Indices));
+    Indices *terms = PyMem_Calloc(nterms, sizeof(Indices));
+    float *scratch = PyMem_Calloc((size_t)(nstreams + nvec) * GROUP, sizeof(float));
+    const float **at = PyMem_Calloc(nstreams + nvec, sizeof(float *)); /* a group's values: streams, vectors */
     Py_buffer out = {0};
     Py_ssize_t got = 0, n = -1;
     PyObject *result = NULL;
-    if (views == NULL || terms == NULL) {
+    if (views == NULL || streams == NULL || vectors == NULL || terms == NULL || scratch == NULL || at == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    for (; got < nvec; got++) {
-        if (get_buffer(PyTuple_GET_ITEM(vectors, got), &views[got], 'f', 0, "vectors") < 0) goto done;
-        Py_ssize_t len = views[got].len / (Py_ssize_t)sizeof(float);
+    for (; got < nstreams; got++) {
+        if (get_buffer(PyTuple_GET_ITEM(streams_obj, got), &views[got], "fhH", 0, "streams") < 0) goto done;
+        streams[got].buf = views[got].buf;
+        streams[got].bf16 = views[got].format[0] != 'f';
+        Py_ssize_t len = views[got].len / views[got].itemsize;
         if (n >= 0 && len != n) {
-            PyErr_Format(PyExc_ValueError, "group_sums: vectors of %zd and %zd items", n, len);
+            PyErr_Format(PyExc_ValueError, "group_sums: streams of %zd and %zd items", n, len);
             got++;
             goto done;
         }
@@ -120,31 +192,27 @@ static PyObject *group_sums(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "group_sums: %zd items is not a multiple of %d", n, GROUP);
         goto done;
     }
-    for (Py_ssize_t b = 0; b < batch; b++) {
-        Py_ssize_t i, j;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(pairs, b), "nn:group_sums pair", &i, &j)) goto done;
-        if (i < 0 || i >= nvec || j < -1 || j >= nvec) {
-            PyErr_Format(PyExc_IndexError, "group_sums: pair (%zd, %zd) for %zd vectors", i, j, nvec);
-            goto done;
-        }
-        terms[b].x = views[i].buf;
-        terms[b].y = j < 0 ? NULL : views[j].buf;
-    }
-    if (get_buffer(out_obj, &out, 'd', 1, "out") < 0) goto done;
-    if (out.len != batch * (n / GROUP) * (Py_ssize_t)sizeof(double)) {
-        PyErr_Format(PyExc_ValueError, "group_sums: out holds %zd items, want %zd", out.len / 8, batch * (n / GROUP));
+    if (get_indices(vectors_obj, vectors, nstreams, "vector") < 0) goto done;
+    if (get_indices(pairs_obj, terms, nvec, "pair") < 0) goto done;
+    if (get_buffer(out_obj, &out, "d", 1, "out") < 0) goto done;
+    if (out.len != nterms * (n / GROUP) * (Py_ssize_t)sizeof(double)) {
+        PyErr_Format(PyExc_ValueError, "group_sums: out holds %zd items, want %zd", out.len / 8, nterms * (n / GROUP));
         PyBuffer_Release(&out);
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    sum_groups(terms, batch, n / GROUP, out.buf);
+    sum_groups(streams, nstreams, vectors, nvec, terms, nterms, n / GROUP, scratch, at, out.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&out);
     result = Py_NewRef(Py_None);
 done:
     for (Py_ssize_t v = 0; v < got; v++) PyBuffer_Release(&views[v]);
     PyMem_Free(views);
+    PyMem_Free(streams);
+    PyMem_Free(vectors);
     PyMem_Free(terms);
+    PyMem_Free(scratch);
+    PyMem_Free(at);
     return result;
 }
 

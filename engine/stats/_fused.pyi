@@ -2,4 +2,6 @@ from typing_extensions import Buffer
 
 GROUP: int
 
-def group_sums(vectors: tuple[Buffer, ...], pairs: tuple[tuple[int, int], ...], out: Buffer) -> None: ...
+def group_sums(
+    streams: tuple[Buffer, ...], vectors: tuple[tuple[int, int], ...], pairs: tuple[tuple[int, int], ...], out: Buffer
+) -> None: ...

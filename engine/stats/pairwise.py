@@ -34,8 +34,12 @@ import math
 import threading
 from collections.abc import Hashable, Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _fused: ModuleType | None
 try:
@@ -48,6 +52,10 @@ CPU_STEP = 1 << 18  # elements converted to float64 at once: 2 MiB per array
 DEVICE_STEP = 1 << 22  # on a GPU a step costs ~15 kernel launches whatever its size
 ALONE = -1  # the j of a pair (i, ALONE): the terms are vectors[i] itself, not a product
 Pair = tuple[int, int]
+# (a, b): the vector streams[a] − streams[b], one float32 subtraction per element (a model stock
+# delta), or streams[a] itself where b is ALONE
+Vector = tuple[int, int]
+FUSED_DTYPES = (torch.float32, torch.bfloat16)  # the stream dtypes the C reads
 
 
 class PairwiseSums:
@@ -66,22 +74,31 @@ class PairwiseSums:
         """Add the elements of the float32 tensor `x` (batch 1), which come next in flat order."""
         self.add_products([x], [(0, ALONE)])
 
-    def add_products(self, vectors: Sequence[torch.Tensor], pairs: Sequence[Pair], step: int | None = None) -> None:
-        """Add vectors[i]ₖ·vectors[j]ₖ (or vectors[i]ₖ where j is ALONE) for each (i, j) of `pairs`,
-        the batch in order. The vectors are float32 tensors of one shape, next in flat order; the
+    def add_products(
+        self,
+        streams: Sequence[torch.Tensor],
+        pairs: Sequence[Pair],
+        step: int | None = None,
+        vectors: Sequence[Vector] | None = None,
+    ) -> None:
+        """Add vᵢₖ·vⱼₖ (or vᵢₖ where j is ALONE) for each (i, j) of `pairs`, the batch in order,
+        where vᵢ is `vectors[i]` formed from `streams` (default: the streams themselves). The
+        streams are tensors of one shape, next in flat order; the vectors are float32 (a float32 or
+        bfloat16 stream is used as it is, read straight from its buffer by the C), so the
         products are exact in float64. `step` bounds the torch path's float64 temporaries
         (elements per step; default `step_size`)."""
-        flat = [v.reshape(-1) for v in vectors]
+        flat = [x.reshape(-1) for x in streams]
+        vectors = tuple(vectors) if vectors is not None else tuple((a, ALONE) for a in range(len(flat)))
         n = flat[0].numel()
         head = min(n, -self.pending % GROUP)  # the terms that complete the open group
-        kernel = fused_kernel(flat[0].device)
+        kernel = fused_kernel(flat[0].device) if all(x.dtype in FUSED_DTYPES for x in flat) else None
         fused = (n - head) // GROUP * GROUP if kernel else 0
-        self._widened(flat, pairs, 0, head, step)
+        self._widened(flat, vectors, pairs, 0, head, step)
         if kernel and fused:
             sums = torch.empty(len(pairs), fused // GROUP, dtype=torch.float64)
-            kernel.group_sums(tuple(v[head : head + fused].numpy() for v in flat), tuple(pairs), sums.numpy())
+            kernel.group_sums(tuple(_buffer(x[head : head + fused]) for x in flat), vectors, tuple(pairs), sums.numpy())
             self._push(1, sums)
-        self._widened(flat, pairs, head + fused, n, step)
+        self._widened(flat, vectors, pairs, head + fused, n, step)
 
     @property
     def pending(self) -> int:
@@ -111,7 +128,15 @@ class PairwiseSums:
         (v,) = self.values()
         return v
 
-    def _widened(self, flat: Sequence[torch.Tensor], pairs: Sequence[Pair], a: int, b: int, step: int | None) -> None:
+    def _widened(
+        self,
+        flat: Sequence[torch.Tensor],
+        vectors: Sequence[Vector],
+        pairs: Sequence[Pair],
+        a: int,
+        b: int,
+        step: int | None,
+    ) -> None:
         """The torch path of `add_products` for flat positions [a, b): widen, multiply, `add64`."""
         if a >= b:  # the C took all of it (the usual case on the CPU)
             return
@@ -121,8 +146,10 @@ class PairwiseSums:
         for s in range(a, b, step):
             n = min(step, b - s)
             wide = scratch("wide", (max(used) + 1, n), device)
-            for i in used:  # float32 -> float64 once per vector
-                wide[i].copy_(flat[i][s : s + n])
+            for i in used:  # to float64 once per vector
+                x, y = vectors[i]
+                v = flat[x][s : s + n]
+                wide[i].copy_(v if y == ALONE else v.float() - flat[y][s : s + n].float())
             terms = scratch("terms", (len(pairs), n), device)
             for row, (i, j) in enumerate(pairs):
                 if j == ALONE:
@@ -186,6 +213,11 @@ def release() -> None:
 def fused_kernel(device: torch.device) -> ModuleType | None:
     """The C first level where it applies: built, for this GROUP (tests change it), on the CPU."""
     return _fused if _fused is not None and _fused.GROUP == GROUP and device.type == "cpu" else None
+
+
+def _buffer(x: torch.Tensor) -> np.ndarray[Any, Any]:
+    """`x`'s memory as the C reads it: float32 ('f'), or a bfloat16's bits ('h': numpy has no bfloat16)."""
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 
 
 def step_size(device: torch.device) -> int:
