@@ -92,6 +92,13 @@ def check_presets(ctx: click.Context, param: click.Parameter, value: str | None)
     return names
 
 
+def check_preset(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    names = check_presets(ctx, param, value)
+    if names is not None and len(names) != 1:
+        raise click.BadParameter(f"one preset, got {value!r}")
+    return names[0] if names else None
+
+
 def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
     from engine.budget import parse_bytes
 
@@ -173,20 +180,22 @@ def write_outputs(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[s
 @click.option("--repeats", type=click.IntRange(min=1), help="Runs per figure [default: 1 quick, 3 full].")
 @click.option("--sections", callback=split_list, default=",".join(SECTIONS), show_default=True, help="Comma-separated.")
 @click.option("--sizes", callback=check_presets, hidden=True, help="Presets for rss_vs_size (tests: tiny).")
-@click.option("--family", hidden=True, help="Preset for rss_vs_budget and throughput.")
+@click.option(
+    "--family",
+    callback=check_preset,
+    help="Model family preset for rss_vs_budget and throughput (e.g. llama1b-embed).",
+)
 @click.option("--methods", callback=split_list, help="Only these methods, comma-separated [default: all registered].")
 @click.option("--budgets", callback=parse_budgets, hidden=True, help="Budgets for rss_vs_budget.")
 @click.option("--compile-modes", callback=split_list, hidden=True, help="leanmerge --compile modes for throughput.")
-@click.option(
-    "--caches", callback=split_list, hidden=True, help="Page-cache states for throughput: cold, warm (default both)."
-)
+@click.option("--caches", callback=split_list, help="Page-cache states for throughput: cold, warm [default: both].")
 @click.option(
     "--baselines",
     callback=lambda ctx, param, value: (
         None if value is None else tuple(v for v in value.split(",") if v not in ("", "none"))
     ),
-    hidden=True,
-    help="Other tools to run: naive, mergekit, or none (default both).",
+    help="Other tools to run beside leanmerge: naive, mergekit, or none [default: both; mergekit where"
+    " mergekit-yaml is on PATH].",
 )
 def main(
     quick: bool,
