@@ -204,6 +204,10 @@ class Mover:
     """The CPU path: chunks are cast straight from the read buffers into a float32 workspace and
     the result is cast straight into the output buffer. Nothing to wait for."""
 
+    # The compute may read the read buffers and write the output buffer itself (the C paths:
+    # `Reducer.raw_chunk`, `engine.methods.steps.fused`) instead of going through `to_work`.
+    reads_host = True
+
     def __init__(self, work: list[torch.Tensor], chunk_elems: int) -> None:
         self.work = work
         self.chunk_elems = chunk_elems
@@ -237,6 +241,8 @@ class Mover:
 class Staged(Mover):
     """Chunks go through device staging buffers (see the module docstring); on CUDA with streams
     and events, on the CPU with plain copies (for tests)."""
+
+    reads_host = False
 
     def __init__(self, dev: torch.device, plan: DevicePlan, in_bytes: tuple[int, ...], out_bytes: int) -> None:
         n = plan.chunk_elems

@@ -31,6 +31,7 @@ from engine.io.inventory import Inventory
 from engine.io.lora import RowReader
 from engine.io.write_behind import WriteBehind
 from engine.kernels import CompiledApply
+from engine.methods import steps
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.plan import Block, Plan, TensorPlan
 from engine.rng import KeyedRng, stream_key
@@ -242,7 +243,7 @@ class _Stage:
             filled = held(block) if held is not None else self._next(tensor, block)
             for c0, c1 in self._spans(tensor, block):
                 raw, c = [x[c0:c1] for x in filled.data], self._chunk(tensor, streams, block.start + c0)
-                if not (tensor.reads_base and r.raw_chunk(acc, raw, self.params, stats, c)):
+                if not (self.mover.reads_host and tensor.reads_base and r.raw_chunk(acc, raw, self.params, stats, c)):
                     base, *models = self.mover.to_work(raw, tensor.reads_base)
                     r.chunk(acc, base, models, self.params, stats, c)
             self.mover.inputs_done()
@@ -262,10 +263,14 @@ class _Stage:
         else:
             out = out_bytes.view(DTYPES[tensor.out_dtype])
             inputs = filled.data
+            on_cpu = self.mover.reads_host and tensor.reads_base
             for c0, c1 in self._spans(tensor, block):
                 c = self._chunk(tensor, streams, block.start + c0)
                 raw = [x[c0:c1] for x in inputs]
                 if self.kernel is not None and self.kernel.run(raw[0], raw[1:], self.params, stats, c, out[c0:c1]):
+                    continue
+                program = self.method.steps(self.params, stats, len(raw) - 1) if on_cpu else None
+                if program is not None and steps.fused(raw, program, out[c0:c1]):
                     continue
                 base, *models = self.mover.to_work(raw, tensor.reads_base)
                 self.mover.store(self.method.apply(base, models, self.params, stats, c), out[c0:c1])

@@ -179,7 +179,7 @@ def test_gram_from_the_read_buffers_equals_the_float32_copies(
         formats.update(s.dtype.char for s in streams)
         kernel.group_sums(streams, *rest)
 
-    spy = SimpleNamespace(GROUP=pairwise.GROUP, group_sums=group_sums) if kernel else None
+    spy = SimpleNamespace(GROUP=pairwise.GROUP, group_sums=group_sums, combine=kernel.combine) if kernel else None
     for method, ms in (("slerp", models[:1]), ("model_stock", models)):
         g = globals_for(method, True, 1.0, "l1", 0.3)
         want = merge_folders_stats(method, base, ms, **g)

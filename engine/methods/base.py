@@ -15,11 +15,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from engine.rng import KeyedRng, keep_traceable, segment_keys
+
+if TYPE_CHECKING:
+    from engine.methods.steps import Step
 
 ParamValue = float | bool | str  # str: one of a fixed set of choices (e.g. rescale_norm)
 Stats = Mapping[str, Any]  # tensor-wide statistics from the reducers, by name
@@ -173,6 +176,12 @@ class Method(ABC):
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
         """Merge one chunk. base: (n,) float32; models: k scratch tensors (n,) float32 -> (n,) float32."""
+
+    def steps(self, p: TensorParams, stats: Stats, n_models: int) -> Sequence[Step] | None:
+        """The merge of a chunk as a fixed program of float32 ops (`engine.methods.steps`), equal
+        to `apply`, where it is one: the CPU then runs it in C from the read buffers. None: `apply`
+        only."""
+        return None
 
     def validate(self, p: TensorParams) -> None:
         """Raise `SpecError` for combinations of parameters that no single `ParamDef.check` can see

@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from engine.methods.base import Chunk, Method, ParamDef, ParamValue, Reducer, Stats, TensorParams, div_, weighted_sum_
+from engine.methods import steps
+from engine.methods.base import Chunk, Method, ParamDef, ParamValue, Reducer, Stats, TensorParams
+from engine.methods.steps import Step
 from engine.stats.gram import Gram
 from engine.stats.pairwise import Pair
 
@@ -56,10 +58,12 @@ class ModelStock(Method):
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         return (Gram(GRAM, [(m, 0) for m in range(1, len(p.models) + 1)], pairs(len(p.models))),)  # the deltas
 
+    def steps(self, p: TensorParams, stats: Stats, n_models: int) -> Sequence[Step]:
+        t = interpolation_ratio(stats[GRAM], n_models)
+        mean = [steps.set_(1), *(steps.add(m) for m in range(2, n_models + 1)), Step(steps.DIV, scale=n_models)]
+        return (*mean, Step(steps.MUL, scale=t), steps.add(0, 1.0 - t))  # t·mean + (1 − t)·θ_base
+
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
-        k = len(models)
-        t = interpolation_ratio(stats[GRAM], k)
-        mean = div_(weighted_sum_(models, [1.0] * k), k)
-        return mean.mul_(t).add_(torch.mul(base, 1.0 - t))
+        return steps.run([base, *models], self.steps(p, stats, len(models)))

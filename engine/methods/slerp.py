@@ -19,7 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.methods import steps
 from engine.methods.base import Chunk, Method, ParamDef, ParamValue, Reducer, Stats, TensorParams
+from engine.methods.steps import Step
 from engine.stats.gram import Gram
 from engine.stats.pairwise import ALONE
 
@@ -54,9 +56,12 @@ class Slerp(Method):
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         return (Gram(GRAM, [(0, ALONE), (1, ALONE)], [(0, 0), (1, 1), (0, 1)]),)  # the weights
 
+    def steps(self, p: TensorParams, stats: Stats, n_models: int) -> Sequence[Step]:
+        g = stats[GRAM]
+        c0, c1 = slerp_coefficients(p.number("t"), g[(0, 0)], g[(1, 1)], g[(0, 1)])
+        return (steps.set_(1, c1), steps.add(0, c0))  # c1·θ₁ + c0·θ_base
+
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
-        g = stats[GRAM]
-        c0, c1 = slerp_coefficients(p.number("t"), g[(0, 0)], g[(1, 1)], g[(0, 1)])
-        return models[0].mul_(c1).add_(torch.mul(base, c0))
+        return steps.run([base, *models], self.steps(p, stats, len(models)))

@@ -1,4 +1,7 @@
-/* The first level of `engine.stats.pairwise`'s tree, fused: each aligned group of GROUP terms
+/* The loops of a SLERP or model stock merge, fused in C: the statistics' sums (`group_sums`,
+ * below) and the merge itself (`combine`, further down).
+ *
+ * The first level of `engine.stats.pairwise`'s tree, fused: each aligned group of GROUP terms
  * (float32 values, or products of two float32 values, widened to float64) summed by halving, in
  * one pass over the inputs, which may be the merge's bfloat16 read buffers themselves.
  *
@@ -127,6 +130,31 @@ static int get_buffer(PyObject *obj, Py_buffer *view, const char *formats, int w
     return 0;
 }
 
+/* The float32 or bfloat16 buffers of the tuple `obj` into views[] and streams[], counting the
+ * views taken in *got (to release); their common length, or -1 with a Python error set. */
+static Py_ssize_t get_streams(PyObject *obj, Py_buffer *views, Stream *streams, Py_ssize_t *got, const char *fn) {
+    Py_ssize_t n = -1;
+    for (; *got < PyTuple_GET_SIZE(obj); (*got)++) {
+        Py_buffer *v = &views[*got];
+        if (get_buffer(PyTuple_GET_ITEM(obj, *got), v, "fhH", 0, "streams") < 0) return -1;
+        streams[*got].buf = v->buf;
+        streams[*got].bf16 = v->format[0] != 'f';
+        if (n >= 0 && v->len / v->itemsize != n) {
+            PyErr_Format(PyExc_ValueError, "%s: streams of %zd and %zd items", fn, n, v->len / v->itemsize);
+            (*got)++;
+            return -1;
+        }
+        n = v->len / v->itemsize;
+    }
+    return n;
+}
+
+static void release_streams(Py_buffer *views, Stream *streams, Py_ssize_t got) {
+    for (Py_ssize_t v = 0; v < got; v++) PyBuffer_Release(&views[v]);
+    PyMem_Free(views);
+    PyMem_Free(streams);
+}
+
 /* Reads `tuple` of (x, y) into out[k], each x in [0, n) and y in [-1, n). */
 static int get_indices(PyObject *tuple, Indices *out, Py_ssize_t n, const char *what) {
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(tuple); k++) {
@@ -170,24 +198,13 @@ static PyObject *group_sums(PyObject *self, PyObject *args) {
     float *scratch = PyMem_Calloc((size_t)(nstreams + nvec) * GROUP, sizeof(float));
     const float **at = PyMem_Calloc(nstreams + nvec, sizeof(float *)); /* a group's values: streams, vectors */
     Py_buffer out = {0};
-    Py_ssize_t got = 0, n = -1;
+    Py_ssize_t got = 0, n;
     PyObject *result = NULL;
     if (views == NULL || streams == NULL || vectors == NULL || terms == NULL || scratch == NULL || at == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    for (; got < nstreams; got++) {
-        if (get_buffer(PyTuple_GET_ITEM(streams_obj, got), &views[got], "fhH", 0, "streams") < 0) goto done;
-        streams[got].buf = views[got].buf;
-        streams[got].bf16 = views[got].format[0] != 'f';
-        Py_ssize_t len = views[got].len / views[got].itemsize;
-        if (n >= 0 && len != n) {
-            PyErr_Format(PyExc_ValueError, "group_sums: streams of %zd and %zd items", n, len);
-            got++;
-            goto done;
-        }
-        n = len;
-    }
+    if ((n = get_streams(streams_obj, views, streams, &got, "group_sums")) < 0) goto done;
     if (n % GROUP) {
         PyErr_Format(PyExc_ValueError, "group_sums: %zd items is not a multiple of %d", n, GROUP);
         goto done;
@@ -206,9 +223,7 @@ static PyObject *group_sums(PyObject *self, PyObject *args) {
     PyBuffer_Release(&out);
     result = Py_NewRef(Py_None);
 done:
-    for (Py_ssize_t v = 0; v < got; v++) PyBuffer_Release(&views[v]);
-    PyMem_Free(views);
-    PyMem_Free(streams);
+    release_streams(views, streams, got);
     PyMem_Free(vectors);
     PyMem_Free(terms);
     PyMem_Free(scratch);
@@ -216,15 +231,150 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------- linear merges, fused
+ *
+ * A merge written as steps over its inputs (`engine.methods.steps`), run over blocks of COMBINE
+ * elements that stay in the L1 cache: the bfloat16 inputs widened, each step one float32 IEEE op
+ * per element in the order torch's eager ops take (a scaled term is multiplied, rounded, then
+ * added: the file is compiled with -ffp-contract=off so no FMA fuses the two), and the result
+ * rounded to the output dtype as torch's cast does. So the bytes are those of the eager path,
+ * without its float32 copies of every input and its pass over memory per op. */
+
+#define COMBINE 1024
+enum { SET = 0, ADD = 1, DIV = 2, MUL = 3 };
+
+typedef struct {
+    int op, scaled;
+    Py_ssize_t stream;
+    float scale; /* a Python float rounded to float32, as torch takes a scalar for a float32 tensor */
+} Step;
+
+/* Round to nearest, ties to even, as torch's float -> bfloat16; a NaN becomes `nan` (torch's). */
+static inline uint16_t round_bf16(float f, uint16_t nan) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return f != f ? nan : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline const float *widened(const Stream *s, Py_ssize_t at, int len, float *tmp) {
+    if (!s->bf16) return (const float *)s->buf + at;
+    const uint16_t *h = (const uint16_t *)s->buf + at;
+    for (int k = 0; k < len; k++) {
+        uint32_t u = (uint32_t)h[k] << 16;
+        memcpy(&tmp[k], &u, sizeof u);
+    }
+    return tmp;
+}
+
+CLONES static void combine_blocks(const Stream *streams, const Step *steps, Py_ssize_t nsteps, Py_ssize_t n,
+                                  void *out, int out_bf16, uint16_t nan) {
+    float acc[COMBINE], tmp[COMBINE];
+    for (Py_ssize_t at = 0; at < n; at += COMBINE) {
+        int len = n - at < COMBINE ? (int)(n - at) : COMBINE;
+        for (Py_ssize_t i = 0; i < nsteps; i++) {
+            const Step *st = &steps[i];
+            float s = st->scale;
+            if (st->op == DIV) {
+                for (int k = 0; k < len; k++) acc[k] = acc[k] / s;
+            } else if (st->op == MUL) {
+                for (int k = 0; k < len; k++) acc[k] = acc[k] * s;
+            } else {
+                const float *x = widened(&streams[st->stream], at, len, tmp);
+                if (st->op == SET && st->scaled)
+                    for (int k = 0; k < len; k++) acc[k] = x[k] * s;
+                else if (st->op == SET)
+                    memcpy(acc, x, (size_t)len * sizeof(float));
+                else if (st->scaled)
+                    for (int k = 0; k < len; k++) acc[k] = acc[k] + x[k] * s;
+                else
+                    for (int k = 0; k < len; k++) acc[k] = acc[k] + x[k];
+            }
+        }
+        if (out_bf16) {
+            uint16_t *o = (uint16_t *)out + at;
+            for (int k = 0; k < len; k++) o[k] = round_bf16(acc[k], nan);
+        } else {
+            memcpy((float *)out + at, acc, (size_t)len * sizeof(float));
+        }
+    }
+}
+
+PyDoc_STRVAR(combine_doc,
+             "combine(streams, steps, out, nan)\n\n"
+             "Run `steps`, each (op, stream, scale): SET 0 (acc = x[stream], times scale unless it is\n"
+             "None), ADD 1 (acc += x[stream], times scale unless None), DIV 2 (acc /= scale), MUL 3\n"
+             "(acc *= scale; stream ignored), in float32 over every element of `streams` (float32 'f'\n"
+             "or bfloat16-bit 'h'/'H' buffers of one length), the first step a SET, and write acc to\n"
+             "`out` (float32, or bfloat16 bits rounded to nearest even, a NaN as the bits `nan`).");
+
+static PyObject *combine(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *streams_obj, *steps_obj, *out_obj;
+    unsigned short nan;
+    if (!PyArg_ParseTuple(args, "O!O!OH:combine", &PyTuple_Type, &streams_obj, &PyTuple_Type, &steps_obj, &out_obj,
+                          &nan))
+        return NULL;
+    Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj), nsteps = PyTuple_GET_SIZE(steps_obj);
+    if (nstreams == 0 || nsteps == 0) {
+        PyErr_SetString(PyExc_ValueError, "combine: no streams or no steps");
+        return NULL;
+    }
+    Py_buffer *views = PyMem_Calloc(nstreams, sizeof(Py_buffer));
+    Stream *streams = PyMem_Calloc(nstreams, sizeof(Stream));
+    Step *steps = PyMem_Calloc(nsteps, sizeof(Step));
+    Py_buffer out = {0};
+    Py_ssize_t got = 0, n;
+    PyObject *result = NULL;
+    if (views == NULL || streams == NULL || steps == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if ((n = get_streams(streams_obj, views, streams, &got, "combine")) < 0) goto done;
+    for (Py_ssize_t i = 0; i < nsteps; i++) {
+        PyObject *scale;
+        Step *st = &steps[i];
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(steps_obj, i), "inO:combine step", &st->op, &st->stream, &scale))
+            goto done;
+        st->scaled = scale != Py_None;
+        double d = st->scaled ? PyFloat_AsDouble(scale) : 1.0;
+        if (d == -1.0 && PyErr_Occurred()) goto done;
+        st->scale = (float)d;
+        int reads = st->op == SET || st->op == ADD;
+        if (st->op < SET || st->op > MUL || (i == 0) != (st->op == SET) || (reads && (st->stream < 0 || st->stream >= nstreams)) ||
+            (!reads && !st->scaled)) {
+            PyErr_Format(PyExc_ValueError, "combine: step %zd (op %d, stream %zd) is not valid here", i, st->op,
+                         st->stream);
+            goto done;
+        }
+    }
+    if (get_buffer(out_obj, &out, "fhH", 1, "out") < 0) goto done;
+    if (out.len / out.itemsize != n) {
+        PyErr_Format(PyExc_ValueError, "combine: out holds %zd items, want %zd", out.len / out.itemsize, n);
+        PyBuffer_Release(&out);
+        goto done;
+    }
+    int out_bf16 = out.format[0] != 'f';
+    Py_BEGIN_ALLOW_THREADS
+    combine_blocks(streams, steps, nsteps, n, out.buf, out_bf16, (uint16_t)nan);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&out);
+    result = Py_NewRef(Py_None);
+done:
+    release_streams(views, streams, got);
+    PyMem_Free(steps);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"group_sums", group_sums, METH_VARARGS, group_sums_doc},
+    {"combine", combine, METH_VARARGS, combine_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "engine.stats._fused",
-    .m_doc = "The first level of the fixed-order sums, fused in C.",
+    .m_doc = "The first level of the fixed-order sums, and linear merges, fused in C.",
     .m_size = -1,
     .m_methods = methods,
 };

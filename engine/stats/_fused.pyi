@@ -5,3 +5,6 @@ GROUP: int
 def group_sums(
     streams: tuple[Buffer, ...], vectors: tuple[tuple[int, int], ...], pairs: tuple[tuple[int, int], ...], out: Buffer
 ) -> None: ...
+def combine(
+    streams: tuple[Buffer, ...], steps: tuple[tuple[int, int, float | None], ...], out: Buffer, nan: int
+) -> None: ...

@@ -96,7 +96,9 @@ class PairwiseSums:
         self._widened(flat, vectors, pairs, 0, head, step)
         if kernel and fused:
             sums = torch.empty(len(pairs), fused // GROUP, dtype=torch.float64)
-            kernel.group_sums(tuple(_buffer(x[head : head + fused]) for x in flat), vectors, tuple(pairs), sums.numpy())
+            kernel.group_sums(
+                tuple(as_buffer(x[head : head + fused]) for x in flat), vectors, tuple(pairs), sums.numpy()
+            )
             self._push(1, sums)
         self._widened(flat, vectors, pairs, head + fused, n, step)
 
@@ -215,7 +217,7 @@ def fused_kernel(device: torch.device) -> ModuleType | None:
     return _fused if _fused is not None and _fused.GROUP == GROUP and device.type == "cpu" else None
 
 
-def _buffer(x: torch.Tensor) -> np.ndarray[Any, Any]:
+def as_buffer(x: torch.Tensor) -> np.ndarray[Any, Any]:
     """`x`'s memory as the C reads it: float32 ('f'), or a bfloat16's bits ('h': numpy has no bfloat16)."""
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 

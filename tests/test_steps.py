@@ -1,0 +1,108 @@
+"""Merges written as programs of float32 ops (`engine.methods.steps`): the C over the read
+buffers gives the bytes of the torch ops and torch's cast, for any inputs and scales."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.methods import steps
+from engine.methods.steps import ADD, DIV, MUL, SET, Step
+from engine.stats import pairwise
+
+fused_kernel: Any = pairwise._fused
+needs_kernel = pytest.mark.skipif(fused_kernel is None, reason="engine.stats._fused was not built (no C compiler)")
+
+SCALES = st.sampled_from([0.1, 1 / 3, 0.7, 1.0, -2.5, 1e-30, 3e38, 0.5000000001])
+
+
+@st.composite
+def programs(draw: st.DrawFn, n_streams: int) -> list[Step]:
+    """A SET, then adds, divisions and multiplications of any streams by awkward scales."""
+    first = Step(SET, draw(st.integers(0, n_streams - 1)), draw(st.one_of(st.none(), SCALES)))
+    rest = draw(
+        st.lists(
+            st.one_of(
+                st.builds(Step, st.just(ADD), st.integers(0, n_streams - 1), st.one_of(st.none(), SCALES)),
+                st.builds(Step, st.sampled_from([DIV, MUL]), st.just(-1), SCALES),
+            ),
+            max_size=5,
+        )
+    )
+    return [first, *rest]
+
+
+def inputs(n: int, dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
+    """Values over a wide range, with zeros, negative zeros, infinities, NaNs and values halfway
+    between two bfloat16s (the rounding's ties)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for d in dtypes:
+        x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-60, 60, (n,), generator=g).float())
+        special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0 + 2**-8, 1.0 + 3 * 2**-8])
+        x[torch.randint(0, n, (n // 8,), generator=g)] = special[torch.randint(0, len(special), (n // 8,), generator=g)]
+        out.append(x.to(d))
+    return out
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    program=programs(3),
+    dtypes=st.lists(st.sampled_from([torch.float32, torch.bfloat16]), min_size=3, max_size=3),
+    out_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 1000),
+)
+def test_the_c_gives_the_bytes_of_the_torch_ops(
+    n: int, program: list[Step], dtypes: list[torch.dtype], out_dtype: torch.dtype, seed: int
+) -> None:
+    raw = inputs(n, dtypes, seed)
+    want = torch.empty(n, dtype=out_dtype)
+    want.copy_(steps.run([x.float().clone() for x in raw], program))  # the eager path: float32 copies, the cast
+    got = torch.empty(n, dtype=out_dtype)
+    assert steps.fused(raw, program, got)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit
+
+
+def test_the_torch_ops_never_touch_the_base() -> None:
+    base, model = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])
+    for program in ([Step(SET, 0), Step(ADD, 1)], [Step(SET, 0, 2.0), Step(MUL, scale=3.0)], [Step(SET, 1, 0.5)]):
+        steps.run([base, model.clone()], program)
+        assert base.tolist() == [1.0, 2.0]
+
+
+@needs_kernel
+def test_float16_is_left_to_torch() -> None:
+    x = torch.ones(8, dtype=torch.bfloat16)
+    assert not steps.fused([x, x.half()], [Step(SET, 0), Step(ADD, 1)], torch.empty(8, dtype=torch.bfloat16))
+    assert not steps.fused([x, x], [Step(SET, 0), Step(ADD, 1)], torch.empty(8, dtype=torch.float16))
+
+
+F = np.zeros(4, np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("streams", "program", "out", "error", "match"),
+    [
+        ((F,), ((SET, 0, None),), np.zeros(4), TypeError, "format 'fhH'"),
+        ((F,), ((SET, 0, None),), np.zeros(5, np.float32), ValueError, "out holds 5 items, want 4"),
+        ((F, np.zeros(5, np.float32)), ((SET, 0, None),), F.copy(), ValueError, "streams of 4 and 5 items"),
+        ((F,), ((ADD, 0, None),), F.copy(), ValueError, "step 0"),
+        ((F,), ((SET, 0, None), (SET, 0, None)), F.copy(), ValueError, "step 1"),
+        ((F,), ((SET, 1, None),), F.copy(), ValueError, "stream 1"),
+        ((F,), ((SET, 0, None), (DIV, -1, None)), F.copy(), ValueError, "step 1"),
+        ((F,), ((SET, 0, None), (7, 0, 1.0)), F.copy(), ValueError, "op 7"),
+        ((F,), ((SET, 0, "x"),), F.copy(), TypeError, "real number"),
+        ((), ((SET, 0, None),), F.copy(), ValueError, "no streams"),
+    ],
+)
+def test_bad_arguments_raise(streams: tuple, program: tuple, out: np.ndarray, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        fused_kernel.combine(streams, program, out, 0xFFFF)
