@@ -6,9 +6,12 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -376,5 +379,31 @@ def _events(log_json: Path | None, show_bar: bool) -> Iterator[Callable[[dict[st
             log.close()
 
 
+def run() -> None:
+    """The `leanmerge` command: `main`, then a quick exit.
+
+    Tearing the interpreter down after a merge (torch's modules and thread pools) took 0.6 s of a
+    6.7 s SLERP command on 2 cores. By the time `main` returns every output is written, synced
+    and renamed, so once the exit handlers have run (the log file's among them) and the output
+    streams are flushed, the process leaves at once, with `main`'s exit status. A thread still
+    running, or an exception, takes the usual way out.
+    """
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    else:  # not in standalone mode: never
+        code = 0
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +15,8 @@ from engine.cli import main
 
 from conftest import MakeFamily
 from reference import load_model, merge_folders
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> str:
@@ -103,3 +108,22 @@ def test_plan_text_and_json(tiny_family: MakeFamily) -> None:
 def test_version_and_help() -> None:
     assert "leanmerge" in run("--version")
     assert "--max-memory" in run("merge", "--help")
+
+
+def test_a_real_process_leaves_at_once_with_everything_written(tiny_family: MakeFamily, tmp_path: Path) -> None:
+    """`python -m engine.cli` (the `leanmerge` script's `run`) skips the interpreter's teardown
+    after `main`: the output, the printed report and the log must all be complete, and the exit
+    status `main`'s."""
+    base, (a,) = tiny_family(1)
+    out, log = tmp_path / "out", tmp_path / "events.jsonl"
+    args = ["merge", "--method", "linear", "--base", str(base), "--model", str(a), "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args, "--log-json", str(log)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "peak RSS" in done.stdout.splitlines()[-1]
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "report"
+    assert load_model(out).keys() == load_model(base).keys()
+    again = subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, env=env)
+    assert again.returncode == 1 and "already exists" in again.stderr  # an error's status and line
