@@ -22,7 +22,8 @@ whole-tensor step, and its sum goes up a stage. The state is a few small tensors
 for a GPU until `value()`, and chunks may be cut anywhere.
 
 On the CPU the first level (products, widening and the GROUP-term groups) runs in C
-(`engine.stats._fused`, one pass over the float32 inputs, the same adds in the same order); the
+(`engine.stats._fused`, one pass over the inputs, float32 or the bfloat16 read buffers themselves,
+with the vectors' differences formed on the way; the same adds in the same order); the
 torch path below does it on a GPU, in the head and tail of a chunk that cut a group, and where the
 extension was not built. This replaced exact (correctly rounded) binned sums: 3.4-6 ns per
 product on 2 cores, most of a SLERP or model stock merge (bench numbers in the README).
