@@ -21,7 +21,6 @@ from engine.methods.base import div_, scale_
 from engine.stats import pairwise
 
 SET, ADD, DIV, MUL = 0, 1, 2, 3  # the C's op codes
-OUT_DTYPES = (torch.float32, torch.bfloat16)  # the output dtypes the C writes
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,8 @@ def fused(raw: Sequence[torch.Tensor], steps: Sequence[Step], out: torch.Tensor)
     """Run the program in C from the read buffers `raw` (base first) into `out`, a view of the
     output buffer; False (nothing written) where the C does not apply: not built, not on the
     CPU, or a float16 input or output."""
-    kernel = pairwise.fused_kernel(out.device)
-    if kernel is None or out.dtype not in OUT_DTYPES or any(x.dtype not in pairwise.FUSED_DTYPES for x in raw):
+    kernel = pairwise.fused_for([*raw, out])
+    if kernel is None:
         return False
     program = tuple((s.op, s.stream, s.scale) for s in steps)
     kernel.combine(tuple(pairwise.as_buffer(x) for x in raw), program, pairwise.as_buffer(out), _nan_bits())

@@ -16,7 +16,7 @@ import torch
 
 from engine.budget import WORK_ARRAYS
 from engine.methods.base import Chunk, Reducer, Stats, TensorParams
-from engine.stats.pairwise import ALONE, FUSED_DTYPES, GROUP, Pair, PairwiseSums, Vector, fused_kernel, step_size
+from engine.stats.pairwise import ALONE, GROUP, Pair, PairwiseSums, Vector, fused_for, step_size
 
 ROWS = 8  # products summed side by side
 
@@ -42,7 +42,7 @@ class Gram(Reducer):
     def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
         """On the CPU, with the C built and float32 or bfloat16 inputs: the C forms the vectors
         from the read buffers as it sums, so the chunk is never copied to float32."""
-        if fused_kernel(c.device) is None or any(x.dtype not in FUSED_DTYPES for x in raw):
+        if fused_for(raw) is None:
             return False
         for sums, batch in zip(acc, self.batches):
             sums.add_products(raw, batch, vectors=self.vectors)

@@ -56,7 +56,7 @@ Pair = tuple[int, int]
 # (a, b): the vector streams[a] − streams[b], one float32 subtraction per element (a model stock
 # delta), or streams[a] itself where b is ALONE
 Vector = tuple[int, int]
-FUSED_DTYPES = (torch.float32, torch.bfloat16)  # the stream dtypes the C reads
+FUSED_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes the C reads and writes
 
 
 class PairwiseSums:
@@ -92,7 +92,7 @@ class PairwiseSums:
         vectors = tuple(vectors) if vectors is not None else tuple((a, ALONE) for a in range(len(flat)))
         n = flat[0].numel()
         head = min(n, -self.pending % GROUP)  # the terms that complete the open group
-        kernel = fused_kernel(flat[0].device) if all(x.dtype in FUSED_DTYPES for x in flat) else None
+        kernel = fused_for(flat)
         fused = (n - head) // GROUP * GROUP if kernel else 0
         self._widened(flat, vectors, pairs, 0, head, step)
         if kernel and fused:
@@ -216,6 +216,12 @@ def release() -> None:
 def fused_kernel(device: torch.device) -> ModuleType | None:
     """The C first level where it applies: built, for this GROUP (tests change it), on the CPU."""
     return _fused if _fused is not None and _fused.GROUP == GROUP and device.type == "cpu" else None
+
+
+def fused_for(tensors: Sequence[torch.Tensor]) -> ModuleType | None:
+    """The C where it can read (or write) every one of `tensors`: float32 or bfloat16, on the CPU
+    (`fused_kernel`)."""
+    return fused_kernel(tensors[0].device) if all(x.dtype in FUSED_DTYPES for x in tensors) else None
 
 
 def as_buffer(x: torch.Tensor) -> np.ndarray[Any, Any]:
