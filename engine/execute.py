@@ -263,13 +263,17 @@ class _Stage:
         else:
             out = out_bytes.view(DTYPES[tensor.out_dtype])
             inputs = filled.data
-            on_cpu = self.mover.reads_host and tensor.reads_base
+            # the same program for every chunk: the statistics and parameters are the tensor's
+            program = (
+                self.method.steps(self.params, stats, len(inputs) - 1)
+                if self.mover.reads_host and tensor.reads_base
+                else None
+            )
             for c0, c1 in self._spans(tensor, block):
                 c = self._chunk(tensor, streams, block.start + c0)
                 raw = [x[c0:c1] for x in inputs]
                 if self.kernel is not None and self.kernel.run(raw[0], raw[1:], self.params, stats, c, out[c0:c1]):
                     continue
-                program = self.method.steps(self.params, stats, len(raw) - 1) if on_cpu else None
                 if program is not None and steps.fused(raw, program, out[c0:c1]):
                     continue
                 base, *models = self.mover.to_work(raw, tensor.reads_base)
