@@ -236,7 +236,7 @@ def test_out_of_memory_midway_is_one_line_and_resumes(
 
     out = tmp_path / "out"
     args = ["merge", "--base", str(base), *(a for m in models for a in ("--model", str(m))), "--method", "ties"]
-    args += ["--density", "0.4", "--block-size", "64", "-o", str(out)]
+    args += ["--density", "0.4", "--block-size", "64", "--device", "cpu", "-o", str(out)]  # RAM's advice
     with monkeypatch.context() as m:
         m.setattr(impl, "apply", starved)
         failed = CliRunner().invoke(main, args)
@@ -300,9 +300,9 @@ def test_auto_falls_back_to_the_cpu_when_the_gpu_is_full(
     fake_gpu(monkeypatch)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (1 << 20, 80 << 30))  # 1 MiB free
     with caplog.at_level("WARNING"):
-        plan = prepare(spec, max_memory=1 << 30, device="auto")[1]
+        plan = prepare(spec, max_memory=1 << 30, baseline=200 << 20, device="auto")[1]
     assert plan.device.device == "cpu" and "--device auto:" in caplog.text and "merging on the CPU" in caplog.text
     with pytest.raises(BudgetError, match="80% of the free GPU memory"):
-        prepare(spec, max_memory=1 << 30, device="cuda")
+        prepare(spec, max_memory=1 << 30, baseline=200 << 20, device="cuda")
     with pytest.raises(BudgetError, match="--max-gpu-memory"):
-        prepare(spec, max_memory=1 << 30, device="auto", max_gpu_memory=1 << 20)
+        prepare(spec, max_memory=1 << 30, baseline=200 << 20, device="auto", max_gpu_memory=1 << 20)
