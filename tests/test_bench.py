@@ -313,3 +313,38 @@ def test_a_method_without_fine_tunes_is_skipped_with_its_reason(tmp_path: Path) 
     for section in sections.values():
         assert section["runs"] == []
         assert [(s["method"], s["reason"]) for s in section["skipped"]] == [("passthrough", "it takes no fine-tunes")]
+
+
+def test_a_bad_family_is_one_error_line() -> None:
+    """`--family` names a preset: anything else is a usage error naming the choices, no traceback."""
+    from click.testing import CliRunner
+
+    from bench.__main__ import main
+
+    for bad, says in (("llama9b", "unknown preset 'llama9b'; choose from tiny"), ("tiny,small", "one preset")):
+        res = CliRunner().invoke(main, ["--family", bad])
+        assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_two_pass_timing_takes_the_c_and_the_torch_path(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_steps times both passes on the path it names: the C where built, torch without it."""
+    from bench.bench_steps import time_two_pass
+    from engine.methods import steps
+    from engine.methods.registry import METHODS
+    from engine.stats import pairwise
+
+    took: list[bool] = []  # what each merge pass's steps.fused returned: True where the C ran
+    fused = steps.fused
+
+    def watched(*args: Any) -> bool:
+        took.append(fused(*args))
+        return took[-1]
+
+    monkeypatch.setattr(steps, "fused", watched)
+    k = 1 if method == "slerp" else 3
+    for module in (pairwise._fused, None):
+        monkeypatch.setattr(pairwise, "_fused", module)
+        took.clear()
+        assert all(s > 0 for s in time_two_pass(METHODS[method], k, repeats=1))
+        assert took == [module is not None] * 3  # 1 timed + 2 warm-up merge passes
