@@ -108,6 +108,13 @@ def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None)
         raise click.BadParameter(str(e)) from None
 
 
+def parse_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    budgets = parse_budgets(ctx, param, value)
+    if budgets is not None and len(budgets) != 1:
+        raise click.BadParameter(f"one size, got {value!r}")
+    return budgets[0] if budgets else None
+
+
 def check_methods(methods: tuple[str, ...] | None) -> None:
     """Fail early on a `--methods` name the engine does not register (it would just run nothing)."""
     from engine.methods.registry import METHODS
@@ -128,6 +135,8 @@ def settings_for(quick: bool, cache: Path, repeats: int | None, hidden: dict[str
         extra["caches"] = hidden["caches"]
     if hidden.get("baselines") is not None:
         extra["baselines"] = hidden["baselines"]
+    if hidden.get("max_memory") is not None:
+        extra["size_budget"] = hidden["max_memory"]
     return Settings(cache, repeats or mode["repeats"], family, sizes, **extra)
 
 
@@ -189,6 +198,12 @@ def write_outputs(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[s
 @click.option("--budgets", callback=parse_budgets, hidden=True, help="Budgets for rss_vs_budget.")
 @click.option("--compile-modes", callback=split_list, hidden=True, help="leanmerge --compile modes for throughput.")
 @click.option("--caches", callback=split_list, help="Page-cache states for throughput: cold, warm [default: both].")
+@click.option(
+    "--max-memory",
+    callback=parse_budget,
+    help="leanmerge's --max-memory in rss_vs_size and throughput [default: 1GiB]. Larger budgets hold"
+    " two-pass tensors (SLERP, model stock) and read them once.",
+)
 @click.option(
     "--baselines",
     callback=lambda ctx, param, value: (

@@ -95,6 +95,13 @@ def spec_options(f: F) -> F:
             "where the budget has room; --no-hold reads it once per pass (the least memory).",
         ),
         click.option(
+            "--direct-io/--buffered-io",
+            default=True,
+            show_default=True,
+            help="Read inputs with O_DIRECT (no page cache, no copy); buffered is faster only for inputs already "
+            "cached (and then tensors of two passes are read twice rather than held).",
+        ),
+        click.option(
             "--shard-size", type=SIZE, default=DEFAULT_SHARD_SIZE, show_default=True, help="Largest output shard."
         ),
     ]
@@ -113,6 +120,7 @@ def planning(kw: dict[str, Any]) -> dict[str, Any]:
         "device": kw["device"],
         "max_gpu_memory": kw["max_gpu_memory"],
         "hold": kw["hold"],
+        "direct_io": kw["direct_io"],
     }
 
 
@@ -172,12 +180,6 @@ def main() -> None:
 @click.option("--sync-every", type=SIZE, default=SYNC_EVERY, hidden=True, help="Bytes between durable journal commits.")
 @click.option("--drop-cache", is_flag=True, help="Drop inputs from the page cache as they are read.")
 @click.option(
-    "--direct-io/--buffered-io",
-    default=True,
-    show_default=True,
-    help="Read inputs with O_DIRECT (no page cache, no copy); buffered is faster only for inputs already cached.",
-)
-@click.option(
     "--compile",
     "compile_mode",
     type=click.Choice(["auto", "on", "off"]),
@@ -194,7 +196,6 @@ def merge_cmd(
     resume: bool,
     sync_every: int,
     drop_cache: bool,
-    direct_io: bool,
     compile_mode: str,
     threads: int | None,
     log_json: Path | None,
@@ -220,7 +221,6 @@ def merge_cmd(
                 overwrite=overwrite,
                 resume=resume,
                 drop_cache=drop_cache,
-                direct_io=direct_io,
                 sync_every=sync_every,
                 compile=compile_mode,
                 on_event=on_event,

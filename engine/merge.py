@@ -35,12 +35,14 @@ from engine.spec import MergeSpec
 from engine.stats import pairwise
 
 log = logging.getLogger(__name__)
-# Measured on llama1b-embed (2-core VM, cold, --max-memory 4GiB, medians of 3), held vs read per
-# pass: ties (4 passes) 17.7 vs 22.1 s, breadcrumbs (4) 20.3 vs 21.5 s; slerp (2) 11.6 vs 11.0 s,
-# model_stock (2) 27.2 vs 26.6 s: the copy into the held buffer costs what the re-read did.
-# Again with the statistics' first level in C (3 alternating runs): slerp 11.1 vs 12.2 s, model_stock
-# 16.2 vs 15.5 s, at 3-4x the peak RSS: still no clear gain for two passes.
-CPU_HOLD_PASSES = 3
+# Fewest passes for a tensor to be held in RAM, by how the inputs are read. With O_DIRECT every
+# pass reads the disk, and since both passes of SLERP and model stock run in C the second read
+# shows (llama1b-embed, 2-core VM, cold, --max-memory 4GiB, 4 alternating runs, medians of the
+# whole command, held vs read per pass: slerp 5.89 vs 7.80 s, model_stock 7.73 vs 8.76 s). Buffered
+# reads of cached inputs make a re-read a memory copy, cheaper than the hold's copy and page faults
+# (warm: slerp 4.35 vs 3.95 s, model_stock 7.44 vs 6.81 s): there only ties-like tensors of three
+# passes or more are held (ties 17.7 vs 22.1 s, breadcrumbs 20.3 vs 21.5 s, cold, medians of 3).
+CPU_HOLD_PASSES = {"direct": 2, "buffered": 3}
 SPACE_MARGIN = 64 << 20  # journal, index and side files
 REHASH_PIECE = 16 << 20
 
@@ -84,6 +86,7 @@ def prepare(
     device: str = "auto",
     max_gpu_memory: int | None = None,
     hold: bool = True,
+    direct_io: bool = True,
 ) -> tuple[Inventory, Plan]:
     """Open the inputs and plan the merge, reading headers only.
 
@@ -92,7 +95,8 @@ def prepare(
     budget, and a budget too small for it runs eager. On CUDA the methods run eager (the GPU is
     far faster than any disk) in chunks planned for `max_gpu_memory` (`plan.device`); "auto" falls
     back to the CPU when the GPU's free memory cannot hold one chunk. With `hold`,
-    tensors with statistics passes that fit what the budget leaves are read once (`_hold_resident`).
+    tensors with statistics passes that fit what the budget leaves are read once (`_hold_resident`;
+    `direct_io`: how the merge will read, which decides what a re-read costs on the CPU).
     """
     dev = resolve_device(device)
     inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab, spec.slices)
@@ -111,7 +115,7 @@ def prepare(
         numel = max((t.numel for t in plan.tensors), default=1)
         try:
             plan = replace(plan, device=plan_device(dev, max_gpu_memory, plan.memory, numel))
-            return inv, _hold_resident(plan) if hold else plan
+            return inv, _hold_resident(plan, direct_io) if hold else plan
         except BudgetError as e:
             if device.strip().lower() != "auto" or max_gpu_memory is not None:
                 raise
@@ -125,19 +129,19 @@ def prepare(
             plan = make_plan(spec, inv, **kw, compiled=True, compile_reserve=reserve)
         except BudgetError:
             log.warning("--max-memory %s leaves no room for compiled kernels; running eager", fmt_bytes(budget))
-    return inv, _hold_resident(plan) if hold else plan
+    return inv, _hold_resident(plan, direct_io) if hold else plan
 
 
-def _hold_resident(plan: Plan) -> Plan:
+def _hold_resident(plan: Plan, direct_io: bool) -> Plan:
     """Hold whole on the compute device the multi-pass tensors that fit the room its budget
     leaves (RAM under --max-memory, or the GPU under --max-gpu-memory), so each is read once
-    instead of once per statistics pass. On the CPU only tensors of `CPU_HOLD_PASSES` or more:
-    there the merge is mostly bound by the CPU, which hides one re-read behind the arithmetic."""
+    instead of once per statistics pass. On the CPU only tensors of `CPU_HOLD_PASSES` or more,
+    by how the inputs are read: a buffered re-read of cached inputs costs less than the hold."""
     d, m = plan.device, plan.memory
     if d.budget:  # a GPU
         plan = plan.with_resident(d.budget - d.predicted_peak)
         return replace(plan, device=replace(d, predicted_peak=d.predicted_peak + sum(plan.resident)))
-    plan = plan.with_resident(m.budget - m.predicted_peak, CPU_HOLD_PASSES)
+    plan = plan.with_resident(m.budget - m.predicted_peak, CPU_HOLD_PASSES["direct" if direct_io else "buffered"])
     return replace(plan, memory=replace(m, resident=sum(plan.resident)))
 
 
@@ -209,6 +213,7 @@ def merge(
         device=device,
         max_gpu_memory=max_gpu_memory,
         hold=hold,
+        direct_io=direct_io,
     )
     check_target(output, overwrite, [spec.base, *(m.path for m in spec.models)])
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}

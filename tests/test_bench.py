@@ -348,3 +348,16 @@ def test_two_pass_timing_takes_the_c_and_the_torch_path(method: str, monkeypatch
         took.clear()
         assert all(s > 0 for s in time_two_pass(METHODS[method], k, repeats=1))
         assert took == [module is not None] * 3  # 1 timed + 2 warm-up merge passes
+
+
+def test_max_memory_sets_the_budget_of_the_timed_merges(tmp_path: Path) -> None:
+    """`--max-memory` is the budget of rss_vs_size and throughput (1 GiB unless given); one size."""
+    from click.testing import CliRunner
+
+    from bench.__main__ import main, settings_for
+
+    hidden: dict[str, Any] = dict.fromkeys(("sizes", "family", "budgets", "methods", "compile_modes", "caches"))
+    assert settings_for(True, tmp_path, None, {**hidden, "max_memory": None}).size_budget == 1 << 30
+    assert settings_for(True, tmp_path, None, {**hidden, "max_memory": 4 << 30}).size_budget == 4 << 30
+    res = CliRunner().invoke(main, ["--max-memory", "1GiB,2GiB"])
+    assert res.exit_code == 2 and "one size, got '1GiB,2GiB'" in res.output and "Traceback" not in res.output
