@@ -130,7 +130,7 @@ def main(k: int, repeats: int, results: Path) -> None:
                 rows.append({"method": name, "compiled": compiled, "threads": threads, "ns_per_input_elem": ns})
                 kind = "compiled" if compiled else "eager"
                 print(f"{name:<16} {kind:<9} {threads:>7} {ns:>8.2f} {2 / ns:>10.2f}")
-    torch.set_num_threads(1)  # the executor's main thread runs both passes
+    torch.set_num_threads(1)  # the C runs on the executor's one main thread: torch on one too, like for like
     kernels = [("C", pairwise._fused)] if pairwise._fused is not None else []
     print(f"\n{'two passes':<16} {'kernel':<9} {'models':>7} {'stats ns/elem':>14} {'merge ns/elem':>14}")
     for name in TWO_PASS:
