@@ -169,9 +169,10 @@ def parse_bytes(text: str) -> int:
 
 
 def fmt_bytes(n: float) -> str:
-    """Bytes for people: binary units, three significant digits."""
+    """Bytes for people: binary units, three significant digits (whole units from 100 up: 1000
+    MiB is "1000 MiB", not "1e+03 MiB")."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")

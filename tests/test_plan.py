@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import BudgetError, MergeSpec, ModelRef
-from engine.budget import CHUNK_ELEMS, DEPTH, OUT_DEPTH, RESERVE, WORK_ARRAYS, parse_bytes
+from engine.budget import CHUNK_ELEMS, DEPTH, OUT_DEPTH, RESERVE, WORK_ARRAYS, fmt_bytes, parse_bytes
 from engine.io.inventory import take_inventory
 from engine.plan import Block, make_plan
 
@@ -70,6 +70,24 @@ def test_block_size_override_and_shards(pair: tuple[Path, Path]) -> None:
 )
 def test_parse_bytes(text: str, value: int) -> None:
     assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (99.94 * 2**20, "99.9 MiB"),
+        (1000 * 2**20, "1000 MiB"),
+        (1023.4 * 2**20, "1023 MiB"),
+        (2**30, "1 GiB"),
+        (5 * 2**40, "5 TiB"),
+        (4096 * 2**40, "4096 TiB"),
+    ],
+)
+def test_fmt_bytes_three_digits_never_an_exponent(n: float, text: str) -> None:
+    assert fmt_bytes(n) == text
 
 
 @pytest.mark.parametrize("text", ["", "abc", "1XB", "-1", "0"])
