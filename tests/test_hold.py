@@ -82,6 +82,20 @@ def test_buffered_reads_hold_only_tensors_of_three_passes_or_more(method: str, f
         assert any(t.resident for t in plans[0].tensors) == holds_two and any(t.resident for t in plans[1].tensors)
 
 
+def test_plan_shows_the_hold_of_the_read_mode_given(family: tuple[Path, list[Path]]) -> None:
+    """`leanmerge plan` takes --direct-io/--buffered-io as `merge` does: the plan shown is the plan run."""
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    base, models = family
+    args = ["plan", "--base", str(base), "--model", str(models[0]), "--method", "slerp", "--max-memory", "2GiB"]
+    args += ["--block-size", str(BLOCK)]
+    shown = {io: CliRunner().invoke(main, [*args, io]) for io in ("--direct-io", "--buffered-io")}
+    assert all(r.exit_code == 0 for r in shown.values()), shown
+    assert "held in RAM" in shown["--direct-io"].output and "held in RAM" not in shown["--buffered-io"].output
+
+
 def test_only_what_fits_is_held(family: tuple[Path, list[Path]]) -> None:
     plan = prepare(spec("ties", family, density=0.3), block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
     multi = sorted((t for t in plan.tensors if t.passes > 1 and t.n_blocks > 1), key=lambda t: sum(t.resident_bytes))
