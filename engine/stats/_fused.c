@@ -70,8 +70,8 @@ static inline double group_sum(const float *x, double *w) {
 }
 
 /* A bfloat16 is the upper half of a float32: widening is exact, as torch's cast. */
-static inline void widen_bf16(const uint16_t *h, float *out) {
-    for (int k = 0; k < GROUP; k++) {
+static inline void widen_bf16(const uint16_t *h, float *out, int len) {
+    for (int k = 0; k < len; k++) {
         uint32_t u = (uint32_t)h[k] << 16;
         memcpy(&out[k], &u, sizeof u);
     }
@@ -96,7 +96,7 @@ CLONES static void sum_groups(const Stream *streams, Py_ssize_t nstreams, const 
         Py_ssize_t first = g * GROUP;
         for (Py_ssize_t s = 0; s < nstreams; s++) {
             if (streams[s].bf16) {
-                widen_bf16((const uint16_t *)streams[s].buf + first, scratch + s * GROUP);
+                widen_bf16((const uint16_t *)streams[s].buf + first, scratch + s * GROUP, GROUP);
                 at[s] = scratch + s * GROUP;
             } else {
                 at[s] = (const float *)streams[s].buf + first;
@@ -258,11 +258,7 @@ static inline uint16_t round_bf16(float f, uint16_t nan) {
 
 static inline const float *widened(const Stream *s, Py_ssize_t at, int len, float *tmp) {
     if (!s->bf16) return (const float *)s->buf + at;
-    const uint16_t *h = (const uint16_t *)s->buf + at;
-    for (int k = 0; k < len; k++) {
-        uint32_t u = (uint32_t)h[k] << 16;
-        memcpy(&tmp[k], &u, sizeof u);
-    }
+    widen_bf16((const uint16_t *)s->buf + at, tmp, len);
     return tmp;
 }
 
