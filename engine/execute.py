@@ -243,7 +243,7 @@ class _Stage:
             filled = held(block) if held is not None else self._next(tensor, block)
             for c0, c1 in self._spans(tensor, block):
                 raw, c = [x[c0:c1] for x in filled.data], self._chunk(tensor, streams, block.start + c0)
-                if not (self.mover.reads_host and tensor.reads_base and r.raw_chunk(acc, raw, self.params, stats, c)):
+                if not (self._reads_raw(tensor) and r.raw_chunk(acc, raw, self.params, stats, c)):
                     base, *models = self.mover.to_work(raw, tensor.reads_base)
                     r.chunk(acc, base, models, self.params, stats, c)
             self.mover.inputs_done()
@@ -264,11 +264,7 @@ class _Stage:
             out = out_bytes.view(DTYPES[tensor.out_dtype])
             inputs = filled.data
             # the same program for every chunk: the statistics and parameters are the tensor's
-            program = (
-                self.method.steps(self.params, stats, len(inputs) - 1)
-                if self.mover.reads_host and tensor.reads_base
-                else None
-            )
+            program = self.method.steps(self.params, stats, len(inputs) - 1) if self._reads_raw(tensor) else None
             for c0, c1 in self._spans(tensor, block):
                 c = self._chunk(tensor, streams, block.start + c0)
                 raw = [x[c0:c1] for x in inputs]
@@ -282,6 +278,11 @@ class _Stage:
             ready = self.mover.outputs_ready()
         self.prefetch.release(filled.slot)
         self.out.submit(tensor, block, out_bytes, buffer, ready)
+
+    def _reads_raw(self, tensor: TensorPlan) -> bool:
+        """Whether the C may take this tensor's chunks from the read buffers (and write the output
+        buffer) itself: the buffers are on the host, not staged, and hold the base it reads."""
+        return self.mover.reads_host and tensor.reads_base
 
     def _chunk(self, tensor: TensorPlan, streams: tuple[KeyedRng, ...], start: int) -> Chunk:
         return Chunk(streams, start, tensor.numel, tensor.row_numel, self.mover.device)
