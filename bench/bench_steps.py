@@ -25,6 +25,7 @@ import torch
 
 from bench.common import BENCH, machine_info
 from engine.budget import CHUNK_ELEMS
+from engine.device import Mover
 from engine.kernels import CompiledApply
 from engine.methods import steps
 from engine.methods.base import Chunk, Method, TensorParams
@@ -50,6 +51,11 @@ def bf16_family(k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base, [(base.float() + 0.01 * torch.randn(CHUNK_ELEMS, generator=g)).to(torch.bfloat16) for _ in range(k)]
 
 
+def cpu_mover(k: int) -> Mover:
+    """The executor's CPU mover for a base and k models: the float32 copies its eager path makes."""
+    return Mover([torch.empty(CHUNK_ELEMS) for _ in range(k + 1)], CHUNK_ELEMS)
+
+
 def median_s(step: Callable[[], object], repeats: int) -> float:
     """Median seconds of `step` over `repeats` calls, after two unmeasured ones."""
     times = []
@@ -67,15 +73,14 @@ def time_two_pass(method: Method, k: int, repeats: int) -> tuple[float, float]:
     base, models = bf16_family(k)
     p = params_for(method, k)
     (reducer,) = method.reducers(p)
-    work = [torch.empty(CHUNK_ELEMS) for _ in range(k + 1)]
+    mover = cpu_mover(k)
     out = torch.empty(CHUNK_ELEMS, dtype=torch.bfloat16)
     c = Chunk((), 0, CHUNK_ELEMS)
 
     def statistics_pass() -> Any:
         acc = reducer.start(p, {}, CHUNK_ELEMS)
         if not reducer.raw_chunk(acc, [base, *models], p, {}, c):
-            for w, x in zip(work, (base, *models)):
-                w.copy_(x)
+            work = mover.to_work([base, *models], True)
             reducer.chunk(acc, work[0], work[1:], p, {}, c)
         return acc
 
@@ -86,9 +91,8 @@ def time_two_pass(method: Method, k: int, repeats: int) -> tuple[float, float]:
 
     def merge_pass() -> None:
         if not steps.fused([base, *models], program, out):
-            for w, x in zip(work, (base, *models)):
-                w.copy_(x)
-            out.copy_(method.apply(work[0], work[1:], p, stats, c))
+            work = mover.to_work([base, *models], True)
+            mover.store(method.apply(work[0], work[1:], p, stats, c), out)
 
     return median_s(statistics_pass, repeats), median_s(merge_pass, repeats)
 
@@ -96,7 +100,7 @@ def time_two_pass(method: Method, k: int, repeats: int) -> tuple[float, float]:
 def time_step(method: Method, k: int, compiled: bool, repeats: int) -> float:
     """Median seconds of one chunk step over `repeats` chunks at different positions."""
     base, models = bf16_family(k)
-    work = [torch.empty(CHUNK_ELEMS) for _ in range(k + 1)]
+    mover = cpu_mover(k)
     out = torch.empty(CHUNK_ELEMS, dtype=torch.bfloat16)
     p = params_for(method, k)
     streams = tuple(KeyedRng(stream_key(0, "bench", m)) for m in range(k))
@@ -106,9 +110,8 @@ def time_step(method: Method, k: int, compiled: bool, repeats: int) -> float:
         c = Chunk(streams, r * CHUNK_ELEMS, 1 << 40)
         t0 = time.perf_counter()
         if kernel is None or not kernel.run(base, models, p, {}, c, out):
-            for w, x in zip(work, (base, *models)):
-                w.copy_(x)
-            out.copy_(method.apply(work[0], work[1:], p, {}, c))
+            work = mover.to_work([base, *models], True)
+            mover.store(method.apply(work[0], work[1:], p, {}, c), out)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
