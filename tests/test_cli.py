@@ -127,3 +127,20 @@ def test_a_real_process_leaves_at_once_with_everything_written(tiny_family: Make
     assert load_model(out).keys() == load_model(base).keys()
     again = subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, env=env)
     assert again.returncode == 1 and "already exists" in again.stderr  # an error's status and line
+
+
+def test_import_leaves_the_collector_as_it_was_and_torch_frozen() -> None:
+    """`import engine` pauses the cyclic collector for torch's import and freezes what it made:
+    afterwards the collector is on again (or still off, if the caller had turned it off), the
+    imported objects are out of its sight, and garbage that was waiting is collected, not kept."""
+    probe = (
+        "import gc, sys, weakref\n"
+        "class Cycle: pass\n"
+        "c = Cycle(); c.me = c; gone = weakref.ref(c); del c\n"
+        "if sys.argv[1] == 'off': gc.disable()\n"
+        "import engine\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > 100_000, gone() is None)\n"
+    )
+    for state, enabled in (("on", "True"), ("off", "False")):
+        out = subprocess.run([sys.executable, "-c", probe, state], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [enabled, "True", "True"], out.stderr
