@@ -241,10 +241,11 @@ class _Stage:
         acc = r.start(self.params, stats, tensor.numel)
         for block in tensor.blocks():
             filled = held(block) if held is not None else self._next(tensor, block)
-            for c0, c1 in self._spans(tensor, block):
-                raw, c = [x[c0:c1] for x in filled.data], self._chunk(tensor, streams, block.start + c0)
-                if not (self._reads_raw(tensor) and r.raw_chunk(acc, raw, self.params, stats, c)):
-                    base, *models = self.mover.to_work(raw, tensor.reads_base)
+            whole = self._chunk(tensor, streams, block.start)  # the C tiles the block itself
+            if not (self._reads_raw(tensor) and r.raw_chunk(acc, filled.data, self.params, stats, whole)):
+                for c0, c1 in self._spans(tensor, block):
+                    c = self._chunk(tensor, streams, block.start + c0)
+                    base, *models = self.mover.to_work([x[c0:c1] for x in filled.data], tensor.reads_base)
                     r.chunk(acc, base, models, self.params, stats, c)
             self.mover.inputs_done()
             if held is None:
@@ -263,14 +264,14 @@ class _Stage:
         else:
             out = out_bytes.view(DTYPES[tensor.out_dtype])
             inputs = filled.data
-            # the same program for every chunk: the statistics and parameters are the tensor's
+            # one program for the whole block (the statistics and parameters are the tensor's),
+            # which the C runs in one call: it keeps its own cache-sized tiles
             program = self.method.steps(self.params, stats, len(inputs) - 1) if self._reads_raw(tensor) else None
-            for c0, c1 in self._spans(tensor, block):
+            whole = program is not None and steps.fused(inputs, program, out)
+            for c0, c1 in () if whole else self._spans(tensor, block):
                 c = self._chunk(tensor, streams, block.start + c0)
                 raw = [x[c0:c1] for x in inputs]
                 if self.kernel is not None and self.kernel.run(raw[0], raw[1:], self.params, stats, c, out[c0:c1]):
-                    continue
-                if program is not None and steps.fused(raw, program, out[c0:c1]):
                     continue
                 base, *models = self.mover.to_work(raw, tensor.reads_base)
                 self.mover.store(self.method.apply(base, models, self.params, stats, c), out[c0:c1])
