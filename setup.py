@@ -11,7 +11,8 @@ setup(
         Extension(
             "engine.stats._fused",
             ["engine/stats/_fused.c"],
-            extra_compile_args=["-O3", "-ffp-contract=off"],  # no FMA: the eager ops round twice
+            extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],  # no FMA: the eager ops round twice
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ]

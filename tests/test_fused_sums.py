@@ -162,3 +162,23 @@ def test_raw_streams_and_differences_equal_the_float32_copies(
         pairwise_sum(copies[i].double() * copies[j].double() if j != ALONE else copies[i].double()) for i, j in pairs
     ]
     assert sums(streams, cuts, pairs, vectors) == want
+
+
+@needs_kernel
+def test_the_sums_are_the_same_for_any_number_of_threads() -> None:
+    """Threads share a call's groups (parts of at least 2**20 elements): each group is summed
+    the same wherever its part begins, so the sums do not depend on their number."""
+    g = torch.Generator().manual_seed(5)
+    n = 5 * (1 << 20) + 3 * GROUP  # five parts and a bit: the last part is longer
+    x = torch.randn(n, generator=g).bfloat16()
+    y = torch.randn(n, generator=g)
+    streams = (x.view(torch.int16).numpy(), y.numpy())
+    vectors, pairs = ((0, ALONE), (1, 0)), ((0, 1), (1, 1), (0, ALONE))
+    outs = []
+    for threads in (1, 2, 3, 5, 8, 0):
+        out = np.full(len(pairs) * n // GROUP, np.nan)
+        fused.group_sums(streams, vectors, pairs, out, threads)
+        outs.append(out)
+    assert not np.isnan(outs[0]).any()
+    for out in outs[1:]:
+        assert out.tobytes() == outs[0].tobytes()

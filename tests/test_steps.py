@@ -106,3 +106,22 @@ F = np.zeros(4, np.float32)
 def test_bad_arguments_raise(streams: tuple, program: tuple, out: np.ndarray, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         fused_kernel.combine(streams, program, out, 0xFFFF)
+
+
+@needs_kernel
+def test_the_merge_is_the_same_for_any_number_of_threads() -> None:
+    """Threads share a call's elements (parts of at least 2**20): the bytes do not depend on
+    their number, and a length that is no multiple of the C's tiles is written to its end."""
+    g = torch.Generator().manual_seed(6)
+    n = 4 * (1 << 20) + 1000 + 1
+    a, b = (torch.randn(n, generator=g).bfloat16() for _ in range(2))
+    streams = (a.view(torch.int16).numpy(), b.view(torch.int16).numpy())
+    program = ((SET, 0, 0.25), (ADD, 1, 0.75), (DIV, -1, 3.0))
+    outs = []
+    for threads in (1, 2, 3, 4, 16, 0):
+        out = np.full(n, 0x7FC1, np.int16)  # a NaN pattern the merge never writes
+        fused_kernel.combine(streams, program, out, 0xFFFF, threads)
+        outs.append(out)
+    assert (outs[0] != 0x7FC1).all()
+    for out in outs[1:]:
+        assert out.tobytes() == outs[0].tobytes()

@@ -70,7 +70,9 @@ def fused(raw: Sequence[torch.Tensor], steps: Sequence[Step], out: torch.Tensor)
     if kernel is None:
         return False
     program = tuple((s.op, s.stream, s.scale) for s in steps)
-    kernel.combine(tuple(pairwise.as_buffer(x) for x in raw), program, pairwise.as_buffer(out), _nan_bits())
+    kernel.combine(
+        tuple(pairwise.as_buffer(x) for x in raw), program, pairwise.as_buffer(out), _nan_bits(), pairwise.c_threads()
+    )
     return True
 
 

@@ -22,10 +22,13 @@
  * writes the float32 copies of its chunks: on 2 cores those copies and deltas took about as long
  * as the sums.
  *
- * The GIL is released while the loops run: the readers and the writer keep going.
+ * The GIL is released while the loops run: the readers and the writer keep going. Each call may
+ * cut its work into `threads` contiguous parts run side by side (`split`): groups and elements are
+ * computed one by one, each the same wherever a part begins, so the bytes do not depend on it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -51,6 +54,54 @@ typedef struct {
 typedef struct {
     Py_ssize_t x, y;
 } Indices;
+
+/* ------------------------------------------------------------------ parts on threads */
+
+#define MAX_THREADS 64
+#define MIN_PART (1 << 20) /* elements: a part of ~0.3 ms or more pays for its thread's start */
+
+typedef void (*PartFn)(void *ctx, int part, Py_ssize_t lo, Py_ssize_t hi);
+
+typedef struct {
+    PartFn fn;
+    void *ctx;
+    int part;
+    Py_ssize_t lo, hi;
+} Part;
+
+static void *run_part(void *arg) {
+    Part *p = arg;
+    p->fn(p->ctx, p->part, p->lo, p->hi);
+    return NULL;
+}
+
+/* How many parts `n` units of `unit` elements each make for `threads` threads: at least one, at
+ * most MAX_THREADS, and none under MIN_PART elements. */
+static int parts_for(Py_ssize_t n, Py_ssize_t unit, int threads) {
+    Py_ssize_t most = n * unit / MIN_PART;
+    int parts = threads < MAX_THREADS ? threads : MAX_THREADS;
+    if (most < parts) parts = (int)most;
+    return parts < 1 ? 1 : parts;
+}
+
+/* fn over [0, n) cut into `parts` contiguous ranges, part 0 on the calling thread and the others
+ * on threads of their own; a thread that cannot start runs its part here. Called without the GIL. */
+static void split(PartFn fn, void *ctx, Py_ssize_t n, int parts) {
+    Part p[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 0; k < parts; k++) p[k] = (Part){fn, ctx, k, n * k / parts, n * (k + 1) / parts};
+    for (int k = 1; k < parts; k++) started[k] = pthread_create(&ids[k], NULL, run_part, &p[k]) == 0;
+    run_part(&p[0]);
+    for (int k = 1; k < parts; k++) {
+        if (started[k])
+            pthread_join(ids[k], NULL);
+        else
+            run_part(&p[k]);
+    }
+}
+
+/* ------------------------------------------------------------------ the statistics' sums */
 
 /* The halving levels after the first, on w[0 .. HALF). */
 static inline double halve(double *w) {
@@ -83,16 +134,15 @@ static inline void difference(const float *x, const float *y, float *out) {
     for (int k = 0; k < GROUP; k++) out[k] = x[k] - y[k];
 }
 
-/* out[t * groups + g]: the sum of group g of terms[t], for every t < nterms. Group-major, so a
- * group's inputs are read from memory once for every term: each stream is widened (bfloat16) and
- * each vector formed (a difference) into `scratch`, GROUP floats per stream and per vector, which
- * stays in the L2 cache. Single-threaded: a second thread lost to torch's OpenMP workers (which
- * spin between ops) in a merge: 3.6 s vs 1.2 s for SLERP's statistics on 2 cores. */
+/* out[t * groups + g]: the sum of group g of terms[t], for every t < nterms and g0 <= g < g1.
+ * Group-major, so a group's inputs are read from memory once for every term: each stream is
+ * widened (bfloat16) and each vector formed (a difference) into `scratch`, GROUP floats per stream
+ * and per vector, which stays in the L2 cache. */
 CLONES static void sum_groups(const Stream *streams, Py_ssize_t nstreams, const Indices *vectors, Py_ssize_t nvec,
-                              const Indices *terms, Py_ssize_t nterms, Py_ssize_t groups, float *scratch,
-                              const float **at, double *out) {
+                              const Indices *terms, Py_ssize_t nterms, Py_ssize_t groups, Py_ssize_t g0,
+                              Py_ssize_t g1, float *scratch, const float **at, double *out) {
     double w[HALF];
-    for (Py_ssize_t g = 0; g < groups; g++) {
+    for (Py_ssize_t g = g0; g < g1; g++) {
         Py_ssize_t first = g * GROUP;
         for (Py_ssize_t s = 0; s < nstreams; s++) {
             if (streams[s].bf16) {
@@ -114,6 +164,25 @@ CLONES static void sum_groups(const Stream *streams, Py_ssize_t nstreams, const 
             out[t * groups + g] = term->y >= 0 ? group_dot(vec[term->x], vec[term->y], w) : group_sum(vec[term->x], w);
         }
     }
+}
+
+typedef struct {
+    const Stream *streams;
+    Py_ssize_t nstreams;
+    const Indices *vectors;
+    Py_ssize_t nvec;
+    const Indices *terms;
+    Py_ssize_t nterms, groups;
+    float *scratch;   /* per part: (nstreams + nvec) * GROUP floats */
+    const float **at; /* per part: nstreams + nvec pointers */
+    double *out;
+} SumsJob;
+
+static void sums_part(void *ctx, int part, Py_ssize_t g0, Py_ssize_t g1) {
+    SumsJob *j = ctx;
+    Py_ssize_t width = j->nstreams + j->nvec;
+    sum_groups(j->streams, j->nstreams, j->vectors, j->nvec, j->terms, j->nterms, j->groups, g0, g1,
+               j->scratch + part * width * GROUP, j->at + part * width, j->out);
 }
 
 /* Fills `view` with a C-contiguous buffer of one of `formats` (one char each); -1 with a Python
@@ -171,19 +240,21 @@ static int get_indices(PyObject *tuple, Indices *out, Py_ssize_t n, const char *
 }
 
 PyDoc_STRVAR(group_sums_doc,
-             "group_sums(streams, vectors, pairs, out)\n\n"
+             "group_sums(streams, vectors, pairs, out, threads=1)\n\n"
              "For each (i, j) of `pairs`, the float64 sums of the aligned groups of GROUP terms\n"
              "v[i][k] * v[j][k] (j >= 0) or v[i][k] (j == -1), each group summed by halving, written to\n"
              "out[p * groups + g]. Vector v[i] is, for (a, b) = vectors[i], the float32 difference\n"
              "streams[a] - streams[b] (b >= 0) or streams[a] (b == -1). `streams`: float32 ('f') or\n"
              "bfloat16-bit ('h', 'H') buffers of one length, a multiple of GROUP; `out`: a float64\n"
-             "buffer of len(pairs) * length / GROUP items.");
+             "buffer of len(pairs) * length / GROUP items. Up to `threads` threads share the groups\n"
+             "(parts of at least 2**20 elements); the sums are the same for any number.");
 
 static PyObject *group_sums(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *streams_obj, *vectors_obj, *pairs_obj, *out_obj;
-    if (!PyArg_ParseTuple(args, "O!O!O!O:group_sums", &PyTuple_Type, &streams_obj, &PyTuple_Type, &vectors_obj,
-                          &PyTuple_Type, &pairs_obj, &out_obj))
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O!O!O!O|i:group_sums", &PyTuple_Type, &streams_obj, &PyTuple_Type, &vectors_obj,
+                          &PyTuple_Type, &pairs_obj, &out_obj, &threads))
         return NULL;
     Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj), nvec = PyTuple_GET_SIZE(vectors_obj);
     Py_ssize_t nterms = PyTuple_GET_SIZE(pairs_obj);
@@ -195,18 +266,25 @@ static PyObject *group_sums(PyObject *self, PyObject *args) {
     Stream *streams = PyMem_Calloc(nstreams, sizeof(Stream));
     Indices *vectors = PyMem_Calloc(nvec, sizeof(Indices));
     Indices *terms = PyMem_Calloc(nterms, sizeof(Indices));
-    float *scratch = PyMem_Calloc((size_t)(nstreams + nvec) * GROUP, sizeof(float));
-    const float **at = PyMem_Calloc(nstreams + nvec, sizeof(float *)); /* a group's values: streams, vectors */
+    float *scratch = NULL;
+    const float **at = NULL; /* a group's values: streams, vectors */
     Py_buffer out = {0};
     Py_ssize_t got = 0, n;
     PyObject *result = NULL;
-    if (views == NULL || streams == NULL || vectors == NULL || terms == NULL || scratch == NULL || at == NULL) {
+    if (views == NULL || streams == NULL || vectors == NULL || terms == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     if ((n = get_streams(streams_obj, views, streams, &got, "group_sums")) < 0) goto done;
     if (n % GROUP) {
         PyErr_Format(PyExc_ValueError, "group_sums: %zd items is not a multiple of %d", n, GROUP);
+        goto done;
+    }
+    int parts = parts_for(n / GROUP, GROUP, threads);
+    scratch = PyMem_Calloc((size_t)parts * (nstreams + nvec) * GROUP, sizeof(float));
+    at = PyMem_Calloc((size_t)parts * (nstreams + nvec), sizeof(float *));
+    if (scratch == NULL || at == NULL) {
+        PyErr_NoMemory();
         goto done;
     }
     if (get_indices(vectors_obj, vectors, nstreams, "vector") < 0) goto done;
@@ -217,8 +295,9 @@ static PyObject *group_sums(PyObject *self, PyObject *args) {
         PyBuffer_Release(&out);
         goto done;
     }
+    SumsJob job = {streams, nstreams, vectors, nvec, terms, nterms, n / GROUP, scratch, at, out.buf};
     Py_BEGIN_ALLOW_THREADS
-    sum_groups(streams, nstreams, vectors, nvec, terms, nterms, n / GROUP, scratch, at, out.buf);
+    split(sums_part, &job, n / GROUP, parts);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&out);
     result = Py_NewRef(Py_None);
@@ -262,10 +341,10 @@ static inline const float *widened(const Stream *s, Py_ssize_t at, int len, floa
     return tmp;
 }
 
-CLONES static void combine_blocks(const Stream *streams, const Step *steps, Py_ssize_t nsteps, Py_ssize_t n,
-                                  void *out, int out_bf16, uint16_t nan) {
+CLONES static void combine_blocks(const Stream *streams, const Step *steps, Py_ssize_t nsteps, Py_ssize_t lo,
+                                  Py_ssize_t n, void *out, int out_bf16, uint16_t nan) {
     float acc[COMBINE], tmp[COMBINE];
-    for (Py_ssize_t at = 0; at < n; at += COMBINE) {
+    for (Py_ssize_t at = lo; at < n; at += COMBINE) {
         int len = n - at < COMBINE ? (int)(n - at) : COMBINE;
         for (Py_ssize_t i = 0; i < nsteps; i++) {
             const Step *st = &steps[i];
@@ -295,20 +374,39 @@ CLONES static void combine_blocks(const Stream *streams, const Step *steps, Py_s
     }
 }
 
+typedef struct {
+    const Stream *streams;
+    const Step *steps;
+    Py_ssize_t nsteps;
+    void *out;
+    int out_bf16;
+    uint16_t nan;
+    Py_ssize_t end; /* elements */
+} CombineJob;
+
+static void combine_part(void *ctx, int part, Py_ssize_t lo, Py_ssize_t hi) {
+    (void)part;
+    CombineJob *j = ctx;
+    combine_blocks(j->streams, j->steps, j->nsteps, lo * COMBINE, hi * COMBINE < j->end ? hi * COMBINE : j->end,
+                   j->out, j->out_bf16, j->nan);
+}
+
 PyDoc_STRVAR(combine_doc,
-             "combine(streams, steps, out, nan)\n\n"
+             "combine(streams, steps, out, nan, threads=1)\n\n"
              "Run `steps`, each (op, stream, scale): SET 0 (acc = x[stream], times scale unless it is\n"
              "None), ADD 1 (acc += x[stream], times scale unless None), DIV 2 (acc /= scale), MUL 3\n"
              "(acc *= scale; stream ignored), in float32 over every element of `streams` (float32 'f'\n"
              "or bfloat16-bit 'h'/'H' buffers of one length), the first step a SET, and write acc to\n"
-             "`out` (float32, or bfloat16 bits rounded to nearest even, a NaN as the bits `nan`).");
+             "`out` (float32, or bfloat16 bits rounded to nearest even, a NaN as the bits `nan`). Up to\n"
+             "`threads` threads share the elements (parts of at least 2**20); the bytes are the same.");
 
 static PyObject *combine(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *streams_obj, *steps_obj, *out_obj;
     unsigned short nan;
-    if (!PyArg_ParseTuple(args, "O!O!OH:combine", &PyTuple_Type, &streams_obj, &PyTuple_Type, &steps_obj, &out_obj,
-                          &nan))
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O!O!OH|i:combine", &PyTuple_Type, &streams_obj, &PyTuple_Type, &steps_obj, &out_obj,
+                          &nan, &threads))
         return NULL;
     Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj), nsteps = PyTuple_GET_SIZE(steps_obj);
     if (nstreams == 0 || nsteps == 0) {
@@ -350,8 +448,10 @@ static PyObject *combine(PyObject *self, PyObject *args) {
         goto done;
     }
     int out_bf16 = out.format[0] != 'f';
+    CombineJob job = {streams, steps, nsteps, out.buf, out_bf16, (uint16_t)nan, n};
+    Py_ssize_t tiles = (n + COMBINE - 1) / COMBINE;
     Py_BEGIN_ALLOW_THREADS
-    combine_blocks(streams, steps, nsteps, n, out.buf, out_bf16, (uint16_t)nan);
+    split(combine_part, &job, tiles, parts_for(tiles, COMBINE, threads));
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&out);
     result = Py_NewRef(Py_None);

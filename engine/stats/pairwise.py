@@ -98,7 +98,7 @@ class PairwiseSums:
         if kernel and fused:
             sums = torch.empty(len(pairs), fused // GROUP, dtype=torch.float64)
             kernel.group_sums(
-                tuple(as_buffer(x[head : head + fused]) for x in flat), vectors, tuple(pairs), sums.numpy()
+                tuple(as_buffer(x[head : head + fused]) for x in flat), vectors, tuple(pairs), sums.numpy(), c_threads()
             )
             self._push(1, sums)
         self._widened(flat, vectors, pairs, head + fused, n, step)
@@ -222,6 +222,11 @@ def fused_for(tensors: Sequence[torch.Tensor]) -> ModuleType | None:
     """The C where it can read (or write) every one of `tensors`: float32 or bfloat16, on the CPU
     (`fused_kernel`)."""
     return fused_kernel(tensors[0].device) if all(x.dtype in FUSED_DTYPES for x in tensors) else None
+
+
+def c_threads() -> int:
+    """Threads the C may cut one call into: torch's compute threads (`--threads`, one per core)."""
+    return torch.get_num_threads()
 
 
 def as_buffer(x: torch.Tensor) -> np.ndarray[Any, Any]:
