@@ -341,6 +341,7 @@ static inline const float *widened(const Stream *s, Py_ssize_t at, int len, floa
     return tmp;
 }
 
+/* Elements [lo, n). */
 CLONES static void combine_blocks(const Stream *streams, const Step *steps, Py_ssize_t nsteps, Py_ssize_t lo,
                                   Py_ssize_t n, void *out, int out_bf16, uint16_t nan) {
     float acc[COMBINE], tmp[COMBINE];
@@ -381,14 +382,12 @@ typedef struct {
     void *out;
     int out_bf16;
     uint16_t nan;
-    Py_ssize_t end; /* elements */
 } CombineJob;
 
 static void combine_part(void *ctx, int part, Py_ssize_t lo, Py_ssize_t hi) {
     (void)part;
     CombineJob *j = ctx;
-    combine_blocks(j->streams, j->steps, j->nsteps, lo * COMBINE, hi * COMBINE < j->end ? hi * COMBINE : j->end,
-                   j->out, j->out_bf16, j->nan);
+    combine_blocks(j->streams, j->steps, j->nsteps, lo, hi, j->out, j->out_bf16, j->nan);
 }
 
 PyDoc_STRVAR(combine_doc,
@@ -448,10 +447,9 @@ static PyObject *combine(PyObject *self, PyObject *args) {
         goto done;
     }
     int out_bf16 = out.format[0] != 'f';
-    CombineJob job = {streams, steps, nsteps, out.buf, out_bf16, (uint16_t)nan, n};
-    Py_ssize_t tiles = (n + COMBINE - 1) / COMBINE;
+    CombineJob job = {streams, steps, nsteps, out.buf, out_bf16, (uint16_t)nan};
     Py_BEGIN_ALLOW_THREADS
-    split(combine_part, &job, tiles, parts_for(tiles, COMBINE, threads));
+    split(combine_part, &job, n, parts_for(n, 1, threads));
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&out);
     result = Py_NewRef(Py_None);
