@@ -43,6 +43,9 @@ class SliceSource:
     start: int
     end: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).expanduser().resolve())  # as `spec.real_path`
+
     @property
     def layers(self) -> int:
         return self.end - self.start
