@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from engine.budget import SIZE_FORMS, parse_bytes
+from engine.budget import parse_bytes
 from engine.defaults import DEFAULT_SHARD_SIZE, METHOD_NAMES, NO_MODEL_METHODS, VOCAB_POLICIES
 from engine.errors import SpecError
 
@@ -40,11 +40,11 @@ PARAM_FLAGS = (
 )
 # mergekit's flags that have nothing to do here, and why (said in one line when given).
 NOT_NEEDED = {
-    "lazy_unpickle": "leanmerge never unpickles: safetensors are read block by block, .bin weights-only",
-    "allow_crimes": "models must be homologous (same tensor names and shapes), which leanmerge checks per tensor",
-    "low_cpu_memory": "memory is bounded by --max-memory (RAM) and --max-gpu-memory",
-    "trust_remote_code": "leanmerge runs no code from the models",
-    "clone_tensors": "every output tensor is written from its own buffers",
+    "lazy_unpickle": "is not needed here: nothing is unpickled (safetensors are read block by block, .bin weights-only)",
+    "allow_crimes": "changes nothing here: only homologous models (same tensor names and shapes) merge, checked per tensor",
+    "low_cpu_memory": "is not needed here: --max-memory (RAM) and --max-gpu-memory bound the memory",
+    "trust_remote_code": "is not needed here: no code from the models is run",
+    "clone_tensors": "is not needed here: every output tensor is written from its own buffers",
 }
 
 
@@ -69,7 +69,7 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only since
 
 
 SIZE = ByteSize()
-SHARD_SIZE = ByteSize(MIN_SHARD_SIZE, f"each tensor would get a file of its own; write e.g. 5B or 2GB ({SIZE_FORMS})")
+SHARD_SIZE = ByteSize(MIN_SHARD_SIZE, "every tensor would get a file of its own; write e.g. 5B (mergekit's 5e9) or 2GB")
 
 
 def _apply(f: F, options: list[Callable[[F], F]]) -> F:
@@ -168,8 +168,7 @@ def plan_options(f: F) -> F:
                 "shard_size",
                 type=SHARD_SIZE,
                 default=DEFAULT_SHARD_SIZE,
-                show_default="5GB",
-                help="Largest output shard (5B = 5GB, as in mergekit).",
+                help="Largest output shard (mergekit's 5B is 5GB).  [default: 5GB]",  # not 5000000000
             ),
         ],
     )
@@ -184,7 +183,7 @@ def say_not_needed(kw: dict[str, Any]) -> None:
     """One line per mergekit flag given that does nothing here (and drop it from `kw`)."""
     for key, why in NOT_NEEDED.items():
         if kw.pop(key, False):
-            log.warning("--%s is not needed: %s", key.replace("_", "-"), why)
+            log.warning("--%s %s", key.replace("_", "-"), why)
 
 
 def planning(kw: dict[str, Any]) -> dict[str, Any]:

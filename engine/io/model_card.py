@@ -6,6 +6,7 @@ same spec digest).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def model_card(spec: MergeSpec, title: str, config: str) -> str:
     """README.md: Hub front matter (base_model, tags, library_name), then the merge's details."""
     front = {"base_model": [hub_name(spec.base)], "library_name": "transformers", "tags": ["merge", "leanmerge"]}
     models = [f"* {hub_name(m.path)}" for m in spec.models] or [f"* {hub_name(spec.base)}"]
-    params = [f"* {k}: {setting_json(v)}" for k, v in sorted(spec.params.items())]
+    params = [f"* {k}: {json.dumps(setting_json(v))}" for k, v in sorted(spec.params.items())]
     return "\n".join(
         [
             "---",
