@@ -134,7 +134,8 @@ def merge_cmd(
     """
     target = _output_folder(kw, output_arg, output)
     say_not_needed(kw)
-    load()
+    with engine_errors():
+        spec = build_spec(kw)  # imports the engine (engine.load)
     from engine.merge import merge
 
     if threads:
@@ -142,7 +143,6 @@ def merge_cmd(
 
         torch.set_num_threads(threads)
     with engine_errors():
-        spec = build_spec(kw)
         show_bar = sys.stderr.isatty() if progress is None else progress
         with _events(log_json, show_bar) as on_event:
             report = merge(
@@ -185,11 +185,10 @@ def _output_folder(kw: dict[str, Any], output_arg: Path | None, output: Path | N
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(as_json: bool, **kw: Any) -> None:
     """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
-    load()
-    from engine.merge import plan_summary, prepare
-
     with engine_errors():
-        spec = build_spec(kw)
+        spec = build_spec(kw)  # imports the engine (engine.load)
+        from engine.merge import plan_summary, prepare
+
         _, plan = prepare(spec, **planning(kw))
     if as_json:
         summary = plan_summary(plan)
@@ -250,11 +249,11 @@ def inspect_cmd(folders: tuple[Path, ...], as_json: bool, sample: int) -> None:
 def verify_cmd(folder: Path, **kw: Any) -> None:
     """Re-read FOLDER and check every tensor against its recorded crc32; with a CONFIG or
     --base/--model/--method, also check the folder is complete for that spec."""
-    load()
-    from engine.verify import verify
-
     with engine_errors():
         against = build_spec(kw) if (kw["config"] or kw["base"]) else None
+        load()
+        from engine.verify import verify
+
         result = verify(folder, against)
     for p in result.problems:
         click.echo(f"FAIL {p}", err=True)
@@ -340,7 +339,14 @@ def _events(log_json: Path | None, show_bar: bool) -> Iterator[Callable[[dict[st
             if e["event"] == "plan" and show_bar:
                 from tqdm import tqdm
 
-                bar = tqdm(total=e["bytes_read"], unit="B", unit_scale=True, desc="merge", file=sys.stderr)
+                bar = tqdm(
+                    total=e["bytes_read"],
+                    initial=e["resumed_bytes"],  # what an interrupted run did: this one does the rest
+                    unit="B",
+                    unit_scale=True,
+                    desc="merge",
+                    file=sys.stderr,
+                )
             if e["event"] == "block":
                 if bar is not None:
                     bar.update(e["bytes"])

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from engine import load
 from engine.budget import parse_bytes
 from engine.defaults import DEFAULT_SHARD_SIZE, METHOD_NAMES, NO_MODEL_METHODS, VOCAB_POLICIES
 from engine.errors import SpecError
+from engine.paths import folder_problem, split_model_arg
 
 if TYPE_CHECKING:
     from engine.methods.base import Method, ParamValue
@@ -208,6 +210,9 @@ def planning(kw: dict[str, Any]) -> dict[str, Any]:
 
 def build_spec(kw: dict[str, Any]) -> MergeSpec:
     """One MergeSpec from a YAML file and/or flags; flags override the file's globals."""
+    if kw["config"] is None:
+        check_flags(kw)  # before the engine's import: a wrong path is said at once
+    load()
     from engine.config import load_config
     from engine.methods.registry import METHODS
     from engine.spec import cli_spec
@@ -219,12 +224,6 @@ def build_spec(kw: dict[str, Any]) -> MergeSpec:
         spec = load_config(kw["config"], overrides)
         params = flag_params(kw, spec.method_impl)
         return dataclasses.replace(spec, params={**spec.params, **params}) if params else spec
-    takes_models = kw["method"] not in NO_MODEL_METHODS
-    needed = (("--base", kw["base"]), ("--model", kw["models"] or not takes_models), ("--method", kw["method"]))
-    missing = [f for f, v in needed if not v]
-    if missing:
-        raise SpecError(f"missing {', '.join(missing)} (or give a CONFIG.yaml)")
-    check_folders(kw["base"], kw["models"])
     method = METHODS[kw["method"]]
     spec = cli_spec(method.name, kw["base"], kw["models"], flag_params(kw, method), kw["out_dtype"], kw["seed"])
     return dataclasses.replace(spec, vocab=kw["vocab"]) if kw["vocab"] else spec
@@ -249,15 +248,15 @@ def flag_params(kw: dict[str, Any], method: Method) -> dict[str, ParamValue]:
     return params
 
 
-def check_folders(base: Path, models: tuple[str, ...]) -> None:
-    """Each model folder given as a flag exists: the message is the YAML's (a Hub id says to
-    download it first)."""
-    from engine.spec import folder_problem, parse_model_arg
-
-    typed = [("--base", str(base))]
-    for arg in models:
-        ref = parse_model_arg(arg)
-        typed.append(("--model", arg.rpartition(":")[0] if ref.params else arg))
+def check_flags(kw: dict[str, Any]) -> None:
+    """A merge given by flags names a method, a base and its models (passthrough: none), and each
+    folder exists: the message is the YAML's (a Hub id says to download it first)."""
+    takes_models = kw["method"] not in NO_MODEL_METHODS
+    needed = (("--base", kw["base"]), ("--model", kw["models"] or not takes_models), ("--method", kw["method"]))
+    missing = [f for f, v in needed if not v]
+    if missing:
+        raise SpecError(f"missing {', '.join(missing)} (or give a CONFIG.yaml)")
+    typed = [("--base", str(kw["base"])), *(("--model", split_model_arg(arg)[0]) for arg in kw["models"])]
     for flag, value in typed:
         problem = folder_problem(Path(value).expanduser(), value)
         if problem:

@@ -48,8 +48,9 @@ from engine.errors import SpecError
 from engine.gradient import Filtered, Gradient, Rule, Setting
 from engine.methods.base import Method
 from engine.methods.registry import METHODS
+from engine.paths import folder_problem
 from engine.slices import Slice, SliceSource
-from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, MergeSpec, ModelRef, check_params, folder_problem
+from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, MergeSpec, ModelRef, check_params
 
 log = logging.getLogger(__name__)
 

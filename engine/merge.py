@@ -233,11 +233,13 @@ def merge(
     side = {"card": output.name if model_card else None, "tokenizer": copy_tokenizer}
     with output_lock(output) as lock, graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop:
         state = _open_temp(tmp, plan, header, resume)
-        emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
+        resumed = [t for t in plan.tensors if state is not None and t.name in state.done]
+        earlier = sum(t.bytes_read for t in resumed)  # what the interrupted run read for them
+        emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": earlier})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         # auto: compile behind the merge's first blocks
         try:
-            resumed = _run(
+            _run(
                 plan,
                 inv,
                 tmp,
@@ -258,7 +260,6 @@ def merge(
             pairwise.release()  # the statistics' scratch: a library caller's GPU gets it back
         commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
-    earlier = sum(t.bytes_read for t in plan.tensors if t.name in resumed)
     return Report(
         output=str(output),
         method=spec.method,
@@ -347,10 +348,9 @@ def _run(
     compiled: bool,
     compile_behind: bool,
     side: dict[str, Any],
-) -> set[str]:
-    """Write every missing block into `tmp` and finalize it (`side`: `write_side_files`'s options);
-    returns the tensors an earlier run had done. Input errors remove `tmp`; anything else leaves it
-    to resume from."""
+) -> None:
+    """Write every missing block into `tmp` and finalize it (`side`: `write_side_files`'s options).
+    Input errors remove `tmp`; anything else leaves it to resume from."""
     try:
         with ExitStack() as stack:
             writer = ShardWriter(tmp, plan, metadata, reopen=state is not None)
@@ -400,7 +400,6 @@ def _run(
     except CheckpointError:
         abort_output(tmp)
         raise
-    return {t.name for t in plan.tensors if state and t.name in state.done}
 
 
 def _restore_prefix(

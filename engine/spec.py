@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,37 +22,13 @@ from engine.gradient import to_json as setting_json
 from engine.gradient import values as setting_values
 from engine.methods.base import Method, ParamValue, TensorParams
 from engine.methods.registry import get_method
+from engine.paths import real_path, split_model_arg
 from engine.slices import Slice, check_slices, slices_json
 from engine.slices import position as slice_position
 
 DEFAULT_SEED = 0
 # Accepted in YAML for mergekit compatibility and ignored: they do not change our results.
 IGNORED_PARAMS = frozenset({"int8_mask"})
-
-
-# `owner/name`, as the Hugging Face Hub names a model: said when no such local folder exists.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def real_path(path: Path | str) -> Path:
-    """A folder as the spec identifies it: its resolved real path, however it was typed (relative
-    or absolute, through a symlink, with `~`), so that a resume, a `verify` or a run from another
-    directory names the same inputs and gets the same digest."""
-    return Path(path).expanduser().resolve()
-
-
-def folder_problem(path: Path, typed: str | None = None) -> str | None:
-    """What is wrong with `path` as a model folder (`typed`: as the user wrote it), or None.
-
-    One message for flags and YAML: a Hub id is a name to download, not a folder to read.
-    """
-    if path.is_dir():
-        return None
-    if path.exists():
-        return f"{path} is a file, not a model folder"
-    typed = str(path) if typed is None else typed
-    hub = f"huggingface-cli download {typed} --local-dir DIR" if HUB_ID.fullmatch(typed) else "download them"
-    return f"{path} does not exist (leanmerge reads local folders, not Hub models: {hub}, then give DIR)"
 
 
 @dataclass(frozen=True)
@@ -210,13 +185,8 @@ def _check_param(method: Method, name: str, value: ParamValue, where: str, *, pe
 
 def parse_model_arg(arg: str) -> ModelRef:
     """`DIR` or `DIR:WEIGHT` from the command line."""
-    path, sep, weight = arg.rpartition(":")
-    if sep and path:
-        try:
-            return ModelRef(Path(path), {"weight": float(weight)})
-        except ValueError:
-            pass  # a ':' that is part of the path
-    return ModelRef(Path(arg), {})
+    path, weight = split_model_arg(arg)
+    return ModelRef(Path(path), {} if weight is None else {"weight": weight})
 
 
 def load_yaml_spec(path: Path, overrides: Mapping[str, Any] | None = None) -> MergeSpec:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from engine.cli import main
 from engine.config import load_config
 from engine.defaults import METHOD_NAMES, NO_MODEL_METHODS
 from engine.io.checkpoint import INDEX_NAME
+from engine.io.model_card import hub_name
 from engine.io.output import temp_dir_for
 from engine.merge import _exit_at_once
 from engine.methods.registry import METHODS
@@ -100,6 +102,7 @@ def test_cli_lists_every_method_without_importing_them() -> None:
         ("slerp", ["--t", "1.5"], 1, "Error: --t: 't' must lie in [0, 1], got 1.5"),
         ("breadcrumbs", ["--gamma", "nan"], 1, "Error: --gamma: 'gamma' must lie in [0, 1), got nan"),
         ("della", ["--epsilon", "inf"], 1, "Error: --epsilon: 'epsilon' must be a finite number >= 0, got inf"),
+        ("linear", ["--cuda", "--device", "cpu"], 2, "Error: --cuda contradicts --device cpu"),
         ("linear", ["--max-memory", "lots"], 2, f"Error: Invalid value for '--max-memory': cannot read 'lots' as a size; {SIZES}"),
         ("linear", ["--block-size", "nan"], 2, f"Error: Invalid value for '--block-size': size 'nan' must be a positive number; {SIZES}"),
         ("linear", ["--shard-size", "5"], 2, "Error: Invalid value for '--shard-size' / '--out-shard-size': '5' is 5 bytes, below the "
@@ -135,24 +138,31 @@ def test_yaml_nan_and_inf_are_refused_with_their_line(tiny_family: MakeFamily, t
 
 
 def test_a_mistake_in_a_real_process(tiny_family: MakeFamily, tmp_path: Path) -> None:
-    """As typed in a shell: a Hub id says the same as flag and in YAML; NaN is refused; mergekit's
-    `5B` is five billion bytes, a bare 5 too small a shard."""
+    """As typed in a shell: a Hub id says the same as a flag (at once: before torch is imported)
+    and in YAML; NaN is refused."""
     base, (a,) = tiny_family(1)
     (tmp_path / "hub.yaml").write_text(
         f"merge_method: linear\nbase_model: mistralai/Mistral-7B-v0.1\nmodels: [{{model: {a}}}]\n"
     )
     flags = ["merge", "--method", "task_arithmetic", "--model", a, "-o", "out"]
+    start = time.perf_counter()
     hub_flag = leanmerge(*flags, "--base", "mistralai/Mistral-7B-v0.1", cwd=tmp_path)
+    hub_flag_s = time.perf_counter() - start
     hub_yaml = leanmerge("merge", "hub.yaml", "out", cwd=tmp_path)
     nan = leanmerge(*flags, "--base", base, "--lambda", "nan", cwd=tmp_path)
     assert (hub_flag.returncode, hub_flag.stderr) == (1, f"Error: --base: {HUB}\n")
     assert (hub_yaml.returncode, hub_yaml.stderr) == (1, f"Error: hub.yaml:2: base_model: {HUB}\n")
     assert (nan.returncode, nan.stderr) == (1, "Error: --lambda: 'lambda' must be a finite number, got nan\n")
-    five = leanmerge(*flags, "--base", base, "--shard-size", "5B", "--no-model-card", cwd=tmp_path)
-    assert five.returncode == 0, five.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.leanmerge-lock").exists()
+    print(f"Hub id refused in {hub_flag_s:.2f} s")
+
+
+def test_shard_size_5b_is_five_billion_bytes(tiny_family: MakeFamily, tmp_path: Path) -> None:
+    base, (a,) = tiny_family(1)
+    result = invoke("merge", "--method", "linear", "--base", base, "--model", a, "--shard-size", "5B", tmp_path / "out")
+    assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
     assert set(index["weight_map"].values()) == {"model.safetensors"}  # one shard: 5B is not 5 bytes
-    assert not (tmp_path / ".out.leanmerge-lock").exists()
 
 
 def test_a_flag_for_an_unused_parameter_warns_as_yaml_does(
@@ -203,6 +213,7 @@ def test_mergekit_habits_and_the_model_card(
     spec_sha = json.loads((out / INDEX_NAME).read_text())["metadata"]["leanmerge"]["spec_sha256"]
     assert load_config(kit).digest() == spec_sha  # the config the card shows makes the same merge
     assert (out / "tokenizer.json").exists()
+    assert hub_name(Path("/c/hub/models--mistralai--Mistral-7B-v0.1/snapshots/7231864")) == "mistralai/Mistral-7B-v0.1"
     bare = invoke("merge", config, "-o", tmp_path / "bare", "--no-model-card", "--no-copy-tokenizer")
     assert bare.exit_code == 0, bare.output
     assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["config.json", "model.safetensors", INDEX_NAME]
@@ -260,13 +271,16 @@ def test_paths_are_identified_however_typed(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(KeyboardInterrupt):
         merge(here, tmp_path / "out", block_bytes=2048, sync_every=1, on_event=stop, model_card=False)
     args = ["merge", "--method", "dare_linear", "--model", "ft:0.5", "--density", "0.5", "--seed", "3"]
-    resumed = leanmerge(*args, "--base", "./base/", "-o", "out", "--resume", "--no-model-card", cwd=tmp_path)
+    resumed = leanmerge(
+        *args, "--base", "./base/", "-o", "out", "--resume", "--no-model-card", "--progress", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert (
         "resumed: 3 of 6 tensors were done by the interrupted run (24 KiB of reads not repeated); this run:\n"
         in resumed.stdout
     )
     assert "read 24 KiB at" in resumed.stdout  # this run's reads, not the whole plan's
+    assert "merge:  50%|█████     | 24.6k/49.2k" in resumed.stderr  # the bar starts where the killed run ended
     fresh = invoke(*args, "--base", base, "-o", tmp_path / "fresh", "--no-model-card")
     assert fresh.exit_code == 0, fresh.output
     assert shards(tmp_path / "out") == shards(tmp_path / "fresh")
