@@ -13,8 +13,9 @@ from engine.errors import OutputError
 
 
 @contextmanager
-def output_lock(target: Path) -> Iterator[None]:
-    """Hold the lock of `target` for the duration of the block, or raise `OutputError`."""
+def output_lock(target: Path) -> Iterator[Path]:
+    """Hold the lock of `target` for the duration of the block (yields the lock file's path), or
+    raise `OutputError`."""
     path = target.parent / f".{target.name}.leanmerge-lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -26,7 +27,7 @@ def output_lock(target: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
-            yield
+            yield path
         finally:
             os.unlink(path)  # while still holding the lock, so no other run is using it
     finally:

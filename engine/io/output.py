@@ -17,6 +17,7 @@ from typing import Any
 from engine import __version__
 from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
+from engine.io.model_card import write_model_card
 from engine.plan import Plan
 from engine.slices import output_layers
 
@@ -46,10 +47,12 @@ def temp_dir_for(target: Path) -> Path:
 
 def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse before any work: an existing output (unless `overwrite`), or one inside an input."""
-    if target.exists() and not overwrite:
+    if target.exists() and not overwrite and not _empty_folder(target):
         raise OutputError(f"{target}: output already exists; pass --overwrite to replace it")
-    if not target.parent.is_dir():
-        raise OutputError(f"{target.parent}: the output's parent folder does not exist")
+    try:  # as mergekit does: a new output may name folders that do not exist yet
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{target.parent}: cannot create the output's parent folder: {e.strerror}") from None
     if not os.access(target.parent, os.W_OK):
         raise OutputError(f"{target.parent}: not writable")
     resolved = target.resolve()
@@ -59,9 +62,16 @@ def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise OutputError(f"{target}: output overlaps input folder {folder}; choose another output")
 
 
-def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
-    """The index json (with every tensor's crc32, for `leanmerge verify`) and the base's config
-    and tokenizer files."""
+def _empty_folder(path: Path) -> bool:
+    """A folder made ready for the output (`mkdir OUT` first): taking its place loses nothing."""
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def write_side_files(
+    tmp: Path, plan: Plan, checksums: dict[str, str], *, card: str | None = None, tokenizer: bool = True
+) -> None:
+    """The index json (with every tensor's crc32, for `leanmerge verify`), the base's config and
+    (with `tokenizer`) tokenizer files, and with a `card` title the model card (engine.io.model_card)."""
     index = {
         "metadata": {
             "total_size": plan.bytes_written,
@@ -73,8 +83,10 @@ def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
     tokenizer_dir = plan.spec.tokenizer_source or plan.spec.base
     for name in SIDE_FILES:
         src = (tokenizer_dir if name in TOKENIZER_FILES else plan.spec.base) / name
-        if src.is_file():
+        if src.is_file() and (tokenizer or name not in TOKENIZER_FILES):
             shutil.copyfile(src, tmp / name)
+    if card is not None:
+        write_model_card(tmp, plan.spec, card)
     changes: dict[str, Any] = {}
     if plan.spec.out_dtype:
         changes["torch_dtype"] = TORCH_DTYPE_NAMES[plan.spec.out_dtype]

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
+from engine.defaults import SYNC_EVERY
 from engine.dtypes import byte_view, itemsize
 from engine.io.crc import crc32
 from engine.io.journal import Journal
 from engine.io.safetensors_writer import ShardWriter
 from engine.plan import Block, TensorPlan
 
-SYNC_EVERY = 256 << 20
 _Job = tuple[TensorPlan, Block, torch.Tensor, torch.Tensor, Any] | None
 
 
