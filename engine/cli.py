@@ -284,6 +284,8 @@ def verify_cmd(folder: Path, **kw: Any) -> None:
     with engine_errors():
         against = build_spec(kw) if (kw["config"] or kw["base"]) else None
         result = verify(folder, against)
+    for n in result.notes:
+        click.echo(f"note: {n}", err=True)
     for p in result.problems:
         click.echo(f"FAIL {p}", err=True)
     if not result.ok:

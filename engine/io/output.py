@@ -17,6 +17,8 @@ from typing import Any
 from engine import __version__
 from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
+from engine.io.journal import JOURNAL_NAME
+from engine.io.record import FILES_KEY, folder_record, fsync_files
 from engine.plan import Plan
 from engine.slices import output_layers
 
@@ -60,16 +62,21 @@ def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 
 def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
-    """The index json (with every tensor's crc32, for `leanmerge verify`) and the base's config
-    and tokenizer files."""
+    """The base's config and tokenizer files, then the index json with every tensor's crc32 and
+    the sha256 of each shard header and other file (for `leanmerge verify`); all fsync'd, as
+    the folder is renamed into place next."""
+    _copy_side_files(tmp, plan)
+    leanmerge = {"version": __version__, "spec_sha256": plan.spec.digest(), "tensor_crc32": checksums}
+    leanmerge |= folder_record(tmp, [s.file for s in plan.shards], {INDEX_NAME, JOURNAL_NAME})
     index = {
-        "metadata": {
-            "total_size": plan.bytes_written,
-            "leanmerge": {"version": __version__, "spec_sha256": plan.spec.digest(), "tensor_crc32": checksums},
-        },
+        "metadata": {"total_size": plan.bytes_written, "leanmerge": leanmerge},
         "weight_map": {t.name: plan.shards[t.shard].file for t in plan.tensors},
     }
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    fsync_files(tmp, [INDEX_NAME, *leanmerge[FILES_KEY]])
+
+
+def _copy_side_files(tmp: Path, plan: Plan) -> None:
     tokenizer_dir = plan.spec.tokenizer_source or plan.spec.base
     for name in SIDE_FILES:
         src = (tokenizer_dir if name in TOKENIZER_FILES else plan.spec.base) / name
