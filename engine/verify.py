@@ -15,7 +15,7 @@ from engine.dtypes import byte_view
 from engine.errors import CheckpointError
 from engine.io.checkpoint import INDEX_NAME, Reader, open_checkpoint
 from engine.io.crc import crc32
-from engine.io.record import check_record
+from engine.io.record import RECORD_KEYS, check_record
 from engine.spec import MergeSpec
 
 PIECE = 16 << 20  # bytes read at a time: verify runs in bounded memory too
@@ -27,6 +27,7 @@ class VerifyResult:
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    files: int = 0  # shard headers and other files checked against their recorded sha256
 
     @property
     def ok(self) -> bool:
@@ -42,6 +43,7 @@ def verify(folder: Path, against: MergeSpec | None = None) -> VerifyResult:
     record = _record(folder)
     result = VerifyResult()
     result.problems, result.notes = check_record(folder, record)
+    result.files = sum(len(v) for k, v in record.items() if k in RECORD_KEYS and isinstance(v, dict))
     try:
         ckpt = open_checkpoint(folder)
     except CheckpointError as e:

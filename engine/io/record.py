@@ -21,6 +21,7 @@ from engine.io.header import MAX_HEADER_BYTES
 
 SHARDS_KEY = "shard_header_sha256"
 FILES_KEY = "file_sha256"
+RECORD_KEYS = (SHARDS_KEY, FILES_KEY)
 PIECE = 1 << 20
 
 
