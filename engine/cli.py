@@ -247,7 +247,8 @@ def inspect_cmd(folders: tuple[Path, ...], as_json: bool, sample: int) -> None:
 @click.argument("folder", type=click.Path(path_type=Path))
 @spec_options
 def verify_cmd(folder: Path, **kw: Any) -> None:
-    """Re-read FOLDER and check every tensor against its recorded crc32; with a CONFIG or
+    """Re-read FOLDER and check every tensor against its recorded crc32, and each shard header,
+    config and tokenizer file against its recorded sha256; with a CONFIG or
     --base/--model/--method, also check the folder is complete for that spec."""
     with engine_errors():
         against = build_spec(kw) if (kw["config"] or kw["base"]) else None
@@ -255,11 +256,14 @@ def verify_cmd(folder: Path, **kw: Any) -> None:
         from engine.verify import verify
 
         result = verify(folder, against)
+    for n in result.notes:
+        click.echo(f"note: {n}", err=True)
     for p in result.problems:
         click.echo(f"FAIL {p}", err=True)
     if not result.ok:
         raise click.ClickException(f"{folder}: {len(result.problems)} problem(s) in {result.tensors} tensors")
-    click.echo(f"{folder}: OK, {result.tensors} tensors, {fmt_bytes(result.bytes)} match their crc32")
+    files = f"; {result.files} shard headers and files match their sha256" if result.files else ""
+    click.echo(f"{folder}: OK, {result.tensors} tensors, {fmt_bytes(result.bytes)} match their crc32{files}")
 
 
 def format_plan(plan: Plan) -> str:

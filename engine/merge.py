@@ -24,8 +24,9 @@ from engine.errors import BudgetError, CheckpointError, Interrupted, OutputError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.checkpoint import ReadOptions
 from engine.io.crc import crc32
+from engine.io.fingerprint import fingerprint, input_change
 from engine.io.inventory import Inventory, take_inventory
-from engine.io.journal import Journal, JournalState, check_resumable, fingerprint, load_journal
+from engine.io.journal import Journal, JournalState, check_resumable, load_journal
 from engine.io.lock import output_lock
 from engine.io.output import abort_output, check_target, commit_output, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
@@ -226,7 +227,7 @@ def merge(
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
     header = {
         "spec": spec.to_json(),
-        "inputs": [fp for c in (inv.base, *inv.models) for fp in fingerprint(c)],
+        "inputs": _fingerprints(inv),
         "layout": layout_digest(plan, metadata),
     }
     tmp = temp_dir_for(output)
@@ -372,8 +373,8 @@ def _run(
             stack.callback(out.close)
             start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})
             for t in plan.tensors:
-                if 0 < start[t.name] < t.rows:
-                    start[t.name] = _restore_prefix(writer, out, t, start[t.name], state)
+                if state is not None and start[t.name] > 0 and t.numel:
+                    start[t.name] = _restore_prefix(writer, out, journal, t, start[t.name], state)
             complete = execute(
                 plan,
                 inv,
@@ -393,6 +394,7 @@ def _run(
                     f"stopped by {name}; the work so far is saved in {tmp}: run the same command with --resume",
                     stop.signum,
                 )
+        _check_inputs_unchanged(inv, header)
         final = load_journal(tmp)
         assert final is not None
         write_side_files(tmp, plan, _checksums(plan, final), **side)
@@ -403,14 +405,15 @@ def _run(
 
 
 def _restore_prefix(
-    writer: ShardWriter, out: WriteBehind, tensor: TensorPlan, rows: int, state: JournalState | None
+    writer: ShardWriter, out: WriteBehind, journal: Journal, tensor: TensorPlan, rows: int, state: JournalState
 ) -> int:
     """Re-read the rows [0, rows) an earlier run wrote and check the running crc32 the journal
-    recorded after each block.
+    recorded after each block: resume keeps only what it has re-checked, finished tensors too
+    (a byte damaged on disk since is rewritten, never renamed into place).
 
     Returns the row to continue from: `rows`, or 0 if the bytes on disk do not match the journal.
+    A finished tensor whose "t" record was torn off the journal gets it again.
     """
-    assert state is not None
     row_bytes = tensor.out_nbytes // tensor.rows
     crc = 0
     for r0, r1, want in sorted(state.blocks[tensor.name]):
@@ -420,9 +423,28 @@ def _restore_prefix(
             crc = crc32(writer.read_back(tensor, pos, min(REHASH_PIECE, r1 * row_bytes - pos)), crc)
         if crc != want:
             log.warning("%s: rows %d..%d on disk do not match the journal; rewriting the tensor", tensor.name, r0, r1)
+            state.done.pop(tensor.name, None)
             return 0
-    out.resume_crc(tensor.name, crc)
+    if rows < tensor.rows:
+        out.resume_crc(tensor.name, crc)
+    elif state.done.get(tensor.name) != crc:
+        journal.tensor(tensor.name, crc)
+        state.done[tensor.name] = crc
     return rows
+
+
+def _check_inputs_unchanged(inv: Inventory, header: dict[str, Any]) -> None:
+    """Fingerprint the inputs again before finalizing: one changed while the merge read it
+    (so the output may mix its old and new data) discards the output."""
+    change = input_change(header["inputs"], _fingerprints(inv))
+    if change:
+        raise CheckpointError(
+            f"{change} since the merge started reading it; the output is discarded: run the merge again"
+        )
+
+
+def _fingerprints(inv: Inventory) -> list[dict[str, Any]]:
+    return [fp for c in (inv.base, *inv.models) for fp in fingerprint(c)]
 
 
 def _checksums(plan: Plan, state: JournalState) -> dict[str, str]:

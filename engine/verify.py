@@ -1,5 +1,6 @@
-"""`leanmerge verify`: re-read a merged folder and check every tensor against its recorded crc32
-(and, given the spec, that the folder is complete for it)."""
+"""`leanmerge verify`: re-read a merged folder and check every tensor against its recorded crc32,
+each shard header and every other file the merge wrote against their recorded sha256 (see
+`engine.io.record`), and, given the spec, that the folder is complete for it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from engine.dtypes import byte_view
 from engine.errors import CheckpointError
 from engine.io.checkpoint import INDEX_NAME, Reader, open_checkpoint
 from engine.io.crc import crc32
+from engine.io.record import RECORD_KEYS, check_record
 from engine.spec import MergeSpec
 
 PIECE = 16 << 20  # bytes read at a time: verify runs in bounded memory too
@@ -24,6 +26,8 @@ class VerifyResult:
     tensors: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: int = 0  # shard headers and other files checked against their recorded sha256
 
     @property
     def ok(self) -> bool:
@@ -36,10 +40,18 @@ def verify(folder: Path, against: MergeSpec | None = None) -> VerifyResult:
     Raises:
         CheckpointError: the folder is not a readable model folder or has no leanmerge record.
     """
-    ckpt = open_checkpoint(folder)
     record = _record(folder)
-    sums: dict[str, str] = record.get("tensor_crc32", {})
     result = VerifyResult()
+    result.problems, result.notes = check_record(folder, record)
+    result.files = sum(len(v) for k, v in record.items() if k in RECORD_KEYS and isinstance(v, dict))
+    try:
+        ckpt = open_checkpoint(folder)
+    except CheckpointError as e:
+        if not result.problems:
+            raise
+        result.problems.append(str(e))  # an edited header may not even parse: say what changed first
+        return result
+    sums: dict[str, str] = record.get("tensor_crc32", {})
     buf = torch.empty(PIECE, dtype=torch.uint8)
     with Reader(ckpt) as reader:
         for name, info in ckpt.tensors.items():

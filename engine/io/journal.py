@@ -5,24 +5,21 @@
 block `{"b": tensor, "r0", "r1", "crc32"}` (the tensor's running crc32 up to row r1) or a finished
 tensor `{"t": tensor, "crc32"}`.
 Lines are appended only after the bytes they describe are on disk (`fdatasync`), and the journal
-itself is fsync'd, so after any crash every recorded block is really there. A torn last line
-(killed mid-append) is ignored.
+itself is fsync'd, so after any crash every recorded block is really there. A torn tail (killed
+or out of space mid-append: a cut line, a line without its newline, zeros) is discarded on
+loading and cut off before appending, so the work it described is redone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.errors import OutputError, ResumeError
-from engine.io.checkpoint import Checkpoint
-from engine.io.header import MAX_HEADER_BYTES
-from engine.io.lora import ADAPTER_CONFIG, LoraCheckpoint
+from engine.io.fingerprint import input_change
 
 JOURNAL_NAME = "journal.jsonl"
 VERSION = 1
@@ -46,25 +43,6 @@ class JournalState:
         return n
 
 
-def fingerprint(ckpt: Checkpoint) -> list[dict[str, Any]]:
-    """Per shard: name, size and sha256 of the header bytes: cheap, and any re-save changes it.
-
-    A LoRA adapter's config is fingerprinted by the values read from it: `lora_alpha`, `r` and
-    the rest decide every delta.
-    """
-    out: list[dict[str, Any]] = []
-    if isinstance(ckpt, LoraCheckpoint):
-        config = json.dumps(ckpt.config, sort_keys=True, default=str).encode()
-        out.append({"file": str(ckpt.folder / ADAPTER_CONFIG), "config_sha256": hashlib.sha256(config).hexdigest()})
-    for shard in ckpt.shards:
-        with open(shard, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            head = f.read(min(n, MAX_HEADER_BYTES))
-            size = os.fstat(f.fileno()).st_size
-        out.append({"file": str(shard), "size": size, "header_sha256": hashlib.sha256(head).hexdigest()})
-    return out
-
-
 class Journal:
     """Appends records; `commit` makes them durable (the caller syncs the data first)."""
 
@@ -86,9 +64,9 @@ class Journal:
     def reopen(cls, folder: Path) -> Journal:
         """Open for appending after cutting a torn last line, so new records follow whole ones."""
         path = folder / JOURNAL_NAME
-        data = path.read_bytes()
+        _, length = _whole_lines(path.read_bytes())
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        os.ftruncate(fd, data.rfind(b"\n") + 1)
+        os.ftruncate(fd, length)
         return cls(path, fd)
 
     def block(self, tensor: str, r0: int, r1: int, crc: int) -> None:
@@ -124,33 +102,53 @@ def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
+def _whole_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The records of `data` up to its first torn or malformed line, and their length in bytes."""
+    records: list[dict[str, Any]] = []
+    pos = 0
+    while (end := data.find(b"\n", pos)) >= 0:
+        try:
+            rec = json.loads(data[pos:end])
+        except ValueError:
+            break
+        if not isinstance(rec, dict) or not (pos == 0 or _well_formed(rec)):
+            break
+        records.append(rec)
+        pos = end + 1
+    return records, pos
+
+
+def _well_formed(rec: dict[str, Any]) -> bool:
+    ints = ("crc32",) if "t" in rec else ("r0", "r1", "crc32")
+    return ("t" in rec or "b" in rec) and all(type(rec.get(k)) is int for k in ints)
+
+
 def load_journal(folder: Path) -> JournalState | None:
     """The state recorded in `folder`'s journal, or None when there is none."""
     path = folder / JOURNAL_NAME
     if not path.is_file():
         return None
-    lines = path.read_bytes().split(b"\n")
-    try:
-        header = json.loads(lines[0])
-    except ValueError:
-        raise ResumeError(f"{path}: the journal header is unreadable; remove {folder} and start over") from None
-    if not isinstance(header, dict) or header.get("leanmerge_journal") != VERSION:
+    records, _ = _whole_lines(path.read_bytes())
+    if not records:
+        raise ResumeError(f"{path}: the journal header is unreadable; remove {folder} and start over")
+    header = records[0]
+    if header.get("leanmerge_journal") != VERSION:
         raise ResumeError(f"{path}: not a leanmerge journal of version {VERSION}; remove {folder} and start over")
     state = JournalState(header)
-    for raw in lines[1:]:
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            break  # a torn last line: everything before it is durable
+    for rec in records[1:]:
         if "t" in rec:
             state.done[rec["t"]] = rec["crc32"]
-        elif "b" in rec:
+        elif rec["r0"] == 0:  # a tensor (re)written from its start: earlier records are stale
+            state.done.pop(rec["b"], None)
+            state.blocks[rec["b"]] = [(0, rec["r1"], rec["crc32"])]
+        else:
             state.blocks.setdefault(rec["b"], []).append((rec["r0"], rec["r1"], rec["crc32"]))
     return state
 
 
 def check_resumable(state: JournalState, header: dict[str, Any], folder: Path) -> None:
-    """Raise `ResumeError` naming the first field where this run differs from the journaled one."""
+    """Raise `ResumeError` naming the first field where this run differs from the journaled one
+    (for the inputs: the file, and the tensor whose sampled bytes differ)."""
     for key in ("spec", "inputs", "layout"):
         if state.header.get(key) != header[key]:
             raise ResumeError(
@@ -161,11 +159,8 @@ def check_resumable(state: JournalState, header: dict[str, Any], folder: Path) -
 
 
 def _what_changed(key: str, old: Any, new: Any) -> str:
-    if key == "inputs" and isinstance(old, list) and isinstance(new, list):
-        for a, b in zip(old, new):
-            if a != b:
-                return f"input {b.get('file', '?') if isinstance(b, dict) else b} differs"
-        return f"{len(old)} input shards before, {len(new)} now"
+    if key == "inputs":
+        return input_change(old, new) or "the inputs differ"
     if key == "spec" and isinstance(old, dict) and isinstance(new, dict):
         diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         return f"fields {', '.join(diffs)}"

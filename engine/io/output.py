@@ -17,7 +17,9 @@ from typing import Any
 from engine import __version__
 from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
+from engine.io.journal import JOURNAL_NAME
 from engine.io.model_card import write_model_card
+from engine.io.record import FILES_KEY, folder_record, fsync_files
 from engine.plan import Plan
 from engine.slices import output_layers
 
@@ -70,16 +72,22 @@ def _empty_folder(path: Path) -> bool:
 def write_side_files(
     tmp: Path, plan: Plan, checksums: dict[str, str], *, card: str | None = None, tokenizer: bool = True
 ) -> None:
-    """The index json (with every tensor's crc32, for `leanmerge verify`), the base's config and
-    (with `tokenizer`) tokenizer files, and with a `card` title the model card (engine.io.model_card)."""
+    """The base's config and (with `tokenizer`) tokenizer files, with a `card` title the model
+    card (engine.io.model_card), then the index json with every tensor's crc32 and the sha256 of
+    each shard header and other file (for `leanmerge verify`); all fsync'd, as the folder is
+    renamed into place next."""
+    _copy_side_files(tmp, plan, card=card, tokenizer=tokenizer)
+    leanmerge = {"version": __version__, "spec_sha256": plan.spec.digest(), "tensor_crc32": checksums}
+    leanmerge |= folder_record(tmp, [s.file for s in plan.shards], {INDEX_NAME, JOURNAL_NAME})
     index = {
-        "metadata": {
-            "total_size": plan.bytes_written,
-            "leanmerge": {"version": __version__, "spec_sha256": plan.spec.digest(), "tensor_crc32": checksums},
-        },
+        "metadata": {"total_size": plan.bytes_written, "leanmerge": leanmerge},
         "weight_map": {t.name: plan.shards[t.shard].file for t in plan.tensors},
     }
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    fsync_files(tmp, [INDEX_NAME, *leanmerge[FILES_KEY]])
+
+
+def _copy_side_files(tmp: Path, plan: Plan, *, card: str | None, tokenizer: bool) -> None:
     tokenizer_dir = plan.spec.tokenizer_source or plan.spec.base
     for name in SIDE_FILES:
         src = (tokenizer_dir if name in TOKENIZER_FILES else plan.spec.base) / name
