@@ -197,7 +197,8 @@ class _Config:
             base, models = self.listed(method)
         fields: dict[str, Any] = {
             "method": method.name,
-            "base": base,
+            "base": base.path,
+            "base_params": base.params,
             "models": tuple(models),
             "params": self.params(doc.get("parameters"), doc.lines.get("parameters", doc.line), "parameters", method),
             "out_dtype": self.out_dtype(),
@@ -228,15 +229,16 @@ class _Config:
     def missing_base(self, method: Method) -> SpecError:
         return SpecError(f"{self.path}: missing required key 'base_model' (merge_method {method.name} needs a base)")
 
-    def listed(self, method: Method) -> tuple[Path, list[ModelRef]]:
-        """The base and the fine-tuned models of a config with `models`."""
+    def listed(self, method: Method) -> tuple[ModelRef, list[ModelRef]]:
+        """The base and the fine-tuned models of a config with `models`. The base carries its
+        own parameters only for passthrough (its one model); other methods do not use them."""
         doc = self.doc
         models = self.models(method)
         if method.name == "passthrough":
             if len(models) != 1:
                 raise self.error(doc.lines["models"], "passthrough copies one model: list exactly one under 'models' "
                                  "(or stack layers with 'slices')")  # fmt: skip
-            return models[0].path, []
+            return models[0], []
         if "base_model" in doc:
             base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model")
         elif not method.uses_base:  # the base is only a template: any model will do
@@ -246,9 +248,9 @@ class _Config:
         if method.uses_base:
             # mergekit lists the base among the models too; it is the base here, not a fine-tune.
             models = [m for m in models if m.path.resolve() != base.resolve()]
-        return base, models
+        return ModelRef(base, {}), models
 
-    def sliced(self, method: Method) -> tuple[Path, list[ModelRef], tuple[Slice, ...]]:
+    def sliced(self, method: Method) -> tuple[ModelRef, list[ModelRef], tuple[Slice, ...]]:
         """The base, the models and the slices of a config with `slices` (engine.slices).
 
         In each slice the base is the source whose model is `base_model` (for linear: that or the
@@ -268,12 +270,14 @@ class _Config:
             sources = self.slice_sources(entry, at, f"slices[{i}]", method)
             b = self.slice_base(sources, base, method, at, f"slices[{i}]")
             models = [s for j, s in enumerate(sources) if j != b or not method.uses_base]
+            # passthrough's one source is the base, with parameters of its own (its scale)
+            own = [sources[b]] if method.name == "passthrough" else models
             if i == 0:
-                refs = [ModelRef(src.path, params) for src, params, _ in models]
-            elif len(models) != len(refs):
+                refs = [ModelRef(src.path, params) for src, params, _ in own]
+            elif len(own) != len(refs):
                 raise self.error(at, f"slices[{i}] has {len(models)} model source(s) besides the base, slices[0] has "
                                  f"{len(refs)}: every slice needs a source for each model")  # fmt: skip
-            for k, (_, params, src_line) in enumerate(models):
+            for k, (_, params, src_line) in enumerate(own):
                 if params != refs[k].params:
                     raise self.error(src_line, f"slices[{i}]: the parameters of model source {k} differ from slices[0]'s; "
                                      "per-slice parameters are not supported: use filters on layer names")  # fmt: skip
@@ -281,7 +285,10 @@ class _Config:
                 slices.append(Slice(sources[b][0], tuple(src for src, _, _ in models)))
             except SpecError as e:
                 raise self.error(at, f"slices[{i}]: {e}") from None
-        return base if base is not None else slices[0].base.path, refs, tuple(slices)
+        path = base if base is not None else slices[0].base.path
+        if method.name == "passthrough":
+            return ModelRef(path, refs[0].params), [], tuple(slices)
+        return ModelRef(path, {}), refs, tuple(slices)
 
     def slice_sources(
         self, entry: Any, line: int, where: str, method: Method

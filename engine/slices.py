@@ -90,11 +90,9 @@ def check_slices(slices: Sequence[Slice], n_models: int) -> None:
 
 def position(name: str | None, slices: Sequence[Slice]) -> float:
     """A tensor's position t for parameter gradients: along its slice's layers (mergekit's rule)."""
-    if name is None:
-        return 0.0
-    j = layer_index(name)
+    j = None if name is None else layer_index(name)
     if j is None:
-        return 0.0 if PRE_WEIGHT_RE.search(name) else 1.0
+        return 0.0  # outside the layers, as engine.gradient.position
     for s in slices:
         if j < s.layers:
             return j / (s.layers - 1) if s.layers > 1 else 1.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ class MergeSpec:
     # Layer slices (engine.slices): the inputs are then views of these layer ranges, and `base`
     # and each model's `path` only name the folders that config and tokenizer files come from.
     slices: tuple[Slice, ...] = ()
+    # Per-model parameters set on the base's own entry: passthrough's one model (its `scale`).
+    base_params: Mapping[str, Setting] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -67,6 +69,7 @@ class MergeSpec:
                 f"method {self.method!r} takes at most {method.max_models} model(s) besides the base, got {len(self.models)}"
             )
         check_params(method, self.params, "parameters", per_model=False)
+        check_params(method, self.base_params, f"parameters of model {str(self.base)!r}", per_model=True)
         for m in self.models:
             check_params(method, m.params, f"parameters of model {str(m.path)!r}", per_model=True)
         for t in sorted(set().union(*(knots(s) for s in self._settings()))) or [0.0]:
@@ -82,13 +85,17 @@ class MergeSpec:
     def method_impl(self) -> Method:
         return get_method(self.method)
 
-    def tensor_params(self, name: str | None = None, n_layers: int = 0) -> TensorParams:
+    def tensor_params(self, name: str | None = None, n_layers: int = 0, sources: Sequence[str] = ()) -> TensorParams:
         """Parameters for tensor `name` of a model with `n_layers` numbered layers, resolved
         with model > global > default precedence; gradients and filter rules are evaluated for
         that tensor (`engine.gradient`). Without a name: the values at layer position 0.
+
+        `sources` names the tensor each input reads for `name` (base first), where slices move
+        layers: as in mergekit, per-model parameters (and their global fallbacks) match filters
+        against the input's own tensor name, the method's global parameters against `name`.
         """
         t = slice_position(name, self.slices) if self.slices else position(name, n_layers)
-        return self._resolve(name, t)
+        return self._resolve(name, t, tuple(sources))
 
     @property
     def varies_by_tensor(self) -> bool:
@@ -96,27 +103,29 @@ class MergeSpec:
         return any(varies(s) for s in self._settings())
 
     def _settings(self) -> list[Setting]:
-        return [*self.params.values(), *(s for m in self.models for s in m.params.values())]
+        own = (s for p in (self.base_params, *(m.params for m in self.models)) for s in p.values())
+        return [*self.params.values(), *own]
 
-    def _resolve(self, name: str | None, t: float) -> TensorParams:
-        def pick(*settings: Setting | None, default: ParamValue) -> ParamValue:
+    def _resolve(self, name: str | None, t: float, sources: tuple[str, ...] = ()) -> TensorParams:
+        def pick(at: str | None, *settings: Setting | None, default: ParamValue) -> ParamValue:
             for s in settings:
-                v = None if s is None else resolve(s, name, t)
+                v = None if s is None else resolve(s, at, t)
                 if v is not None:
                     return v
             return default
 
+        def own(role: int, params: Mapping[str, Setting]) -> dict[str, ParamValue]:
+            """Role `role`'s per-model parameters, its filters matched against its input's tensor."""
+            at = sources[role] if sources else name
+            return {d.name: pick(at, params.get(d.name), self.params.get(d.name), default=d.default) for d in per_model}
+
         method = self.method_impl
-        globals_ = {d.name: pick(self.params.get(d.name), default=d.default) for d in method.params if not d.per_model}
-        models = tuple(
-            {
-                d.name: pick(m.params.get(d.name), self.params.get(d.name), default=d.default)
-                for d in method.params
-                if d.per_model
-            }
-            for m in self.models
-        )
-        return TensorParams(globals_, models)
+        per_model = [d for d in method.params if d.per_model]
+        globals_ = {
+            d.name: pick(name, self.params.get(d.name), default=d.default) for d in method.params if not d.per_model
+        }
+        models = tuple(own(k + 1, m.params) for k, m in enumerate(self.models))
+        return TensorParams(globals_, models, own(0, self.base_params))
 
     def to_json(self) -> dict[str, Any]:
         """A canonical, JSON-ready form: recorded in the output and hashed for resume."""
@@ -134,6 +143,11 @@ class MergeSpec:
             **({"vocab": self.vocab} if self.vocab != "base" else {}),
             **({"tokenizer_source": str(self.tokenizer_source)} if self.tokenizer_source is not None else {}),
             **({"slices": slices_json(self.slices)} if self.slices else {}),
+            **(
+                {"base_params": {k: setting_json(v) for k, v in sorted(self.base_params.items())}}
+                if self.base_params
+                else {}
+            ),
         }
 
     def digest(self) -> str:

@@ -81,11 +81,9 @@ def test_example_config_merges_to_its_reference(name: str, tiny_family: MakeFami
 
 
 def mergekit_position(name: str) -> float:
-    """mergekit: layer i of n at i / (n - 1); embeddings (pre weights) at 0, the rest at 1."""
+    """mergekit: layer i of n at i / (n - 1); everything outside the layers at 0 (since 0.1)."""
     m = re.search(r"\.layers\.(\d+)\.", name)
-    if m:
-        return int(m.group(1)) / (N_LAYERS - 1)
-    return 0.0 if "embed" in name else 1.0
+    return int(m.group(1)) / (N_LAYERS - 1) if m else 0.0
 
 
 def interpolate(values: list[float], t: float) -> float:
@@ -102,8 +100,9 @@ def test_gradient_values_per_tensor(tmp_path: Path) -> None:
     for i, w in enumerate([0.2, 0.6, 1.0, 0.8, 0.6]):
         assert got[f"model.layers.{i}.mlp.up_proj.weight"].per_model("weight") == pytest.approx([w, 0.5])
     assert got["model.embed_tokens.weight"].per_model("weight") == pytest.approx([0.2, 0.5])
-    assert got["lm_head.weight"].per_model("weight") == pytest.approx([0.6, 0.5])
-    assert got["model.norm.weight"].per_model("density") == pytest.approx([0.9, 0.5])
+    # lm_head and the final norm take the first value too (mergekit since its March 2025 change)
+    assert got["lm_head.weight"].per_model("weight") == pytest.approx([0.2, 0.5])
+    assert got["model.norm.weight"].per_model("density") == pytest.approx([0.3, 0.5])
     assert got["model.layers.2.input_layernorm.weight"].per_model("density") == pytest.approx([0.6, 0.5])
 
 
@@ -162,7 +161,8 @@ def test_passes_follow_per_tensor_parameters(tiny_family: MakeFamily, tmp_path: 
     passes = {t.name: t.passes for t in plan.tensors}
     assert passes["model.layers.0.self_attn.q_proj.weight"] == 2
     assert passes["model.layers.1.self_attn.q_proj.weight"] == 1
-    assert passes["model.embed_tokens.weight"] == 2 and passes["lm_head.weight"] == 1
+    assert passes["model.layers.4.self_attn.q_proj.weight"] == 1
+    assert passes["model.embed_tokens.weight"] == 2 and passes["lm_head.weight"] == 2  # outside the layers: t = 0
 
 
 def test_ignored_parameters_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -234,7 +234,6 @@ BAD: list[tuple[str, int, list[str]]] = [
     (SL + SRC_B, 3, ["passthrough takes one source per slice, got 2"]),
     (SL + "    parameters: {t: 1}\n", 6, ["slices[0]: unsupported key 'parameters' (supported: sources)"]),
     (SL + "        weight: 1\n", 6, ["slices[0].sources[0]: unsupported key 'weight'"]),
-    (SL + "        parameters: {scale: 0}\n", 6, ["'scale' is a global parameter"]),
     (SL + "models: [{model: ./a}]\n", 6, ["give either 'models' or 'slices', not both"]),
     (SL.replace("passthrough", "ties"), 0, ["missing required key 'base_model'", "needs a base"]),
     (TIES_SL, 4, ["slices[0]: no source is base_model", "b;"]),
