@@ -200,7 +200,7 @@ def make_plan(
     in_dtypes = {
         n: inv.resized[n].dtypes if n in inv.resized else tuple(c.tensors[n].dtype for c in sources) for n in names
     }
-    shapes = {n: _out_shape(inv, n) for n in names}
+    shapes = {n: out_shape(inv, n) for n in names}
     out_dtypes = {n: _out_dtype(spec, inv.base.tensors[n].dtype) for n in names}
     memory = plan_memory(
         budget,
@@ -255,7 +255,7 @@ def _sources(spec: MergeSpec, inv: Inventory, name: str) -> tuple[str, ...]:
     return tuple(c.tensors[name].name for c in (inv.base, *inv.models)) if spec.slices else ()
 
 
-def _out_shape(inv: Inventory, name: str) -> tuple[int, ...]:
+def out_shape(inv: Inventory, name: str) -> tuple[int, ...]:
     """The base's shape, with the vocabulary policy's row count for resized tensors."""
     shape = inv.base.tensors[name].shape
     rz = inv.resized.get(name)

@@ -4,6 +4,7 @@ path is one error line naming the file, the line and the key."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -201,7 +202,8 @@ def test_tokenizer_source_copies_that_models_tokenizer(tiny_family: MakeFamily) 
     assert spec.tokenizer_source == a
     merge(spec, root / "out")
     assert (root / "out" / "tokenizer.json").read_text() == '{"added": true}'
-    assert (root / "out" / "config.json").read_text() == (base / "config.json").read_text()
+    config = json.loads((base / "config.json").read_text())  # stating its dtype under both keys
+    assert json.loads((root / "out" / "config.json").read_text()) == config | {"dtype": "bfloat16"}
 
 
 GOOD = "merge_method: dare_ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters: {weight: 0.5}\n"

@@ -125,7 +125,8 @@ def test_out_dtype_and_mixed_input_dtypes(tiny_family: MakeFamily, tmp_path: Pat
     spec = MergeSpec("task_arithmetic", base, tuple(ModelRef(m, {}) for m in models), {}, out_dtype="fp32")
     merge(spec, out, block_bytes=64)
     assert_same(load_model(out), merge_folders("task_arithmetic", base, models, out_dtype=torch.float32))
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dtype"], config["torch_dtype"]) == ("float32", "float32")
 
 
 @pytest.mark.parametrize("compile", ["off", "on"])

@@ -50,7 +50,8 @@ def test_passthrough_stacks_and_repeats_layers(tiny_family: MakeFamily) -> None:
     assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
     assert torch.equal(got["lm_head.weight"], a["lm_head.weight"])  # the last slice is ft1's
     config = json.loads((root / "out" / "config.json").read_text())
-    assert config == {"num_hidden_layers": 8, "torch_dtype": "float16"}  # from the first slice's model
+    # from the first slice's model, stating the dtype written (its "float16" was wrong)
+    assert config == {"num_hidden_layers": 8, "torch_dtype": "bfloat16", "dtype": "bfloat16"}
     assert CliRunner().invoke(main, ["verify", str(root / "out")]).exit_code == 0
 
 
