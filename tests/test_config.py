@@ -245,11 +245,6 @@ BAD: list[tuple[str, int, list[str]]] = [
         ["slices[0]: every source of a slice must span the same number of layers", "b [0, 3], a [0, 2]"],
     ),
     (TIES_SL + SRC_B + SLICE2, 9, ["slices[1] has 0 model source(s) besides the base, slices[0] has 1"]),
-    (
-        TIES_SL + SRC_B + SLICE2 + SRC_A.replace("./a", "./c") + "        parameters: {weight: 2}\n",
-        14,
-        ["slices[1]: the parameters of model source 0 differ from slices[0]'s"],
-    ),
     (GOOD.replace("dare_ties", "dare_tie"), 1, ["unknown merge_method 'dare_tie'", "dare_ties"]),
     (GOOD.replace("./b", "./missing"), 2, ["base_model", "missing does not exist", "download"]),
     (GOOD.replace("./a", "./gone"), 4, ["models[0].model", "gone does not exist"]),

@@ -232,3 +232,34 @@ def test_passthrough_scale_per_model(tiny_family: MakeFamily) -> None:
     for n, t in want.items():
         src = LAYER.sub(".layers.1.", n) if n.startswith("model.layers.2.") else n  # output layer 2 is layer 1
         assert torch.equal(got[n], scaled(src, t)), n
+
+
+def test_each_slice_sources_parameters_hold_for_its_slice(tiny_family: MakeFamily) -> None:
+    """mergekit's frankenmerge idiom: scale only the repeated copy of a layer, by parameters on the
+    second slice's source; lm_head and the final norm take the last slice's, embeddings the first's."""
+    base, (ft1,) = tiny_family(1, shapes=SHAPES)
+    root = base.parent
+    own = "        parameters: {scale: [{filter: self_attn, value: 0.5}, {filter: lm_head, value: 0}, {value: 1}]}\n"
+    cfg = (
+        "merge_method: passthrough\nslices:\n  - sources:\n"
+        + source("ft1", 0, 2)
+        + "  - sources:\n"
+        + source("ft1", 1, 2, own)
+    )
+    merge(load_config(write_config(root, cfg)), root / "out", block_bytes=40)
+    got, a = load_model(root / "out"), load_model(ft1)
+    want = stack_layers([(a, 0, 2), (a, 1, 2)])
+    assert got.keys() == want.keys()
+    for n, t in want.items():
+        s = 0.5 if n.startswith("model.layers.2.self_attn") else 0.0 if n.startswith("lm_head") else 1.0
+        assert torch.equal(got[n], (t.float() * s).to(t.dtype)), n
+    ta = (
+        "merge_method: task_arithmetic\nbase_model: ./base\nslices:\n"
+        + "  - sources:\n" + source("base", 0, 3) + source("ft1", 0, 3, "        parameters: {weight: 0.25}\n")
+        + "  - sources:\n" + source("base", 3, 4) + source("ft1", 3, 4, "        parameters: {weight: [0.75, 0.5]}\n")
+    )  # fmt: skip
+    spec = load_config(write_config(root, ta))
+    weights = {n: spec.tensor_params(n, 4).per_model("weight") for n in SHAPES}
+    assert weights["model.layers.2.mlp.up_proj.weight"] == [0.25] and weights["model.embed_tokens.weight"] == [0.25]
+    assert weights["model.layers.3.mlp.up_proj.weight"] == [0.5]  # a one-layer slice sits at t = 1
+    assert weights["lm_head.weight"] == weights["model.norm.weight"] == [0.75]  # the last slice's, at t = 0
