@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 EMBEDDING_RE = re.compile(
     r"embed|lm_head|word_embeddings|tok_embeddings|(?:^|\.)wte\.|(?:^|\.)shared\.|(?:^|\.)output\.weight$"
 )
+OUTPUT_HEAD_RE = re.compile(r"lm_head|embed_out|(?:^|\.)output\.weight$")
 PIECE_BYTES = 1 << 20  # casts go through a scratch buffer of about this size
 # Tokenizer files whose token ids can be read without running tokenizer code.
 TOKENIZER_JSON = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
@@ -164,15 +165,15 @@ def tokenizer_size(folder: Path) -> tuple[int, Path] | None:
         path = folder / name
         try:
             ids = _token_ids(name, json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
             continue  # absent or not what transformers writes: not ours to judge
-        size = 1 + max(ids, default=-1)
+        size = 1 + max((i for i in ids if isinstance(i, int) and not isinstance(i, bool)), default=-1)
         if size > 0 and (best is None or size > best[0]):
             best = (size, path)
     return best
 
 
-def _token_ids(name: str, doc: Any) -> list[int]:
+def _token_ids(name: str, doc: Any) -> list[Any]:
     if name == "tokenizer.json":
         vocab = (doc.get("model") or {}).get("vocab") or {}
         ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
@@ -184,7 +185,11 @@ def _token_ids(name: str, doc: Any) -> list[int]:
 
 def check_tokenizer_fits(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Refuse to pair the tokenizer in `folder` with output embeddings it would index past: a
-    token id at or beyond the rows of an embedding-like tensor raises IndexError in the model.
+    token id at or beyond the rows of the token embeddings raises IndexError in the model.
+
+    The token embeddings are the embedding-like tensors with the most rows: positional and
+    token-type embeddings (`embed_positions`, `token_type_embeddings`) also match the name
+    pattern but have fewer rows and are not indexed by token ids.
 
     Raises:
         SpecError: naming the tokenizer's size, the tensor, its rows and the fixes.
@@ -193,11 +198,14 @@ def check_tokenizer_fits(folder: Path, shapes: Mapping[str, tuple[int, ...]]) ->
     rows = [(shape[0], name) for name, shape in shapes.items() if len(shape) == 2 and is_embedding_like(name)]
     if found is None or not rows:
         return
-    (size, path), (fewest, name) = found, min(rows)
-    if size > fewest:
+    size, path = found
+    most = max(r for r, _ in rows)
+    # named: the input embeddings where they have that many rows (the lookup that would fail)
+    name = min((n for r, n in rows if r == most), key=lambda n: (bool(OUTPUT_HEAD_RE.search(n)), n))
+    if size > most:
         raise SpecError(
-            f"{path}: the tokenizer uses {size} token ids but the merged {name!r} has {fewest} rows, so ids "
-            f"{fewest}..{size - 1} would index past it: merge the rows the models added with --vocab union "
+            f"{path}: the tokenizer uses {size} token ids but the merged {name!r} has {most} rows, so ids "
+            f"{most}..{size - 1} would index past it: merge the rows the models added with --vocab union "
             "(vocab: union), or take a tokenizer that fits (tokenizer_source: base)"
         )
 

@@ -115,8 +115,8 @@ def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path: Path) -> None
     result = CliRunner().invoke(main, ["merge", str(cfg), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert result.output == (
-        f"Error: {ft1 / 'tokenizer.json'}: the tokenizer uses 66 token ids but the merged 'lm_head.weight' has "
-        "64 rows, so ids 64..65 would index past it: merge the rows the models added with --vocab union "
+        f"Error: {ft1 / 'tokenizer.json'}: the tokenizer uses 66 token ids but the merged 'model.embed_tokens.weight' "
+        "has 64 rows, so ids 64..65 would index past it: merge the rows the models added with --vocab union "
         "(vocab: union), or take a tokenizer that fits (tokenizer_source: base)\n"
     )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -171,3 +171,24 @@ def test_tokenizer_size_reads_every_json_tokenizer_file(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"7": {}}}))
     (tmp_path / "vocab.json").write_text("not json")
     assert tokenizer_size(tmp_path) == (10, tmp_path / "added_tokens.json")
+
+
+def test_tokenizer_is_checked_against_the_token_embeddings(tmp_path: Path) -> None:
+    """Position and token-type embeddings match the embedding pattern but are not indexed by
+    token ids: only the embedding-like tensors with the most rows count."""
+    from engine.errors import SpecError
+    from engine.vocab import check_tokenizer_fits
+
+    (tmp_path / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(100)}))
+    bert = {
+        "embeddings.word_embeddings.weight": (100, 8),
+        "embeddings.position_embeddings.weight": (64, 8),
+        "embeddings.token_type_embeddings.weight": (2, 8),
+        "encoder.layer.0.attention.self.query.weight": (8, 8),
+    }
+    check_tokenizer_fits(tmp_path, bert)
+    bert["embeddings.word_embeddings.weight"] = (90, 8)
+    with pytest.raises(
+        SpecError, match=r"uses 100 token ids but the merged 'embeddings.word_embeddings.weight' has 90"
+    ):
+        check_tokenizer_fits(tmp_path, bert)
