@@ -111,7 +111,7 @@ class MergeSpec:
 
     @property
     def varies_by_tensor(self) -> bool:
-        """True when some parameter is a gradient or has filter rules."""
+        """True when some parameter is a gradient or has filter rules, or slices set their own."""
         return bool(self.slice_params) or any(varies(s) for s in self._settings())
 
     def _settings(self) -> list[Setting]:

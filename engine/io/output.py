@@ -105,8 +105,8 @@ def written_dtype(plan: Plan) -> str | None:
 def _update_config(path: Path, changes: dict[str, Any]) -> None:
     """Set `changes` in a copied config.json; sizes only where the config has that key.
 
-    The dtype goes under every key transformers reads (`dtype` since 4.56 and in 5, `torch_dtype`
-    before), where the config does not already state it: a config that says `float32` above
+    The dtype goes under every key transformers reads (`dtype` in transformers 5, `torch_dtype`
+    in earlier versions), where the config does not already state it under both: a config that says `float32` above
     bfloat16 weights loads them as float32 in transformers 5, twice the memory, without a word.
     """
     try:
