@@ -81,6 +81,9 @@ MERGEKIT_ONLY_METHODS = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", 
 MERGEKIT_PARAMS = frozenset({"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t"})
 
 
+SliceParams = tuple[tuple[dict[str, Setting], ...], ...]  # per slice, each role's own parameters
+
+
 class _Map(dict[str, Any]):
     """A YAML mapping that remembers the line of each key (1-based)."""
 
@@ -189,17 +192,19 @@ class _Config:
             raise SpecError(f"{self.path}: missing required key 'merge_method'")
         method = self.method(overrides.pop("method", None))
         slices: tuple[Slice, ...] = ()
+        slice_params: SliceParams = ()
         if "slices" in doc:
             if "models" in doc:
                 raise self.error(doc.lines["models"], "give either 'models' or 'slices', not both")
-            base, models, slices = self.sliced(method)
+            base, models, slices, slice_params = self.sliced(method)
         elif "models" not in doc:
             raise SpecError(f"{self.path}: missing required key 'models' (or 'slices')")
         else:
             base, models = self.listed(method)
         fields: dict[str, Any] = {
             "method": method.name,
-            "base": base,
+            "base": base.path,
+            "base_params": base.params,
             "models": tuple(models),
             "params": self.params(doc.get("parameters"), doc.lines.get("parameters", doc.line), "parameters", method),
             "out_dtype": self.out_dtype(),
@@ -207,6 +212,7 @@ class _Config:
             "vocab": self.choice("vocab", VOCAB_POLICIES, "base"),
             "tokenizer_source": self.tokenizer_source(),
             "slices": slices,
+            "slice_params": slice_params,
         }
         fields.update(overrides)
         try:
@@ -230,15 +236,16 @@ class _Config:
     def missing_base(self, method: Method) -> SpecError:
         return SpecError(f"{self.path}: missing required key 'base_model' (merge_method {method.name} needs a base)")
 
-    def listed(self, method: Method) -> tuple[Path, list[ModelRef]]:
-        """The base and the fine-tuned models of a config with `models`."""
+    def listed(self, method: Method) -> tuple[ModelRef, list[ModelRef]]:
+        """The base and the fine-tuned models of a config with `models`. The base carries its
+        own parameters only for passthrough (its one model); other methods do not use them."""
         doc = self.doc
         models = self.models(method)
         if method.name == "passthrough":
             if len(models) != 1:
                 raise self.error(doc.lines["models"], "passthrough copies one model: list exactly one under 'models' "
                                  "(or stack layers with 'slices')")  # fmt: skip
-            return models[0].path, []
+            return models[0], []
         if "base_model" in doc:
             base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model")
         elif not method.uses_base:  # the base is only a template: any model will do
@@ -248,14 +255,17 @@ class _Config:
         if method.uses_base:
             # mergekit lists the base among the models too; it is the base here, not a fine-tune.
             models = [m for m in models if m.path.resolve() != base.resolve()]
-        return base, models
+        return ModelRef(base, {}), models
 
-    def sliced(self, method: Method) -> tuple[Path, list[ModelRef], tuple[Slice, ...]]:
+    def sliced(self, method: Method) -> tuple[ModelRef, list[ModelRef], tuple[Slice, ...], SliceParams]:
         """The base, the models and the slices of a config with `slices` (engine.slices).
 
         In each slice the base is the source whose model is `base_model` (for linear: that or the
         first source, as a template; for passthrough: the one source); the models are the other
-        sources in order, and the k-th of every slice is model k, with one set of parameters.
+        sources in order, and the k-th of every slice is model k. A source's own `parameters`
+        hold for its slice's tensors, as in mergekit (the base source's only for passthrough,
+        whose one source it is): the base and models carry slices[0]'s, and the last value
+        returned gives every slice's, base first, where some slice's differ from slices[0]'s.
         """
         doc = self.doc
         raw, line = doc["slices"], doc.lines["slices"]
@@ -265,25 +275,24 @@ class _Config:
         if base is None and method.uses_base and method.name != "passthrough":
             raise self.missing_base(method)
         slices: list[Slice] = []
-        refs: list[ModelRef] = []
+        roles: list[tuple[dict[str, Setting], ...]] = []
         for i, (entry, at) in enumerate(zip(raw, raw.lines)):
             sources = self.slice_sources(entry, at, f"slices[{i}]", method)
             b = self.slice_base(sources, base, method, at, f"slices[{i}]")
             models = [s for j, s in enumerate(sources) if j != b or not method.uses_base]
-            if i == 0:
-                refs = [ModelRef(src.path, params) for src, params, _ in models]
-            elif len(models) != len(refs):
+            if slices and len(models) != len(slices[0].models):
                 raise self.error(at, f"slices[{i}] has {len(models)} model source(s) besides the base, slices[0] has "
-                                 f"{len(refs)}: every slice needs a source for each model")  # fmt: skip
-            for k, (_, params, src_line) in enumerate(models):
-                if params != refs[k].params:
-                    raise self.error(src_line, f"slices[{i}]: the parameters of model source {k} differ from slices[0]'s; "
-                                     "per-slice parameters are not supported: use filters on layer names")  # fmt: skip
+                                 f"{len(slices[0].models)}: every slice needs a source for each model")  # fmt: skip
+            base_own = sources[b][1] if method.name == "passthrough" else {}
+            roles.append((base_own, *(params for _, params, _ in models)))
             try:
                 slices.append(Slice(sources[b][0], tuple(src for src, _, _ in models)))
             except SpecError as e:
                 raise self.error(at, f"slices[{i}]: {e}") from None
-        return base if base is not None else slices[0].base.path, refs, tuple(slices)
+        first = roles[0]
+        refs = [ModelRef(src.path, params) for src, params in zip(slices[0].models, first[1:])]
+        per_slice = tuple(roles) if any(r != first for r in roles) else ()
+        return ModelRef(base or slices[0].base.path, first[0]), refs, tuple(slices), per_slice
 
     def slice_sources(
         self, entry: Any, line: int, where: str, method: Method

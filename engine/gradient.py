@@ -7,9 +7,9 @@ every tensor). These are mergekit's semantics:
 
 - layer i of n numbered layers sits at position t = i / (n − 1) (t = 1 when n == 1);
 - a gradient [v₀, …, v_{k−1}] at t is linear between v_⌊s⌋ and v_⌈s⌉ with s = t · (k − 1);
-- tensors outside the numbered layers follow mergekit's pre/post weights: embeddings
-  (`embed`, `wte`, `wpe`, `word_embeddings`, `tok_embeddings` in the name) take t = 0, every
-  other one (final norm, `lm_head`, ...) t = 1;
+- tensors outside the numbered layers (embeddings, final norm, `lm_head`, ...) take t = 0, the
+  gradient's first value, as mergekit does since 0.1 (its March 2025 change, arcee-ai/mergekit#534;
+  before it the tensors after the layers took t = 1, the last value);
 - a filter matches when it occurs anywhere in the name (`fnmatch(name, "*filter*")`); when no
   rule matches, the next level of precedence decides (model > global > method default).
 
@@ -134,9 +134,7 @@ def count_layers(names: Iterable[str]) -> int:
 
 def position(name: str | None, n_layers: int) -> float:
     """Position t in [0, 1] of a tensor along the layers (see the module docstring)."""
-    if name is None:
-        return 0.0
-    i = layer_index(name)
+    i = None if name is None else layer_index(name)
     if i is None:
-        return 0.0 if PRE_WEIGHT_RE.search(name) else 1.0
+        return 0.0  # outside the layers: mergekit plans pre and post weights at t = 0
     return i / (n_layers - 1) if n_layers > 1 else 1.0

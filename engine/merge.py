@@ -32,10 +32,11 @@ from engine.io.output import abort_output, check_target, commit_output, temp_dir
 from engine.io.safetensors_writer import ShardWriter, layout_digest
 from engine.io.write_behind import WriteBehind
 from engine.kernels import all_cached, want_compiled
-from engine.plan import Plan, TensorPlan, make_plan
+from engine.plan import Plan, TensorPlan, make_plan, out_shape
 from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
 from engine.stats import pairwise
+from engine.vocab import check_tokenizer_fits
 
 log = logging.getLogger(__name__)
 # Fewest passes for a tensor to be held in RAM, by how the inputs are read. With O_DIRECT every
@@ -104,6 +105,7 @@ def prepare(
     """
     dev = resolve_device(device)
     inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab, spec.slices)
+    check_tokenizer_fits(spec.tokenizer_source or spec.base, {n: out_shape(inv, n) for n in inv.base.tensors})
     budget = max_memory if max_memory is not None else default_budget()
     available = psutil.virtual_memory().available
     if budget > available:

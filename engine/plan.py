@@ -7,8 +7,8 @@ exactly what a merge will do before it starts, and tests can assert the exact bl
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from engine.budget import CHUNK_ELEMS, COMPILE_RESERVE, MemoryPlan, plan_memory
 from engine.defaults import DEFAULT_SHARD_SIZE
@@ -149,6 +149,7 @@ class Plan:
     resized: tuple[Resized, ...] = ()  # embedding-like tensors whose rows differ (engine.vocab)
     device: DevicePlan = DevicePlan("cpu", CHUNK_ELEMS, 0, 0)  # where chunks are computed (`prepare` plans CUDA)
     resident: tuple[int, ...] = ()  # bytes per input stream held for resident tensors, on the device
+    params: Mapping[str, TensorParams] = field(default_factory=dict)  # per tensor, where they vary
 
     def with_resident(self, room: int, min_passes: int = 2) -> Plan:
         """This plan with the tensors that fit `room` bytes held resident (see `hold_resident`)."""
@@ -157,7 +158,8 @@ class Plan:
 
     def params_for(self, name: str) -> TensorParams:
         """The method parameters of tensor `name` (they vary with gradients and filters)."""
-        return self.spec.tensor_params(name, self.n_layers)
+        p = self.params.get(name)
+        return p if p is not None else self.spec.tensor_params(name, self.n_layers)
 
     @property
     def bytes_read(self) -> int:
@@ -202,7 +204,7 @@ def make_plan(
     in_dtypes = {
         n: inv.resized[n].dtypes if n in inv.resized else tuple(c.tensors[n].dtype for c in sources) for n in names
     }
-    shapes = {n: _out_shape(inv, n) for n in names}
+    shapes = {n: out_shape(inv, n) for n in names}
     out_dtypes = {n: _out_dtype(spec, inv.base.tensors[n].dtype) for n in names}
     memory = plan_memory(
         budget,
@@ -216,7 +218,9 @@ def make_plan(
         (compile_reserve if compiled else 0) + device_reserve,
     )
     n_layers = count_layers(names)
-    params = {n: spec.tensor_params(n, n_layers) for n in names} if spec.varies_by_tensor else {}
+    params = (
+        {n: spec.tensor_params(n, n_layers, _sources(spec, inv, n)) for n in names} if spec.varies_by_tensor else {}
+    )
     for n, p in params.items():
         try:
             spec.method_impl.validate(p)
@@ -246,10 +250,16 @@ def make_plan(
         )
     resized = tuple(inv.resized.values())
     cpu = DevicePlan("cpu", memory.chunk_elems, 0, 0)
-    return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled, n_layers, resized, cpu)
+    return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled, n_layers, resized, cpu, params=params)
 
 
-def _out_shape(inv: Inventory, name: str) -> tuple[int, ...]:
+def _sources(spec: MergeSpec, inv: Inventory, name: str) -> tuple[str, ...]:
+    """The tensor each input reads for output tensor `name` (base first), where slices move
+    layers; () when every input reads `name` itself."""
+    return tuple(c.tensors[name].name for c in (inv.base, *inv.models)) if spec.slices else ()
+
+
+def out_shape(inv: Inventory, name: str) -> tuple[int, ...]:
     """The base's shape, with the vocabulary policy's row count for resized tensors."""
     shape = inv.base.tensors[name].shape
     rz = inv.resized.get(name)

@@ -19,7 +19,9 @@ Role r of a slice (the base or model k) is the source at that position: the base
 whose model is `base_model`, the models the other sources in the order listed.
 
 Parameter gradients are interpolated over each slice's own layers, as mergekit does: layer i
-of a slice of n layers sits at t = i / (n − 1).
+of a slice of n layers sits at t = i / (n − 1). A source may set its own parameters, which then
+hold for the tensors of its slice (embeddings: the first slice's, final norm and lm_head: the
+last's); filters match the source's tensor names.
 """
 
 from __future__ import annotations
@@ -92,18 +94,19 @@ def check_slices(slices: Sequence[Slice], n_models: int) -> None:
             )
 
 
-def position(name: str | None, slices: Sequence[Slice]) -> float:
-    """A tensor's position t for parameter gradients: along its slice's layers (mergekit's rule)."""
-    if name is None:
-        return 0.0
-    j = layer_index(name)
+def locate(name: str | None, slices: Sequence[Slice]) -> tuple[int, float]:
+    """The slice whose sources' parameters a tensor takes, and its position t for gradients
+    (mergekit's rules): a layer's own slice, t along that slice's layers; outside the layers
+    the first slice for embeddings and the last for the rest, as their tensors come from
+    there, at t = 0 (as engine.gradient.position)."""
+    j = None if name is None else layer_index(name)
     if j is None:
-        return 0.0 if PRE_WEIGHT_RE.search(name) else 1.0
-    for s in slices:
+        return (0 if name is None or PRE_WEIGHT_RE.search(name) else len(slices) - 1), 0.0
+    for k, s in enumerate(slices):
         if j < s.layers:
-            return j / (s.layers - 1) if s.layers > 1 else 1.0
+            return k, (j / (s.layers - 1) if s.layers > 1 else 1.0)
         j -= s.layers
-    return 1.0  # not an output layer: only reached for names outside the plan
+    return len(slices) - 1, 1.0  # not an output layer: only reached for names outside the plan
 
 
 def renumber(name: str, layer: int) -> str:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,7 @@ from engine.gradient import values as setting_values
 from engine.methods.base import Method, ParamValue, TensorParams
 from engine.methods.registry import get_method
 from engine.paths import real_path, split_model_arg
-from engine.slices import Slice, check_slices, slices_json
-from engine.slices import position as slice_position
+from engine.slices import Slice, check_slices, locate, slices_json
 
 DEFAULT_SEED = 0
 # Accepted in YAML for mergekit compatibility and ignored: they do not change our results.
@@ -57,6 +56,11 @@ class MergeSpec:
     # Layer slices (engine.slices): the inputs are then views of these layer ranges, and `base`
     # and each model's `path` only name the folders that config and tokenizer files come from.
     slices: tuple[Slice, ...] = ()
+    # Per-model parameters set on the base's own entry: passthrough's one model (its `scale`).
+    base_params: Mapping[str, Setting] = field(default_factory=dict)
+    # Per slice, each role's own parameters (base first) where some slice's sources set other
+    # parameters than slices[0]'s; () when `base_params` and each model's `params` hold throughout.
+    slice_params: tuple[tuple[Mapping[str, Setting], ...], ...] = ()
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -72,10 +76,19 @@ class MergeSpec:
                 f"method {self.method!r} takes at most {method.max_models} model(s) besides the base, got {len(self.models)}"
             )
         check_params(method, self.params, "parameters", per_model=False)
+        check_params(method, self.base_params, f"parameters of model {str(self.base)!r}", per_model=True)
         for m in self.models:
             check_params(method, m.params, f"parameters of model {str(m.path)!r}", per_model=True)
-        for t in sorted(set().union(*(knots(s) for s in self._settings()))) or [0.0]:
-            method.validate(self._resolve(None, t))
+        if self.slice_params and [len(p) for p in self.slice_params] != [1 + len(self.models)] * len(self.slices):
+            raise SpecError("slice_params must give the base's and each model's parameters for every slice")
+        for i, roles in enumerate(self.slice_params):
+            for r, p in enumerate(roles):
+                check_params(
+                    method, p, f"parameters of slices[{i}] source {self.slices[i].role(r).path}", per_model=True
+                )
+        for own in self.slice_params or (None,):
+            for t in sorted(set().union(*(knots(s) for s in self._settings()))) or [0.0]:
+                method.validate(self._resolve(None, t, roles=own))
         if self.vocab not in VOCAB_POLICIES:
             raise SpecError(f"vocab must be one of {', '.join(VOCAB_POLICIES)}, got {self.vocab!r}")
         if self.out_dtype is not None:
@@ -98,41 +111,59 @@ class MergeSpec:
     def method_impl(self) -> Method:
         return get_method(self.method)
 
-    def tensor_params(self, name: str | None = None, n_layers: int = 0) -> TensorParams:
+    def tensor_params(self, name: str | None = None, n_layers: int = 0, sources: Sequence[str] = ()) -> TensorParams:
         """Parameters for tensor `name` of a model with `n_layers` numbered layers, resolved
         with model > global > default precedence; gradients and filter rules are evaluated for
         that tensor (`engine.gradient`). Without a name: the values at layer position 0.
+
+        `sources` names the tensor each input reads for `name` (base first), where slices move
+        layers: as in mergekit, per-model parameters (and their global fallbacks) match filters
+        against the input's own tensor name, the method's global parameters against `name`.
         """
-        t = slice_position(name, self.slices) if self.slices else position(name, n_layers)
-        return self._resolve(name, t)
+        if not self.slices:
+            return self._resolve(name, position(name, n_layers), tuple(sources))
+        k, t = locate(name, self.slices)
+        return self._resolve(name, t, tuple(sources), self.slice_params[k] if self.slice_params else None)
 
     @property
     def varies_by_tensor(self) -> bool:
-        """True when some parameter is a gradient or has filter rules."""
-        return any(varies(s) for s in self._settings())
+        """True when some parameter is a gradient or has filter rules, or slices set their own."""
+        return bool(self.slice_params) or any(varies(s) for s in self._settings())
 
     def _settings(self) -> list[Setting]:
-        return [*self.params.values(), *(s for m in self.models for s in m.params.values())]
+        roles = [self.base_params, *(m.params for m in self.models), *(p for ps in self.slice_params for p in ps)]
+        return [*self.params.values(), *(s for p in roles for s in p.values())]
 
-    def _resolve(self, name: str | None, t: float) -> TensorParams:
-        def pick(*settings: Setting | None, default: ParamValue) -> ParamValue:
+    def _resolve(
+        self,
+        name: str | None,
+        t: float,
+        sources: tuple[str, ...] = (),
+        roles: Sequence[Mapping[str, Setting]] | None = None,
+    ) -> TensorParams:
+        """The parameters at position `t`; `roles`: each input's own settings (base first),
+        by default `base_params` and each model's `params`."""
+
+        def pick(at: str | None, *settings: Setting | None, default: ParamValue) -> ParamValue:
             for s in settings:
-                v = None if s is None else resolve(s, name, t)
+                v = None if s is None else resolve(s, at, t)
                 if v is not None:
                     return v
             return default
 
+        def own(role: int, params: Mapping[str, Setting]) -> dict[str, ParamValue]:
+            """Role `role`'s per-model parameters, its filters matched against its input's tensor."""
+            at = sources[role] if sources else name
+            return {d.name: pick(at, params.get(d.name), self.params.get(d.name), default=d.default) for d in per_model}
+
         method = self.method_impl
-        globals_ = {d.name: pick(self.params.get(d.name), default=d.default) for d in method.params if not d.per_model}
-        models = tuple(
-            {
-                d.name: pick(m.params.get(d.name), self.params.get(d.name), default=d.default)
-                for d in method.params
-                if d.per_model
-            }
-            for m in self.models
-        )
-        return TensorParams(globals_, models)
+        per_model = [d for d in method.params if d.per_model]
+        globals_ = {
+            d.name: pick(name, self.params.get(d.name), default=d.default) for d in method.params if not d.per_model
+        }
+        roles = roles if roles is not None else (self.base_params, *(m.params for m in self.models))
+        models = tuple(own(r, roles[r]) for r in range(1, len(roles)))
+        return TensorParams(globals_, models, own(0, roles[0]))
 
     def to_json(self) -> dict[str, Any]:
         """A canonical, JSON-ready form: recorded in the output and hashed for resume."""
@@ -150,10 +181,20 @@ class MergeSpec:
             **({"vocab": self.vocab} if self.vocab != "base" else {}),
             **({"tokenizer_source": str(self.tokenizer_source)} if self.tokenizer_source is not None else {}),
             **({"slices": slices_json(self.slices)} if self.slices else {}),
+            **({"base_params": _params_json(self.base_params)} if self.base_params else {}),
+            **(
+                {"slice_params": [[_params_json(p) for p in ps] for ps in self.slice_params]}
+                if self.slice_params
+                else {}
+            ),
         }
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def _params_json(params: Mapping[str, Setting]) -> dict[str, object]:
+    return {k: setting_json(v) for k, v in sorted(params.items())}
 
 
 def check_params(method: Method, params: Mapping[str, Setting], where: str, *, per_model: bool) -> None:

@@ -21,15 +21,18 @@ copied rows stay exact.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.dtypes import DTYPES, MERGEABLE, itemsize
+from engine.errors import SpecError
 from engine.io.checkpoint import BUFFERED, ReadOptions
 from engine.io.lora import RowReader, open_reader
 
@@ -40,7 +43,10 @@ if TYPE_CHECKING:
 EMBEDDING_RE = re.compile(
     r"embed|lm_head|word_embeddings|tok_embeddings|(?:^|\.)wte\.|(?:^|\.)shared\.|(?:^|\.)output\.weight$"
 )
+OUTPUT_HEAD_RE = re.compile(r"lm_head|embed_out|(?:^|\.)output\.weight$")
 PIECE_BYTES = 1 << 20  # casts go through a scratch buffer of about this size
+# Tokenizer files whose token ids can be read without running tokenizer code.
+TOKENIZER_JSON = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
 
 
 def is_embedding_like(name: str) -> bool:
@@ -146,6 +152,62 @@ class VocabStream:
 
     def close(self) -> None:
         return None  # the underlying readers are closed by their owner
+
+
+def tokenizer_size(folder: Path) -> tuple[int, Path] | None:
+    """How many token ids the tokenizer files in `folder` use (one more than the largest id in
+    tokenizer.json's vocabulary and added tokens, vocab.json, added_tokens.json and
+    tokenizer_config.json's added_tokens_decoder), with the file that uses the largest; None
+    when no JSON tokenizer file is there or none can be read (a sentencepiece tokenizer.model
+    is not parsed)."""
+    best: tuple[int, Path] | None = None
+    for name in TOKENIZER_JSON:
+        path = folder / name
+        try:
+            ids = _token_ids(name, json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            continue  # absent or not what transformers writes: not ours to judge
+        size = 1 + max((i for i in ids if isinstance(i, int) and not isinstance(i, bool)), default=-1)
+        if size > 0 and (best is None or size > best[0]):
+            best = (size, path)
+    return best
+
+
+def _token_ids(name: str, doc: Any) -> list[Any]:
+    if name == "tokenizer.json":
+        vocab = (doc.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
+        return [*ids, *(t["id"] for t in doc.get("added_tokens") or [])]
+    if name == "tokenizer_config.json":
+        return [int(i) for i in doc.get("added_tokens_decoder") or {}]
+    return list(doc.values())  # vocab.json, added_tokens.json: token -> id
+
+
+def check_tokenizer_fits(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse to pair the tokenizer in `folder` with output embeddings it would index past: a
+    token id at or beyond the rows of the token embeddings raises IndexError in the model.
+
+    The token embeddings are the embedding-like tensors with the most rows: positional and
+    token-type embeddings (`embed_positions`, `token_type_embeddings`) also match the name
+    pattern but have fewer rows and are not indexed by token ids.
+
+    Raises:
+        SpecError: naming the tokenizer's size, the tensor, its rows and the fixes.
+    """
+    found = tokenizer_size(folder)
+    rows = [(shape[0], name) for name, shape in shapes.items() if len(shape) == 2 and is_embedding_like(name)]
+    if found is None or not rows:
+        return
+    size, path = found
+    most = max(r for r, _ in rows)
+    # named: the input embeddings where they have that many rows (the lookup that would fail)
+    name = min((n for r, n in rows if r == most), key=lambda n: (bool(OUTPUT_HEAD_RE.search(n)), n))
+    if size > most:
+        raise SpecError(
+            f"{path}: the tokenizer uses {size} token ids but the merged {name!r} has {most} rows, so ids "
+            f"{most}..{size - 1} would index past it: merge the rows the models added with --vocab union "
+            "(vocab: union), or take a tokenizer that fits (tokenizer_source: base)"
+        )
 
 
 def open_streams(inv: Inventory, stack: ExitStack, options: ReadOptions = BUFFERED) -> list[RowReader]:

@@ -125,7 +125,26 @@ def test_out_dtype_and_mixed_input_dtypes(tiny_family: MakeFamily, tmp_path: Pat
     spec = MergeSpec("task_arithmetic", base, tuple(ModelRef(m, {}) for m in models), {}, out_dtype="fp32")
     merge(spec, out, block_bytes=64)
     assert_same(load_model(out), merge_folders("task_arithmetic", base, models, out_dtype=torch.float32))
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dtype"], config["torch_dtype"]) == ("float32", "float32")
+
+
+def test_config_dtype_is_the_one_most_elements_are_written_in(tmp_path: Path) -> None:
+    """float32 norms beside bfloat16 matrices: config.json says bfloat16, under both keys, though
+    the base's config said float32 and no --out-dtype was given; a config stating it stays as is."""
+    tensors = {"w.weight": torch.ones(16, 8, dtype=torch.bfloat16), "norm.weight": torch.ones(8)}
+    base = write_checkpoint(tmp_path / "base", tensors)
+    (base / "config.json").write_text('{"dtype": "float32", "vocab_size": 5}')
+    merge(MergeSpec("passthrough", base, (), {}), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {
+        "dtype": "bfloat16",
+        "vocab_size": 5,
+        "torch_dtype": "bfloat16",
+    }
+    stated = '{"torch_dtype": "bfloat16", "dtype": "bfloat16"}'
+    (base / "config.json").write_text(stated)
+    merge(MergeSpec("passthrough", base, (), {}), tmp_path / "again")
+    assert (tmp_path / "again" / "config.json").read_text() == stated
 
 
 @pytest.mark.parametrize("compile", ["off", "on"])

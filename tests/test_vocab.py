@@ -96,7 +96,7 @@ def test_union_copies_rows_only_one_model_has(tmp_path: Path) -> None:
     for name in VOCAB_TENSORS:
         assert torch.equal(got[name][42:], ft1[name][42:])  # rows 42, 43: only ft1 has them
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config == {"model_type": "tiny", "vocab_size": 44}
+    assert config == {"model_type": "tiny", "vocab_size": 44, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
 
 
 def test_union_widens_mixed_dtypes(tmp_path: Path) -> None:
@@ -157,3 +157,38 @@ def test_yaml_vocab_key(tmp_path: Path) -> None:
     got = load_model(tmp_path / "out")
     want = reference("task_arithmetic", [f["base"], f["ft1"], f["ft2"]], "union", weights=[0.6, 0.4])
     assert all(torch.equal(got[n], w) for n, w in want.items())
+
+
+def test_tokenizer_size_reads_every_json_tokenizer_file(tmp_path: Path) -> None:
+    from engine.vocab import tokenizer_size
+
+    assert tokenizer_size(tmp_path) is None
+    (tmp_path / "tokenizer.json").write_text(
+        json.dumps({"model": {"vocab": [["a", 0.0], ["b", -1.0]]}, "added_tokens": [{"id": 5, "content": "x"}]})
+    )
+    assert tokenizer_size(tmp_path) == (6, tmp_path / "tokenizer.json")  # Unigram's list, then the added id
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<y>": 9}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"7": {}}}))
+    (tmp_path / "vocab.json").write_text("not json")
+    assert tokenizer_size(tmp_path) == (10, tmp_path / "added_tokens.json")
+
+
+def test_tokenizer_is_checked_against_the_token_embeddings(tmp_path: Path) -> None:
+    """Position and token-type embeddings match the embedding pattern but are not indexed by
+    token ids: only the embedding-like tensors with the most rows count."""
+    from engine.errors import SpecError
+    from engine.vocab import check_tokenizer_fits
+
+    (tmp_path / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(100)}))
+    bert = {
+        "embeddings.word_embeddings.weight": (100, 8),
+        "embeddings.position_embeddings.weight": (64, 8),
+        "embeddings.token_type_embeddings.weight": (2, 8),
+        "encoder.layer.0.attention.self.query.weight": (8, 8),
+    }
+    check_tokenizer_fits(tmp_path, bert)
+    bert["embeddings.word_embeddings.weight"] = (90, 8)
+    with pytest.raises(
+        SpecError, match=r"uses 100 token ids but the merged 'embeddings.word_embeddings.weight' has 90"
+    ):
+        check_tokenizer_fits(tmp_path, bert)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ TOKENIZER_FILES = frozenset(SIDE_FILES) - {"config.json", "generation_config.jso
 # config.json keys that hold the layer count, by architecture family (Llama/Mistral/Qwen, GPT-2, T5-like).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+# config.json keys that give the weights' dtype: transformers 5 reads `dtype`, 4.x `torch_dtype`.
+DTYPE_KEYS = ("dtype", "torch_dtype")
 
 
 def temp_dir_for(target: Path) -> Path:
@@ -96,8 +99,9 @@ def _copy_side_files(tmp: Path, plan: Plan, *, card: str | None, tokenizer: bool
     if card is not None:
         write_model_card(tmp, plan.spec, card)
     changes: dict[str, Any] = {}
-    if plan.spec.out_dtype:
-        changes["torch_dtype"] = TORCH_DTYPE_NAMES[plan.spec.out_dtype]
+    written = written_dtype(plan)
+    if written is not None:
+        changes["dtype"] = written
     grown = [r.out_rows for r in plan.resized if r.out_rows != r.rows[0]]
     if grown:  # --vocab union added rows: the model must know its new vocabulary size
         changes["vocab_size"] = max(grown)
@@ -107,14 +111,37 @@ def _copy_side_files(tmp: Path, plan: Plan, *, card: str | None, tokenizer: bool
         _update_config(tmp / "config.json", changes)
 
 
+def written_dtype(plan: Plan) -> str | None:
+    """The torch name of the float dtype most of the output's elements are written in (None
+    without float tensors): what config.json must state for transformers to load the merge
+    in the dtype it was written in."""
+    elements: Counter[str] = Counter()
+    for t in plan.tensors:
+        if t.out_dtype in TORCH_DTYPE_NAMES:
+            elements[t.out_dtype] += t.numel
+    return TORCH_DTYPE_NAMES[elements.most_common(1)[0][0]] if elements else None
+
+
 def _update_config(path: Path, changes: dict[str, Any]) -> None:
-    """Set `changes` in a copied config.json; sizes only where the config has that key."""
+    """Set `changes` in a copied config.json; sizes only where the config has that key.
+
+    The dtype goes under every key transformers reads (`dtype` in transformers 5, `torch_dtype`
+    in earlier versions), where the config does not already state it under both: a config that says `float32` above
+    bfloat16 weights loads them as float32 in transformers 5, twice the memory, without a word.
+    """
     try:
         config: Any = json.loads(path.read_text())
     except (ValueError, OSError):
         return  # not ours to repair; copied as is
-    if isinstance(config, dict):
-        config.update({k: v for k, v in changes.items() if k == "torch_dtype" or k in config})
+    if not isinstance(config, dict):
+        return
+    changes = dict(changes)
+    dtype = changes.pop("dtype", None)
+    new = {k: v for k, v in changes.items() if k in config and config[k] != v}
+    if dtype is not None and any(config.get(k) != dtype for k in DTYPE_KEYS):
+        new.update(dict.fromkeys(DTYPE_KEYS, dtype))
+    if new:
+        config.update(new)
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 

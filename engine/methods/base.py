@@ -67,10 +67,12 @@ def normalize_param(default: bool) -> ParamDef:
 
 @dataclass(frozen=True)
 class TensorParams:
-    """Parameters resolved for one tensor: the globals and one mapping per model."""
+    """Parameters resolved for one tensor: the globals, one mapping per model, and the base's
+    own per-model parameters (used by passthrough, whose one model is the base)."""
 
     globals: Mapping[str, ParamValue]
     models: tuple[Mapping[str, ParamValue], ...]
+    base: Mapping[str, ParamValue] = field(default_factory=dict)
 
     def per_model(self, name: str) -> list[float]:
         return [float(m[name]) for m in self.models]

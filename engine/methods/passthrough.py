@@ -3,7 +3,9 @@
 With `slices` (engine.slices) this stacks layer ranges of different models, or repeats layers of
 one, into a deeper model ("frankenmerges"); without slices it copies one model, converting its
 dtype. `scale` multiplies tensors (usually given with filters, e.g. `{filter: o_proj, value: 0}`
-to silence a repeated layer's output projection); at 1 the values pass unchanged.
+to silence a repeated layer's output projection); at 1 the values pass unchanged. As in mergekit
+it is a per-model parameter: set on the model's (or slice source's) own entry, or globally as
+every model's default, its filters matched against the input's tensor name.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from engine.methods.base import Chunk, Method, ParamDef, Stats, TensorParams, sc
 
 class Passthrough(Method):
     name = "passthrough"
-    params = (ParamDef("scale", 1.0, per_model=False),)
+    params = (ParamDef("scale", 1.0, per_model=True),)
     min_models = 0
     max_models = 0
     worth_compiling = False  # a copy: nothing to fuse that the disk would notice
@@ -25,5 +27,7 @@ class Passthrough(Method):
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> torch.Tensor:
-        # The base chunk is shared and read-only: scaling needs a copy.
-        return base if p.number("scale") == 1.0 else scale_(base.clone(), p.number("scale"))
+        # The one model is the base: its scale is the base's own. The base chunk is shared and
+        # read-only: scaling needs a copy.
+        scale = float(p.base.get("scale", 1.0))
+        return base if scale == 1.0 else scale_(base.clone(), scale)
