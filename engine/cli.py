@@ -33,6 +33,7 @@ from engine.spec import VOCAB_POLICIES, MergeSpec, cli_spec
 from engine.verify import verify
 
 F = TypeVar("F", bound=Callable[..., Any])
+SHOWN_TENSORS = 5  # tensors named in the NaN/Inf warning
 
 
 class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.5
@@ -175,7 +176,13 @@ def main() -> None:
 @main.command("merge")
 @spec_options
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output model folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is complete.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing model folder once the new merge is complete: only a folder holding model files and "
+    "nothing else (*.safetensors, its index, config, tokenizer files, README.md); never one with other files or "
+    "subfolders, a symbolic link, an input, or the working directory or a folder above it.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command (starts fresh if none).")
 @click.option("--sync-every", type=SIZE, default=SYNC_EVERY, hidden=True, help="Bytes between durable journal commits.")
 @click.option("--drop-cache", is_flag=True, help="Drop inputs from the page cache as they are read.")
@@ -190,6 +197,12 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: torch's, one per core).")
 @click.option("--log-json", type=click.Path(path_type=Path), help="Write JSON-lines events (plan, tensor, report).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a TTY).")
+@click.option(
+    "--strict-finite",
+    is_flag=True,
+    help="Refuse the merge (exit 1, no output) when a merged tensor holds NaN or Inf; by default they are counted "
+    "and reported.",
+)
 def merge_cmd(
     output: Path,
     overwrite: bool,
@@ -200,6 +213,7 @@ def merge_cmd(
     threads: int | None,
     log_json: Path | None,
     progress: bool | None,
+    strict_finite: bool,
     **kw: Any,
 ) -> None:
     """Merge models into OUTPUT (from CONFIG.yaml or --base/--model flags).
@@ -224,10 +238,13 @@ def merge_cmd(
                 sync_every=sync_every,
                 compile=compile_mode,
                 on_event=on_event,
+                strict_finite=strict_finite,
                 **planning(kw),
             )
             on_event({"event": "report", **report.to_json()})
     click.echo(format_report(report))
+    if report.nonfinite:
+        click.echo(format_nonfinite(report.nonfinite), err=True)
 
 
 @main.command("plan")
@@ -330,6 +347,17 @@ def format_report(r: Report) -> str:
         f"peak RSS {fmt_bytes(r.peak_rss)} (budget {fmt_bytes(r.budget)}, predicted {fmt_bytes(r.predicted_peak_rss)}, "
         f"at start {fmt_bytes(r.baseline_rss)}), seed {r.seed}"
         + (f"\non {r.device}: peak GPU memory {fmt_bytes(r.peak_gpu_memory)}" if r.device != "cpu" else "")
+    )
+
+
+def format_nonfinite(counts: dict[str, int]) -> str:
+    """One warning line naming the tensors with NaN/Inf, most first."""
+    worst = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{name} {n}" for name, n in worst[:SHOWN_TENSORS])
+    more = f" and {len(worst) - SHOWN_TENSORS} more" if len(worst) > SHOWN_TENSORS else ""
+    return (
+        f"Warning: NaN/Inf in {len(worst)} merged tensor(s): {shown}{more} "
+        "(from the inputs, or an overflow of --out-dtype; --strict-finite refuses such a merge)"
     )
 
 

@@ -18,16 +18,17 @@ from engine import __version__
 from engine.budget import COMPILE_RESERVE, current_rss, default_budget, fmt_bytes, peak_rss
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
 from engine.dtypes import DTYPES
-from engine.errors import BudgetError, CheckpointError, Interrupted, OutputError
+from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.checkpoint import ReadOptions
 from engine.io.crc import crc32
 from engine.io.inventory import Inventory, take_inventory
 from engine.io.journal import Journal, JournalState, check_resumable, fingerprint, load_journal
 from engine.io.lock import output_lock
-from engine.io.output import abort_output, check_target, commit_output, temp_dir_for, write_side_files
+from engine.io.output import abort_output, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
-from engine.io.write_behind import SYNC_EVERY, WriteBehind
+from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, resolve_target
+from engine.io.write_behind import SYNC_EVERY, Finite, WriteBehind
 from engine.kernels import all_cached, want_compiled
 from engine.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, make_plan
 from engine.signals import StopRequest, graceful_stop
@@ -70,6 +71,7 @@ class Report:
     baseline_rss: int
     predicted_peak_gpu_memory: int
     peak_gpu_memory: int  # what the CUDA caching allocator reserved at most (0 on the CPU)
+    nonfinite: dict[str, int]  # NaN/Inf per merged tensor this run wrote (a resume counts its own blocks)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +165,7 @@ def merge(
     device: str = "auto",
     max_gpu_memory: int | None = None,
     hold: bool = True,
+    strict_finite: bool = False,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -189,6 +192,8 @@ def merge(
         max_gpu_memory: device memory the merge may hold in bytes (default: 80% of what is free).
         hold: read a tensor with statistics passes once and hold it for all of them, where the
             budget has room for it; False reads it once per pass (the least memory).
+        strict_finite: refuse the merge (`NonFiniteError`, no output) when a merged tensor holds
+            NaN or Inf; otherwise they are counted in `Report.nonfinite`.
     Returns:
         The run's `Report`.
     Raises:
@@ -201,7 +206,7 @@ def merge(
     dev = resolve_device(device)
     start_device(dev)  # before the baseline: a CUDA context costs host RAM too
     baseline = current_rss()
-    output = Path(output)
+    target = resolve_target(output)
     emit = on_event or (lambda e: None)
     inv, plan = prepare(
         spec,
@@ -215,15 +220,18 @@ def merge(
         hold=hold,
         direct_io=direct_io,
     )
-    check_target(output, overwrite, [spec.base, *(m.path for m in spec.models)])
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
     header = {
         "spec": spec.to_json(),
         "inputs": [fp for c in (inv.base, *inv.models) for fp in fingerprint(c)],
         "layout": layout_digest(plan, metadata),
     }
-    tmp = temp_dir_for(output)
-    with output_lock(output), graceful_stop(handle_signals) as stop:
+    tmp = temp_dir_for(target)
+    finite = Finite(strict_finite)
+    with output_lock(target), graceful_stop(handle_signals) as stop:
+        clear_leftovers(target)
+        check_target(target, overwrite, [spec.base, *(m.path for m in spec.models)])
+        check_temp(tmp)
         state = _open_temp(tmp, plan, header, resume)
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
@@ -242,12 +250,13 @@ def merge(
                 stop,
                 plan.compiled,
                 compile == "auto",
+                finite,
             )
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
         finally:
             pairwise.release()  # the statistics' scratch: a library caller's GPU gets it back
-        commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
+        commit_output(tmp, target, overwrite)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(
         output=str(output),
@@ -269,6 +278,7 @@ def merge(
         baseline_rss=baseline,
         predicted_peak_gpu_memory=plan.device.predicted_peak,
         peak_gpu_memory=peak_device_memory(torch.device(plan.device.device)),  # auto may have fallen back
+        nonfinite=finite.counts,
     )
 
 
@@ -323,6 +333,7 @@ def _run(
     stop: StopRequest,
     compiled: bool,
     compile_behind: bool,
+    finite: Finite,
 ) -> int:
     """Write every missing block into `tmp` and finalize it; returns how many tensors were
     already done. Input errors remove `tmp`; anything else leaves it to resume from."""
@@ -343,7 +354,7 @@ def _run(
                         "not_pinned": pipe.pinned.failed,
                     }
                 )
-            out = WriteBehind(writer, journal, pipe.outs, sync_every)
+            out = WriteBehind(writer, journal, pipe.outs, sync_every, finite)
             stack.callback(out.close)
             start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})
             for t in plan.tensors:
@@ -369,10 +380,11 @@ def _run(
                     stop.signum,
                 )
         final = load_journal(tmp)
-        assert final is not None
+        if final is None:
+            raise OutputError(f"{tmp}: the temporary folder vanished during the merge; nothing was written: run again")
         write_side_files(tmp, plan, _checksums(plan, final))
         (tmp / "journal.jsonl").unlink()
-    except CheckpointError:
+    except (CheckpointError, NonFiniteError):
         abort_output(tmp)
         raise
     return sum(1 for t in plan.tensors if state and t.name in state.done)

@@ -9,19 +9,17 @@ into place. A run stopped by a signal or an I/O error keeps its temporary folder
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from engine import __version__
-from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
 from engine.plan import Plan
 from engine.slices import output_layers
 
 # Files a model folder needs besides weights; copied from the base when present.
-SIDE_FILES = (
+SIDE_FILES: tuple[str, ...] = (
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -42,21 +40,6 @@ TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F6
 
 def temp_dir_for(target: Path) -> Path:
     return target.parent / f".{target.name}.leanmerge-tmp"
-
-
-def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse before any work: an existing output (unless `overwrite`), or one inside an input."""
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: output already exists; pass --overwrite to replace it")
-    if not target.parent.is_dir():
-        raise OutputError(f"{target.parent}: the output's parent folder does not exist")
-    if not os.access(target.parent, os.W_OK):
-        raise OutputError(f"{target.parent}: not writable")
-    resolved = target.resolve()
-    for folder in inputs:
-        f = folder.resolve()
-        if resolved == f or f in resolved.parents or resolved in f.parents:
-            raise OutputError(f"{target}: output overlaps input folder {folder}; choose another output")
 
 
 def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
@@ -98,28 +81,5 @@ def _update_config(path: Path, changes: dict[str, Any]) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def commit_output(tmp: Path, target: Path) -> None:
-    """Rename the finished `tmp` into place, replacing an old `target` only now."""
-    _fsync_dir(tmp)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.leanmerge-old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def abort_output(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
