@@ -11,11 +11,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from engine import __version__
-from engine.budget import COMPILE_RESERVE, current_rss, default_budget, fmt_bytes, peak_rss
+from engine.budget import COMPILE_RESERVE, choose_budget, current_rss, fmt_bytes, peak_rss
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
 from engine.dtypes import DTYPES
 from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError
@@ -102,10 +101,7 @@ def prepare(
     """
     dev = resolve_device(device)
     inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab, spec.slices)
-    budget = max_memory if max_memory is not None else default_budget()
-    available = psutil.virtual_memory().available
-    if budget > available:
-        log.warning("--max-memory %s exceeds the RAM available now (%s)", fmt_bytes(budget), fmt_bytes(available))
+    budget = choose_budget(max_memory)
     kw: dict[str, Any] = {
         "budget": budget,
         "baseline": current_rss() if baseline is None else baseline,
@@ -254,6 +250,13 @@ def merge(
             )
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
+        except RuntimeError as e:  # threading's only signal that the address space ran out
+            if "can't start new thread" not in str(e):
+                raise
+            raise BudgetError(
+                f"cannot start a thread: the address space is exhausted (ulimit -v / RLIMIT_AS); raise the limit "
+                f"or lower --max-memory, then run the same command with --resume (the work so far is in {tmp})"
+            ) from None
         finally:
             pairwise.release()  # the statistics' scratch: a library caller's GPU gets it back
         commit_output(tmp, target, overwrite)  # a signal that lands after the last block lets the run finish
