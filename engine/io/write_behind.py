@@ -11,10 +11,10 @@ the compute stage on another core.
 
 Every merged float block is also checked for NaN/Inf (`Finite`): the output is the one place
 that sees both a non-finite input carried through the arithmetic (a NaN in one input turns a
-whole SLERP tensor NaN) and a value that overflows the output dtype (fp16). The check is a
-float32 sum per piece, finite exactly when every element is (~1 ns per element on one core,
-against ~7-12 ns for `torch.isfinite`); only a piece whose sum is not finite is counted element
-by element.
+whole SLERP tensor NaN) and a value that overflows the output dtype (fp16). The check is the
+minimum and maximum of each piece, both finite exactly when every element is: 0.42 ns per bf16
+element on one core, against 0.70 for a float32 sum and 7-12 for `torch.isfinite`; only a
+piece that fails is counted element by element.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from engine.io.safetensors_writer import ShardWriter
 from engine.plan import Block, TensorPlan
 
 SYNC_EVERY = 256 << 20
-FINITE_PIECE = 1 << 20  # elements summed at a time: a large piece, a small float32 partial
+FINITE_PIECE = 1 << 20  # elements checked at a time (the per-call overhead stays small)
 _Job = tuple[TensorPlan, Block, torch.Tensor, torch.Tensor, Any] | None
 
 
@@ -65,8 +65,9 @@ def count_nonfinite(values: torch.Tensor) -> int:
     n = 0
     for i in range(0, values.numel(), FINITE_PIECE):
         piece = values[i : i + FINITE_PIECE]
-        if not torch.isfinite(piece.sum(dtype=torch.float64 if piece.dtype == torch.float64 else torch.float32)):
-            n += int(piece.numel() - torch.isfinite(piece).sum())  # or an overflowing sum of finite values
+        lo, hi = torch.aminmax(piece)  # NaN propagates, an infinity is an extreme
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            n += int(piece.numel() - torch.isfinite(piece).sum())
     return n
 
 
