@@ -171,7 +171,9 @@ def merge(
         max_memory: whole-process peak RSS ceiling in bytes (default: half the available RAM).
         block_bytes: fixed block size per input stream, overriding the planner.
         shard_size: largest output shard in bytes.
-        overwrite: replace an existing `output` (only once the new one is complete).
+        overwrite: replace an existing `output` once the new one is complete, where it is a
+            folder of model files and nothing else (`engine.io.target`: never other files, a
+            link, an input, or the working directory or above).
         resume: continue an interrupted run of the same spec from its journal.
         drop_cache: drop input pages from the page cache as they are read (buffered reads).
         direct_io: read blocks with O_DIRECT where the filesystem allows (no page cache, no

@@ -132,7 +132,12 @@ def commit_output(tmp: Path, target: Path, overwrite: bool) -> None:
             )
         check_replaceable(target)
         old = old_dir_for(target)
-        os.rename(target, old)
+        try:
+            os.rename(target, old)
+        except OSError as e:
+            raise OutputError(
+                f"{target}: cannot move it aside to {old} ({e.strerror}); the merge is in {tmp}"
+            ) from None
     try:
         os.rename(tmp, target)
     except OSError as e:
