@@ -168,7 +168,8 @@ def merge(
     Args:
         spec: what to merge and how.
         output: the folder to create; it appears only once the merge is complete and verified.
-        max_memory: whole-process peak RSS ceiling in bytes (default: half the available RAM).
+        max_memory: whole-process peak RSS ceiling in bytes (default: `budget.default_budget`,
+            half the available RAM within the cgroup's limit and RLIMIT_AS).
         block_bytes: fixed block size per input stream, overriding the planner.
         shard_size: largest output shard in bytes.
         overwrite: replace an existing `output` once the new one is complete, where it is a
