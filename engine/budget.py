@@ -225,9 +225,11 @@ def address_space_room() -> int | None:
     return max(0, soft - int(psutil.Process().memory_info().vms))
 
 
+# Decimal and binary byte units; a bare K, M or B is mergekit's thousand, million, billion
+# (`--out-shard-size 5B` is five billion bytes there), so a byte count is written without a unit.
 UNITS = {
     "": 1,
-    "B": 1,
+    "B": 10**9,
     "K": 10**3,
     "KB": 10**3,
     "M": 10**6,
@@ -243,16 +245,20 @@ UNITS = {
 }
 
 
+SIZE_FORMS = "bytes (1000000), decimal (5GB, 500M, mergekit's 5B = 5e9) or binary units (1GiB, 512MiB)"
+
+
 def parse_bytes(text: str) -> int:
-    """`1GiB`, `512MiB`, `5GB`, `1.5G` or a plain byte count -> bytes."""
+    """`1GiB`, `512MiB`, `5GB`, `1.5G`, mergekit's `5B` (5e9) or a plain byte count -> bytes."""
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
     unit = s[len(num) :]
-    if unit not in UNITS or not num:
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 1GiB, 512MiB, 5GB or 1000000")
-    value = float(num) * UNITS[unit]
-    if value <= 0:
-        raise ValueError(f"size {text!r} must be positive")
+    try:
+        value = float(num) * UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"cannot read {text!r} as a size; write {SIZE_FORMS}") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"size {text!r} must be a positive number; write {SIZE_FORMS}")
     return int(value)
 
 

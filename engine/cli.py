@@ -7,7 +7,6 @@ keeps its traceback.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import json
 import os
 import sys
@@ -15,147 +14,31 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from engine import __version__
-from engine.budget import fmt_bytes, parse_bytes
-from engine.config import load_config
-from engine.device import DevicePlan
-from engine.errors import EngineError, Interrupted, SpecError
-from engine.inspect import SAMPLE_ELEMS, format_inspection, inspect
-from engine.io.write_behind import SYNC_EVERY
-from engine.merge import Report, merge, plan_summary, prepare
-from engine.methods.registry import METHODS
-from engine.plan import DEFAULT_SHARD_SIZE, Plan
-from engine.spec import VOCAB_POLICIES, MergeSpec, cli_spec
-from engine.verify import verify
+from engine import __version__, load
+from engine.budget import fmt_bytes
+from engine.cli_options import (
+    SIZE,
+    build_spec,
+    mergekit_options,
+    plan_options,
+    planning,
+    say_not_needed,
+    spec_options,
+)
+from engine.defaults import SAMPLE_ELEMS, SYNC_EVERY
+from engine.errors import EngineError, Interrupted
 
-F = TypeVar("F", bound=Callable[..., Any])
-SHOWN_TENSORS = 5  # tensors named in the NaN/Inf warning
+if TYPE_CHECKING:
+    from engine.device import DevicePlan
+    from engine.merge import Report
+    from engine.plan import Plan
 
-
-class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.5
-    """A size flag: `1GiB`, `512MiB`, `5GB` or bytes."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_bytes(str(value))
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = ByteSize()
-
-
-def spec_options(f: F) -> F:
-    """The flags that describe a merge, shared by `merge` and `plan`."""
-    options = [
-        click.argument("config", required=False, type=click.Path(path_type=Path)),
-        click.option("--base", type=click.Path(path_type=Path), help="Base model folder."),
-        click.option(
-            "--model", "models", multiple=True, metavar="DIR[:WEIGHT]", help="Fine-tuned model folder; repeat."
-        ),
-        click.option("--method", type=click.Choice(sorted(METHODS)), help="Merge method."),
-        click.option("--weight", type=float, help="Weight of every model without its own :WEIGHT."),
-        click.option("--lambda", "lambda_", type=float, help="Scale of the merged delta (task arithmetic)."),
-        click.option("--density", type=float, help="Fraction of each delta kept (DARE, TIES)."),
-        click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of weights."),
-        click.option(
-            "--rescale/--no-rescale", default=None, help="DARE: divide survivors by density (off = DropOnly)."
-        ),
-        click.option("--seed", type=int, help="Random seed for DARE masks (default 0)."),
-        click.option("--out-dtype", help="Output float dtype: bf16, fp16, fp32 (default: the base's)."),
-        click.option(
-            "--vocab",
-            type=click.Choice(VOCAB_POLICIES),
-            help="Embedding rows when models add tokens: the base's (default) or the union of all models'.",
-        ),
-        click.option(
-            "--max-memory",
-            type=SIZE,
-            help="Peak RSS ceiling for the whole process (default: half of free RAM, at most 3/4 of the cgroup's "
-            "memory limit and half of what ulimit -v leaves).",
-        ),
-        click.option("--block-size", type=SIZE, help="Bytes per input stream per block (overrides the planner)."),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            metavar="auto|cpu|cuda[:N]",
-            help="Where the arithmetic runs (auto: CUDA when present). Same bytes on both.",
-        ),
-        click.option("--max-gpu-memory", type=SIZE, help="Device memory ceiling on CUDA (default: 80% of free)."),
-        click.option(
-            "--hold/--no-hold",
-            default=True,
-            show_default=True,
-            help="Read a tensor with statistics passes (TIES, DELLA, SLERP, ...) once and hold it for all of them "
-            "where the budget has room; --no-hold reads it once per pass (the least memory).",
-        ),
-        click.option(
-            "--direct-io/--buffered-io",
-            default=True,
-            show_default=True,
-            help="Read inputs with O_DIRECT (no page cache, no copy); buffered is faster only for inputs already "
-            "cached (and then tensors of two passes are read twice rather than held).",
-        ),
-        click.option(
-            "--shard-size", type=SIZE, default=DEFAULT_SHARD_SIZE, show_default=True, help="Largest output shard."
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def planning(kw: dict[str, Any]) -> dict[str, Any]:
-    """The `spec_options` flags that shape the plan (not the spec), as `prepare`/`merge` keywords:
-    `merge` and `plan` pass the same ones, so the plan shown is the plan run."""
-    return {
-        "max_memory": kw["max_memory"],
-        "block_bytes": kw["block_size"],
-        "shard_size": kw["shard_size"],
-        "device": kw["device"],
-        "max_gpu_memory": kw["max_gpu_memory"],
-        "hold": kw["hold"],
-        "direct_io": kw["direct_io"],
-    }
-
-
-def build_spec(kw: dict[str, Any]) -> MergeSpec:
-    """One MergeSpec from a YAML file and/or flags; flags override the file's globals."""
-    params = {
-        k: v
-        for k, v in {
-            "weight": kw["weight"],
-            "lambda": kw["lambda_"],
-            "density": kw["density"],
-            "normalize": kw["normalize"],
-            "rescale": kw["rescale"],
-        }.items()
-        if v is not None
-    }
-    if kw["config"] is not None:
-        if kw["base"] or kw["models"]:
-            raise SpecError("give either a CONFIG file or --base/--model flags, not both")
-        overrides = {"method": kw["method"], "out_dtype": kw["out_dtype"], "seed": kw["seed"], "vocab": kw["vocab"]}
-        spec = load_config(kw["config"], overrides)
-        if params:
-            spec = dataclasses.replace(spec, params={**spec.params, **params})
-        return spec
-    takes_models = kw["method"] is None or METHODS[kw["method"]].min_models > 0  # passthrough takes none
-    needed = (("--base", kw["base"]), ("--model", kw["models"] or not takes_models), ("--method", kw["method"]))
-    missing = [f for f, v in needed if not v]
-    if missing:
-        raise SpecError(f"missing {', '.join(missing)} (or give a CONFIG.yaml)")
-    spec = cli_spec(kw["method"], kw["base"], kw["models"], params, kw["out_dtype"], kw["seed"])
-    return dataclasses.replace(spec, vocab=kw["vocab"]) if kw["vocab"] else spec
+# The commands import the engine (and torch, ~2 s) only when they run: `--help` and `--version`
+# answer without it (tests/test_cli_help.py keeps it so).
 
 
 @contextmanager
@@ -170,15 +53,36 @@ def engine_errors() -> Iterator[None]:
         raise click.ClickException(str(e)) from None
 
 
-@click.group()
+@click.group(
+    epilog="Example: leanmerge merge merge.yaml ./merged --max-memory 8GiB   "
+    "(leanmerge COMMAND --help: each command's flags and an example)"
+)
 @click.version_option(__version__, prog_name="leanmerge")
 def main() -> None:
-    """Merge homologous models (DARE, task arithmetic, ...) block by block, in bounded memory."""
+    """Merge homologous models (DARE, TIES, SLERP, ...) block by block, in bounded memory.
+
+    Reads mergekit's YAML configs and takes mergekit's flags.
+    """
 
 
-@main.command("merge")
+SHOWN_TENSORS = 5  # tensors named in the NaN/Inf warning
+
+MERGE_EXAMPLES = """\b
+Examples:
+  leanmerge merge merge.yaml ./merged                  # a mergekit config, positional output
+  leanmerge merge --method dare_ties --base ./base --model ./math:0.6 \\
+      --model ./code:0.4 --density 0.5 -o ./merged --max-memory 8GiB
+  leanmerge merge merge.yaml ./merged --resume         # continue an interrupted run
+
+mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-code and
+--clone-tensors are accepted; each says in one line why it is not needed here."""
+
+
+@main.command("merge", short_help="Merge models into an output folder.", epilog=MERGE_EXAMPLES)
 @spec_options
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output model folder.")
+@click.argument("output_arg", required=False, metavar="[OUTPUT]", type=click.Path(path_type=Path))
+@plan_options
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model folder (or give it as OUTPUT).")
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -195,19 +99,36 @@ def main() -> None:
     type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
-    help="Fuse elementwise methods with torch.compile (auto: inputs of 8 GiB or more). Same bytes either way.",
+    help="Fuse the elementwise methods into kernels compiled ahead of time (AOTInductor) and cached "
+    "(auto: inputs of 8 GiB or more). Same bytes either way.",
 )
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: torch's, one per core).")
 @click.option("--log-json", type=click.Path(path_type=Path), help="Write JSON-lines events (plan, tensor, report).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a TTY).")
+@click.option(
+    "--model-card/--no-model-card",
+    "--write-model-card/--no-write-model-card",
+    "model_card",
+    default=True,
+    show_default=True,
+    help="Write README.md (the merge's method, inputs, parameters, seed and config) and mergekit_config.yml.",
+)
+@click.option(
+    "--copy-tokenizer/--no-copy-tokenizer",
+    default=True,
+    show_default=True,
+    help="Copy the tokenizer's files (from the base, or the config's tokenizer_source).",
+)
 @click.option(
     "--strict-finite",
     is_flag=True,
     help="Refuse the merge (exit 1, no output) when a merged tensor holds NaN or Inf; by default they are counted "
     "and reported.",
 )
+@mergekit_options
 def merge_cmd(
-    output: Path,
+    output_arg: Path | None,
+    output: Path | None,
     overwrite: bool,
     resume: bool,
     sync_every: int,
@@ -216,31 +137,40 @@ def merge_cmd(
     threads: int | None,
     log_json: Path | None,
     progress: bool | None,
+    model_card: bool,
+    copy_tokenizer: bool,
     strict_finite: bool,
     **kw: Any,
 ) -> None:
-    """Merge models into OUTPUT (from CONFIG.yaml or --base/--model flags).
+    """Merge models into OUTPUT, from CONFIG.yaml (mergekit's YAML) or --base/--model flags.
 
     The output appears only when complete. A run stopped by SIGINT/SIGTERM, a full disk or an
     I/O error keeps its work in a hidden folder beside OUTPUT: rerun with --resume.
     """
+    target = _output_folder(kw, output_arg, output)
+    say_not_needed(kw)
+    with engine_errors():
+        spec = build_spec(kw)  # imports the engine (engine.load)
+    from engine.merge import merge
+
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     with engine_errors():
-        spec = build_spec(kw)
         show_bar = sys.stderr.isatty() if progress is None else progress
         with _events(log_json, show_bar) as on_event:
             report = merge(
                 spec,
-                output,
+                target,
                 overwrite=overwrite,
                 resume=resume,
                 drop_cache=drop_cache,
                 sync_every=sync_every,
                 compile=compile_mode,
                 on_event=on_event,
+                model_card=model_card,
+                copy_tokenizer=copy_tokenizer,
                 strict_finite=strict_finite,
                 **planning(kw),
             )
@@ -250,13 +180,33 @@ def merge_cmd(
         click.echo(format_nonfinite(report.nonfinite), err=True)
 
 
-@main.command("plan")
+def _output_folder(kw: dict[str, Any], output_arg: Path | None, output: Path | None) -> Path:
+    """The output folder, given as mergekit does (`merge CONFIG OUT`) or with -o; with flags and
+    no CONFIG, a lone positional is the output (`merge --base B --model M OUT`)."""
+    if output_arg is None and output is None and kw["config"] is not None and (kw["base"] or kw["models"]):
+        kw["config"], output_arg = None, kw["config"]
+    if output_arg is not None and output is not None:
+        raise click.UsageError(f"two output folders: {output_arg} and -o {output}; give one")
+    target = output if output is not None else output_arg
+    if target is None:
+        raise click.UsageError("missing the output folder: leanmerge merge CONFIG.yaml OUTPUT, or -o OUTPUT")
+    return target
+
+
+@main.command(
+    "plan",
+    short_help="Show what a merge would do, reading headers only.",
+    epilog="\b\nExample:\n  leanmerge plan merge.yaml --max-memory 4GiB",
+)
 @spec_options
+@plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(as_json: bool, **kw: Any) -> None:
     """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
     with engine_errors():
-        spec = build_spec(kw)
+        spec = build_spec(kw)  # imports the engine (engine.load)
+        from engine.merge import plan_summary, prepare
+
         _, plan = prepare(spec, **planning(kw))
     if as_json:
         summary = plan_summary(plan)
@@ -277,7 +227,11 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
         click.echo(format_plan(plan))
 
 
-@main.command("inspect")
+@main.command(
+    "inspect",
+    short_help="Describe models and check they can be merged.",
+    epilog="\b\nExample:\n  leanmerge inspect ./base ./math-ft ./code-ft",
+)
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
@@ -289,13 +243,25 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
 )
 def inspect_cmd(folders: tuple[Path, ...], as_json: bool, sample: int) -> None:
     """Describe model (or LoRA adapter) FOLDERS; with several, compare each with the first
-    (the base): homology, sampled delta statistics, and warnings for merges that will not work."""
+    (the base): homology, sampled delta statistics, and warnings for merges that will not work.
+    Exits 1 when a model is not homologous with the base."""
+    load()
+    from engine.inspect import format_inspection, inspect
+
     with engine_errors():
         result = inspect(folders, sample_elems=sample)
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_inspection(result))
+    problem = result.not_homologous()
+    if problem:
+        raise click.ClickException(problem)
 
 
-@main.command("verify")
+@main.command(
+    "verify",
+    short_help="Re-read a merged folder and check its checksums.",
+    epilog="\b\nExamples:\n  leanmerge verify ./merged\n  leanmerge verify ./merged merge.yaml   "
+    "# and that it is the merge of this config",
+)
 @click.argument("folder", type=click.Path(path_type=Path))
 @spec_options
 def verify_cmd(folder: Path, **kw: Any) -> None:
@@ -303,6 +269,9 @@ def verify_cmd(folder: Path, **kw: Any) -> None:
     --base/--model/--method, also check the folder is complete for that spec."""
     with engine_errors():
         against = build_spec(kw) if (kw["config"] or kw["base"]) else None
+        load()
+        from engine.verify import verify
+
         result = verify(folder, against)
     for p in result.problems:
         click.echo(f"FAIL {p}", err=True)
@@ -343,8 +312,14 @@ def format_plan(plan: Plan) -> str:
 
 
 def format_report(r: Report) -> str:
+    resumed = (
+        f"resumed: {r.resumed_tensors} of {r.tensors} tensors were done by the interrupted run "
+        f"({fmt_bytes(r.resumed_bytes)} of reads not repeated); this run:\n"
+        if r.resumed_tensors
+        else ""
+    )
     return (
-        f"merged {r.tensors} tensors ({r.blocks} blocks, {r.shards} shard(s)) into {r.output}\n"
+        f"merged {r.tensors} tensors ({r.blocks} blocks, {r.shards} shard(s)) into {r.output}\n{resumed}"
         f"wall {r.wall_s:.2f} s, read {fmt_bytes(r.bytes_read)} at {r.read_gbps:.2f} GB/s, "
         f"wrote {fmt_bytes(r.bytes_written)}\n"
         f"peak RSS {fmt_bytes(r.peak_rss)} (budget {fmt_bytes(r.budget)}, predicted {fmt_bytes(r.predicted_peak_rss)}, "
@@ -393,7 +368,14 @@ def _events(log_json: Path | None, show_bar: bool) -> Iterator[Callable[[dict[st
             if e["event"] == "plan" and show_bar:
                 from tqdm import tqdm
 
-                bar = tqdm(total=e["bytes_read"], unit="B", unit_scale=True, desc="merge", file=sys.stderr)
+                bar = tqdm(
+                    total=e["bytes_read"],
+                    initial=e["resumed_bytes"],  # what an interrupted run did: this one does the rest
+                    unit="B",
+                    unit_scale=True,
+                    desc="merge",
+                    file=sys.stderr,
+                )
             if e["event"] == "block":
                 if bar is not None:
                     bar.update(e["bytes"])

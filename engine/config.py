@@ -42,13 +42,15 @@ from typing import Any
 
 import yaml
 
+from engine.defaults import VOCAB_POLICIES
 from engine.dtypes import parse_out_dtype
 from engine.errors import SpecError
 from engine.gradient import Filtered, Gradient, Rule, Setting
 from engine.methods.base import Method
 from engine.methods.registry import METHODS
+from engine.paths import folder_problem
 from engine.slices import Slice, SliceSource
-from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, VOCAB_POLICIES, MergeSpec, ModelRef, check_params
+from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, MergeSpec, ModelRef, check_params
 
 log = logging.getLogger(__name__)
 
@@ -393,9 +395,7 @@ class _Config:
                 raise self.error(
                     line, f"{key}: {value!r}: mergekit's MODEL+LORA form is not supported; give the adapter folder"
                 )
-            what = "is a file, not a model folder" if p.exists() else "does not exist"
-            hub = "" if p.exists() else " (leanmerge reads local folders: download Hub models first)"
-            raise self.error(line, f"{key}: {p} {what}{hub}")
+            raise self.error(line, f"{key}: {folder_problem(p, value)}")
         return p
 
     def params(

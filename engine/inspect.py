@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from engine.budget import fmt_bytes
+from engine.defaults import SAMPLE_ELEMS
 from engine.dtypes import MERGEABLE
 from engine.errors import CheckpointError
 from engine.gradient import count_layers
@@ -37,7 +38,6 @@ from engine.io.header import TensorInfo
 from engine.io.lora import LoraCheckpoint, open_model, open_reader
 from engine.vocab import is_embedding_like
 
-SAMPLE_ELEMS = 1 << 16
 SAMPLE_BANDS = 4
 ABS_DELTA_WARN = 0.005
 REL_DELTA_WARN = 0.1
@@ -105,6 +105,13 @@ class Inspection:
             "models": [asdict(m) for m in self.models],
             "comparisons": [{**asdict(c), "homologous": c.homologous} for c in self.comparisons],
         }
+
+    def not_homologous(self) -> str | None:
+        """One line naming the models that cannot be merged with the base, or None."""
+        bad = [c.model for c in self.comparisons if not c.homologous]
+        if not bad:
+            return None
+        return f"not homologous with the base {self.models[0].path}: {', '.join(bad)} (see above); they cannot be merged with it"
 
 
 def inspect(folders: Sequence[Path | str], *, sample_elems: int = SAMPLE_ELEMS) -> Inspection:

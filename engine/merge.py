@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from engine import __version__
 from engine.budget import COMPILE_RESERVE, choose_budget, current_rss, fmt_bytes, peak_rss
+from engine.defaults import DEFAULT_SHARD_SIZE, SYNC_EVERY
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
 from engine.dtypes import DTYPES
 from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError
@@ -26,10 +28,10 @@ from engine.io.journal import Journal, JournalState, check_resumable, fingerprin
 from engine.io.lock import output_lock
 from engine.io.output import abort_output, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
-from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, resolve_target
-from engine.io.write_behind import SYNC_EVERY, Finite, WriteBehind
+from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
+from engine.io.write_behind import Finite, WriteBehind
 from engine.kernels import all_cached, want_compiled
-from engine.plan import DEFAULT_SHARD_SIZE, Plan, TensorPlan, make_plan
+from engine.plan import Plan, TensorPlan, make_plan
 from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
 from engine.stats import pairwise
@@ -57,11 +59,11 @@ class Report:
     tensors: int
     blocks: int
     shards: int
-    resumed_tensors: int
+    resumed_tensors: int  # done by an earlier, interrupted run: not merged again
     compiled: bool
     device: str
     wall_s: float
-    bytes_read: int
+    bytes_read: int  # by this run: a resumed run does not count what an earlier run read
     bytes_written: int
     read_gbps: float
     budget: int
@@ -70,7 +72,8 @@ class Report:
     baseline_rss: int
     predicted_peak_gpu_memory: int
     peak_gpu_memory: int  # what the CUDA caching allocator reserved at most (0 on the CPU)
-    nonfinite: dict[str, int]  # NaN/Inf per merged tensor this run wrote (a resume counts its own blocks)
+    resumed_bytes: int = 0  # what the earlier run read for `resumed_tensors`
+    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/Inf per merged tensor this run wrote
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +164,8 @@ def merge(
     device: str = "auto",
     max_gpu_memory: int | None = None,
     hold: bool = True,
+    model_card: bool = True,
+    copy_tokenizer: bool = True,
     strict_finite: bool = False,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
@@ -191,6 +196,8 @@ def merge(
         max_gpu_memory: device memory the merge may hold in bytes (default: 80% of what is free).
         hold: read a tensor with statistics passes once and hold it for all of them, where the
             budget has room for it; False reads it once per pass (the least memory).
+        model_card: write README.md and mergekit_config.yml into `output`, as mergekit does.
+        copy_tokenizer: copy the tokenizer's files (from the base or `spec.tokenizer_source`).
         strict_finite: refuse the merge (`NonFiniteError`, no output) when a merged tensor holds
             NaN or Inf; otherwise they are counted in `Report.nonfinite`.
     Returns:
@@ -226,17 +233,21 @@ def merge(
         "layout": layout_digest(plan, metadata),
     }
     tmp = temp_dir_for(target)
+    side = {"card": target.name if model_card else None, "tokenizer": copy_tokenizer}
     finite = Finite(strict_finite)
-    with output_lock(target), graceful_stop(handle_signals) as stop:
+    make_parent(target)
+    with output_lock(target) as lock, graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop:
         clear_leftovers(target)
         check_target(target, overwrite, [spec.base, *(m.path for m in spec.models)])
         check_temp(tmp)
         state = _open_temp(tmp, plan, header, resume)
-        emit({"event": "plan", **plan_summary(plan), "resumed": state is not None})
+        resumed = [t for t in plan.tensors if state is not None and t.name in state.done]
+        earlier = sum(t.bytes_read for t in resumed)  # what the interrupted run read for them
+        emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": earlier})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         # auto: compile behind the merge's first blocks
         try:
-            resumed = _run(
+            _run(
                 plan,
                 inv,
                 tmp,
@@ -249,6 +260,7 @@ def merge(
                 stop,
                 plan.compiled,
                 compile == "auto",
+                side,
                 finite,
             )
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
@@ -271,21 +283,34 @@ def merge(
         tensors=len(plan.tensors),
         blocks=plan.n_blocks,
         shards=len(plan.shards),
-        resumed_tensors=resumed,
+        resumed_tensors=len(resumed),
         compiled=plan.compiled,
         device=plan.device.device,
         wall_s=wall,
-        bytes_read=plan.bytes_read,
+        bytes_read=plan.bytes_read - earlier,
         bytes_written=plan.bytes_written,
-        read_gbps=plan.bytes_read / wall / 1e9,
+        read_gbps=(plan.bytes_read - earlier) / wall / 1e9,
         budget=plan.memory.budget,
         predicted_peak_rss=plan.memory.predicted_peak,
         peak_rss=peak_rss(),
         baseline_rss=baseline,
         predicted_peak_gpu_memory=plan.device.predicted_peak,
         peak_gpu_memory=peak_device_memory(torch.device(plan.device.device)),  # auto may have fallen back
+        resumed_bytes=earlier,
         nonfinite=finite.counts,
     )
+
+
+def _exit_at_once(tmp: Path, lock: Path) -> None:
+    """A second signal exits at once (engine.signals): remove the lock file as a normal end
+    does, and say where the work is and how to continue it."""
+    lock.unlink(missing_ok=True)
+    saved = (
+        f"the work so far is saved in {tmp}: run the same command with --resume"
+        if tmp.exists()
+        else "nothing was written yet"
+    )
+    os.write(2, f"Interrupted: exiting at once; {saved}\n".encode())
 
 
 def _out_of_memory(plan: Plan, tmp: Path, e: BaseException) -> str:
@@ -339,10 +364,11 @@ def _run(
     stop: StopRequest,
     compiled: bool,
     compile_behind: bool,
+    side: dict[str, Any],
     finite: Finite,
-) -> int:
-    """Write every missing block into `tmp` and finalize it; returns how many tensors were
-    already done. Input errors remove `tmp`; anything else leaves it to resume from."""
+) -> None:
+    """Write every missing block into `tmp` and finalize it (`side`: `write_side_files`'s options).
+    Input errors remove `tmp`; anything else leaves it to resume from."""
     try:
         with ExitStack() as stack:
             writer = ShardWriter(tmp, plan, metadata, reopen=state is not None)
@@ -388,12 +414,11 @@ def _run(
         final = load_journal(tmp)
         if final is None:
             raise OutputError(f"{tmp}: the temporary folder vanished during the merge; nothing was written: run again")
-        write_side_files(tmp, plan, _checksums(plan, final))
+        write_side_files(tmp, plan, _checksums(plan, final), **side)
         (tmp / "journal.jsonl").unlink()
     except (CheckpointError, NonFiniteError):
         abort_output(tmp)
         raise
-    return sum(1 for t in plan.tensors if state and t.name in state.done)
 
 
 def _restore_prefix(

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from engine.budget import CHUNK_ELEMS, COMPILE_RESERVE, MemoryPlan, plan_memory
+from engine.defaults import DEFAULT_SHARD_SIZE
 from engine.device import DevicePlan
 from engine.dtypes import MERGEABLE, itemsize
 from engine.errors import SpecError
@@ -19,8 +20,6 @@ from engine.io.inventory import Inventory
 from engine.methods.base import TensorParams
 from engine.spec import MergeSpec
 from engine.vocab import Resized
-
-DEFAULT_SHARD_SIZE = 5 * 10**9  # Hugging Face's default "5GB"
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,11 @@ class TensorPlan:
     @property
     def out_nbytes(self) -> int:
         return self.numel * itemsize(self.out_dtype)
+
+    @property
+    def bytes_read(self) -> int:
+        """What merging this tensor reads: every pass over every stream read."""
+        return self.reads * self.numel * sum(itemsize(d) for d in self.read_dtypes)
 
     @property
     def n_blocks(self) -> int:
@@ -157,7 +161,7 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(t.reads * t.numel * sum(itemsize(d) for d in t.read_dtypes) for t in self.tensors)
+        return sum(t.bytes_read for t in self.tensors)
 
     @property
     def bytes_written(self) -> int:

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -25,8 +25,9 @@ class StopRequest:
 
 
 @contextmanager
-def graceful_stop(enabled: bool = True) -> Iterator[StopRequest]:
-    """Install the handlers for the duration of the block (main thread only)."""
+def graceful_stop(enabled: bool = True, at_exit: Callable[[], None] | None = None) -> Iterator[StopRequest]:
+    """Install the handlers for the duration of the block (main thread only); `at_exit` runs
+    before a second signal's immediate exit (to clean up and say how to resume)."""
     stop = StopRequest()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
@@ -34,7 +35,11 @@ def graceful_stop(enabled: bool = True) -> Iterator[StopRequest]:
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if stop.signum:
-            os._exit(128 + signum)
+            try:
+                if at_exit is not None:
+                    at_exit()
+            finally:
+                os._exit(128 + signum)
         stop.signum = signum
         log.warning(
             "%s: finishing the current block, then stopping (send again to exit at once)", signal.Signals(signum).name

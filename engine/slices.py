@@ -33,6 +33,7 @@ from engine.errors import CheckpointError, SpecError
 from engine.gradient import LAYER_RE, PRE_WEIGHT_RE, layer_index
 from engine.io.checkpoint import Checkpoint
 from engine.io.header import TensorInfo
+from engine.paths import real_path
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class SliceSource:
     path: Path
     start: int
     end: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", real_path(self.path))
 
     @property
     def layers(self) -> int:

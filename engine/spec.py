@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.defaults import VOCAB_POLICIES
 from engine.dtypes import parse_out_dtype
 from engine.errors import SpecError
 from engine.gradient import Setting, knots, position, resolve, varies
@@ -20,22 +22,24 @@ from engine.gradient import to_json as setting_json
 from engine.gradient import values as setting_values
 from engine.methods.base import Method, ParamValue, TensorParams
 from engine.methods.registry import get_method
+from engine.paths import real_path, split_model_arg
 from engine.slices import Slice, check_slices, slices_json
 from engine.slices import position as slice_position
 
 DEFAULT_SEED = 0
 # Accepted in YAML for mergekit compatibility and ignored: they do not change our results.
 IGNORED_PARAMS = frozenset({"int8_mask"})
-# How embedding-like tensors whose row count differs between models are merged (engine.vocab).
-VOCAB_POLICIES = ("base", "union")
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """One fine-tuned model and the parameters it sets for itself."""
+    """One fine-tuned model and the parameters it sets for itself (`path` may be a `str`)."""
 
     path: Path
     params: Mapping[str, Setting]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", real_path(self.path))
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class MergeSpec:
     slices: tuple[Slice, ...] = ()
 
     def __post_init__(self) -> None:
+        self._normalize()
         method = get_method(self.method)
         if self.slices:
             check_slices(self.slices, len(self.models))
@@ -77,6 +82,17 @@ class MergeSpec:
             object.__setattr__(self, "out_dtype", parse_out_dtype(self.out_dtype))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise SpecError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+    def _normalize(self) -> None:
+        """Accept `str` paths and lists, as a Python caller writes them; every folder becomes its
+        real path (`real_path`), so the digest does not depend on how it was typed."""
+        models = tuple(m if isinstance(m, ModelRef) else ModelRef(m, {}) for m in self.models)
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "base", real_path(self.base))
+        object.__setattr__(self, "slices", tuple(self.slices))
+        object.__setattr__(self, "params", dict(self.params))
+        if self.tokenizer_source is not None:
+            object.__setattr__(self, "tokenizer_source", real_path(self.tokenizer_source))
 
     @property
     def method_impl(self) -> Method:
@@ -161,19 +177,16 @@ def _check_param(method: Method, name: str, value: ParamValue, where: str, *, pe
     if not isinstance(d.default, (bool, str)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise SpecError(f"{where}: {name!r} must be a number, got {value!r}")
     problem = d.check(value)
+    if problem is None and isinstance(value, float) and not math.isfinite(value):
+        problem = f"must be a finite number, got {value}"  # NaN or inf would poison every output tensor
     if problem:
         raise SpecError(f"{where}: {name!r} {problem}")
 
 
 def parse_model_arg(arg: str) -> ModelRef:
     """`DIR` or `DIR:WEIGHT` from the command line."""
-    path, sep, weight = arg.rpartition(":")
-    if sep and path:
-        try:
-            return ModelRef(Path(path), {"weight": float(weight)})
-        except ValueError:
-            pass  # a ':' that is part of the path
-    return ModelRef(Path(arg), {})
+    path, weight = split_model_arg(arg)
+    return ModelRef(Path(path), {} if weight is None else {"weight": weight})
 
 
 def load_yaml_spec(path: Path, overrides: Mapping[str, Any] | None = None) -> MergeSpec:

@@ -130,15 +130,20 @@ def test_a_real_process_leaves_at_once_with_everything_written(tiny_family: Make
 
 
 def test_import_leaves_the_collector_as_it_was_and_torch_frozen() -> None:
-    """`import engine` pauses the cyclic collector for torch's import and freezes what it made:
-    afterwards the collector is on again (or still off, if the caller had turned it off), the
-    imported objects are out of its sight, and garbage that was waiting is collected, not kept."""
+    """`import engine` imports no torch; its first public name (`engine.load`) pauses the cyclic
+    collector for torch's import and freezes what it made: afterwards the collector is on again
+    (or still off, if the caller had turned it off), the imported objects are out of its sight,
+    garbage that was waiting is collected, not kept, and `engine.merge` is the function."""
     probe = (
         "import gc, sys, weakref\n"
         "class Cycle: pass\n"
         "c = Cycle(); c.me = c; gone = weakref.ref(c); del c\n"
         "if sys.argv[1] == 'off': gc.disable()\n"
         "import engine\n"
+        "assert 'torch' not in sys.modules\n"
+        "from engine import merge\n"
+        "import engine.merge\n"  # importing the submodule leaves the name to the function
+        "assert callable(merge) and engine.merge is merge, merge\n"
         "print(gc.isenabled(), gc.get_freeze_count() > 100_000, gone() is None)\n"
     )
     for state, enabled in (("on", "True"), ("off", "False")):

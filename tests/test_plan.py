@@ -66,7 +66,17 @@ def test_block_size_override_and_shards(pair: tuple[Path, Path]) -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("1GiB", 1 << 30), ("512MiB", 512 << 20), ("5GB", 5 * 10**9), ("1.5G", 1_500_000_000), ("1000", 1000)],
+    [
+        ("1GiB", 1 << 30),
+        ("512MiB", 512 << 20),
+        ("5GB", 5 * 10**9),
+        ("1.5G", 1_500_000_000),
+        ("1000", 1000),
+        ("5B", 5 * 10**9),  # mergekit's spellings: B is a billion, M a million, K a thousand
+        ("1b", 10**9),
+        ("500M", 500 * 10**6),
+        ("64K", 64_000),
+    ],
 )
 def test_parse_bytes(text: str, value: int) -> None:
     assert parse_bytes(text) == value
@@ -90,7 +100,7 @@ def test_fmt_bytes_three_digits_never_an_exponent(n: float, text: str) -> None:
     assert fmt_bytes(n) == text
 
 
-@pytest.mark.parametrize("text", ["", "abc", "1XB", "-1", "0"])
+@pytest.mark.parametrize("text", ["", "abc", "1XB", "-1", "0", "nan", "inf", "lots", "5BB"])
 def test_parse_bytes_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_bytes(text)

@@ -27,8 +27,9 @@ def lock_path(target: Path) -> Path:
 
 
 @contextmanager
-def output_lock(target: Path) -> Iterator[None]:
-    """Hold the lock of `target` for the duration of the block, or raise `OutputError`."""
+def output_lock(target: Path) -> Iterator[Path]:
+    """Hold the lock of `target` for the duration of the block (yields the lock file's path), or
+    raise `OutputError`."""
     path = lock_path(target)
     fd = _open_lock(path)
     try:
@@ -40,7 +41,7 @@ def output_lock(target: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
-            yield
+            yield path
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # while still holding the lock, so no other run is using it

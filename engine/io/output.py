@@ -15,6 +15,7 @@ from typing import Any
 
 from engine import __version__
 from engine.io.checkpoint import INDEX_NAME
+from engine.io.model_card import write_model_card
 from engine.plan import Plan
 from engine.slices import output_layers
 
@@ -42,9 +43,11 @@ def temp_dir_for(target: Path) -> Path:
     return target.parent / f".{target.name}.leanmerge-tmp"
 
 
-def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
-    """The index json (with every tensor's crc32, for `leanmerge verify`) and the base's config
-    and tokenizer files."""
+def write_side_files(
+    tmp: Path, plan: Plan, checksums: dict[str, str], *, card: str | None = None, tokenizer: bool = True
+) -> None:
+    """The index json (with every tensor's crc32, for `leanmerge verify`), the base's config and
+    (with `tokenizer`) tokenizer files, and with a `card` title the model card (engine.io.model_card)."""
     index = {
         "metadata": {
             "total_size": plan.bytes_written,
@@ -56,8 +59,10 @@ def write_side_files(tmp: Path, plan: Plan, checksums: dict[str, str]) -> None:
     tokenizer_dir = plan.spec.tokenizer_source or plan.spec.base
     for name in SIDE_FILES:
         src = (tokenizer_dir if name in TOKENIZER_FILES else plan.spec.base) / name
-        if src.is_file():
+        if src.is_file() and (tokenizer or name not in TOKENIZER_FILES):
             shutil.copyfile(src, tmp / name)
+    if card is not None:
+        write_model_card(tmp, plan.spec, card)
     changes: dict[str, Any] = {}
     if plan.spec.out_dtype:
         changes["torch_dtype"] = TORCH_DTYPE_NAMES[plan.spec.out_dtype]

@@ -48,8 +48,7 @@ def resolve_target(output: Path | str) -> Path:
     ../x` and a relative path name one place); the last part is kept as typed, never followed.
 
     Raises:
-        OutputError: the output is the root folder or a symbolic link (dangling or not), or its
-            parent folder is missing or not writable.
+        OutputError: the output is the root folder or a symbolic link (dangling or not).
     """
     path = Path(os.path.abspath(output))  # folds "." and ".." and a trailing "/"
     if not path.name:
@@ -61,11 +60,17 @@ def resolve_target(output: Path | str) -> Path:
         raise OutputError(
             f"{target}: is a symbolic link (to {to}{state}); give the real folder as -o, or remove the link"
         )
-    if not target.parent.is_dir():
-        raise OutputError(f"{target.parent}: the output's parent folder does not exist")
+    return target
+
+
+def make_parent(target: Path) -> None:
+    """Create the output's missing parent folders, as mergekit does; refuse one not writable."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{target.parent}: cannot create the output's parent folder: {e.strerror}") from None
     if not os.access(target.parent, os.W_OK):
         raise OutputError(f"{target.parent}: not writable")
-    return target
 
 
 def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from engine.defaults import SYNC_EVERY
 from engine.dtypes import DTYPES, byte_view, itemsize
 from engine.errors import NonFiniteError
 from engine.io.crc import crc32
@@ -33,7 +34,6 @@ from engine.io.journal import Journal
 from engine.io.safetensors_writer import ShardWriter
 from engine.plan import Block, TensorPlan
 
-SYNC_EVERY = 256 << 20
 FINITE_PIECE = 1 << 20  # elements checked at a time (the per-call overhead stays small)
 _Job = tuple[TensorPlan, Block, torch.Tensor, torch.Tensor, Any] | None
 

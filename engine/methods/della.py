@@ -53,7 +53,7 @@ from engine.stats.topk import magnitude_key
 
 
 def _non_negative(v: ParamValue) -> str | None:
-    return None if float(v) >= 0.0 else f"must be >= 0, got {v}"
+    return None if 0.0 <= float(v) < float("inf") else f"must be a finite number >= 0, got {v}"
 
 
 EPSILON = ParamDef("epsilon", 0.15, per_model=True, check=_non_negative)

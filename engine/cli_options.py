@@ -1,0 +1,266 @@
+"""The command line's flags and how they become a `MergeSpec` and planning keywords.
+
+Imports nothing that imports torch at module level: `leanmerge --help` builds every command's
+options from here and must stay fast. The spec is built by `build_spec`, which imports the
+engine (`engine.load`) when a command runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from engine import load
+from engine.budget import parse_bytes
+from engine.defaults import DEFAULT_SHARD_SIZE, METHOD_NAMES, NO_MODEL_METHODS, VOCAB_POLICIES
+from engine.errors import SpecError
+from engine.paths import folder_problem, split_model_arg
+
+if TYPE_CHECKING:
+    from engine.methods.base import Method, ParamValue
+    from engine.spec import MergeSpec
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
+
+MIN_SHARD_SIZE = 10**6  # below this every tensor of a real model gets a file of its own
+# Parameter flags: (keyword, parameter name). Booleans are --name/--no-name.
+PARAM_FLAGS = (
+    ("weight", "weight"),
+    ("lambda_", "lambda"),
+    ("density", "density"),
+    ("t", "t"),
+    ("gamma", "gamma"),
+    ("epsilon", "epsilon"),
+    ("normalize", "normalize"),
+    ("rescale", "rescale"),
+)
+# mergekit's flags that have nothing to do here, and why (said in one line when given).
+NOT_NEEDED = {
+    "lazy_unpickle": "is not needed here: nothing is unpickled (safetensors are read block by block, .bin weights-only)",
+    "allow_crimes": "changes nothing here: only homologous models (same tensor names and shapes) merge, checked per tensor",
+    "low_cpu_memory": "is not needed here: --max-memory (RAM) and --max-gpu-memory bound the memory",
+    "trust_remote_code": "is not needed here: no code from the models is run",
+    "clone_tensors": "is not needed here: every output tensor is written from its own buffers",
+}
+
+
+class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.5
+    """A size flag: bytes, decimal or binary units, or mergekit's `5B`; at least `minimum`."""
+
+    name = "size"
+
+    def __init__(self, minimum: int = 1, why: str = "") -> None:
+        self.minimum, self.why = minimum, why
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_bytes(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        if size < self.minimum:
+            self.fail(f"{value!r} is {size:,} bytes, below the {self.minimum:,}-byte minimum: {self.why}", param, ctx)
+        return size
+
+
+SIZE = ByteSize()
+SHARD_SIZE = ByteSize(MIN_SHARD_SIZE, "every tensor would get a file of its own; write e.g. 5B (mergekit's 5e9) or 2GB")
+
+
+def _apply(f: F, options: list[Callable[[F], F]]) -> F:
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def spec_options(f: F) -> F:
+    """The flags that describe a merge, shared by `merge`, `plan` and `verify`."""
+    return _apply(
+        f,
+        [
+            click.argument("config", required=False, type=click.Path(path_type=Path)),
+            click.option("--base", type=click.Path(path_type=Path), help="Base model folder."),
+            click.option(
+                "--model", "models", multiple=True, metavar="DIR[:WEIGHT]", help="Fine-tuned model folder; repeat."
+            ),
+            click.option("--method", type=click.Choice(METHOD_NAMES), help="Merge method."),
+            click.option("--weight", type=float, metavar="X", help="Weight of every model without its own :WEIGHT."),
+            click.option(
+                "--lambda",
+                "lambda_",
+                type=float,
+                metavar="X",
+                help="Scale of the merged delta (task arithmetic, TIES, ...).",
+            ),
+            click.option(
+                "--density", type=float, metavar="X", help="Fraction of each delta kept, in (0, 1] (DARE, TIES, ...)."
+            ),
+            click.option(
+                "--t", type=float, metavar="X", help="SLERP: interpolation from the base (0) to the model (1)."
+            ),
+            click.option(
+                "--gamma",
+                type=float,
+                metavar="X",
+                help="breadcrumbs: fraction of the largest deltas dropped, in [0, 1).",
+            ),
+            click.option(
+                "--epsilon",
+                type=float,
+                metavar="X",
+                help="DELLA: spread of the keep probabilities around density, >= 0.",
+            ),
+            click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of weights."),
+            click.option(
+                "--rescale/--no-rescale", default=None, help="DARE: divide survivors by density (off = DropOnly)."
+            ),
+            click.option("--seed", "--random-seed", "seed", type=int, help="Seed of the random masks (default 0)."),
+            click.option("--out-dtype", help="Output float dtype: bf16, fp16, fp32 (default: the base's)."),
+            click.option(
+                "--vocab",
+                type=click.Choice(VOCAB_POLICIES),
+                help="Embedding rows when models add tokens: the base's (default) or the union of all models'.",
+            ),
+        ],
+    )
+
+
+def plan_options(f: F) -> F:
+    """The flags that shape the plan (memory, device, shards), shared by `merge` and `plan`."""
+    return _apply(
+        f,
+        [
+            click.option(
+                "--max-memory",
+                type=SIZE,
+                help="Peak RSS ceiling for the whole process (default: half of free RAM, at most 3/4 of the "
+                "cgroup's memory limit and half of what ulimit -v leaves).",
+            ),
+            click.option("--block-size", type=SIZE, help="Bytes per input stream per block (overrides the planner)."),
+            click.option(
+                "--device",
+                default="auto",
+                show_default=True,
+                metavar="auto|cpu|cuda[:N]",
+                help="Where the arithmetic runs (auto: CUDA when present). Same bytes on both.",
+            ),
+            click.option("--cuda/--no-cuda", default=None, help="mergekit's: --device cuda (--no-cuda: --device cpu)."),
+            click.option("--max-gpu-memory", type=SIZE, help="Device memory ceiling on CUDA (default: 80% of free)."),
+            click.option(
+                "--hold/--no-hold",
+                default=True,
+                show_default=True,
+                help="Read a tensor with statistics passes (TIES, DELLA, SLERP, ...) once and hold it for all of "
+                "them where the budget has room; --no-hold reads it once per pass (the least memory).",
+            ),
+            click.option(
+                "--direct-io/--buffered-io",
+                default=True,
+                show_default=True,
+                help="Read inputs with O_DIRECT (no page cache, no copy); buffered is faster only for inputs "
+                "already cached (and then tensors of two passes are read twice rather than held).",
+            ),
+            click.option(
+                "--shard-size",
+                "--out-shard-size",
+                "shard_size",
+                type=SHARD_SIZE,
+                default=DEFAULT_SHARD_SIZE,
+                help="Largest output shard (mergekit's 5B is 5GB).  [default: 5GB]",  # not 5000000000
+            ),
+        ],
+    )
+
+
+def mergekit_options(f: F) -> F:
+    """mergekit's flags that need nothing here: accepted, hidden, and said so in one line."""
+    return _apply(f, [click.option(f"--{k.replace('_', '-')}", k, is_flag=True, hidden=True) for k in NOT_NEEDED])
+
+
+def say_not_needed(kw: dict[str, Any]) -> None:
+    """One line per mergekit flag given that does nothing here (and drop it from `kw`)."""
+    for key, why in NOT_NEEDED.items():
+        if kw.pop(key, False):
+            log.warning("--%s %s", key.replace("_", "-"), why)
+
+
+def planning(kw: dict[str, Any]) -> dict[str, Any]:
+    """The `plan_options` flags as `prepare`/`merge` keywords: `merge` and `plan` pass the same
+    ones, so the plan shown is the plan run."""
+    device = kw["device"]
+    if kw["cuda"] is not None:
+        wanted = "cuda" if kw["cuda"] else "cpu"
+        if device != "auto" and device.split(":")[0] != wanted:
+            raise click.UsageError(f"--{'' if kw['cuda'] else 'no-'}cuda contradicts --device {device}")
+        device = device if device != "auto" else wanted
+    return {
+        "max_memory": kw["max_memory"],
+        "block_bytes": kw["block_size"],
+        "shard_size": kw["shard_size"],
+        "device": device,
+        "max_gpu_memory": kw["max_gpu_memory"],
+        "hold": kw["hold"],
+        "direct_io": kw["direct_io"],
+    }
+
+
+def build_spec(kw: dict[str, Any]) -> MergeSpec:
+    """One MergeSpec from a YAML file and/or flags; flags override the file's globals."""
+    if kw["config"] is None:
+        check_flags(kw)  # before the engine's import: a wrong path is said at once
+    load()
+    from engine.config import load_config
+    from engine.methods.registry import METHODS
+    from engine.spec import cli_spec
+
+    if kw["config"] is not None:
+        if kw["base"] or kw["models"]:
+            raise SpecError("give either a CONFIG file or --base/--model flags, not both")
+        overrides = {"method": kw["method"], "out_dtype": kw["out_dtype"], "seed": kw["seed"], "vocab": kw["vocab"]}
+        spec = load_config(kw["config"], overrides)
+        params = flag_params(kw, spec.method_impl)
+        return dataclasses.replace(spec, params={**spec.params, **params}) if params else spec
+    method = METHODS[kw["method"]]
+    spec = cli_spec(method.name, kw["base"], kw["models"], flag_params(kw, method), kw["out_dtype"], kw["seed"])
+    return dataclasses.replace(spec, vocab=kw["vocab"]) if kw["vocab"] else spec
+
+
+def flag_params(kw: dict[str, Any], method: Method) -> dict[str, ParamValue]:
+    """The parameter flags given, checked as the YAML's are (one rule): a value out of range or
+    not finite is an error naming the flag; a parameter the method does not use, a warning."""
+    from engine.spec import check_params
+
+    params: dict[str, ParamValue] = {}
+    for key, name in PARAM_FLAGS:
+        value = kw[key]
+        if value is None:
+            continue
+        flag = f"--{'no-' if value is False else ''}{name}"
+        if method.param(name) is None:
+            log.warning("%s is not used by %s; ignored", flag, method.name)
+            continue
+        check_params(method, {name: value}, flag, per_model=False)
+        params[name] = value
+    return params
+
+
+def check_flags(kw: dict[str, Any]) -> None:
+    """A merge given by flags names a method, a base and its models (passthrough: none), and each
+    folder exists: the message is the YAML's (a Hub id says to download it first)."""
+    takes_models = kw["method"] not in NO_MODEL_METHODS
+    needed = (("--base", kw["base"]), ("--model", kw["models"] or not takes_models), ("--method", kw["method"]))
+    missing = [f for f, v in needed if not v]
+    if missing:
+        raise SpecError(f"missing {', '.join(missing)} (or give a CONFIG.yaml)")
+    typed = [("--base", str(kw["base"])), *(("--model", split_model_arg(arg)[0]) for arg in kw["models"])]
+    for flag, value in typed:
+        problem = folder_problem(Path(value).expanduser(), value)
+        if problem:
+            raise SpecError(f"{flag}: {problem}")

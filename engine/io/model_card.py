@@ -1,0 +1,115 @@
+"""The model card mergekit writes beside a merge, so that a leanmerge output looks the same on
+the Hub: `README.md` (front matter, then what was merged, how, with what parameters and seed)
+and `mergekit_config.yml` (the merge as a config, which `leanmerge merge` reads back to the
+same spec digest).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.dtypes import DTYPES
+from engine.gradient import to_json as setting_json
+from engine.slices import Slice
+from engine.spec import MergeSpec
+
+CARD_NAME = "README.md"
+CONFIG_NAME = "mergekit_config.yml"
+# A folder in the Hugging Face cache: .../models--OWNER--NAME/snapshots/REVISION
+_HF_CACHE = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+
+
+def write_model_card(folder: Path, spec: MergeSpec, title: str) -> None:
+    """Write README.md and mergekit_config.yml for the merge `spec` into `folder`."""
+    config = yaml.safe_dump(mergekit_config(spec), sort_keys=False)
+    (folder / CONFIG_NAME).write_text(config)
+    (folder / CARD_NAME).write_text(model_card(spec, title, config))
+
+
+def mergekit_config(spec: MergeSpec) -> dict[str, Any]:
+    """`spec` as a mergekit-style config (engine.config's schema), paths absolute."""
+    doc: dict[str, Any] = {"merge_method": spec.method}
+    if spec.slices:
+        doc["base_model"] = str(spec.base)
+        doc["slices"] = [{"sources": _slice_sources(spec, s)} for s in spec.slices]
+    elif spec.method == "passthrough":
+        doc["models"] = [{"model": str(spec.base)}]
+    else:
+        doc["base_model"] = str(spec.base)
+        doc["models"] = [{"model": str(m.path), **_params(m.params)} for m in spec.models]
+    doc.update(_params(spec.params))
+    if spec.out_dtype is not None:
+        doc["dtype"] = str(DTYPES[spec.out_dtype]).removeprefix("torch.")
+    if spec.tokenizer_source is not None:
+        doc["tokenizer_source"] = str(spec.tokenizer_source)
+    if spec.vocab != "base":
+        doc["vocab"] = spec.vocab
+    doc["random_seed"] = spec.seed
+    return doc
+
+
+def model_card(spec: MergeSpec, title: str, config: str) -> str:
+    """README.md: Hub front matter (base_model, tags, library_name), then the merge's details."""
+    front = {"base_model": [hub_name(spec.base)], "library_name": "transformers", "tags": ["merge", "leanmerge"]}
+    models = [f"* {hub_name(m.path)}" for m in spec.models] or [f"* {hub_name(spec.base)}"]
+    params = [f"* {k}: {json.dumps(setting_json(v))}" for k, v in sorted(spec.params.items())]
+    return "\n".join(
+        [
+            "---",
+            yaml.safe_dump(front, sort_keys=False).rstrip(),
+            "---",
+            f"# {title}",
+            "",
+            "This model is a merge of pre-trained language models, made with leanmerge (a memory-lean,",
+            "mergekit-compatible merger).",
+            "",
+            "## Merge details",
+            "",
+            f"Method: `{spec.method}`, onto the base model {hub_name(spec.base)}. Random seed: {spec.seed}.",
+            "",
+            "### Models merged",
+            "",
+            *models,
+            "",
+            "### Parameters",
+            "",
+            *(params or ["* the method's defaults (per-model parameters: see the configuration)"]),
+            "",
+            "### Configuration",
+            "",
+            f"The merge as a config (`{CONFIG_NAME}`; `leanmerge merge {CONFIG_NAME} OUT` repeats it):",
+            "",
+            "```yaml",
+            config.rstrip(),
+            "```",
+            "",
+        ]
+    )
+
+
+def hub_name(path: Path) -> str:
+    """`OWNER/NAME` for a folder in the Hugging Face cache, else the folder's path."""
+    m = _HF_CACHE.search(str(path))
+    return f"{m.group(1)}/{m.group(2)}" if m else str(path)
+
+
+def _slice_sources(spec: MergeSpec, s: Slice) -> list[dict[str, Any]]:
+    """A slice's sources as engine.config reads them: the base's first (where the method reads
+    it), then model k's with model k's parameters."""
+    if spec.method == "passthrough":
+        return [_source(s.base)]
+    base = [_source(s.base)] if spec.method_impl.uses_base else []
+    return [*base, *(_source(src, spec.models[k].params) for k, src in enumerate(s.models))]
+
+
+def _source(src: Any, params: Any = None) -> dict[str, Any]:
+    return {"model": str(src.path), "layer_range": [src.start, src.end], **_params(params or {})}
+
+
+def _params(params: Any) -> dict[str, Any]:
+    return {"parameters": {k: setting_json(v) for k, v in sorted(params.items())}} if params else {}

@@ -1,0 +1,42 @@
+"""Model folders as the spec names them, and what is wrong with one; imports no torch, so that
+the command line can check its flags before it imports the engine."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# `owner/name`, as the Hugging Face Hub names a model: said when no such local folder exists.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def real_path(path: Path | str) -> Path:
+    """A folder as the spec identifies it: its resolved real path, however it was typed (relative
+    or absolute, through a symlink, with `~`), so that a resume, a `verify` or a run from another
+    directory names the same inputs and gets the same digest."""
+    return Path(path).expanduser().resolve()
+
+
+def folder_problem(path: Path, typed: str | None = None) -> str | None:
+    """What is wrong with `path` as a model folder (`typed`: as the user wrote it), or None.
+
+    One message for flags and YAML: a Hub id is a name to download, not a folder to read.
+    """
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{path} is a file, not a model folder"
+    typed = str(path) if typed is None else typed
+    hub = f"huggingface-cli download {typed} --local-dir DIR" if HUB_ID.fullmatch(typed) else "download them"
+    return f"{path} does not exist (leanmerge reads local folders, not Hub models: {hub}, then give DIR)"
+
+
+def split_model_arg(arg: str) -> tuple[str, float | None]:
+    """`DIR` or `DIR:WEIGHT` from the command line -> (DIR, WEIGHT or None)."""
+    path, sep, weight = arg.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass  # a ':' that is part of the path
+    return arg, None
