@@ -279,3 +279,10 @@ def test_a_commit_stopped_between_its_renames_is_undone(
     assert result.exit_code == 0, result.output
     assert (out / SINGLE_NAME).read_bytes() == want
     assert not old_dir_for(out).exists() and not temp_dir_for(out).exists()
+    old_dir_for(out).mkdir()  # not what a commit parks there: left alone
+    (old_dir_for(out) / "precious.txt").write_text("keep me")
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, argv(base, model, out, "--overwrite"))
+    why = "holds more than the model a stopped --overwrite parks there; move it away (left unchanged)"
+    one_error(result, f"{old_dir_for(out)}: {why}")
+    assert snapshot(tmp_path) == before

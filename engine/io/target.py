@@ -75,8 +75,11 @@ def make_parent(target: Path) -> None:
 
 def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse before any work what the merge may not write or replace (see the module's rule)."""
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was removed: nothing of it to protect
+        cwd = None
+    if cwd is not None and (target == cwd or target in cwd.parents):
         raise OutputError(f"{target}: is the working directory or a folder above it; choose a new folder as -o")
     for folder in inputs:
         f = folder.resolve()
@@ -95,7 +98,10 @@ def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 def check_replaceable(folder: Path, *, need_weights: bool = True) -> None:
     """Refuse a folder that holds anything but model files (or, with `need_weights`, no weights)."""
-    names = sorted(os.listdir(folder))
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot list it to see what --overwrite would replace: {e.strerror}") from None
     foreign = [n + ("/" if _is_dir(folder / n) else "") for n in names if not _model_file(folder / n)]
     if foreign:
         more = f" (and {len(foreign) - SHOWN} more)" if len(foreign) > SHOWN else ""
@@ -119,7 +125,12 @@ def clear_leftovers(target: Path) -> None:
         os.rename(old, target)
         log.warning("%s: put back the previous model from %s (a run was stopped while replacing it)", target, old)
         return
-    check_replaceable(old, need_weights=False)  # a removal stopped half-way leaves fewer files
+    try:
+        check_replaceable(old, need_weights=False)  # a removal stopped half-way leaves fewer files
+    except OutputError:
+        raise OutputError(
+            f"{old}: holds more than the model a stopped --overwrite parks there; move it away (left unchanged)"
+        ) from None
     shutil.rmtree(old)
     log.info("%s: removed the previous model a stopped run left", old)
 
