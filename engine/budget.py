@@ -10,12 +10,16 @@ output blocks (one being filled, one being written). No other module sizes a buf
 
 from __future__ import annotations
 
+import logging
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
 from engine.errors import BudgetError
+
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -132,9 +136,93 @@ def peak_rss() -> int:
     return max(hwm, current_rss())
 
 
-def default_budget() -> int:
-    """Half of the RAM available now: leaves room for the page cache and other jobs."""
-    return int(psutil.virtual_memory().available // 2)
+# Of a cgroup's memory limit, what the default budget takes: the rest is for page cache the
+# cgroup is charged for (written shards' dirty pages until they are synced) and other processes.
+CGROUP_SHARE = 0.75
+CGROUP_NO_LIMIT = 1 << 62  # v1 writes "no limit" as 2**63 - 1 rounded down to a page
+SYSTEM_ROOT = Path("/")  # where /proc and /sys are read from (tests point it at fakes)
+
+
+def choose_budget(max_memory: int | None, root: Path | None = None) -> int:
+    """`max_memory`, or the default budget; warns (one line) when `max_memory` exceeds what the
+    machine or this process's cgroup can give."""
+    if max_memory is None:
+        return default_budget(root)
+    limit = cgroup_limit(root)
+    available = psutil.virtual_memory().available
+    if limit is not None and max_memory > limit:
+        log.warning(
+            "--max-memory %s exceeds this process's cgroup memory limit (%s): the kernel kills the merge "
+            "before it reaches the budget; the default plans within the limit",
+            fmt_bytes(max_memory),
+            fmt_bytes(limit),
+        )
+    elif max_memory > available:
+        log.warning("--max-memory %s exceeds the RAM available now (%s)", fmt_bytes(max_memory), fmt_bytes(available))
+    return max_memory
+
+
+def default_budget(root: Path | None = None) -> int:
+    """Half of the RAM available now (room for the page cache and other jobs), and never more
+    than `CGROUP_SHARE` of this process's cgroup memory limit nor half the address space
+    `RLIMIT_AS` leaves (`root`: where /proc and /sys are; tests fake them)."""
+    budget = int(psutil.virtual_memory().available // 2)
+    limit = cgroup_limit(root)
+    if limit is not None:
+        budget = min(budget, int(limit * CGROUP_SHARE))
+    room = address_space_room()
+    if room is not None:
+        budget = min(budget, current_rss() + room // 2)
+    return budget
+
+
+def cgroup_limit(root: Path | None = None) -> int | None:
+    """The tightest memory limit on this process from its cgroups (v2 `memory.max`, v1
+    `memory.limit_in_bytes`), its own group's or an ancestor's; None where there is none.
+
+    The groups come from `/proc/self/cgroup`; in a container whose cgroup namespace hides the
+    path, the walk up ends at the mount's root file, which is the container's own limit.
+    """
+    root = root or SYSTEM_ROOT
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    mounts = root / "sys/fs/cgroup"
+    limits: list[int] = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        hierarchy, controllers, path = fields
+        if hierarchy == "0" and not controllers:  # v2, mounted alone or as "unified" beside v1
+            limits += _limits_up([mounts, mounts / "unified"], path, "memory.max")
+        elif "memory" in controllers.split(","):
+            limits += _limits_up([mounts / "memory"], path, "memory.limit_in_bytes")
+    return min(limits, default=None)
+
+
+def _limits_up(mounts: list[Path], path: str, name: str) -> list[int]:
+    """The limits in file `name` of the group at `path` and every group above it."""
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    found = []
+    for mount in mounts:
+        for depth in range(len(parts), -1, -1):
+            try:
+                text = mount.joinpath(*parts[:depth], name).read_text().strip()
+            except (OSError, ValueError):
+                continue
+            if text.isdigit() and int(text) < CGROUP_NO_LIMIT:  # v2 writes "max" for none
+                found.append(int(text))
+    return found
+
+
+def address_space_room() -> int | None:
+    """Bytes of address space `RLIMIT_AS` (ulimit -v) still allows this process; None if unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(0, soft - int(psutil.Process().memory_info().vms))
 
 
 # Decimal and binary byte units; a bare K, M or B is mergekit's thousand, million, billion

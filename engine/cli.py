@@ -65,6 +65,8 @@ def main() -> None:
     """
 
 
+SHOWN_TENSORS = 5  # tensors named in the NaN/Inf warning
+
 MERGE_EXAMPLES = """\b
 Examples:
   leanmerge merge merge.yaml ./merged                  # a mergekit config, positional output
@@ -81,7 +83,13 @@ mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-cod
 @click.argument("output_arg", required=False, metavar="[OUTPUT]", type=click.Path(path_type=Path))
 @plan_options
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model folder (or give it as OUTPUT).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is complete.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing model folder once the new merge is complete: only a folder holding model files and "
+    "nothing else (*.safetensors, its index, config, tokenizer files, README.md); never one with other files or "
+    "subfolders, a symbolic link, an input, or the working directory or a folder above it.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command (starts fresh if none).")
 @click.option("--sync-every", type=SIZE, default=SYNC_EVERY, hidden=True, help="Bytes between durable journal commits.")
 @click.option("--drop-cache", is_flag=True, help="Drop inputs from the page cache as they are read.")
@@ -111,6 +119,12 @@ mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-cod
     show_default=True,
     help="Copy the tokenizer's files (from the base, or the config's tokenizer_source).",
 )
+@click.option(
+    "--strict-finite",
+    is_flag=True,
+    help="Refuse the merge (exit 1, no output) when a merged tensor holds NaN or Inf; by default they are counted "
+    "and reported.",
+)
 @mergekit_options
 def merge_cmd(
     output_arg: Path | None,
@@ -125,6 +139,7 @@ def merge_cmd(
     progress: bool | None,
     model_card: bool,
     copy_tokenizer: bool,
+    strict_finite: bool,
     **kw: Any,
 ) -> None:
     """Merge models into OUTPUT, from CONFIG.yaml (mergekit's YAML) or --base/--model flags.
@@ -156,10 +171,13 @@ def merge_cmd(
                 on_event=on_event,
                 model_card=model_card,
                 copy_tokenizer=copy_tokenizer,
+                strict_finite=strict_finite,
                 **planning(kw),
             )
             on_event({"event": "report", **report.to_json()})
     click.echo(format_report(report))
+    if report.nonfinite:
+        click.echo(format_nonfinite(report.nonfinite), err=True)
 
 
 def _output_folder(kw: dict[str, Any], output_arg: Path | None, output: Path | None) -> Path:
@@ -311,6 +329,17 @@ def format_report(r: Report) -> str:
         f"peak RSS {fmt_bytes(r.peak_rss)} (budget {fmt_bytes(r.budget)}, predicted {fmt_bytes(r.predicted_peak_rss)}, "
         f"at start {fmt_bytes(r.baseline_rss)}), seed {r.seed}"
         + (f"\non {r.device}: peak GPU memory {fmt_bytes(r.peak_gpu_memory)}" if r.device != "cpu" else "")
+    )
+
+
+def format_nonfinite(counts: dict[str, int]) -> str:
+    """One warning line naming the tensors with NaN/Inf, most first."""
+    worst = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{name} {n}" for name, n in worst[:SHOWN_TENSORS])
+    more = f" and {len(worst) - SHOWN_TENSORS} more" if len(worst) > SHOWN_TENSORS else ""
+    return (
+        f"Warning: NaN/Inf in {len(worst)} merged tensor(s): {shown}{more} "
+        "(from the inputs, or an overflow of --out-dtype; --strict-finite refuses such a merge)"
     )
 
 

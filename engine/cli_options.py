@@ -138,7 +138,10 @@ def plan_options(f: F) -> F:
         f,
         [
             click.option(
-                "--max-memory", type=SIZE, help="Peak RSS ceiling for the whole process (default: half of free RAM)."
+                "--max-memory",
+                type=SIZE,
+                help="Peak RSS ceiling for the whole process (default: half of free RAM, at most 3/4 of the "
+                "cgroup's memory limit and half of what ulimit -v leaves).",
             ),
             click.option("--block-size", type=SIZE, help="Bytes per input stream per block (overrides the planner)."),
             click.option(

@@ -79,6 +79,12 @@ UNSUPPORTED_KEYS = {
 MERGEKIT_ONLY_METHODS = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion")
 # Parameters mergekit's methods take: accepted for any method, ignored (with a note) when unused.
 MERGEKIT_PARAMS = frozenset({"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t"})
+# Bounds on what a config may ask the parser to build, checked before and while it parses: YAML
+# nodes take ~150 bytes of RAM per byte of text (a 48 MB weight list took 7.4 GB), outside the
+# merge's budget. A real config is a few KiB; a gradient has one entry per layer.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NODES = 100_000
+MAX_LIST_ITEMS = 4096
 
 
 SliceParams = tuple[tuple[dict[str, Setting], ...], ...]  # per slice, each role's own parameters
@@ -105,7 +111,16 @@ class _LineError(Exception):
 
 
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings and sequences carry line numbers; duplicate keys are errors."""
+    """SafeLoader whose mappings and sequences carry line numbers; duplicate keys are errors;
+    at most `MAX_NODES` nodes are built."""
+
+    nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _LineError(self.line + 1, f"more than {MAX_NODES} YAML values; a merge config is far smaller")
+        return super().compose_node(parent, index)
 
 
 def _construct_map(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Map:
@@ -125,6 +140,10 @@ def _construct_map(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Map:
 
 
 def _construct_seq(loader: yaml.SafeLoader, node: yaml.SequenceNode) -> _Seq:
+    if len(node.value) > MAX_LIST_ITEMS:
+        raise _LineError(
+            node.start_mark.line + 1, f"a list of {len(node.value)} items; at most {MAX_LIST_ITEMS} are accepted"
+        )
     out = _Seq(loader.construct_object(child, deep=True) for child in node.value)
     out.line, out.lines = node.start_mark.line + 1, [child.start_mark.line + 1 for child in node.value]
     return out
@@ -151,7 +170,7 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None, *,
     """
     path = Path(path)
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)  # a SafeLoader subclass
+        doc = yaml.load(_read_text(path), Loader=_LineLoader)  # a SafeLoader subclass
     except OSError as e:
         raise SpecError(f"{path}: cannot read config: {e.strerror}") from None
     except _LineError as e:
@@ -161,6 +180,20 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None, *,
     if not isinstance(doc, _Map):
         raise SpecError(f"{path}: a config must be a mapping with merge_method, base_model and models")
     return _Config(path, doc, check_paths).spec({k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def _read_text(path: Path) -> str:
+    """The config's text, refused past `MAX_CONFIG_BYTES` before any of it is parsed."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)  # a bound even for a device or a pipe
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SpecError(
+            f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a merge config is a few KiB (is this the right file?)"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 class _Config:

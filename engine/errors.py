@@ -38,6 +38,10 @@ class OutputError(EngineError, OSError):
     """The output location cannot be written (exists, not writable, disk full)."""
 
 
+class NonFiniteError(EngineError, ArithmeticError):
+    """`--strict-finite`: a merged tensor holds NaN or Inf (from the inputs, or an overflow)."""
+
+
 class ResumeError(EngineError, ValueError):
     """A run cannot be resumed: the journal does not match this spec and these inputs."""
 

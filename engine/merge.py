@@ -8,19 +8,18 @@ import shutil
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from engine import __version__
-from engine.budget import COMPILE_RESERVE, current_rss, default_budget, fmt_bytes, peak_rss
+from engine.budget import COMPILE_RESERVE, choose_budget, current_rss, fmt_bytes, peak_rss
 from engine.defaults import DEFAULT_SHARD_SIZE, SYNC_EVERY
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
 from engine.dtypes import DTYPES
-from engine.errors import BudgetError, CheckpointError, Interrupted, OutputError
+from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.checkpoint import ReadOptions
 from engine.io.crc import crc32
@@ -28,9 +27,10 @@ from engine.io.fingerprint import fingerprint, input_change
 from engine.io.inventory import Inventory, take_inventory
 from engine.io.journal import Journal, JournalState, check_resumable, load_journal
 from engine.io.lock import output_lock
-from engine.io.output import abort_output, check_target, commit_output, temp_dir_for, write_side_files
+from engine.io.output import abort_output, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
-from engine.io.write_behind import WriteBehind
+from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
+from engine.io.write_behind import Finite, WriteBehind
 from engine.kernels import all_cached, want_compiled
 from engine.plan import Plan, TensorPlan, make_plan, out_shape
 from engine.signals import StopRequest, graceful_stop
@@ -75,6 +75,7 @@ class Report:
     predicted_peak_gpu_memory: int
     peak_gpu_memory: int  # what the CUDA caching allocator reserved at most (0 on the CPU)
     resumed_bytes: int = 0  # what the earlier run read for `resumed_tensors`
+    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/Inf per merged tensor this run wrote
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,10 +107,7 @@ def prepare(
     dev = resolve_device(device)
     inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab, spec.slices)
     check_tokenizer_fits(spec.tokenizer_source or spec.base, {n: out_shape(inv, n) for n in inv.base.tensors})
-    budget = max_memory if max_memory is not None else default_budget()
-    available = psutil.virtual_memory().available
-    if budget > available:
-        log.warning("--max-memory %s exceeds the RAM available now (%s)", fmt_bytes(budget), fmt_bytes(available))
+    budget = choose_budget(max_memory)
     kw: dict[str, Any] = {
         "budget": budget,
         "baseline": current_rss() if baseline is None else baseline,
@@ -171,16 +169,20 @@ def merge(
     hold: bool = True,
     model_card: bool = True,
     copy_tokenizer: bool = True,
+    strict_finite: bool = False,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
     Args:
         spec: what to merge and how.
         output: the folder to create; it appears only once the merge is complete and verified.
-        max_memory: whole-process peak RSS ceiling in bytes (default: half the available RAM).
+        max_memory: whole-process peak RSS ceiling in bytes (default: `budget.default_budget`,
+            half the available RAM within the cgroup's limit and RLIMIT_AS).
         block_bytes: fixed block size per input stream, overriding the planner.
         shard_size: largest output shard in bytes.
-        overwrite: replace an existing `output` (only once the new one is complete).
+        overwrite: replace an existing `output` once the new one is complete, where it is a
+            folder of model files and nothing else (`engine.io.target`: never other files, a
+            link, an input, or the working directory or above).
         resume: continue an interrupted run of the same spec from its journal.
         drop_cache: drop input pages from the page cache as they are read (buffered reads).
         direct_io: read blocks with O_DIRECT where the filesystem allows (no page cache, no
@@ -199,6 +201,8 @@ def merge(
             budget has room for it; False reads it once per pass (the least memory).
         model_card: write README.md and mergekit_config.yml into `output`, as mergekit does.
         copy_tokenizer: copy the tokenizer's files (from the base or `spec.tokenizer_source`).
+        strict_finite: refuse the merge (`NonFiniteError`, no output) when a merged tensor holds
+            NaN or Inf; otherwise they are counted in `Report.nonfinite`.
     Returns:
         The run's `Report`.
     Raises:
@@ -211,7 +215,7 @@ def merge(
     dev = resolve_device(device)
     start_device(dev)  # before the baseline: a CUDA context costs host RAM too
     baseline = current_rss()
-    output = Path(output)
+    target = resolve_target(output)
     emit = on_event or (lambda e: None)
     inv, plan = prepare(
         spec,
@@ -225,16 +229,20 @@ def merge(
         hold=hold,
         direct_io=direct_io,
     )
-    check_target(output, overwrite, [spec.base, *(m.path for m in spec.models)])
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
     header = {
         "spec": spec.to_json(),
         "inputs": _fingerprints(inv),
         "layout": layout_digest(plan, metadata),
     }
-    tmp = temp_dir_for(output)
-    side = {"card": output.name if model_card else None, "tokenizer": copy_tokenizer}
-    with output_lock(output) as lock, graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop:
+    tmp = temp_dir_for(target)
+    side = {"card": target.name if model_card else None, "tokenizer": copy_tokenizer}
+    finite = Finite(strict_finite)
+    make_parent(target)
+    with output_lock(target) as lock, graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop:
+        clear_leftovers(target)
+        check_target(target, overwrite, [spec.base, *(m.path for m in spec.models)])
+        check_temp(tmp)
         state = _open_temp(tmp, plan, header, resume)
         resumed = [t for t in plan.tensors if state is not None and t.name in state.done]
         earlier = sum(t.bytes_read for t in resumed)  # what the interrupted run read for them
@@ -256,12 +264,20 @@ def merge(
                 plan.compiled,
                 compile == "auto",
                 side,
+                finite,
             )
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
+        except RuntimeError as e:  # threading's only signal that the address space ran out
+            if "can't start new thread" not in str(e):
+                raise
+            raise BudgetError(
+                f"cannot start a thread: the address space is exhausted (ulimit -v / RLIMIT_AS); raise the limit "
+                f"or lower --max-memory, then run the same command with --resume (the work so far is in {tmp})"
+            ) from None
         finally:
             pairwise.release()  # the statistics' scratch: a library caller's GPU gets it back
-        commit_output(tmp, output)  # a signal that lands after the last block lets the run finish
+        commit_output(tmp, target, overwrite)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
     return Report(
         output=str(output),
@@ -284,6 +300,7 @@ def merge(
         predicted_peak_gpu_memory=plan.device.predicted_peak,
         peak_gpu_memory=peak_device_memory(torch.device(plan.device.device)),  # auto may have fallen back
         resumed_bytes=earlier,
+        nonfinite=finite.counts,
     )
 
 
@@ -351,6 +368,7 @@ def _run(
     compiled: bool,
     compile_behind: bool,
     side: dict[str, Any],
+    finite: Finite,
 ) -> None:
     """Write every missing block into `tmp` and finalize it (`side`: `write_side_files`'s options).
     Input errors remove `tmp`; anything else leaves it to resume from."""
@@ -371,7 +389,7 @@ def _run(
                         "not_pinned": pipe.pinned.failed,
                     }
                 )
-            out = WriteBehind(writer, journal, pipe.outs, sync_every)
+            out = WriteBehind(writer, journal, pipe.outs, sync_every, finite)
             stack.callback(out.close)
             start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})
             for t in plan.tensors:
@@ -398,10 +416,11 @@ def _run(
                 )
         _check_inputs_unchanged(inv, header)
         final = load_journal(tmp)
-        assert final is not None
+        if final is None:
+            raise OutputError(f"{tmp}: the temporary folder vanished during the merge; nothing was written: run again")
         write_side_files(tmp, plan, _checksums(plan, final), **side)
         (tmp / "journal.jsonl").unlink()
-    except CheckpointError:
+    except (CheckpointError, NonFiniteError):
         abort_output(tmp)
         raise
 

@@ -393,14 +393,16 @@ def test_existing_output_is_refused_and_left_untouched(tiny_family: MakeFamily, 
 
 
 def test_existing_output_is_replaced_with_overwrite(tiny_family: MakeFamily, tmp_path: Path) -> None:
+    """An old model folder (weights, config, a stale shard name) is replaced as a whole."""
     base, (model,) = tiny_family(1)
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    (out / "config.json").write_text("{}")
     result = CliRunner().invoke(main, [*_argv(base, model, out, []), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    assert not (out / "keep.txt").exists()
+    assert not (out / "model-00001-of-00002.safetensors").exists()
     merged = load_file(str(out / SINGLE_NAME))
     assert set(merged) == set(load_file(str(base / SINGLE_NAME)))
     assert not any("leanmerge" in p.name for p in tmp_path.iterdir())

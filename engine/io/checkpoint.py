@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch
 from engine.dtypes import DTYPES, byte_view, itemsize
 from engine.errors import CheckpointError
 from engine.io.header import Header, TensorInfo, read_header, short_repr
+
+log = logging.getLogger(__name__)
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: the largest common logical block
 INDEX_NAME = "model.safetensors.index.json"
@@ -68,6 +71,8 @@ def open_checkpoint(folder: Path | str) -> Checkpoint:
         files = sorted(set(weight_map.values()))
         headers = [read_header(_shard_path(folder, index, f)) for f in files]
         _check_index(index, weight_map, headers)
+        if SINGLE_NAME not in files and (folder / SINGLE_NAME).is_file():
+            _check_single_agrees(folder, headers)
     elif (folder / SINGLE_NAME).is_file():
         headers = [read_header(_inside(folder, folder / SINGLE_NAME))]
     else:
@@ -75,6 +80,20 @@ def open_checkpoint(folder: Path | str) -> Checkpoint:
     # Order tensors by (shard, offset) so that walking them reads each file front to back.
     tensors = {t.name: t for h in headers for t in h.tensors}
     return Checkpoint(folder, tensors, tuple(h.file for h in headers))
+
+
+def _check_single_agrees(folder: Path, headers: list[Header]) -> None:
+    """A folder with both the index (whose shards are read) and a `model.safetensors` outside
+    it holds two sets of weights: refuse unless both list the same tensors (a consolidated copy)."""
+    index = {t.name: (t.dtype, t.shape) for h in headers for t in h.tensors}
+    single = {t.name: (t.dtype, t.shape) for t in read_header(_inside(folder, folder / SINGLE_NAME)).tensors}
+    if single != index:
+        differ = sorted(set(single) ^ set(index)) or sorted(n for n in single if single[n] != index[n])
+        raise CheckpointError(
+            f"{folder}: holds both {SINGLE_NAME} and {INDEX_NAME} with different tensors (e.g. {differ[0]!r}); "
+            "which is the model is unclear: move the other one out"
+        )
+    log.warning("%s: both %s and %s (same tensors): reading the index's shards", folder, SINGLE_NAME, INDEX_NAME)
 
 
 def _missing_weights_message(folder: Path) -> str:

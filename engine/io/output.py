@@ -9,14 +9,12 @@ into place. A run stopped by a signal or an I/O error keeps its temporary folder
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from engine import __version__
-from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
 from engine.io.journal import JOURNAL_NAME
 from engine.io.model_card import write_model_card
@@ -25,7 +23,7 @@ from engine.plan import Plan
 from engine.slices import output_layers
 
 # Files a model folder needs besides weights; copied from the base when present.
-SIDE_FILES = (
+SIDE_FILES: tuple[str, ...] = (
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -48,28 +46,6 @@ DTYPE_KEYS = ("dtype", "torch_dtype")
 
 def temp_dir_for(target: Path) -> Path:
     return target.parent / f".{target.name}.leanmerge-tmp"
-
-
-def check_target(target: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse before any work: an existing output (unless `overwrite`), or one inside an input."""
-    if target.exists() and not overwrite and not _empty_folder(target):
-        raise OutputError(f"{target}: output already exists; pass --overwrite to replace it")
-    try:  # as mergekit does: a new output may name folders that do not exist yet
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{target.parent}: cannot create the output's parent folder: {e.strerror}") from None
-    if not os.access(target.parent, os.W_OK):
-        raise OutputError(f"{target.parent}: not writable")
-    resolved = target.resolve()
-    for folder in inputs:
-        f = folder.resolve()
-        if resolved == f or f in resolved.parents or resolved in f.parents:
-            raise OutputError(f"{target}: output overlaps input folder {folder}; choose another output")
-
-
-def _empty_folder(path: Path) -> bool:
-    """A folder made ready for the output (`mkdir OUT` first): taking its place loses nothing."""
-    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def write_side_files(
@@ -145,28 +121,5 @@ def _update_config(path: Path, changes: dict[str, Any]) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def commit_output(tmp: Path, target: Path) -> None:
-    """Rename the finished `tmp` into place, replacing an old `target` only now."""
-    _fsync_dir(tmp)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.leanmerge-old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def abort_output(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

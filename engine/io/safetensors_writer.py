@@ -65,7 +65,7 @@ class ShardWriter:
 
     @staticmethod
     def _create(path: Path, header: bytes, data_bytes: int) -> int:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
             _reserve(fd, path, len(header) + data_bytes)
             _pwrite_all(fd, path, header, 0)
@@ -77,7 +77,7 @@ class ShardWriter:
     @staticmethod
     def _reopen(path: Path, header: bytes) -> int:
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except OSError as e:
             raise ResumeError(f"{path}: cannot reopen the interrupted run's shard: {e.strerror}") from None
         if os.pread(fd, len(header), 0) != header:
