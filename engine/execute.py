@@ -266,8 +266,11 @@ class _Stage:
             inputs = filled.data
             # one program for the whole block (the statistics and parameters are the tensor's),
             # which the C runs in one call: it keeps its own cache-sized tiles
-            program = self.method.steps(self.params, stats, len(inputs) - 1) if self._reads_raw(tensor) else None
-            whole = program is not None and steps.fused(inputs, program, out)
+            program = self.method.steps(self.params, stats, len(inputs) - 1) if self.mover.reads_host else None
+            if program is not None and not tensor.reads_base and 0 in steps.streams_read(program):
+                program = None  # the base was not read into its buffer
+            keys = [s.key for s in streams]
+            whole = program is not None and steps.fused(inputs, program, out, block.start, keys)
             for c0, c1 in () if whole else self._spans(tensor, block):
                 c = self._chunk(tensor, streams, block.start + c0)
                 raw = [x[c0:c1] for x in inputs]

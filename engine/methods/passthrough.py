@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.methods import steps
 from engine.methods.base import Chunk, Method, ParamDef, Stats, TensorParams, scale_
+from engine.methods.steps import Step
 
 
 class Passthrough(Method):
@@ -27,3 +29,7 @@ class Passthrough(Method):
     ) -> torch.Tensor:
         # The base chunk is shared and read-only: scaling needs a copy.
         return base if p.number("scale") == 1.0 else scale_(base.clone(), p.number("scale"))
+
+    def steps(self, p: TensorParams, stats: Stats, n_models: int) -> Sequence[Step]:
+        """`apply` as a program: the base, scaled."""
+        return (steps.set_(0, None if p.number("scale") == 1.0 else p.number("scale")),)
