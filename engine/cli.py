@@ -187,7 +187,7 @@ def main() -> None:
     show_default=True,
     help="Fuse elementwise methods with torch.compile (auto: inputs of 8 GiB or more). Same bytes either way.",
 )
-@click.option("--threads", type=click.IntRange(1), help="Compute threads (default: torch's, one per core).")
+@click.option("--threads", type=click.IntRange(1), help="Compute threads (default: the cores this process may use).")
 @click.option("--log-json", type=click.Path(path_type=Path), help="Write JSON-lines events (plan, tensor, report).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a TTY).")
 def merge_cmd(
@@ -207,10 +207,11 @@ def merge_cmd(
     The output appears only when complete. A run stopped by SIGINT/SIGTERM, a full disk or an
     I/O error keeps its work in a hidden folder beside OUTPUT: rerun with --resume.
     """
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    from engine.cores import default_threads
+
+    torch.set_num_threads(threads or default_threads())
     with engine_errors():
         spec = build_spec(kw)
         show_bar = sys.stderr.isatty() if progress is None else progress

@@ -31,6 +31,7 @@
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 #include <string.h>
 
@@ -556,12 +557,34 @@ typedef struct {
     uint16_t nan;
     int64_t start;        /* flat index of element 0 */
     const uint64_t *keys; /* KEEP: the models' rng keys */
+    struct Tile *tiles;   /* one per thread slot */
 } CombineJob;
 
-/* One step over the tile [at, at + len). */
-static inline ALWAYS_INLINE void run_step(const CombineJob *j, const Step *st, float (*R)[COMBINE], Py_ssize_t at, int len,
-                            float *tmp) {
-    float *r = R[st->reg], s = st->scale;
+/* A tile's registers and its inputs widened to float32, each stream at most once per tile. */
+typedef struct Tile {
+    float R[MAX_REGS][COMBINE];
+    float W[MAX_REGS][COMBINE];
+    const float *wide[MAX_REGS]; /* NULL: not widened yet in this tile */
+} Tile;
+
+static inline const float *input(const CombineJob *j, Tile *t, Py_ssize_t s, Py_ssize_t at, int len) {
+    if (t->wide[s] == NULL) {
+        const Stream *in = &j->streams[s];
+        if (in->bf16) {
+            widen_bf16((const uint16_t *)in->buf + at, t->W[s], len);
+            t->wide[s] = t->W[s];
+        } else {
+            t->wide[s] = (const float *)in->buf + at;
+        }
+    }
+    return t->wide[s];
+}
+
+/* Step i over the tile [at, at + len); returns the steps it ran (a SET then a SUB of the same
+ * register, a model's delta, run as one loop: the same ops in the same order). */
+static inline ALWAYS_INLINE int run_step(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len) {
+    const Step *st = &j->steps[i];
+    float *r = t->R[st->reg], s = st->scale;
     switch (st->op) {
     case DIV:
         for (int k = 0; k < len; k++) r[k] = r[k] / s;
@@ -576,24 +599,24 @@ static inline ALWAYS_INLINE void run_step(const CombineJob *j, const Step *st, f
         top_tile(r, len, j->start + at, st);
         break;
     case ACC: {
-        const float *x = R[st->stream];
+        const float *x = t->R[st->stream];
         for (int k = 0; k < len; k++) r[k] = add_t(r[k], x[k]);
         break;
     }
     case ELECT:
-        elect_tile(R, r, len, st);
+        elect_tile(t->R, r, len, st);
         break;
     default: {
-        const Stream *in = &j->streams[st->stream];
-        if (st->op == SET && !st->scaled) {
-            if (in->bf16)
-                widen_bf16((const uint16_t *)in->buf + at, r, len);
-            else
-                memcpy(r, (const float *)in->buf + at, (size_t)len * sizeof(float));
-            break;
+        const float *x = input(j, t, st->stream, at, len);
+        const Step *next = i + 1 < j->nsteps ? &j->steps[i + 1] : NULL;
+        if (st->op == SET && !st->scaled && next && next->op == SUB && next->reg == st->reg) {
+            const float *y = input(j, t, next->stream, at, len);
+            for (int k = 0; k < len; k++) r[k] = sub_t(x[k], y[k]);
+            return 2;
         }
-        const float *x = widened(in, at, len, tmp);
-        if (st->op == SET)
+        if (st->op == SET && !st->scaled)
+            memcpy(r, x, (size_t)len * sizeof(float));
+        else if (st->op == SET)
             for (int k = 0; k < len; k++) r[k] = x[k] * s;
         else if (st->op == SUB)
             for (int k = 0; k < len; k++) r[k] = sub_t(r[k], x[k]);
@@ -603,15 +626,16 @@ static inline ALWAYS_INLINE void run_step(const CombineJob *j, const Step *st, f
             for (int k = 0; k < len; k++) r[k] = add_t(r[k], x[k]);
     }
     }
+    return 1;
 }
 
 /* Elements [lo, hi). */
-CLONES static void combine_blocks(const CombineJob *j, Py_ssize_t lo, Py_ssize_t hi) {
-    float R[MAX_REGS][COMBINE], tmp[COMBINE];
-    const float *result = R[j->steps[j->nsteps - 1].reg];
+CLONES static void combine_blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, Py_ssize_t hi) {
+    const float *result = t->R[j->steps[j->nsteps - 1].reg];
     for (Py_ssize_t at = lo; at < hi; at += COMBINE) {
         int len = hi - at < COMBINE ? (int)(hi - at) : COMBINE;
-        for (Py_ssize_t i = 0; i < j->nsteps; i++) run_step(j, &j->steps[i], R, at, len, tmp);
+        memset(t->wide, 0, sizeof t->wide);
+        for (Py_ssize_t i = 0; i < j->nsteps;) i += run_step(j, i, t, at, len);
         if (j->out_bf16) {
             uint16_t *o = (uint16_t *)j->out + at;
             for (int k = 0; k < len; k++) o[k] = round_bf16(result[k], j->nan);
@@ -622,8 +646,8 @@ CLONES static void combine_blocks(const CombineJob *j, Py_ssize_t lo, Py_ssize_t
 }
 
 static void combine_part(void *ctx, int slot, Py_ssize_t lo, Py_ssize_t hi) {
-    (void)slot;
-    combine_blocks(ctx, lo, hi);
+    const CombineJob *j = ctx;
+    combine_blocks(j, &j->tiles[slot], lo, hi);
 }
 
 /* One step from its tuple (op, stream, scale[, reg[, ints[, weights]]]) into *st, checked against
@@ -706,8 +730,9 @@ static PyObject *combine(PyObject *self, PyObject *args) {
         return NULL;
     Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj), nsteps = PyTuple_GET_SIZE(steps_obj);
     Py_ssize_t nkeys = keys_obj ? PyTuple_GET_SIZE(keys_obj) : 0;
-    if (nstreams == 0 || nsteps == 0) {
-        PyErr_SetString(PyExc_ValueError, "combine: no streams or no steps");
+    if (nstreams == 0 || nsteps == 0 || nstreams > MAX_REGS) {
+        PyErr_Format(PyExc_ValueError, "combine: %zd streams and %zd steps (want 1 to %d streams)", nstreams, nsteps,
+                     MAX_REGS);
         return NULL;
     }
     if (start < 0) {
@@ -739,10 +764,18 @@ static PyObject *combine(PyObject *self, PyObject *args) {
         PyBuffer_Release(&out);
         goto done;
     }
-    CombineJob job = {streams, steps, nsteps, out.buf, out.format[0] != 'f', (uint16_t)nan, start, keys};
+    int slots = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    Tile *tiles = PyMem_Malloc((size_t)slots * sizeof(Tile)); /* ~270 KB each: not on a stack */
+    if (tiles == NULL) {
+        PyErr_NoMemory();
+        PyBuffer_Release(&out);
+        goto done;
+    }
+    CombineJob job = {streams, steps, nsteps, out.buf, out.format[0] != 'f', (uint16_t)nan, start, keys, tiles};
     Py_BEGIN_ALLOW_THREADS
-    split(combine_part, &job, n, piece_for(1), threads);
+    split(combine_part, &job, n, piece_for(1), slots);
     Py_END_ALLOW_THREADS
+    PyMem_Free(tiles);
     PyBuffer_Release(&out);
     result = Py_NewRef(Py_None);
 done:

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.cores import default_threads
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -225,8 +227,9 @@ def fused_for(tensors: Sequence[torch.Tensor]) -> ModuleType | None:
 
 
 def c_threads() -> int:
-    """Threads the C may cut one call into: torch's compute threads (`--threads`, one per core)."""
-    return torch.get_num_threads()
+    """Threads of the C's pool one call may use: torch's compute threads (`--threads`), no more
+    than the cores this process may use (`engine.cores`)."""
+    return min(torch.get_num_threads(), default_threads())
 
 
 def as_buffer(x: torch.Tensor) -> np.ndarray[Any, Any]:
