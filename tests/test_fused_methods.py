@@ -141,3 +141,26 @@ def test_della_has_no_program() -> None:
         {"lambda": 1.0, "normalize": True, "rescale": True}, ({"weight": 1.0, "density": 0.5, "epsilon": 0.1},)
     )
     assert get_method("della").steps(p, {}, 1) is None
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 200_000),
+    dtypes=st.lists(st.sampled_from(FP), min_size=2, max_size=2),
+    threads=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_key_histograms_in_c_equal_torch_bincount(n: int, dtypes: list[torch.dtype], threads: int, seed: int) -> None:
+    """The top-k passes 1 and 2 counted by the C from the read buffers equal the torch path's
+    counts of the float32 copies' keys (NaNs' payloads included)."""
+    base, model = inputs(n, dtypes, seed)
+    key = model.float().clone().sub_(base.float()).view(torch.int32).bitwise_and_(KEY_MAX)
+    kernel: Any = pairwise._fused
+    high = torch.zeros(1 << 15, dtype=torch.int64)
+    kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), high.numpy(), -1, threads)
+    assert torch.equal(high, torch.bincount(key >> 16, minlength=1 << 15))
+    bucket = int(key[n // 2] >> 16)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), low.numpy(), bucket, threads)
+    assert torch.equal(low, torch.bincount(key[(key >> 16) == bucket] & 0xFFFF, minlength=1 << 16))
