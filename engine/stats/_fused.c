@@ -518,33 +518,39 @@ static inline ALWAYS_INLINE void top_tile(float *r, int len, int64_t first, cons
     }
 }
 
-/* TIES: engine.methods.consensus's `disjoint_merge_` of registers 1..k into `acc`. */
+/* TIES: engine.methods.consensus's `disjoint_merge_` of registers 1..k into `acc`, its torch ops
+ * per element in their order (the zeroed sums start each model's pass; the sign's product, the
+ * + 0 and the division share the last). */
 static inline ALWAYS_INLINE void elect_tile(float (*R)[COMBINE], float *acc, int len, const Step *st) {
     float sign[COMBINE], div[COMBINE];
     Py_ssize_t k = st->stream;
-    memcpy(sign, R[1], (size_t)len * sizeof(float));
-    for (Py_ssize_t m = 2; m <= k; m++)
-        for (int j = 0; j < len; j++) sign[j] = add_t(sign[j], R[m][j]);
-    for (int j = 0; j < len; j++) {
-        sign[j] = copysignf(1.0f, sign[j]);
-        acc[j] = 0.0f;
-        div[j] = 0.0f;
+    if (k == 1) {
+        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, R[1][j]);
+    } else if (k == 2) {
+        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, add_t(R[1][j], R[2][j]));
+    } else {
+        for (int j = 0; j < len; j++) sign[j] = add_t(R[1][j], R[2][j]);
+        for (Py_ssize_t m = 3; m < k; m++)
+            for (int j = 0; j < len; j++) sign[j] = add_t(sign[j], R[m][j]);
+        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, add_t(sign[j], R[k][j]));
     }
     for (Py_ssize_t m = 1; m <= k; m++) {
         float w = st->w[m];
         for (int j = 0; j < len; j++) {
             float a = R[m][j] * sign[j];
             a = select_f(a < 0.0f, 0.0f, a); /* torch's clamp_(min=0): a NaN stays */
-            acc[j] = add_t(acc[j], a);
-            div[j] = div[j] + w * select_f(a > 0.0f, 1.0f, 0.0f);
+            float was = m == 1 ? 0.0f : acc[j], count = m == 1 ? 0.0f : div[j];
+            acc[j] = add_t(was, a);
+            div[j] = count + w * select_f(a > 0.0f, 1.0f, 0.0f);
         }
     }
-    for (int j = 0; j < len; j++) acc[j] = acc[j] * sign[j] + 0.0f;
     if (st->mode == 1) {
         float c = st->scale;
-        for (int j = 0; j < len; j++) acc[j] = acc[j] / select_f(div[j] < c, c, div[j]);
+        for (int j = 0; j < len; j++) acc[j] = (acc[j] * sign[j] + 0.0f) / select_f(div[j] < c, c, div[j]);
     } else if (st->mode == 2) {
-        for (int j = 0; j < len; j++) acc[j] = acc[j] / select_f(div[j] == 0.0f, 1.0f, div[j]);
+        for (int j = 0; j < len; j++) acc[j] = (acc[j] * sign[j] + 0.0f) / select_f(div[j] == 0.0f, 1.0f, div[j]);
+    } else {
+        for (int j = 0; j < len; j++) acc[j] = acc[j] * sign[j] + 0.0f;
     }
 }
 
@@ -578,6 +584,68 @@ static inline const float *input(const CombineJob *j, Tile *t, Py_ssize_t s, Py_
         }
     }
     return t->wide[s];
+}
+
+/* A model's delta and what DARE does to it, as one loop: r = x - b, then (each where asked) the
+ * keep test (inside one 2**32 segment, keys k), a division and a multiplication: the ops of the
+ * steps SET, SUB, KEEP, DIV, MUL in their order, per element. */
+static inline ALWAYS_INLINE void delta_chain(float *r, const float *x, const float *b, int len, int keep,
+                                             uint32_t lo, const uint32_t *k, uint32_t thr, int div, float dv,
+                                             int mul, float mv) {
+    uint32_t base = lo + k[0], k1 = k[1], k2 = k[2];
+    for (int j = 0; j < len; j++) {
+        float d = sub_t(x[j], b[j]);
+        if (keep) {
+            uint32_t h = (base + (uint32_t)j) * 0x9E3779B9u;
+            h ^= h >> 16;
+            h = h * 0x7FEB352Du + k1;
+            h ^= h >> 16;
+            h = h * 0x846CA68Bu + k2;
+            h ^= h >> 16;
+            d = d * select_f((h ^ 0x80000000u) < thr, 1.0f, 0.0f);
+        }
+        if (div) d = d / dv;
+        if (mul) d = d * mv;
+        r[j] = d;
+    }
+}
+
+/* Steps i.. as one delta_chain where they are SET, SUB [, KEEP][, DIV][, MUL] of one register and
+ * the keep test needs no second segment's keys nor a constant mask: the steps run, else 0. */
+static inline ALWAYS_INLINE int run_chain(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len) {
+    const Step *st = &j->steps[i], *end = j->steps + j->nsteps, *s = st + 2;
+    if (st->op != SET || st->scaled || s > end || st[1].op != SUB || st[1].reg != st->reg) return 0;
+    const Step *keep = s < end && s->op == KEEP && s->reg == st->reg ? s++ : NULL;
+    const Step *div = s < end && s->op == DIV && s->reg == st->reg ? s++ : NULL;
+    const Step *mul = s < end && s->op == MUL && s->reg == st->reg ? s++ : NULL;
+    uint64_t first = (uint64_t)(j->start + at);
+    uint32_t k[3] = {0, 0, 0};
+    if (keep) {
+        if (keep->thr == 0 || keep->thr >= ((uint64_t)1 << 32) || (first >> 32) != ((first + len - 1) >> 32))
+            return 0;
+        block_keys(j->keys[keep->stream], first >> 32, k);
+    }
+    const float *x = input(j, t, st->stream, at, len), *b = input(j, t, st[1].stream, at, len);
+    float dv = div ? div->scale : 1.0f, mv = mul ? mul->scale : 1.0f;
+    uint32_t thr = keep ? (uint32_t)keep->thr : 0;
+    float *r = t->R[st->reg];
+    if (keep && div && mul)
+        delta_chain(r, x, b, len, 1, (uint32_t)first, k, thr, 1, dv, 1, mv);
+    else if (keep && div)
+        delta_chain(r, x, b, len, 1, (uint32_t)first, k, thr, 1, dv, 0, mv);
+    else if (keep && mul)
+        delta_chain(r, x, b, len, 1, (uint32_t)first, k, thr, 0, dv, 1, mv);
+    else if (keep)
+        delta_chain(r, x, b, len, 1, (uint32_t)first, k, thr, 0, dv, 0, mv);
+    else if (div && mul)
+        delta_chain(r, x, b, len, 0, (uint32_t)first, k, thr, 1, dv, 1, mv);
+    else if (div)
+        delta_chain(r, x, b, len, 0, (uint32_t)first, k, thr, 1, dv, 0, mv);
+    else if (mul)
+        delta_chain(r, x, b, len, 0, (uint32_t)first, k, thr, 0, dv, 1, mv);
+    else
+        delta_chain(r, x, b, len, 0, (uint32_t)first, k, thr, 0, dv, 0, mv);
+    return (int)(s - st);
 }
 
 /* Step i over the tile [at, at + len); returns the steps it ran (a SET then a SUB of the same
@@ -635,7 +703,10 @@ CLONES static void combine_blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, P
     for (Py_ssize_t at = lo; at < hi; at += COMBINE) {
         int len = hi - at < COMBINE ? (int)(hi - at) : COMBINE;
         memset(t->wide, 0, sizeof t->wide);
-        for (Py_ssize_t i = 0; i < j->nsteps;) i += run_step(j, i, t, at, len);
+        for (Py_ssize_t i = 0; i < j->nsteps;) {
+            int ran = run_chain(j, i, t, at, len);
+            i += ran ? ran : run_step(j, i, t, at, len);
+        }
         if (j->out_bf16) {
             uint16_t *o = (uint16_t *)j->out + at;
             for (int k = 0; k < len; k++) o[k] = round_bf16(result[k], j->nan);
