@@ -466,18 +466,22 @@ static void block_keys(uint64_t key, uint64_t hi, uint32_t *k) {
     k[2] = (uint32_t)t;
 }
 
+/* DARE's keep mask, 1.0 or 0.0, of the element j after the segment's first (base = its low half
+ * plus k0): word < thr, the word as engine/rng.py hashes it. */
+static inline float keep_mask(uint32_t base, int j, uint32_t k1, uint32_t k2, uint32_t thr) {
+    uint32_t x = (base + (uint32_t)j) * 0x9E3779B9u;
+    x ^= x >> 16;
+    x = x * 0x7FEB352Du + k1;
+    x ^= x >> 16;
+    x = x * 0x846CA68Bu + k2;
+    x ^= x >> 16;
+    return select_f((x ^ 0x80000000u) < thr, 1.0f, 0.0f);
+}
+
 /* r[j] *= (word(first + j) < thr) for j < m, inside one 2**32 segment (lo: first's low half). */
 static inline ALWAYS_INLINE void keep_segment(float *r, int m, uint32_t lo, const uint32_t *k, uint32_t thr) {
     uint32_t base = lo + k[0], k1 = k[1], k2 = k[2];
-    for (int j = 0; j < m; j++) {
-        uint32_t x = (base + (uint32_t)j) * 0x9E3779B9u;
-        x ^= x >> 16;
-        x = x * 0x7FEB352Du + k1;
-        x ^= x >> 16;
-        x = x * 0x846CA68Bu + k2;
-        x ^= x >> 16;
-        r[j] = r[j] * select_f((x ^ 0x80000000u) < thr, 1.0f, 0.0f);
-    }
+    for (int j = 0; j < m; j++) r[j] = r[j] * keep_mask(base, j, k1, k2, thr);
 }
 
 /* DARE's keep test on len elements from flat index `first` (KeyedRng.keep's mask, multiplied in). */
@@ -595,15 +599,7 @@ static inline ALWAYS_INLINE void delta_chain(float *r, const float *x, const flo
     uint32_t base = lo + k[0], k1 = k[1], k2 = k[2];
     for (int j = 0; j < len; j++) {
         float d = sub_t(x[j], b[j]);
-        if (keep) {
-            uint32_t h = (base + (uint32_t)j) * 0x9E3779B9u;
-            h ^= h >> 16;
-            h = h * 0x7FEB352Du + k1;
-            h ^= h >> 16;
-            h = h * 0x846CA68Bu + k2;
-            h ^= h >> 16;
-            d = d * select_f((h ^ 0x80000000u) < thr, 1.0f, 0.0f);
-        }
+        if (keep) d = d * keep_mask(base, j, k1, k2, thr);
         if (div) d = d / dv;
         if (mul) d = d * mv;
         r[j] = d;
