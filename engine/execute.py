@@ -35,6 +35,7 @@ from engine.methods import steps
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.plan import Block, Plan, TensorPlan
 from engine.rng import KeyedRng, stream_key
+from engine.stats import pairwise
 from engine.vocab import open_streams
 
 TWO32 = 1 << 32
@@ -144,6 +145,8 @@ def execute(
         if kernel is not None:
             stack.callback(kernel.close, wait=False)  # stopped or failed: leave a build under way
         stage = _Stage(plan, pipe, prefetch, out, emit, kernel)
+        if pipe.mover.reads_host:
+            pairwise.say_if_slow()
         stack.enter_context(on_device(pipe.mover.device))
         for tensor in plan.tensors:
             first = start.get(tensor.name, 0)

@@ -164,3 +164,18 @@ def test_key_histograms_in_c_equal_torch_bincount(n: int, dtypes: list[torch.dty
     low = torch.zeros(1 << 16, dtype=torch.int64)
     kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), low.numpy(), bucket, threads)
     assert torch.equal(low, torch.bincount(key[(key >> 16) == bucket] & 0xFFFF, minlength=1 << 16))
+
+
+def test_an_install_without_the_c_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pairwise, "_fused", None)
+    pairwise.say_if_slow.cache_clear()
+    try:
+        pairwise.say_if_slow()
+        pairwise.say_if_slow()
+    finally:
+        pairwise.say_if_slow.cache_clear()
+    assert [r.getMessage() for r in caplog.records] == [
+        "leanmerge: the C extension is not built (no C compiler at install): merging on the slower torch path"
+    ]

@@ -31,6 +31,8 @@ product on 2 cores, most of a SLERP or model stock merge (bench numbers in the R
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import threading
 from collections.abc import Hashable, Sequence
@@ -44,6 +46,7 @@ from engine.cores import default_threads
 if TYPE_CHECKING:
     import numpy as np
 
+log = logging.getLogger(__name__)
 _fused: ModuleType | None
 try:
     import engine.stats._fused as _fused
@@ -213,6 +216,16 @@ def scratch(name: Hashable, shape: Sequence[int], device: torch.device) -> torch
 def release() -> None:
     """Free this thread's scratch arrays (at the end of a merge)."""
     _local.__dict__.pop("arrays", None)
+
+
+@functools.cache
+def say_if_slow() -> None:
+    """Once per process, where the C was not built (no C compiler at install): the merge runs on
+    the torch path, the same bytes several times slower."""
+    if _fused is None:
+        log.warning(
+            "leanmerge: the C extension is not built (no C compiler at install): merging on the slower torch path"
+        )
 
 
 def fused_kernel(device: torch.device) -> ModuleType | None:
