@@ -1,12 +1,16 @@
 """Merges that are a fixed sequence of float32 ops over their inputs, written once as data.
 
-SLERP and model stock, once their statistics are known, merge each element with a handful of
-scaled adds: θ = c0·θ_base + c1·θ₁, or θ = t·mean(θₘ) + (1 − t)·θ_base. Their `apply` runs such a
-program with torch ops (`run`), on any device; on the CPU the C runs the same program over the
-read buffers straight into the output buffer (`fused`), one pass over memory instead of one per
-op plus the float32 copies of every input and the cast of the result (~3 s of a 7.5 s model
-stock merge of `llama1b-embed` on 2 cores). The C does each op as one IEEE float32 op in the
-program's order and rounds the result as torch's cast does, so both give the same bytes (tested).
+Once its statistics are known, every elementwise method merges each element with a handful of
+ops: SLERP and model stock scaled adds (θ = c0·θ_base + c1·θ₁, or t·mean(θₘ) + (1 − t)·θ_base),
+linear a weighted sum, and the delta methods (task arithmetic, DARE, TIES, breadcrumbs) a delta
+per model in its own register, sparsified (DARE's keyed keep test, a top-k cut), weighted, mixed
+(a sum, or TIES sign election and disjoint mean) and added to the base. `Method.steps` writes
+that program; torch runs it (`run`, the same ops as `apply`), on any device; on the CPU the C
+runs it over the read buffers straight into the output buffer (`fused`), one pass over memory
+instead of one per op plus the float32 copies of every input and the cast of the result. The C
+does each op as one IEEE float32 op in the program's order (where both operands of an add are
+NaNs, the NaN torch's add gives) and rounds the result as torch's cast does, so both give the
+same bytes (tests/test_fused_methods.py). DELLA (per-row ranks) has no program: `apply` only.
 """
 
 from __future__ import annotations
