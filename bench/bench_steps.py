@@ -1,13 +1,16 @@
-"""Per-element cost of one chunk step of each elementwise method: eager torch vs torch.compile,
-1 and 2 threads; and of the two passes of SLERP and model stock (statistics, then merge), in C
-(`engine.stats._fused`, where built) and in torch. This is the CPU side of the merge, measured
-apart from any I/O, so that two machines' figures say which part of a merge is slow where.
+"""Per-element cost of each method's merge pass on the CPU: the C (`engine.stats._fused`, one
+call per block of the read buffers, as the executor makes it) at 1 and 2 threads, beside the eager
+torch step (`apply` on 256K-element float32 chunks) and, with `--compiled`, torch.compile; and of
+the two passes of SLERP and model stock (statistics, then merge). This is the CPU side of the
+merge, measured apart from any I/O, so that two machines' figures say which part of a merge is
+slow where.
 
 `python -m bench.bench_steps [--models 3] [--repeats 9]` prints ns per *input* element (base and
-every model count) and the GB/s of bf16 input that this rate would sustain, and writes
-`bench/results/steps-<UTC timestamp>.json` with the machine description. Inputs are bf16 chunks
-of 256K elements in the read buffer, as in a merge: the step includes the casts to float32 and
-back to bf16.
+every model count) *per thread* (so perfect scaling keeps it flat), the speedup of 2 threads over
+1, and the GB/s of bf16 input that this rate would sustain, and writes
+`bench/results/steps-<UTC timestamp>.json` with the machine description. Inputs are bf16 in the
+read buffer, as in a merge: the step includes the casts to float32 and back to bf16. Timings
+alternate the thread counts and take medians: on a shared machine single runs swing by 2x.
 """
 
 from __future__ import annotations
@@ -28,27 +31,59 @@ from engine.budget import CHUNK_ELEMS
 from engine.device import Mover
 from engine.kernels import CompiledApply
 from engine.methods import steps
-from engine.methods.base import Chunk, Method, TensorParams
+from engine.methods.base import Chunk, Method, Stats, TensorParams
 from engine.methods.registry import METHODS
 from engine.rng import KeyedRng, stream_key
 from engine.stats import pairwise
 
-ELEMENTWISE = ("linear", "task_arithmetic", "dare_linear", "dare_ties")
+ELEMENTWISE = ("linear", "task_arithmetic", "dare_linear", "dare_ties", "ties", "breadcrumbs_ties")
+BLOCK_ELEMS = 1 << 22  # elements per stream of one C call: 8 MiB of bf16, a merge block
 TWO_PASS = ("slerp", "model_stock")
 
 
 def params_for(method: Method, k: int) -> TensorParams:
-    """Realistic parameters: weights 1/k, density 0.1 (DARE drops 90%)."""
-    per_model = {d.name: (1.0 / k if d.name == "weight" else 0.1) for d in method.params if d.per_model}
+    """Realistic parameters: weights 1/k, density 0.1 (DARE drops 90%), gamma 0.01."""
+    values = {"weight": 1.0 / k, "density": 0.1, "gamma": 0.01}
+    per_model = {d.name: values[d.name] for d in method.params if d.per_model}
     globals_ = {d.name: d.default for d in method.params if not d.per_model}
     return TensorParams(globals_, tuple(dict(per_model) for _ in range(k)))
 
 
-def bf16_family(k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One chunk of a base and k fine-tunes as the read buffers hold them (bfloat16)."""
+def bf16_family(k: int, n: int = CHUNK_ELEMS) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """n elements of a base and k fine-tunes as the read buffers hold them (bfloat16)."""
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(CHUNK_ELEMS, generator=g).to(torch.bfloat16)
-    return base, [(base.float() + 0.01 * torch.randn(CHUNK_ELEMS, generator=g)).to(torch.bfloat16) for _ in range(k)]
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    return base, [(base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(k)]
+
+
+def whole_stats(method: Method, p: TensorParams, base: torch.Tensor, models: list[torch.Tensor]) -> Stats:
+    """The method's statistics of the inputs as one tensor (its reducers, one chunk each)."""
+    stats: Stats = {}
+    c = Chunk((), 0, base.numel())
+    for r in method.reducers(p):
+        acc = r.start(p, stats, base.numel())
+        r.chunk(acc, base.float(), [x.float() for x in models], p, stats, c)
+        stats = {**stats, **r.finish(acc, p, stats)}
+    return stats
+
+
+def time_c(method: Method, k: int, repeats: int) -> dict[int, float]:
+    """Median seconds of the C merge pass over one block, by thread count (alternating runs)."""
+    base, models = bf16_family(k, BLOCK_ELEMS)
+    p = params_for(method, k)
+    program = method.steps(p, whole_stats(method, p, base, models), k)
+    if program is None:
+        raise ValueError(f"{method.name} writes no merge program")
+    out = torch.empty(BLOCK_ELEMS, dtype=torch.bfloat16)
+    keys = [stream_key(0, "bench", m) for m in range(k)]
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats + 1):
+        for threads in times:
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            steps.fused([base, *models], program, out, 1 << 40, keys)
+            times[threads].append(time.perf_counter() - t0)
+    return {t: statistics.median(v[1:]) for t, v in times.items()}
 
 
 def cpu_mover(k: int) -> Mover:
@@ -98,20 +133,21 @@ def time_two_pass(method: Method, k: int, repeats: int) -> tuple[float, float]:
 
 
 def time_step(method: Method, k: int, compiled: bool, repeats: int) -> float:
-    """Median seconds of one chunk step over `repeats` chunks at different positions."""
+    """Median seconds of one eager (or compiled) chunk step over `repeats` chunks at different positions."""
     base, models = bf16_family(k)
     mover = cpu_mover(k)
     out = torch.empty(CHUNK_ELEMS, dtype=torch.bfloat16)
     p = params_for(method, k)
+    stats = whole_stats(method, p, base, models)
     streams = tuple(KeyedRng(stream_key(0, "bench", m)) for m in range(k))
     kernel = CompiledApply(method) if compiled else None
     times = []
     for r in range(repeats + 2):  # two warm-up steps (the first compiles)
         c = Chunk(streams, r * CHUNK_ELEMS, 1 << 40)
         t0 = time.perf_counter()
-        if kernel is None or not kernel.run(base, models, p, {}, c, out):
+        if kernel is None or not kernel.run(base, models, p, stats, c, out):
             work = mover.to_work([base, *models], True)
-            mover.store(method.apply(work[0], work[1:], p, {}, c), out)
+            mover.store(method.apply(work[0], work[1:], p, stats, c), out)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
@@ -120,19 +156,27 @@ def time_step(method: Method, k: int, compiled: bool, repeats: int) -> float:
 @click.option("--models", "k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(3), default=9, show_default=True)
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "results")
-def main(k: int, repeats: int, results: Path) -> None:
-    """Time every elementwise method's chunk step; print and save the table."""
+@click.option("--compiled", is_flag=True, help="Also time torch.compile's kernels (slow to build).")
+def main(k: int, repeats: int, results: Path, compiled: bool) -> None:
+    """Time every method's merge pass; print and save the table."""
     rows: list[dict[str, Any]] = []
-    print(f"{'method':<16} {'kernel':<9} {'threads':>7} {'ns/elem':>8} {'GB/s bf16':>10}")
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        for name in ELEMENTWISE:
-            for compiled in (False, True):
-                sec = time_step(METHODS[name], k, compiled, repeats)
-                ns = sec / (CHUNK_ELEMS * (k + 1)) * 1e9
-                rows.append({"method": name, "compiled": compiled, "threads": threads, "ns_per_input_elem": ns})
-                kind = "compiled" if compiled else "eager"
-                print(f"{name:<16} {kind:<9} {threads:>7} {ns:>8.2f} {2 / ns:>10.2f}")
+    print(f"{'method':<16} {'kernel':<9} {'threads':>7} {'ns/elem/thread':>15} {'2 vs 1':>7} {'GB/s bf16':>10}")
+    for name in ELEMENTWISE if pairwise._fused is not None else ():
+        secs = time_c(METHODS[name], k, repeats)
+        for threads, sec in secs.items():
+            ns = sec * threads / (BLOCK_ELEMS * (k + 1)) * 1e9
+            speedup = secs[1] / sec
+            rows.append(
+                {"method": name, "kernel": "C", "threads": threads, "ns_per_input_elem_thread": ns, "speedup": speedup}
+            )
+            print(f"{name:<16} {'C':<9} {threads:>7} {ns:>15.3f} {speedup:>7.2f} {2 * threads / ns:>10.2f}")
+    torch.set_num_threads(1)
+    for name in ELEMENTWISE:
+        for kind in ("eager", "compiled") if compiled else ("eager",):
+            sec = time_step(METHODS[name], k, kind == "compiled", repeats)
+            ns = sec / (CHUNK_ELEMS * (k + 1)) * 1e9
+            rows.append({"method": name, "kernel": kind, "threads": 1, "ns_per_input_elem_thread": ns})
+            print(f"{name:<16} {kind:<9} {1:>7} {ns:>15.3f} {'':>7} {2 / ns:>10.2f}")
     torch.set_num_threads(1)  # the C runs on the executor's one main thread: torch on one too, like for like
     kernels = [("C", pairwise._fused)] if pairwise._fused is not None else []
     print(f"\n{'two passes':<16} {'kernel':<9} {'models':>7} {'stats ns/elem':>14} {'merge ns/elem':>14}")

@@ -102,7 +102,7 @@ mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-cod
     help="Fuse the elementwise methods into kernels compiled ahead of time (AOTInductor) and cached "
     "(auto: inputs of 8 GiB or more). Same bytes either way.",
 )
-@click.option("--threads", type=click.IntRange(1), help="Compute threads (default: torch's, one per core).")
+@click.option("--threads", type=click.IntRange(1), help="Compute threads (default: the cores this process may use).")
 @click.option("--log-json", type=click.Path(path_type=Path), help="Write JSON-lines events (plan, tensor, report).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a TTY).")
 @click.option(
@@ -151,12 +151,12 @@ def merge_cmd(
     say_not_needed(kw)
     with engine_errors():
         spec = build_spec(kw)  # imports the engine (engine.load)
+    import torch
+
+    from engine.cores import default_threads
     from engine.merge import merge
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or default_threads())
     with engine_errors():
         show_bar = sys.stderr.isatty() if progress is None else progress
         with _events(log_json, show_bar) as on_event:

@@ -35,6 +35,7 @@ from engine.methods import steps
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.plan import Block, Plan, TensorPlan
 from engine.rng import KeyedRng, stream_key
+from engine.stats import pairwise
 from engine.vocab import open_streams
 
 TWO32 = 1 << 32
@@ -144,6 +145,8 @@ def execute(
         if kernel is not None:
             stack.callback(kernel.close, wait=False)  # stopped or failed: leave a build under way
         stage = _Stage(plan, pipe, prefetch, out, emit, kernel)
+        if pipe.mover.reads_host:
+            pairwise.say_if_slow()
         stack.enter_context(on_device(pipe.mover.device))
         for tensor in plan.tensors:
             first = start.get(tensor.name, 0)
@@ -266,8 +269,11 @@ class _Stage:
             inputs = filled.data
             # one program for the whole block (the statistics and parameters are the tensor's),
             # which the C runs in one call: it keeps its own cache-sized tiles
-            program = self.method.steps(self.params, stats, len(inputs) - 1) if self._reads_raw(tensor) else None
-            whole = program is not None and steps.fused(inputs, program, out)
+            program = self.method.steps(self.params, stats, len(inputs) - 1) if self.mover.reads_host else None
+            if program is not None and not tensor.reads_base and 0 in steps.streams_read(program):
+                program = None  # the base was not read into its buffer
+            keys = [s.key for s in streams]
+            whole = program is not None and steps.fused(inputs, program, out, block.start, keys)
             for c0, c1 in () if whole else self._spans(tensor, block):
                 c = self._chunk(tensor, streams, block.start + c0)
                 raw = [x[c0:c1] for x in inputs]

@@ -31,6 +31,7 @@ import torch
 
 from engine import aot
 from engine.methods.base import Chunk, Method, Stats, TensorParams
+from engine.stats import pairwise
 
 log = logging.getLogger(__name__)
 # A kernel costs 7-20 s to build once per settings (then milliseconds to load) and saves ~1.5 s per
@@ -39,8 +40,11 @@ AUTO_MIN_BYTES = 8 << 30
 
 
 def can_compile(method: Method, params: TensorParams) -> bool:
-    """Elementwise methods without per-tensor statistics, on a machine with a C++ compiler."""
+    """Elementwise methods without per-tensor statistics, on a machine with a C++ compiler, that
+    the C extension does not run already (`Method.steps`: faster than any compiled kernel)."""
     if method.row_aligned or method.reducers(params):
+        return False
+    if pairwise.fused_kernel(torch.device("cpu")) and method.steps(params, {}, len(params.models)) is not None:
         return False
     return shutil.which("g++") is not None or shutil.which("c++") is not None
 

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from engine.errors import BudgetError, SpecError
 from engine.execute import Pipeline
 from engine.io.output import temp_dir_for
 from engine.merge import prepare
+from engine.methods import steps
 from engine.methods.registry import METHODS
 from engine.plan import Plan
 
@@ -226,19 +228,27 @@ def test_out_of_memory_midway_is_one_line_and_resumes(
     """Another job takes the memory the plan counted on: say so, keep the work, resume."""
     base, models = tiny_family(2)
     impl = type(METHODS["ties"])
-    apply, calls = impl.apply, [0]
+    apply, fused, calls = impl.apply, steps.fused, [0]
 
-    def starved(self: object, *args: object) -> torch.Tensor:
+    def starve() -> None:
         calls[0] += 1
         if calls[0] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def starved(self: object, *args: object) -> torch.Tensor:  # the torch path
+        starve()
         return apply(self, *args)  # type: ignore[arg-type]
+
+    def starved_c(*args: Any, **kw: Any) -> bool:  # the C's
+        starve()
+        return fused(*args, **kw)
 
     out = tmp_path / "out"
     args = ["merge", "--base", str(base), *(a for m in models for a in ("--model", str(m))), "--method", "ties"]
     args += ["--density", "0.4", "--block-size", "64", "--device", "cpu", "-o", str(out)]  # RAM's advice
     with monkeypatch.context() as m:
         m.setattr(impl, "apply", starved)
+        m.setattr(steps, "fused", starved_c)
         failed = CliRunner().invoke(main, args)
     assert failed.exit_code == 1 and "Traceback" not in failed.output
     assert "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in failed.output

@@ -95,12 +95,12 @@ F = np.zeros(4, np.float32)
         ((F,), ((SET, 0, None),), np.zeros(5, np.float32), ValueError, "out holds 5 items, want 4"),
         ((F, np.zeros(5, np.float32)), ((SET, 0, None),), F.copy(), ValueError, "streams of 4 and 5 items"),
         ((F,), ((ADD, 0, None),), F.copy(), ValueError, "step 0"),
-        ((F,), ((SET, 0, None), (SET, 0, None)), F.copy(), ValueError, "step 1"),
+        ((F,), ((SET, 0, None), (ADD, 0, None, 5)), F.copy(), ValueError, "step 1"),
         ((F,), ((SET, 1, None),), F.copy(), ValueError, "stream 1"),
         ((F,), ((SET, 0, None), (DIV, -1, None)), F.copy(), ValueError, "step 1"),
-        ((F,), ((SET, 0, None), (7, 0, 1.0)), F.copy(), ValueError, "op 7"),
+        ((F,), ((SET, 0, None), (9, 0, 1.0)), F.copy(), ValueError, "op 9"),
         ((F,), ((SET, 0, "x"),), F.copy(), TypeError, "real number"),
-        ((), ((SET, 0, None),), F.copy(), ValueError, "no streams"),
+        ((), ((SET, 0, None),), F.copy(), ValueError, "streams and"),
     ],
 )
 def test_bad_arguments_raise(streams: tuple, program: tuple, out: np.ndarray, error: type, match: str) -> None:

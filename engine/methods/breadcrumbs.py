@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.errors import SpecError
+from engine.methods import steps
 from engine.methods.base import (
     DENSITY,
     LAMBDA,
@@ -35,6 +36,7 @@ from engine.methods.base import (
     normalize_param,
     scale_,
 )
+from engine.methods.steps import Step
 from engine.methods.task_arithmetic import DeltaMerge, deltas_
 from engine.stats.topk import Cut, in_top, magnitude_key, topk_reducers
 
@@ -100,6 +102,12 @@ class _Breadcrumbs(DeltaMerge):
             scale_(keep_band_(d, cuts[2 * i], cuts[2 * i + 1], c.start), w)
             for i, (d, w) in enumerate(zip(deltas, p.per_model("weight")))
         ]
+
+    def sparsify_steps(self, m: int, p: TensorParams, stats: Stats) -> list[Step] | None:
+        """`keep_band_` of model m as a step."""
+        cuts = stats.get(CUTS) or [Cut.nothing(), Cut.everything()] * m
+        outer, inner = cuts[2 * m - 2], cuts[2 * m - 1]
+        return [] if outer == Cut.nothing() and inner == Cut.everything() else [steps.top(inner, outer, m)]
 
 
 class Breadcrumbs(_Breadcrumbs):

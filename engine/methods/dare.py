@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.errors import SpecError
+from engine.methods import steps
 from engine.methods.base import (
     DENSITY,
     LAMBDA,
@@ -36,6 +37,7 @@ from engine.methods.base import (
     scale_,
 )
 from engine.methods.rescale_norm import FACTORS, NORMS, NormMatch
+from engine.methods.steps import Step
 from engine.methods.task_arithmetic import DeltaMerge, deltas_
 
 RESCALE = ParamDef("rescale", True, per_model=False)
@@ -87,6 +89,18 @@ class _Dare(DeltaMerge):
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> list[torch.Tensor]:
         return [scale_(d, w) for d, w in zip(dare_deltas_(base, models, p, c, stats), p.per_model("weight"))]
+
+    def sparsify_steps(self, m: int, p: TensorParams, stats: Stats) -> list[Step] | None:
+        """`dare_deltas_` for model m as steps: keep, then divide by d or scale by the norm factor."""
+        d, factors = p.per_model("density")[m - 1], stats.get(FACTORS)
+        if d >= 1.0:
+            return []
+        out = [steps.keep(m - 1, d, m)]
+        if p.flag("rescale") and factors is None:
+            out.append(Step(steps.DIV, scale=d, reg=m))
+        if factors is not None and factors[m - 1] != 1.0:
+            out.append(Step(steps.MUL, scale=factors[m - 1], reg=m))
+        return out
 
     def validate(self, p: TensorParams) -> None:
         if p.choice("rescale_norm") != "density" and not p.flag("rescale"):

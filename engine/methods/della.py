@@ -48,6 +48,7 @@ from engine.methods.base import (
     scale_,
 )
 from engine.methods.dare import RESCALE
+from engine.methods.steps import Step
 from engine.methods.task_arithmetic import DeltaMerge, deltas_
 from engine.stats.topk import magnitude_key
 
@@ -130,6 +131,9 @@ class _Della(DeltaMerge):
         """wₘ · δ̂ₘ per model, in place over the model chunks."""
         args = zip(deltas_(base, models), p.per_model("density"), p.per_model("epsilon"), p.per_model("weight"))
         return [scale_(magprune_(x, m, d, e, p.flag("rescale"), c), w) for m, (x, d, e, w) in enumerate(args)]
+
+    def sparsify_steps(self, m: int, p: TensorParams, stats: Stats) -> list[Step] | None:
+        return None  # per-row ranks and keep probabilities: `apply` only
 
 
 class Della(_Della):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.methods import steps
 from engine.methods.base import (
     WEIGHT,
     Chunk,
@@ -21,6 +22,7 @@ from engine.methods.base import (
     safe_divisor,
     weighted_sum_,
 )
+from engine.methods.steps import Step
 
 
 class Linear(Method):
@@ -36,3 +38,11 @@ class Linear(Method):
         if p.flag("normalize"):
             div_(out, safe_divisor(sum(weights)))
         return out
+
+    def steps(self, p: TensorParams, stats: Stats, n_models: int) -> Sequence[Step]:
+        """`apply` as a program (the base, stream 0, is never read)."""
+        w = [None if x == 1.0 else x for x in p.per_model("weight")]
+        program = [steps.set_(1, w[0]), *(steps.add(m, w[m - 1]) for m in range(2, n_models + 1))]
+        if p.flag("normalize"):
+            program.append(Step(steps.DIV, scale=safe_divisor(sum(p.per_model("weight")))))
+        return program

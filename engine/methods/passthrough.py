@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.methods import steps
 from engine.methods.base import Chunk, Method, ParamDef, Stats, TensorParams, scale_
+from engine.methods.steps import Step
 
 
 class Passthrough(Method):
@@ -29,5 +31,15 @@ class Passthrough(Method):
     ) -> torch.Tensor:
         # The one model is the base: its scale is the base's own. The base chunk is shared and
         # read-only: scaling needs a copy.
-        scale = float(p.base.get("scale", 1.0))
+        scale = _scale(p)
         return base if scale == 1.0 else scale_(base.clone(), scale)
+
+    def steps(self, p: TensorParams, stats: Stats, n_models: int) -> Sequence[Step]:
+        """`apply` as a program: the base, scaled."""
+        scale = _scale(p)
+        return (steps.set_(0, None if scale == 1.0 else scale),)
+
+
+def _scale(p: TensorParams) -> float:
+    """The one model's (the base's) `scale`, per-model as in mergekit."""
+    return float(p.base.get("scale", 1.0))

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from engine.methods import steps
 from engine.methods.base import (
     LAMBDA,
     WEIGHT,
@@ -29,6 +30,7 @@ from engine.methods.base import (
     weighted_sum_,
 )
 from engine.methods.consensus import disjoint_merge_
+from engine.methods.steps import Step
 
 
 def deltas_(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -74,6 +76,34 @@ class DeltaMerge(Method):
     ) -> torch.Tensor:
         weighted = self.weighted_deltas_(base, models, p, stats, c)
         return merge_weighted_(base, weighted, p.per_model("weight"), p, consensus=self.consensus)
+
+    def sparsify_steps(self, m: int, p: TensorParams, stats: Stats) -> list[Step] | None:
+        """The steps that sparsify δₘ in register m, as `weighted_deltas_` does before weighting
+        (none here); None where no program can (DELLA's per-row ranks)."""
+        return []
+
+    def steps(self, p: TensorParams, stats: Stats, n_models: int) -> Sequence[Step] | None:
+        """`apply` as a program: register m holds wₘ δ̂ₘ, then the mix and the base's add."""
+        weights = p.per_model("weight")
+        program: list[Step] = []
+        for m in range(1, n_models + 1):
+            sparse = self.sparsify_steps(m, p, stats)
+            if sparse is None:
+                return None
+            program += [steps.set_(m, reg=m), Step(steps.SUB, 0, reg=m), *sparse]
+            if weights[m - 1] != 1.0:
+                program.append(Step(steps.MUL, scale=weights[m - 1], reg=m))
+        if self.consensus:
+            program.append(steps.elect(weights, p.flag("normalize")))
+            acc = 0
+        else:  # weighted_sum_ of the weighted deltas, into the first
+            program += [Step(steps.ACC, m, reg=1) for m in range(2, n_models + 1)]
+            acc = 1
+            if p.flag("normalize"):
+                program.append(Step(steps.DIV, scale=safe_divisor(sum(weights)), reg=1))
+        if p.number("lambda") != 1.0:
+            program.append(Step(steps.MUL, scale=p.number("lambda"), reg=acc))
+        return [*program, Step(steps.ADD, 0, reg=acc)]
 
 
 class TaskArithmetic(DeltaMerge):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.methods import steps
 from engine.methods.base import (
     DENSITY,
     LAMBDA,
@@ -28,6 +29,7 @@ from engine.methods.base import (
     normalize_param,
     scale_,
 )
+from engine.methods.steps import Step
 from engine.methods.task_arithmetic import DeltaMerge, deltas_
 from engine.stats.topk import Cut, in_top, magnitude_key, topk_reducers
 
@@ -65,3 +67,8 @@ class Ties(DeltaMerge):
         cuts = stats.get(TRIM) or [Cut.everything()] * len(models)
         trimmed = [trim_(delta, cut, c.start) for delta, cut in zip(deltas_(base, models), cuts)]
         return [scale_(delta, w) for delta, w in zip(trimmed, p.per_model("weight"))]
+
+    def sparsify_steps(self, m: int, p: TensorParams, stats: Stats) -> list[Step] | None:
+        """`trim_` of model m as a step."""
+        cut = (stats.get(TRIM) or [Cut.everything()] * m)[m - 1]
+        return [] if cut == Cut.everything() else [steps.top(cut, Cut.nothing(), m)]

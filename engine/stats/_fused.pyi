@@ -11,8 +11,17 @@ def group_sums(
 ) -> None: ...
 def combine(
     streams: tuple[Buffer, ...],
-    steps: tuple[tuple[int, int, float | None], ...],
+    steps: tuple[
+        tuple[int, int, float | None]
+        | tuple[int, int, float | None, int]
+        | tuple[int, int, float | None, int, tuple[int, ...]]
+        | tuple[int, int, float | None, int, tuple[int, ...], tuple[float, ...]],
+        ...,
+    ],
     out: Buffer,
     nan: int,
     threads: int = 1,
+    start: int = 0,
+    keys: tuple[int, ...] = (),
 ) -> None: ...
+def key_histogram(base: Buffer, model: Buffer, out: Buffer, bucket: int = -1, threads: int = 1) -> None: ...

@@ -31,6 +31,8 @@ product on 2 cores, most of a SLERP or model stock merge (bench numbers in the R
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import threading
 from collections.abc import Hashable, Sequence
@@ -39,9 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.cores import default_threads
+
 if TYPE_CHECKING:
     import numpy as np
 
+log = logging.getLogger(__name__)
 _fused: ModuleType | None
 try:
     import engine.stats._fused as _fused
@@ -213,6 +218,16 @@ def release() -> None:
     _local.__dict__.pop("arrays", None)
 
 
+@functools.cache
+def say_if_slow() -> None:
+    """Once per process, where the C was not built (no C compiler at install): the merge runs on
+    the torch path, the same bytes several times slower."""
+    if _fused is None:
+        log.warning(
+            "leanmerge: the C extension is not built (no C compiler at install): merging on the slower torch path"
+        )
+
+
 def fused_kernel(device: torch.device) -> ModuleType | None:
     """The C first level where it applies: built, for this GROUP (tests change it), on the CPU."""
     return _fused if _fused is not None and _fused.GROUP == GROUP and device.type == "cpu" else None
@@ -225,8 +240,9 @@ def fused_for(tensors: Sequence[torch.Tensor]) -> ModuleType | None:
 
 
 def c_threads() -> int:
-    """Threads the C may cut one call into: torch's compute threads (`--threads`, one per core)."""
-    return torch.get_num_threads()
+    """Threads of the C's pool one call may use: torch's compute threads (`--threads`), no more
+    than the cores this process may use (`engine.cores`)."""
+    return min(torch.get_num_threads(), default_threads())
 
 
 def as_buffer(x: torch.Tensor) -> np.ndarray[Any, Any]:

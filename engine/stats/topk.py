@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from engine.methods.base import Chunk, Reducer, Stats, TensorParams
+from engine.stats import pairwise
 
 KEY_MAX = 0x7FFFFFFF  # the largest key (a NaN pattern); keys are int32 >= 0
 ALL_TIES = (1 << 63) - 1  # `last_tie` when every key equal to the threshold is kept
@@ -130,6 +131,22 @@ class _Keys:
         return self.done[m]
 
 
+def _c_counts(raw: Sequence[torch.Tensor], m: int, bucket: int) -> torch.Tensor | None:
+    """Passes 1 (bucket -1) and 2 of model m's keys counted by the C from the read buffers (base
+    first), on the process's pool; None where the C does not apply."""
+    kernel = pairwise.fused_for(raw)
+    if kernel is None:
+        return None
+    counts = torch.zeros(_HIGH_BINS if bucket < 0 else _LOW_BINS, dtype=torch.int64)
+    base, model = pairwise.as_buffer(raw[0]), pairwise.as_buffer(raw[m + 1])
+    kernel.key_histogram(base, model, counts.numpy(), bucket, pairwise.c_threads())
+    return counts
+
+
+def _fold(hists: dict[int, torch.Tensor], at: int, counts: torch.Tensor) -> None:
+    hists[at] = counts if at not in hists else hists[at].add_(counts)
+
+
 class _HighPass(Reducer):
     """Pass 1: histogram of the keys' high 16 bits, per model."""
 
@@ -147,8 +164,14 @@ class _HighPass(Reducer):
     ) -> None:
         keys = _Keys(base, models)
         for m in sorted({s[0] for s in acc.steps if isinstance(s, tuple)}):
-            counts = torch.bincount(keys[m] >> 16, minlength=_HIGH_BINS)
-            acc.hists[m] = counts if m not in acc.hists else acc.hists[m].add_(counts)
+            _fold(acc.hists, m, torch.bincount(keys[m] >> 16, minlength=_HIGH_BINS))
+
+    def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
+        if pairwise.fused_for(raw) is None:
+            return False
+        for m in sorted({s[0] for s in acc.steps if isinstance(s, tuple)}):
+            _fold(acc.hists, m, _c_counts(raw, m, -1))  # type: ignore[arg-type]
+        return True
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         steps = [_Bucket(s[0], s[1], *_pick(acc.hists[s[0]], s[1])) if isinstance(s, tuple) else s for s in acc.steps]
@@ -172,8 +195,15 @@ class _LowPass(Reducer):
             if isinstance(s, _Bucket):
                 key = keys[s.model]
                 low = key[(key >> 16) == s.bucket] & 0xFFFF
-                counts = torch.bincount(low, minlength=_LOW_BINS)
-                acc.hists[i] = counts if i not in acc.hists else acc.hists[i].add_(counts)
+                _fold(acc.hists, i, torch.bincount(low, minlength=_LOW_BINS))
+
+    def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
+        if pairwise.fused_for(raw) is None:
+            return False
+        for i, s in enumerate(acc.steps):
+            if isinstance(s, _Bucket):
+                _fold(acc.hists, i, _c_counts(raw, s.model, s.bucket))  # type: ignore[arg-type]
+        return True
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         steps: list[_Step] = []

@@ -1,0 +1,181 @@
+"""Every method written as a program (`Method.steps`): the C over the read buffers gives the bytes
+of the eager path (`apply` on float32 copies, then torch's cast) and of the torch executor
+(`steps.run`), for any shapes, dtypes, parameters, chunk cuts, thread counts and flat positions,
+including DARE's keyed mask past 2**32."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_steps import inputs, needs_kernel
+
+from engine.methods import steps
+from engine.methods.base import Chunk, Method, TensorParams
+from engine.methods.breadcrumbs import CUTS
+from engine.methods.registry import get_method
+from engine.methods.rescale_norm import FACTORS
+from engine.methods.ties import TRIM
+from engine.rng import KeyedRng, stream_key
+from engine.stats import pairwise
+from engine.stats.topk import ALL_TIES, KEY_MAX, Cut
+
+PROGRAMS = ["linear", "task_arithmetic", "dare_linear", "dare_ties", "ties", "breadcrumbs", "breadcrumbs_ties"]
+WEIGHTS = st.sampled_from([-0.5, 0.0, 0.25, 1 / 3, 1.0, 1.5])
+DENSITIES = st.sampled_from([0.0, 0.05, 0.3, 0.5, 0.9, 1.0])
+STARTS = st.sampled_from([0, 12345, (1 << 32) - 700, 5 * (1 << 32) - 3, (1 << 40) + 17])
+FP = [torch.float32, torch.bfloat16]
+
+
+@st.composite
+def cuts(draw: st.DrawFn, start: int, n: int) -> Cut:
+    """A top-k cut with its threshold among typical delta keys and its last tie anywhere."""
+    kind = draw(st.sampled_from(["everything", "nothing", "some"]))
+    if kind != "some":
+        return Cut.everything() if kind == "everything" else Cut.nothing()
+    threshold = draw(st.sampled_from([0, 0x3C000000, 0x3F800000, 0x40000000, 0x7F800000, KEY_MAX]))
+    last = draw(st.sampled_from([-1, start, start + n // 2, start + n - 1, ALL_TIES]))
+    return Cut(threshold, last)
+
+
+def params_for(method: Method, k: int, draw: st.DrawFn) -> TensorParams:
+    per = []
+    for _ in range(k):
+        m: dict[str, Any] = {"weight": draw(WEIGHTS), "density": draw(DENSITIES)}
+        m["gamma"] = draw(st.sampled_from([0.0, 0.05]))
+        per.append({d.name: m[d.name] for d in method.params if d.per_model})
+    g: dict[str, Any] = {
+        "lambda": draw(st.sampled_from([1.0, 0.7, -2.0])),
+        "normalize": draw(st.booleans()),
+        "rescale": draw(st.booleans()),
+    }
+    return TensorParams({d.name: g.get(d.name, d.default) for d in method.params if not d.per_model}, tuple(per))
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[Method, TensorParams, dict[str, Any], int, int, int]:
+    name = draw(st.sampled_from(PROGRAMS))
+    method = get_method(name)
+    k = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 5000))
+    start = draw(STARTS)
+    p = params_for(method, k, draw)
+    stats: dict[str, Any] = {}
+    if name == "ties":
+        stats[TRIM] = tuple(draw(cuts(start, n)) for _ in range(k))
+    elif name.startswith("breadcrumbs"):
+        stats[CUTS] = tuple(draw(cuts(start, n)) for _ in range(2 * k))
+    elif name.startswith("dare") and draw(st.booleans()):
+        stats[FACTORS] = tuple(draw(st.sampled_from([1.0, 0.75, 3.5])) for _ in range(k))
+    return method, p, stats, k, n, start
+
+
+@needs_kernel
+@settings(max_examples=150, deadline=None)
+@given(
+    case=cases(),
+    dtypes=st.lists(st.sampled_from(FP), min_size=5, max_size=5),
+    out_dtype=st.sampled_from(FP),
+    cut_at=st.lists(st.integers(0, 5000), max_size=3),
+    threads=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_the_c_gives_the_bytes_of_apply_and_of_the_torch_steps(
+    case: tuple[Method, TensorParams, dict[str, Any], int, int, int],
+    dtypes: list[torch.dtype],
+    out_dtype: torch.dtype,
+    cut_at: list[int],
+    threads: int,
+    seed: int,
+) -> None:
+    method, p, stats, k, n, start = case
+    raw = inputs(n, dtypes[: k + 1], seed)
+    rngs = tuple(KeyedRng(stream_key(seed, "t", m)) for m in range(k))
+    c = Chunk(rngs, start, n)
+    program = method.steps(p, stats, k)
+    assert program is not None
+    want = method.apply(raw[0].float(), [x.float().clone() for x in raw[1:]], p, stats, c).to(out_dtype)
+    by_steps = steps.run([x.float().clone() for x in raw], program, c).to(out_dtype)
+    got = torch.empty(n, dtype=out_dtype)
+    bounds = sorted({0, n, *(min(x, n) for x in cut_at)})
+    with mock.patch.object(pairwise, "c_threads", lambda: threads):
+        for a, b in zip(bounds, bounds[1:]):  # the chunk cut anywhere
+            assert steps.fused([x[a:b] for x in raw], program, got[a:b], start + a, [r.key for r in rngs])
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit
+    assert torch.equal(by_steps.view(torch.uint8), want.view(torch.uint8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_many_threads_and_pieces_give_the_same_bytes(method: str) -> None:
+    """A call long enough for every thread of the pool to take pieces of it, across 2**32."""
+    n, start = (1 << 20) + 4099, (1 << 32) - (1 << 19)
+    raw = inputs(n, [torch.bfloat16] * 3, 3)
+    m = get_method(method)
+    p = TensorParams(
+        {"lambda": 1.0, "normalize": True, "rescale": True, "rescale_norm": "density"},
+        ({"weight": 0.5, "density": 0.3},) * 2,
+    )
+    stats = {TRIM: (Cut(0x3F000000, start + 77), Cut(0x3E000000, ALL_TIES))}
+    program = m.steps(p, stats, 2)
+    assert program is not None
+    keys = [stream_key(1, "w", i) for i in range(2)]
+    outs = []
+    for threads in (1, 2, 3, 8):
+        out = torch.empty(n, dtype=torch.bfloat16)
+        with mock.patch.object(pairwise, "c_threads", lambda t=threads: t):
+            assert steps.fused(raw, program, out, start, keys)
+        outs.append(out.view(torch.int16))
+    c = Chunk(tuple(KeyedRng(key) for key in keys), start, n)
+    want = m.apply(raw[0].float(), [x.float().clone() for x in raw[1:]], p, stats, c).bfloat16().view(torch.int16)
+    for out in outs:
+        assert torch.equal(out, want)
+
+
+def test_della_has_no_program() -> None:
+    p = TensorParams(
+        {"lambda": 1.0, "normalize": True, "rescale": True}, ({"weight": 1.0, "density": 0.5, "epsilon": 0.1},)
+    )
+    assert get_method("della").steps(p, {}, 1) is None
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 200_000),
+    dtypes=st.lists(st.sampled_from(FP), min_size=2, max_size=2),
+    threads=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_key_histograms_in_c_equal_torch_bincount(n: int, dtypes: list[torch.dtype], threads: int, seed: int) -> None:
+    """The top-k passes 1 and 2 counted by the C from the read buffers equal the torch path's
+    counts of the float32 copies' keys (NaNs' payloads included)."""
+    base, model = inputs(n, dtypes, seed)
+    key = model.float().clone().sub_(base.float()).view(torch.int32).bitwise_and_(KEY_MAX)
+    kernel: Any = pairwise._fused
+    high = torch.zeros(1 << 15, dtype=torch.int64)
+    kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), high.numpy(), -1, threads)
+    assert torch.equal(high, torch.bincount(key >> 16, minlength=1 << 15))
+    bucket = int(key[n // 2] >> 16)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), low.numpy(), bucket, threads)
+    assert torch.equal(low, torch.bincount(key[(key >> 16) == bucket] & 0xFFFF, minlength=1 << 16))
+
+
+def test_an_install_without_the_c_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pairwise, "_fused", None)
+    pairwise.say_if_slow.cache_clear()
+    try:
+        pairwise.say_if_slow()
+        pairwise.say_if_slow()
+    finally:
+        pairwise.say_if_slow.cache_clear()
+    assert [r.getMessage() for r in caplog.records] == [
+        "leanmerge: the C extension is not built (no C compiler at install): merging on the slower torch path"
+    ]
