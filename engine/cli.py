@@ -176,6 +176,8 @@ def merge_cmd(
             )
             on_event({"event": "report", **report.to_json()})
     click.echo(format_report(report))
+    if report.nonfinite_inputs:
+        click.echo(format_nonfinite_inputs(report.nonfinite_inputs), err=True)
     if report.nonfinite:
         click.echo(format_nonfinite(report.nonfinite), err=True)
 
@@ -333,14 +335,24 @@ def format_report(r: Report) -> str:
 
 
 def format_nonfinite(counts: dict[str, int]) -> str:
-    """One warning line naming the tensors with NaN/Inf, most first."""
-    worst = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    shown = ", ".join(f"{name} {n}" for name, n in worst[:SHOWN_TENSORS])
-    more = f" and {len(worst) - SHOWN_TENSORS} more" if len(worst) > SHOWN_TENSORS else ""
+    """One warning line naming the merged tensors with NaN/Inf, most first."""
     return (
-        f"Warning: NaN/Inf in {len(worst)} merged tensor(s): {shown}{more} "
+        f"Warning: NaN/Inf in {len(counts)} merged tensor(s): {_worst(counts)} "
         "(from the inputs, or an overflow of --out-dtype; --strict-finite refuses such a merge)"
     )
+
+
+def format_nonfinite_inputs(inputs: dict[str, dict[str, int]]) -> str:
+    """One warning line naming, per input folder, its tensors with NaN/Inf, most first."""
+    shown = "; ".join(f"{folder}: {_worst(counts)}" for folder, counts in sorted(inputs.items()))
+    return f"Warning: NaN/Inf in the inputs: {shown} (--strict-finite refuses such inputs)"
+
+
+def _worst(counts: dict[str, int]) -> str:
+    """`name count, ...` for the tensors with the most, and how many more there are."""
+    worst = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{name} {n}" for name, n in worst[:SHOWN_TENSORS])
+    return shown + (f" and {len(worst) - SHOWN_TENSORS} more" if len(worst) > SHOWN_TENSORS else "")
 
 
 def _held_line(plan: Plan) -> list[str]:

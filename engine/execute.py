@@ -29,7 +29,7 @@ from engine.dtypes import DTYPES, itemsize
 from engine.io.checkpoint import BUFFERED, ReadOptions, direct_buffer
 from engine.io.inventory import Inventory
 from engine.io.lora import RowReader
-from engine.io.write_behind import WriteBehind
+from engine.io.write_behind import Finite, WriteBehind
 from engine.kernels import CompiledApply
 from engine.methods import steps
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
@@ -139,7 +139,8 @@ def execute(
     start = start or {}
     with ExitStack() as stack:
         readers = open_streams(inv, stack, reading)
-        prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots)
+        sources = [str(c.folder) for c in (inv.base, *inv.models)]
+        prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots, _InputCheck(out.finite, sources))
         stack.callback(prefetch.stop)
         kernel = CompiledApply(plan.spec.method_impl, behind=compile_behind) if compiled else None
         if kernel is not None:
@@ -327,6 +328,20 @@ def _streams(method: Method, seed: int, tensor: str, n_models: int) -> tuple[Key
     return tuple(KeyedRng(stream_key(seed, tensor, m)) for m in range(n_models))
 
 
+class _InputCheck:
+    """Which reads of the schedule count the inputs' NaN/Inf: each block once, on its last read
+    (the merge pass's; a tensor read once for all its passes, on that read)."""
+
+    def __init__(self, finite: Finite, sources: Sequence[str]) -> None:
+        self.finite, self.sources = finite, sources
+        self._reads: dict[str, int] = {}
+
+    def last_read(self, tensor: TensorPlan) -> bool:
+        """Called once per block read, in schedule order: is this the block's last read?"""
+        n = self._reads[tensor.name] = self._reads.get(tensor.name, 0) + 1
+        return tensor.read_once or n > (tensor.passes - 1) * tensor.n_blocks
+
+
 class _Prefetcher:
     """A reader thread that fills free slots in schedule order; iterate to get filled ones.
 
@@ -337,8 +352,13 @@ class _Prefetcher:
     """
 
     def __init__(
-        self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[RowReader], slots: list[Slot]
+        self,
+        schedule: Iterator[tuple[TensorPlan, Block]],
+        readers: Sequence[RowReader],
+        slots: list[Slot],
+        check: _InputCheck | None = None,
     ) -> None:
+        self._check = check
         self._free: queue.Queue[Slot] = queue.Queue()
         self._ready: queue.Queue[_Item] = queue.Queue()
         self._stopped = threading.Event()
@@ -362,9 +382,9 @@ class _Prefetcher:
                 slot = self._take_free()
                 if slot is None:
                     return
+                counted = self._check is not None and self._check.last_read(tensor)
                 reads = [
-                    self._pool.submit(readers[i].read_rows, tensor.name, block.r0, block.r1, out=slot[i])
-                    for i in tensor.streams
+                    self._pool.submit(self._read, readers[i], i, tensor, block, slot, counted) for i in tensor.streams
                 ]
                 data = [r.result().reshape(-1) for r in reads]
                 if tensor.streams[0] != 0:
@@ -373,6 +393,16 @@ class _Prefetcher:
             self._ready.put(None)
         except BaseException as e:  # handed to the consumer, which re-raises it
             self._ready.put(e)
+
+    def _read(
+        self, reader: RowReader, i: int, tensor: TensorPlan, block: Block, slot: Slot, counted: bool
+    ) -> torch.Tensor:
+        """Input `i`'s rows of `block` into its buffer of `slot`, NaN/Inf counted on the merge
+        pass's read (`counted`), here on the reader thread, beside the merge."""
+        rows = reader.read_rows(tensor.name, block.r0, block.r1, out=slot[i])
+        if counted and self._check is not None:
+            self._check.finite.check_input(self._check.sources[i], tensor, block, rows.reshape(-1))
+        return rows
 
     def _take_free(self) -> Slot | None:
         while not self._stopped.is_set():

@@ -76,6 +76,7 @@ class Report:
     peak_gpu_memory: int  # what the CUDA caching allocator reserved at most (0 on the CPU)
     resumed_bytes: int = 0  # what the earlier run read for `resumed_tensors`
     nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/Inf per merged tensor this run wrote
+    nonfinite_inputs: dict[str, dict[str, int]] = field(default_factory=dict)  # input folder -> tensor -> NaN/Inf
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -301,6 +302,7 @@ def merge(
         peak_gpu_memory=peak_device_memory(torch.device(plan.device.device)),  # auto may have fallen back
         resumed_bytes=earlier,
         nonfinite=finite.counts,
+        nonfinite_inputs=finite.inputs,
     )
 
 
