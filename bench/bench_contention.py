@@ -5,7 +5,8 @@ down about as much as its share of the cores shrinks, and burn no more CPU than 
 targets: at most 3x the wall time, at most 1.3x the user CPU-seconds).
 
 `python -m bench.bench_contention FAMILY [--method ties --method dare_ties] [--repeats 2]` merges
-FAMILY/base with FAMILY/ft1, FAMILY/ft2 (`tools.make_synthetic` writes such a folder), prints
+FAMILY/base with FAMILY/ft1, FAMILY/ft2 (slerp: ft1; passthrough: the base alone;
+`tools.make_synthetic` writes such a folder), every method unless `--method` names some, prints
 median wall and CPU seconds per setting with the ratios, and writes
 `bench/results/contention-<UTC timestamp>.json`. Settings alternate within each repeat, so a
 machine whose load drifts (other jobs) hits all of them alike.
@@ -31,6 +32,21 @@ import click
 from bench.common import BENCH, machine_info
 
 SETTINGS = ("alone", "busy", "reader")
+ALL_METHODS = (
+    "linear",
+    "task_arithmetic",
+    "dare_linear",
+    "dare_ties",
+    "ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "model_stock",
+    "passthrough",
+)
+MODELS = {"slerp": ("ft1",), "passthrough": ()}  # the fine-tunes a method takes, where not two
 
 
 def usable_cores() -> int:
@@ -59,7 +75,7 @@ def one_merge(family: Path, method: str, setting: str, scratch: Path) -> tuple[f
     out = scratch / "out"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "engine.cli", "merge", "--base", str(family / "base")]
-    cmd += [a for m in ("ft1", "ft2") for a in ("--model", str(family / m))]
+    cmd += [a for m in MODELS.get(method, ("ft1", "ft2")) for a in ("--model", str(family / m))]
     cmd += ["--method", method, "--density", "0.5", "--buffered-io", "-o", str(out)]
     procs = neighbours(setting, family / "ft1" / "model.safetensors")
     try:
@@ -73,7 +89,7 @@ def one_merge(family: Path, method: str, setting: str, scratch: Path) -> tuple[f
 
 @click.command()
 @click.argument("family", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--method", "methods", multiple=True, default=("ties", "dare_ties"), show_default=True)
+@click.option("--method", "methods", multiple=True, default=ALL_METHODS, help="Repeat; default: every method.")
 @click.option("--repeats", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "results")
 def main(family: Path, methods: tuple[str, ...], repeats: int, results: Path) -> None:

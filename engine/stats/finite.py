@@ -10,9 +10,15 @@ one core; `torch.isfinite` over everything took 7-12).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
-from engine.stats.pairwise import fused_kernel
+_c: ModuleType | None
+try:
+    import engine.stats._fused as _c
+except ImportError:  # installed without a C compiler: the torch path below
+    _c = None
 
 PIECE = 1 << 20  # elements checked at a time on the torch path (the per-call overhead stays small)
 # The exponent field of each float dtype, over the integer view of the same width.
@@ -27,10 +33,9 @@ def count_nonfinite(values: torch.Tensor) -> int:
     """How many elements of the 1-D tensor `values` are NaN or +-Inf (0 for integer dtypes)."""
     if not values.dtype.is_floating_point or values.numel() == 0:
         return 0
-    c = fused_kernel(values.device)
     bits = EXPONENT.get(values.dtype)
-    if c is not None and bits is not None and values.is_contiguous():
-        return int(c.count_nonfinite(values.view(bits[0]).numpy(), bits[1]))
+    if _c is not None and bits is not None and values.device.type == "cpu" and values.is_contiguous():
+        return int(_c.count_nonfinite(values.view(bits[0]).numpy(), bits[1]))
     n = 0
     for i in range(0, values.numel(), PIECE):
         piece = values[i : i + PIECE]
