@@ -8,18 +8,21 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_resume import SHAPES, digests
 
-from engine import CheckpointError, MergeSpec, ModelRef, merge
+from engine import CheckpointError, MergeSpec, ModelRef, ResumeError, merge
 from engine.cli import main
 from engine.config import load_config
 from engine.io.header import read_header
-from engine.io.journal import JOURNAL_NAME
+from engine.io.journal import JOURNAL_NAME, load_journal
 from engine.io.output import temp_dir_for
 
 from conftest import family_tensors, write_checkpoint
@@ -152,6 +155,39 @@ def test_a_torn_journal_tail_is_discarded(job: Path, tail: object) -> None:
     (temp_dir_for(out) / JOURNAL_NAME).write_bytes(b"".join(lines[:-1]) + cut)
     merge(load_config(job / "merge.yaml"), out, block_bytes=2048, resume=True)
     assert digests(out) == reference(job)
+
+
+JOURNAL_SAMPLE = (
+    b'{"leanmerge_journal":1,"spec":{},"inputs":[],"layout":"x"}\n'
+    b'{"b":"w","r0":0,"r1":4,"crc32":17}\n{"b":"w","r0":4,"r1":8,"crc32":99}\n{"t":"w","crc32":99}\n'
+    b'{"b":"v","r0":0,"r1":2,"crc32":5}\n'
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    cut=st.just(len(JOURNAL_SAMPLE)) | st.integers(0, len(JOURNAL_SAMPLE)),
+    flips=st.lists(st.tuples(st.integers(0, len(JOURNAL_SAMPLE) - 1), st.integers(0, 255)), max_size=4),
+    tail=st.binary(max_size=64) | st.sampled_from([b'{"b":[1],"r0":0,"r1":1,"crc32":1}\n', b'{"t":{},"crc32":1}\n']),
+)
+def test_a_damaged_journal_loads_its_good_prefix_or_is_one_error(
+    cut: int, flips: list[tuple[int, int]], tail: bytes
+) -> None:
+    """Journal fuzz: cut anywhere, bytes changed, garbage or wrongly typed records appended. Loading
+    keeps records up to the first damaged line and never raises anything but `ResumeError`."""
+    data = bytearray(JOURNAL_SAMPLE[:cut])
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / JOURNAL_NAME).write_bytes(bytes(data) + tail)
+        try:
+            state = load_journal(Path(tmp))
+        except ResumeError:
+            return
+    assert state is not None
+    assert all(isinstance(n, str) for n in (*state.done, *state.blocks))
+    assert all(isinstance(x, int) for rows in state.blocks.values() for b in rows for x in b)
 
 
 @pytest.fixture(scope="module")

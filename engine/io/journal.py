@@ -119,8 +119,10 @@ def _whole_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
 
 
 def _well_formed(rec: dict[str, Any]) -> bool:
-    ints = ("crc32",) if "t" in rec else ("r0", "r1", "crc32")
-    return ("t" in rec or "b" in rec) and all(type(rec.get(k)) is int for k in ints)
+    """A tensor record `{"t": name, "crc32"}` or a block record `{"b": name, "r0", "r1", "crc32"}`
+    with the types we write: a damaged line that still parses as JSON ends the journal there."""
+    key, ints = ("t", ("crc32",)) if "t" in rec else ("b", ("r0", "r1", "crc32"))
+    return type(rec.get(key)) is str and all(type(rec.get(k)) is int for k in ints)
 
 
 def load_journal(folder: Path) -> JournalState | None:
