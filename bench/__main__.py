@@ -19,8 +19,7 @@ Sections (`--sections`, default all):
 
 Modes: `--quick` uses the tiny and small presets, budgets 512MiB and 1GiB, 1 repeat and every
 registered method: about two minutes on an idle 2-core box (twice that when others use it). Full
-mode uses 3 repeats, the big presets, and leanmerge both eager (`--compile off`) and fused
-(`--compile on`) in the throughput section. It writes ~39 GB of synthetic models into the cache (a
+mode uses 3 repeats and the big presets. It writes ~39 GB of synthetic models into the cache (a
 few minutes, once). Measured on a 2-core machine with a ~1.2 GB/s disk (2026-11-27): rss_vs_budget +
 rss_vs_size with both baselines 33 min; throughput of linear, task_arithmetic, dare_linear,
 dare_ties and ties beside mergekit 63 min, beside the naive merge 54 min (a naive DARE merge takes
@@ -66,14 +65,12 @@ QUICK = {
     "family": "small",
     "sizes": ("tiny", "small"),
     "repeats": 1,
-    "compile_modes": ("auto",),
     "budgets": (512 << 20, 1 << 30),  # the small family fits in any of them: two show the floor
 }
 FULL = {
     "family": "llama8b-embed",
     "sizes": ("tiny", "small", "llama1b-embed", "llama8b-embed", "llama70b-layer"),
     "repeats": 3,
-    "compile_modes": ("off", "on"),  # eager vs fused: the gap the disk is measured against
 }
 
 
@@ -130,7 +127,6 @@ def settings_for(quick: bool, cache: Path, repeats: int | None, hidden: dict[str
     sizes = tuple(sorted(hidden["sizes"] or mode["sizes"], key=lambda p: preset_sizes(p)[0]))
     family = hidden["family"] or (sizes[-1] if hidden["sizes"] else mode["family"])
     extra: dict[str, Any] = {k: hidden[k] or mode.get(k) for k in ("budgets", "methods") if hidden[k] or mode.get(k)}
-    extra["compile_modes"] = hidden["compile_modes"] or mode["compile_modes"]
     if hidden.get("caches"):
         extra["caches"] = hidden["caches"]
     if hidden.get("baselines") is not None:
@@ -196,7 +192,6 @@ def write_outputs(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[s
 )
 @click.option("--methods", callback=split_list, help="Only these methods, comma-separated [default: all registered].")
 @click.option("--budgets", callback=parse_budgets, hidden=True, help="Budgets for rss_vs_budget.")
-@click.option("--compile-modes", callback=split_list, hidden=True, help="leanmerge --compile modes for throughput.")
 @click.option("--caches", callback=split_list, help="Page-cache states for throughput: cold, warm [default: both].")
 @click.option(
     "--max-memory",

@@ -1,7 +1,6 @@
 """Per-element cost of each method's merge pass on the CPU: the C (`engine.stats._fused`, one
 call per block of the read buffers, as the executor makes it) at 1 and 2 threads, beside the eager
-torch step (`apply` on 256K-element float32 chunks) and, with `--compiled`, torch.compile; and of
-the two passes of SLERP and model stock (statistics, then merge). This is the CPU side of the
+torch step (`apply` on 256K-element float32 chunks); and of the two passes of SLERP and model stock (statistics, then merge). This is the CPU side of the
 merge, measured apart from any I/O, so that two machines' figures say which part of a merge is
 slow where.
 
@@ -29,7 +28,6 @@ import torch
 from bench.common import BENCH, machine_info
 from engine.budget import CHUNK_ELEMS
 from engine.device import Mover
-from engine.kernels import CompiledApply
 from engine.methods import steps
 from engine.methods.base import Chunk, Method, Stats, TensorParams
 from engine.methods.registry import METHODS
@@ -132,22 +130,20 @@ def time_two_pass(method: Method, k: int, repeats: int) -> tuple[float, float]:
     return median_s(statistics_pass, repeats), median_s(merge_pass, repeats)
 
 
-def time_step(method: Method, k: int, compiled: bool, repeats: int) -> float:
-    """Median seconds of one eager (or compiled) chunk step over `repeats` chunks at different positions."""
+def time_step(method: Method, k: int, repeats: int) -> float:
+    """Median seconds of one eager chunk step over `repeats` chunks at different positions."""
     base, models = bf16_family(k)
     mover = cpu_mover(k)
     out = torch.empty(CHUNK_ELEMS, dtype=torch.bfloat16)
     p = params_for(method, k)
     stats = whole_stats(method, p, base, models)
     streams = tuple(KeyedRng(stream_key(0, "bench", m)) for m in range(k))
-    kernel = CompiledApply(method) if compiled else None
     times = []
-    for r in range(repeats + 2):  # two warm-up steps (the first compiles)
+    for r in range(repeats + 2):  # two warm-up steps
         c = Chunk(streams, r * CHUNK_ELEMS, 1 << 40)
         t0 = time.perf_counter()
-        if kernel is None or not kernel.run(base, models, p, stats, c, out):
-            work = mover.to_work([base, *models], True)
-            mover.store(method.apply(work[0], work[1:], p, stats, c), out)
+        work = mover.to_work([base, *models], True)
+        mover.store(method.apply(work[0], work[1:], p, stats, c), out)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
@@ -156,8 +152,7 @@ def time_step(method: Method, k: int, compiled: bool, repeats: int) -> float:
 @click.option("--models", "k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(3), default=9, show_default=True)
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=BENCH / "results")
-@click.option("--compiled", is_flag=True, help="Also time torch.compile's kernels (slow to build).")
-def main(k: int, repeats: int, results: Path, compiled: bool) -> None:
+def main(k: int, repeats: int, results: Path) -> None:
     """Time every method's merge pass; print and save the table."""
     rows: list[dict[str, Any]] = []
     print(f"{'method':<16} {'kernel':<9} {'threads':>7} {'ns/elem/thread':>15} {'2 vs 1':>7} {'GB/s bf16':>10}")
@@ -172,11 +167,10 @@ def main(k: int, repeats: int, results: Path, compiled: bool) -> None:
             print(f"{name:<16} {'C':<9} {threads:>7} {ns:>15.3f} {speedup:>7.2f} {2 * threads / ns:>10.2f}")
     torch.set_num_threads(1)
     for name in ELEMENTWISE:
-        for kind in ("eager", "compiled") if compiled else ("eager",):
-            sec = time_step(METHODS[name], k, kind == "compiled", repeats)
-            ns = sec / (CHUNK_ELEMS * (k + 1)) * 1e9
-            rows.append({"method": name, "kernel": kind, "threads": 1, "ns_per_input_elem_thread": ns})
-            print(f"{name:<16} {kind:<9} {1:>7} {ns:>15.3f} {'':>7} {2 / ns:>10.2f}")
+        sec = time_step(METHODS[name], k, repeats)
+        ns = sec / (CHUNK_ELEMS * (k + 1)) * 1e9
+        rows.append({"method": name, "kernel": "eager", "threads": 1, "ns_per_input_elem_thread": ns})
+        print(f"{name:<16} {'eager':<9} {1:>7} {ns:>15.3f} {'':>7} {2 / ns:>10.2f}")
     torch.set_num_threads(1)  # the C runs on the executor's one main thread: torch on one too, like for like
     kernels = [("C", pairwise._fused)] if pairwise._fused is not None else []
     print(f"\n{'two passes':<16} {'kernel':<9} {'models':>7} {'stats ns/elem':>14} {'merge ns/elem':>14}")

@@ -137,35 +137,11 @@ def input_bytes(family: Family, method: str) -> int:
     return family.model_bytes * (reads_base + len(method_models(family, method)))
 
 
-def compiled_as(family: Family, method: str, mode: str) -> bool | None:
-    """Whether the engine fuses `method` with torch.compile under `--compile MODE` for this family.
-
-    Asked of the engine's own rule before the run, because its report does not say; compiling
-    changes both the wall time (a one-off 5-60 s) and the RSS (dynamo and inductor). None when
-    the engine rejects the spec (the run itself will then report the error).
-    """
-    try:
-        from engine.kernels import want_compiled
-    except ImportError:  # an engine without compiled kernels
-        return False
-    from engine.errors import EngineError
-    from engine.spec import cli_spec
-
-    models = [str(m) for m in method_models(family, method)]
-    try:
-        spec = cli_spec(method, family.base, models, method_params(method), None, None)
-    except EngineError:
-        return None
-    return want_compiled(mode, spec.method_impl, spec.tensor_params(), input_bytes(family, method))
-
-
-def leanmerge_args(
-    family: Family, method: str, budget: int, out: Path, compile: str = "auto", io: str = "direct"
-) -> list[str]:
+def leanmerge_args(family: Family, method: str, budget: int, out: Path, io: str = "direct") -> list[str]:
     """`leanmerge merge` arguments for `family`, every fine-tune the method takes with weight 1."""
     models = method_models(family, method)
     args = ["--base", str(family.base), *(a for m in models for a in ("--model", str(m)))]
-    args += ["--method", method, "--max-memory", str(budget), "--compile", compile, "-o", str(out)]
+    args += ["--method", method, "--max-memory", str(budget), "-o", str(out)]
     args += ["--buffered-io"] if io == "buffered" else []
     return args + [a for k, v in method_params(method).items() for a in (f"--{k}", str(v))]
 
@@ -176,14 +152,13 @@ def run_tool(
     method: str,
     outputs: Path,
     budget: int | None = None,
-    compile: str = "auto",
     io: str = "direct",
 ) -> dict[str, Any] | None:
     """One measured merge of `family` by `tool` into a scratch folder under `outputs`, deleted
     afterwards.
 
-    `budget`, `compile` and `io` are leanmerge's `--max-memory`, `--compile` and
-    `--direct-io` (io "direct") or `--buffered-io` (io "buffered").
+    `budget` and `io` are leanmerge's `--max-memory` and `--direct-io` (io "direct") or
+    `--buffered-io` (io "buffered").
     Returns None when the tool is not installed (mergekit) or does not know `method` (naive).
     """
     work = scratch_dir(outputs)
@@ -192,7 +167,7 @@ def run_tool(
         if tool == "leanmerge":
             if budget is None:
                 raise ValueError("leanmerge runs need a budget")
-            return run_leanmerge(leanmerge_args(family, method, budget, out, compile, io), work / "events.jsonl")
+            return run_leanmerge(leanmerge_args(family, method, budget, out, io), work / "events.jsonl")
         runner: Callable[..., dict[str, Any] | None] = run_naive if tool == "naive" else run_mergekit
         if tool == "naive" and method not in NAIVE_METHODS:
             return None

@@ -64,7 +64,7 @@ def make_inputs(root: Path, tensors: int) -> None:
 def merge_wall(tree: Path, root: Path) -> float:
     out = root / "out"
     args = ["merge", "--method", "task_arithmetic", "--base", str(root / "base")]
-    args += ["--model", str(root / "ft1"), "--model", str(root / "ft2"), "-o", str(out), "--compile", "off"]
+    args += ["--model", str(root / "ft1"), "--model", str(root / "ft2"), "-o", str(out)]
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=tree, check=True, capture_output=True)
     wall = time.perf_counter() - t0

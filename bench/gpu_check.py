@@ -325,7 +325,6 @@ def timed_entry(check: Check, fam: Family, method: str, device: str, cache: str)
     entry["reported_device"] = sorted({str(r.get("device")) for r in reports})
     entry["peak_gpu_memory"] = stats(gpu) if gpu else None
     entry["predicted_peak_gpu_memory"] = reports[-1].get("predicted_peak_gpu_memory")
-    entry["compiled"] = any(r.get("compiled") for r in reports)
     entry["host_buffers"] = results[-1].get("device_event")  # pinned / not_pinned counts on CUDA
     return entry
 

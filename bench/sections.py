@@ -20,7 +20,6 @@ import psutil
 from bench.common import GB, RunFailed, drop_from_page_cache, read_hot, read_limit, stats, warm_page_cache
 from bench.families import (
     Family,
-    compiled_as,
     ensure_family,
     fits_on_disk,
     input_bytes,
@@ -54,7 +53,6 @@ class Settings:
     budgets: tuple[int, ...] = BUDGETS
     size_budget: int = SIZE_BUDGET
     n_models: int = 3
-    compile_modes: tuple[str, ...] = ("auto",)  # leanmerge `--compile` modes the throughput section runs
     caches: tuple[str, ...] = CACHES  # page-cache states the throughput section measures
     baselines: tuple[str, ...] = BASELINES  # the other tools measured beside leanmerge
     scratch: Path | None = None  # where merge outputs go; None: inside `cache`, the inputs' disk
@@ -68,9 +66,6 @@ class Settings:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if set(self.baselines) - set(BASELINES):
             raise ValueError(f"baselines must be among {', '.join(BASELINES)}, got {self.baselines}")
-        bad = set(self.compile_modes) - {"auto", "on", "off"}
-        if bad or not self.compile_modes:
-            raise ValueError(f"compile modes must be auto, on or off, got {self.compile_modes}")
         if set(self.caches) - set(CACHES) or not self.caches:
             raise ValueError(f"caches must be among {', '.join(CACHES)}, got {self.caches}")
 
@@ -114,24 +109,23 @@ def measure(
     method: str,
     *,
     budget: int | None = None,
-    compile: str = "auto",
     io: str = "direct",
     before: Callable[[], float | None] | None = None,
     **labels: Any,
 ) -> dict[str, Any] | None:
     """`s.repeats` measured runs summarised as one entry; None if the tool cannot run `method`.
 
-    leanmerge entries also say which `--compile` mode ran, whether it compiled, and how it read.
+    leanmerge entries also say how it read.
     `before` runs before each repeat; the read limits (GB/s) it returns, if any, are kept as
     `read_limit_gbps` (the disk's speed just before each run) and each run's GB/s over the limit
     read just before it as `ratio_before`.
     """
     entry = {"tool": tool, "method": method, "preset": family.preset, "budget": budget, **labels}
     if tool == "leanmerge":
-        entry |= {"compile": compile, "compiled": compiled_as(family, method, compile), "io": io}
+        entry |= {"io": io}
     entry["input_bytes"] = inputs = input_bytes(family, method)
     where = "".join(f", {k} {v}" for k, v in labels.items()) + (f", --max-memory {budget >> 20} MiB" if budget else "")
-    log.info("%s %s on %s%s%s", tool, method, family.preset, where, ", compiled" if entry.get("compiled") else "")
+    log.info("%s %s on %s%s", tool, method, family.preset, where)
     results = []
     limits: list[float] = []
     load = 0.0  # others' work on a shared machine shows up here before it skews a figure
@@ -140,7 +134,7 @@ def measure(
             if before is not None and (got := before()) is not None:
                 limits.append(got)
             load = max(load, os.getloadavg()[0])
-            r = run_tool(tool, family, method, s.outputs, budget, compile, io)
+            r = run_tool(tool, family, method, s.outputs, budget, io)
             if r is None:
                 return None
             results.append(r)
@@ -200,7 +194,6 @@ def rss_vs_budget(s: Settings) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     methods = mergeable(fam, s.registered(BUDGET_METHODS), skipped)
-    builds = {m: t for m in methods if (t := build_kernels(s, fam, m)) is not None}
     for method in methods:
         for budget in s.budgets:
             e = measure(s, "leanmerge", fam, method, budget=budget)
@@ -211,7 +204,6 @@ def rss_vs_budget(s: Settings) -> dict[str, Any]:
     return {
         "preset": fam.preset,
         "input_bytes": fam.input_bytes,
-        "kernel_build_s": builds,
         "runs": runs,
         "skipped": skipped,
     }
@@ -228,32 +220,10 @@ def rss_vs_size(s: Settings) -> dict[str, Any]:
             continue
         fam = ensure_family(s.cache, preset, s.n_models)
         for method in mergeable(fam, s.registered(SIZE_METHODS), skipped):
-            build_kernels(s, fam, method)
             e = measure(s, "leanmerge", fam, method, budget=s.size_budget)
             runs += [e] if e is not None else []
             runs += baselines(s, fam, method, skipped)
     return {"budget": s.size_budget, "runs": runs, "skipped": skipped}
-
-
-def distinct_modes(family: Family, method: str, modes: Sequence[str]) -> list[str]:
-    """The `--compile` modes that run differently for `method`: a method that cannot be compiled
-    runs eager under every mode, and measuring it twice would only cost time."""
-    out: dict[bool | None, str] = {}
-    for mode in modes:
-        out.setdefault(compiled_as(family, method, mode), mode)
-    return list(out.values())
-
-
-def build_kernels(s: Settings, family: Family, method: str, modes: Sequence[str] = ("auto",)) -> float | None:
-    """Wall seconds of one tiny `--compile on` merge with the same method, parameters, dtypes and
-    model count, which leaves the fused kernel in the kernel cache (engine.aot): the measured runs
-    then start as every merge after a user's first with these settings does (the first also
-    keeps memory for the compiler, and builds behind the merge). None when no mode fuses."""
-    if not any(compiled_as(family, method, m) for m in modes):
-        return None
-    tiny = ensure_family(s.cache, "tiny", s.n_models)
-    r = run_tool("leanmerge", tiny, method, s.outputs, SIZE_BUDGET, "on")
-    return float(r["wall_s"]) if r else 0.0
 
 
 def throughput(s: Settings) -> dict[str, Any]:
@@ -262,8 +232,7 @@ def throughput(s: Settings) -> dict[str, Any]:
     The read limit is measured up front and again before every cold run, and every `ratio` is
     over the fastest of those reads: this VM's disk swings between 0.5 and 1.5 GB/s from one
     minute to the next (slowest just after a merge wrote its output), and the fastest read is the
-    one limit no run can blame on a slow spell. Fused kernels are built before the timed runs (`kernel_build_s`, once per settings); the GB/s
-    include everything else. Cold runs read with O_DIRECT (the default), warm ones with
+    one limit no run can blame on a slow spell. Cold runs read with O_DIRECT (the default), warm ones with
     `--buffered-io`, as a user whose inputs sit in the page cache would (direct reads bypass the
     cache, so warm would equal cold).
     """
@@ -284,11 +253,7 @@ def throughput(s: Settings) -> dict[str, Any]:
     skipped: list[dict[str, Any]] = []
     if "warm" in s.caches and not warm_ok:
         skipped.append({"tool": "all", "cache": "warm", "reason": "inputs larger than the page cache can hold"})
-    builds: dict[str, float] = {}
     for method in mergeable(fam, s.registered(), skipped):
-        modes = distinct_modes(fam, method, s.compile_modes)
-        if (took := build_kernels(s, fam, method, modes)) is not None:
-            builds[method] = took
         for state, prepare in states.items():
             entries = [
                 measure(
@@ -297,12 +262,10 @@ def throughput(s: Settings) -> dict[str, Any]:
                     fam,
                     method,
                     budget=s.size_budget,
-                    compile=mode,
                     before=prepare,
                     cache=state,
                     io="buffered" if state == "warm" else "direct",
-                )  # fmt: skip
-                for mode in modes
+                )
             ]
             entries += baselines(s, fam, method, skipped, before=prepare, cache=state)
             runs += [e for e in entries if e is not None]
@@ -318,7 +281,6 @@ def throughput(s: Settings) -> dict[str, Any]:
         "read_limit_gbps": limit,
         "read_limit_all_gbps": stats(reads),
         "read_hot_gbps": hot,
-        "kernel_build_s": builds,
         "scratch": str(s.scratch) if s.scratch else None,  # outputs off the inputs' disk
         "runs": runs,
         "skipped": skipped,

@@ -26,7 +26,6 @@ GiB = 1 << 30
 CHUNK_ELEMS = 1 << 18  # compute sub-chunk: 1 MiB per float32 array, stays in L2
 WORK_ARRAYS = 8  # float32 temporaries a method may hold per chunk besides its inputs
 RESERVE = 48 * MiB  # allocator slack, reader thread, Python objects (measured in bench/)
-COMPILE_RESERVE = 256 * MiB  # the compiler building a fused kernel (~180 MiB measured); a cached one loads in ~1 MiB
 MAX_STREAM_BYTES = 32 * MiB  # larger reads are no faster (DESIGN.md) and only cost RSS
 # Input buffer sets: one being merged, two being filled. With two, the reader often idled
 # waiting for the merge and then the merge for the reader (dare_ties, 10.2 GB cold: 13.8 s -> 12.3 s).
@@ -48,7 +47,7 @@ class MemoryPlan:
     chunk_elems: int = CHUNK_ELEMS  # float32 workspace width: a cache-sized chunk, or one row
     depth: int = DEPTH
     out_depth: int = OUT_DEPTH
-    reserve: int = RESERVE  # fixed allowance: allocator, threads, Python objects (and the compiler)
+    reserve: int = RESERVE  # fixed allowance: allocator, threads, Python objects (and what a device loads later)
     resident: int = 0  # tensors held whole for their passes (`Plan.with_resident`), when on the CPU
 
     @property
@@ -69,7 +68,7 @@ def plan_memory(
     block_bytes: int | None = None,
     row_aligned: bool = False,
     max_numel: int | None = None,
-    compile_reserve: int = 0,
+    extra_reserve: int = 0,
 ) -> MemoryPlan:
     """Choose the block size (in elements) that fits `budget`.
 
@@ -82,15 +81,15 @@ def plan_memory(
         block_bytes: user override of one stream's block size (`--block-size`).
         row_aligned: compute chunks hold whole rows, so the workspace holds at least one row.
         max_numel: elements of the largest tensor: no block needs more.
-        compile_reserve: memory kept for building fused kernels (0 when none is built) and for
-            what a CUDA device loads later (`engine.device.CUDA_HOST_RESERVE`).
+        extra_reserve: memory kept for what a CUDA device loads later
+            (`engine.device.CUDA_HOST_RESERVE`).
     Raises:
         BudgetError: the budget cannot hold one row; the message gives the minimum.
     """
     chunk_elems = max(CHUNK_ELEMS, max_row_elems) if row_aligned else CHUNK_ELEMS
     workspace = chunk_elems * 4 * (len(in_bytes_per_elem) + WORK_ARRAYS)
     per_elem = sum(in_bytes_per_elem) * DEPTH + out_bytes_per_elem * OUT_DEPTH
-    fixed = baseline + RESERVE + workspace + compile_reserve
+    fixed = baseline + RESERVE + workspace + extra_reserve
     widest = max(in_bytes_per_elem)
     cap = max(1, (block_bytes if block_bytes is not None else MAX_STREAM_BYTES) // widest)
     fits = (budget - fixed) // per_elem
@@ -112,7 +111,7 @@ def plan_memory(
         in_bytes_per_elem,
         out_bytes_per_elem,
         chunk_elems,
-        reserve=RESERVE + compile_reserve,
+        reserve=RESERVE + extra_reserve,
     )
 
 

@@ -93,15 +93,6 @@ mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-cod
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command (starts fresh if none).")
 @click.option("--sync-every", type=SIZE, default=SYNC_EVERY, hidden=True, help="Bytes between durable journal commits.")
 @click.option("--drop-cache", is_flag=True, help="Drop inputs from the page cache as they are read.")
-@click.option(
-    "--compile",
-    "compile_mode",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="Fuse the elementwise methods into kernels compiled ahead of time (AOTInductor) and cached "
-    "(auto: inputs of 8 GiB or more). Same bytes either way.",
-)
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: the cores this process may use).")
 @click.option("--log-json", type=click.Path(path_type=Path), help="Write JSON-lines events (plan, tensor, report).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a TTY).")
@@ -133,7 +124,6 @@ def merge_cmd(
     resume: bool,
     sync_every: int,
     drop_cache: bool,
-    compile_mode: str,
     threads: int | None,
     log_json: Path | None,
     progress: bool | None,
@@ -167,7 +157,6 @@ def merge_cmd(
                 resume=resume,
                 drop_cache=drop_cache,
                 sync_every=sync_every,
-                compile=compile_mode,
                 on_event=on_event,
                 model_card=model_card,
                 copy_tokenizer=copy_tokenizer,
@@ -205,6 +194,7 @@ def _output_folder(kw: dict[str, Any], output_arg: Path | None, output: Path | N
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(as_json: bool, **kw: Any) -> None:
     """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
+    say_not_needed(kw)
     with engine_errors():
         spec = build_spec(kw)  # imports the engine (engine.load)
         from engine.merge import plan_summary, prepare
@@ -296,7 +286,7 @@ def format_plan(plan: Plan) -> str:
         f" -> predicted peak RSS {fmt_bytes(m.predicted_peak)}",
         f"read {fmt_bytes(plan.bytes_read)} (up to {max((t.passes for t in plan.tensors), default=1)} pass(es) per tensor"
         f"{'' if plan.spec.method_impl.uses_base else '; the base is a template, not read'}),"
-        f" write {fmt_bytes(plan.bytes_written)}; kernels {'compiled' if plan.compiled else 'eager'}",
+        f" write {fmt_bytes(plan.bytes_written)}",
         *_device_line(plan.device),
         *_held_line(plan),
         "",

@@ -48,6 +48,13 @@ NOT_NEEDED = {
     "trust_remote_code": "is not needed here: no code from the models is run",
     "clone_tensors": "is not needed here: every output tensor is written from its own buffers",
 }
+# leanmerge's own flags that no longer do anything, and why (said in one line when given).
+RETIRED = {
+    "compile_mode": (
+        "--compile",
+        "is ignored: compiled kernels were retired (the C extension runs every method's merge on the CPU)",
+    ),
+}
 
 
 class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.5
@@ -175,6 +182,8 @@ def plan_options(f: F) -> F:
                 default=DEFAULT_SHARD_SIZE,
                 help="Largest output shard (mergekit's 5B is 5GB).  [default: 5GB]",  # not 5000000000
             ),
+            # retired (compiled kernels): still accepted, so that scripts that give it keep working
+            click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), hidden=True),
         ],
     )
 
@@ -185,10 +194,14 @@ def mergekit_options(f: F) -> F:
 
 
 def say_not_needed(kw: dict[str, Any]) -> None:
-    """One line per mergekit flag given that does nothing here (and drop it from `kw`)."""
+    """One line per mergekit flag, or retired flag of ours, given that does nothing here (and
+    drop it from `kw`)."""
     for key, why in NOT_NEEDED.items():
         if kw.pop(key, False):
             log.warning("--%s %s", key.replace("_", "-"), why)
+    for key, (flag, why) in RETIRED.items():
+        if kw.pop(key, None) is not None:
+            log.warning("%s %s", flag, why)
 
 
 def planning(kw: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from engine.io.checkpoint import BUFFERED, ReadOptions, direct_buffer
 from engine.io.inventory import Inventory
 from engine.io.lora import RowReader
 from engine.io.write_behind import Finite, WriteBehind
-from engine.kernels import CompiledApply
 from engine.methods import steps
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.plan import Block, Plan, TensorPlan
@@ -122,16 +121,12 @@ def execute(
     on_event: OnEvent | None = None,
     reading: ReadOptions = BUFFERED,
     should_stop: Callable[[], bool] = lambda: False,
-    compiled: bool = False,
-    compile_behind: bool = False,
 ) -> bool:
     """Merge the tensors of `plan` into `out`, reading from `inv`.
 
     Args:
         start: first row to write per tensor (from `first_rows`, when resuming).
         should_stop: polled after every block; when it turns true the run stops there.
-        compiled: run `apply` as fused kernels (see `engine.kernels`); same bytes.
-        compile_behind: build kernels in the background, merging eagerly until they are ready.
     Returns:
         True when every tensor is written, False when stopped early.
     """
@@ -142,10 +137,7 @@ def execute(
         sources = [str(c.folder) for c in (inv.base, *inv.models)]
         prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots, _InputCheck(out.finite, sources))
         stack.callback(prefetch.stop)
-        kernel = CompiledApply(plan.spec.method_impl, behind=compile_behind) if compiled else None
-        if kernel is not None:
-            stack.callback(kernel.close, wait=False)  # stopped or failed: leave a build under way
-        stage = _Stage(plan, pipe, prefetch, out, emit, kernel)
+        stage = _Stage(plan, pipe, prefetch, out, emit)
         if pipe.mover.reads_host:
             pairwise.say_if_slow()
         stack.enter_context(on_device(pipe.mover.device))
@@ -154,8 +146,6 @@ def execute(
             if tensor.numel and first < tensor.rows and not stage.run_tensor(tensor, first, should_stop):
                 return False
             emit({"event": "tensor", "name": tensor.name})
-        if kernel is not None:
-            kernel.close()  # a kernel still compiling lands in the cache for the next merge
     return True
 
 
@@ -169,13 +159,11 @@ class _Stage:
         prefetch: _Prefetcher,
         out: WriteBehind,
         emit: OnEvent,
-        kernel: CompiledApply | None,
     ) -> None:
         self.plan, self.pipe, self.prefetch, self.out, self.emit = plan, pipe, prefetch, out, emit
         self.method: Method = plan.spec.method_impl
         self.params: TensorParams = plan.spec.tensor_params()
         self.filled = iter(prefetch)
-        self.kernel = kernel
         self.mover = pipe.mover
 
     def _next(self, tensor: TensorPlan, block: Block) -> Filled:
@@ -278,8 +266,6 @@ class _Stage:
             for c0, c1 in () if whole else self._spans(tensor, block):
                 c = self._chunk(tensor, streams, block.start + c0)
                 raw = [x[c0:c1] for x in inputs]
-                if self.kernel is not None and self.kernel.run(raw[0], raw[1:], self.params, stats, c, out[c0:c1]):
-                    continue
                 base, *models = self.mover.to_work(raw, tensor.reads_base)
                 self.mover.store(self.method.apply(base, models, self.params, stats, c), out[c0:c1])
             self.mover.inputs_done()

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from engine import __version__
-from engine.budget import COMPILE_RESERVE, choose_budget, current_rss, fmt_bytes, peak_rss
+from engine.budget import choose_budget, current_rss, fmt_bytes, peak_rss
 from engine.defaults import DEFAULT_SHARD_SIZE, SYNC_EVERY
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
-from engine.dtypes import DTYPES
 from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.checkpoint import ReadOptions
@@ -31,7 +30,6 @@ from engine.io.output import abort_output, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
 from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
 from engine.io.write_behind import Finite, WriteBehind
-from engine.kernels import all_cached, want_compiled
 from engine.plan import Plan, TensorPlan, make_plan, out_shape
 from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
@@ -62,7 +60,6 @@ class Report:
     blocks: int
     shards: int
     resumed_tensors: int  # done by an earlier, interrupted run: not merged again
-    compiled: bool
     device: str
     wall_s: float
     bytes_read: int  # by this run: a resumed run does not count what an earlier run read
@@ -89,7 +86,6 @@ def prepare(
     block_bytes: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     baseline: int | None = None,
-    compile: str = "auto",
     device: str = "auto",
     max_gpu_memory: int | None = None,
     hold: bool = True,
@@ -97,10 +93,7 @@ def prepare(
 ) -> tuple[Inventory, Plan]:
     """Open the inputs and plan the merge, reading headers only.
 
-    `compile` ("auto", "on", "off") decides whether fused kernels will run (`plan.compiled`) on the
-    CPU; unless the kernel cache already holds them all, the compiler's memory is reserved in the
-    budget, and a budget too small for it runs eager. On CUDA the methods run eager (the GPU is
-    far faster than any disk) in chunks planned for `max_gpu_memory` (`plan.device`); "auto" falls
+    On CUDA the methods run eager (the GPU is far faster than any disk) in chunks planned for `max_gpu_memory` (`plan.device`); "auto" falls
     back to the CPU when the GPU's free memory cannot hold one chunk. With `hold`,
     tensors with statistics passes that fit what the budget leaves are read once (`_hold_resident`;
     `direct_io`: how the merge will read, which decides what a re-read costs on the CPU).
@@ -126,14 +119,6 @@ def prepare(
                 raise
             log.warning("--device auto: %s; merging on the CPU instead", e)
     plan = make_plan(spec, inv, **kw)
-    params = spec.tensor_params()
-    if want_compiled(compile, spec.method_impl, params, plan.bytes_read, per_tensor_params=spec.varies_by_tensor):
-        dtype_sets = {(*(DTYPES[d] for d in t.in_dtypes), DTYPES[t.out_dtype]) for t in plan.tensors if t.merge}
-        reserve = 0 if all_cached(spec.method_impl, params, dtype_sets) else COMPILE_RESERVE
-        try:
-            plan = make_plan(spec, inv, **kw, compiled=True, compile_reserve=reserve)
-        except BudgetError:
-            log.warning("--max-memory %s leaves no room for compiled kernels; running eager", fmt_bytes(budget))
     return inv, _hold_resident(plan, direct_io) if hold else plan
 
 
@@ -164,7 +149,6 @@ def merge(
     on_event: OnEvent | None = None,
     sync_every: int = SYNC_EVERY,
     handle_signals: bool = True,
-    compile: str = "auto",
     device: str = "auto",
     max_gpu_memory: int | None = None,
     hold: bool = True,
@@ -192,10 +176,6 @@ def merge(
         on_event: called with `{"event": "plan" | "block" | "tensor", ...}` dicts.
         sync_every: bytes written between durable journal commits (the most a crash can lose).
         handle_signals: stop gracefully on SIGINT/SIGTERM (main thread only).
-        compile: "auto" (fuse with torch.compile the elementwise methods whose eager step is slower
-            than the disk, for inputs of 8 GiB or more, compiling in the background while the
-            first blocks merge eagerly), "on" (compile first, then merge) or "off"; the output
-            bytes are the same either way.
         device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N": where the arithmetic runs.
         max_gpu_memory: device memory the merge may hold in bytes (default: 80% of what is free).
         hold: read a tensor with statistics passes once and hold it for all of them, where the
@@ -224,7 +204,6 @@ def merge(
         block_bytes=block_bytes,
         shard_size=shard_size,
         baseline=baseline,
-        compile=compile,
         device=device,
         max_gpu_memory=max_gpu_memory,
         hold=hold,
@@ -249,7 +228,6 @@ def merge(
         earlier = sum(t.bytes_read for t in resumed)  # what the interrupted run read for them
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": earlier})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
-        # auto: compile behind the merge's first blocks
         try:
             _run(
                 plan,
@@ -262,8 +240,6 @@ def merge(
                 reading,
                 sync_every,
                 stop,
-                plan.compiled,
-                compile == "auto",
                 side,
                 finite,
             )
@@ -288,7 +264,6 @@ def merge(
         blocks=plan.n_blocks,
         shards=len(plan.shards),
         resumed_tensors=len(resumed),
-        compiled=plan.compiled,
         device=plan.device.device,
         wall_s=wall,
         bytes_read=plan.bytes_read - earlier,
@@ -367,8 +342,6 @@ def _run(
     reading: ReadOptions,
     sync_every: int,
     stop: StopRequest,
-    compiled: bool,
-    compile_behind: bool,
     side: dict[str, Any],
     finite: Finite,
 ) -> None:
@@ -406,8 +379,6 @@ def _run(
                 on_event=emit,
                 reading=reading,
                 should_stop=stop.requested,
-                compiled=compiled,
-                compile_behind=compile_behind,
             )
             out.drain()
             if not complete:
@@ -489,7 +460,6 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "tensors": len(plan.tensors),
         "blocks": plan.n_blocks,
         "passes": max((t.passes for t in plan.tensors), default=1),
-        "compiled": plan.compiled,
         "device": plan.device.device,
         "device_chunk_elems": plan.device.chunk_elems,
         "gpu_budget": plan.device.budget,

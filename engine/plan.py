@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from engine.budget import CHUNK_ELEMS, COMPILE_RESERVE, MemoryPlan, plan_memory
+from engine.budget import CHUNK_ELEMS, MemoryPlan, plan_memory
 from engine.defaults import DEFAULT_SHARD_SIZE
 from engine.device import DevicePlan
 from engine.dtypes import MERGEABLE, itemsize
@@ -144,7 +144,6 @@ class Plan:
     tensors: tuple[TensorPlan, ...]
     shards: tuple[ShardPlan, ...]
     memory: MemoryPlan
-    compiled: bool = False  # fused kernels will run (memory to build them is in the budget unless cached)
     n_layers: int = 0  # numbered layers of the base: positions for parameter gradients
     resized: tuple[Resized, ...] = ()  # embedding-like tensors whose rows differ (engine.vocab)
     device: DevicePlan = DevicePlan("cpu", CHUNK_ELEMS, 0, 0)  # where chunks are computed (`prepare` plans CUDA)
@@ -182,8 +181,6 @@ def make_plan(
     baseline: int,
     block_bytes: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    compiled: bool = False,
-    compile_reserve: int = COMPILE_RESERVE,
     device_reserve: int = 0,
 ) -> Plan:
     """Plan the merge of `inv` by `spec` under a whole-process RSS `budget`.
@@ -194,7 +191,6 @@ def make_plan(
         budget: peak RSS ceiling in bytes; `baseline` is the RSS already in use.
         block_bytes: fixed block size per input stream (tuning, tests); default from the budget.
         shard_size: largest output shard in bytes (a bigger tensor gets a shard of its own).
-        compiled: fused kernels will run; `compile_reserve` bytes are kept for building them.
         device_reserve: host memory the compute device takes after the baseline was measured.
     Raises:
         BudgetError: the budget cannot hold one row of the widest tensor.
@@ -215,7 +211,7 @@ def make_plan(
         block_bytes,
         spec.method_impl.row_aligned,
         max((math.prod(shapes[n]) for n in names), default=1),
-        (compile_reserve if compiled else 0) + device_reserve,
+        device_reserve,
     )
     n_layers = count_layers(names)
     params = (
@@ -250,7 +246,7 @@ def make_plan(
         )
     resized = tuple(inv.resized.values())
     cpu = DevicePlan("cpu", memory.chunk_elems, 0, 0)
-    return Plan(spec, tuple(tensors), _shards(tensors), memory, compiled, n_layers, resized, cpu, params=params)
+    return Plan(spec, tuple(tensors), _shards(tensors), memory, n_layers, resized, cpu, params=params)
 
 
 def _sources(spec: MergeSpec, inv: Inventory, name: str) -> tuple[str, ...]:

@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
 from safetensors.torch import save_file
-
-from engine.aot import CACHE_ENV
-
-
-@pytest.fixture(autouse=True, scope="session")
-def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Fused kernels the tests build go to a folder of the session's, never the user's cache
-    (subprocesses inherit it through the environment)."""
-    path = tmp_path_factory.mktemp("kernels")
-    old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(path)
-    yield path
-    if old is None:
-        del os.environ[CACHE_ENV]
-    else:
-        os.environ[CACHE_ENV] = old
-
 
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=40)
 settings.register_profile("dev", deadline=None, max_examples=40)

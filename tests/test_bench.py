@@ -82,7 +82,6 @@ def test_quick_run_writes_every_figure_and_cleans_up(tmp_path: Path) -> None:
     cold_runs = sum(r["cache"] == "cold" for r in tp["runs"])  # leanmerge's and naive's
     assert tp["read_limit_all_gbps"]["runs"] == 1 + cold_runs  # one up front, one before each cold run
     assert all(r["cache"] == "warm" or "read_limit_gbps" in r for r in tp["runs"])
-    assert tp["kernel_build_s"] == {}  # task_arithmetic is never fused
     assert {(r["tool"], r["cache"]) for r in tp["runs"]} >= {
         ("leanmerge", "cold"),
         ("leanmerge", "warm"),
@@ -140,29 +139,6 @@ def test_memory_check_reports_peak_against_the_ceiling(tmp_path: Path) -> None:
     for r in data["runs"]:
         assert_stats(r["peak_rss"])
         assert r["within_budget"] is True
-
-
-@pytest.mark.slow
-def test_kernels_are_built_before_the_timed_runs(tmp_path: Path, kernel_cache: Path) -> None:
-    """The sections' warm-up merge leaves the fused kernel of the measured runs' settings in the
-    kernel cache, so they measure a merge as users run it after their first; nothing is built
-    for a family no mode fuses, nor for a method the C extension runs (then no mode fuses)."""
-    from bench.families import ensure_family
-    from bench.sections import Settings, build_kernels
-    from engine.stats import pairwise
-
-    before = set(kernel_cache.glob("dare_ties-*.pt2"))
-    s = Settings(tmp_path, 1, "tiny", ("tiny",))
-    tiny = ensure_family(tmp_path, "tiny")
-    assert build_kernels(s, tiny, "dare_ties") is None  # auto does not fuse a tiny merge
-    assert not set(kernel_cache.glob("dare_ties-*.pt2")) - before
-    took = build_kernels(s, tiny, "dare_ties", ("auto", "on"))
-    if pairwise._fused is not None:  # the C merges dare_ties: torch.compile is never asked
-        assert took is None
-        assert not set(kernel_cache.glob("dare_ties-*.pt2")) - before
-        return
-    assert took is not None and took > 0
-    assert set(kernel_cache.glob("dare_ties-*.pt2")) - before
 
 
 def test_mergekit_gets_the_same_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,7 +337,7 @@ def test_max_memory_sets_the_budget_of_the_timed_merges(tmp_path: Path) -> None:
 
     from bench.__main__ import main, settings_for
 
-    hidden: dict[str, Any] = dict.fromkeys(("sizes", "family", "budgets", "methods", "compile_modes", "caches"))
+    hidden: dict[str, Any] = dict.fromkeys(("sizes", "family", "budgets", "methods", "caches"))
     assert settings_for(True, tmp_path, None, {**hidden, "max_memory": None}).size_budget == 1 << 30
     assert settings_for(True, tmp_path, None, {**hidden, "max_memory": 4 << 30}).size_budget == 4 << 30
     res = CliRunner().invoke(main, ["--max-memory", "1GiB,2GiB"])

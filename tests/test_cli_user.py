@@ -81,7 +81,7 @@ def test_help_gives_examples_whole_descriptions_and_human_sizes() -> None:
         assert "Example" in invoke(command, "--help").output, command
     merge_help, verify_help = invoke("merge", "--help").output, invoke("verify", "--help").output
     assert "[default: 5GB]" in merge_help and "5000000000" not in merge_help
-    assert "AOTInductor" in merge_help and "torch.compile" not in merge_help
+    assert "--compile" not in merge_help and "AOTInductor" not in merge_help  # retired: accepted, hidden
     for flag in ("--t ", "--gamma", "--epsilon", "--cuda", "--random-seed", "--out-shard-size", "--no-model-card"):
         assert flag in merge_help, flag
     for merge_only in ("--max-memory", "--shard-size", "--device", "--hold", "--direct-io"):
@@ -222,6 +222,29 @@ def test_mergekit_habits_and_the_model_card(
         2,
         f"Error: two output folders: {tmp_path / 'x'} and -o {tmp_path / 'y'}; give one",
     )
+
+
+def test_retired_compile_flag_is_accepted_and_said_once(
+    tiny_family: MakeFamily, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--compile auto|on|off` (compiled kernels, retired) still runs, in `merge` and `plan`, and
+    says once, in one line, that it is ignored; the merge is the one without it."""
+    base, (a,) = tiny_family(1)
+    common = ["--base", base, "--model", a, "--method", "task_arithmetic"]
+    line = "--compile is ignored: compiled kernels were retired (the C extension runs every method's merge on the CPU)"
+    for mode in ("auto", "on", "off"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = invoke("merge", *common, "-o", tmp_path / mode, "--compile", mode)
+            shown = invoke("plan", *common, "--compile", mode)
+        assert result.exit_code == 0 and shown.exit_code == 0, result.output + shown.output
+        assert [r.getMessage() for r in caplog.records].count(line) == 2, caplog.records  # once per command
+    plain = invoke("merge", *common, "-o", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    for mode in ("auto", "on", "off"):
+        got = sorted(p.name for p in (tmp_path / mode).glob("*.safetensors"))
+        assert got and all((tmp_path / mode / n).read_bytes() == (tmp_path / "plain" / n).read_bytes() for n in got)
+    assert invoke("merge", *common, "-o", tmp_path / "bad", "--compile", "maybe").exit_code == 2
 
 
 def test_output_folder_empty_or_with_missing_parents(tiny_family: MakeFamily, tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ def test_gradient_config_merges_per_tensor(tiny_family: MakeFamily) -> None:
     base, models = tiny_family(2, shapes=LLAMA)
     root = base.parent
     spec = load_config(place("gradient_dare_ties", root))
-    merge(spec, root / "out", block_bytes=40, compile="on")  # varying parameters run eager anyway
+    merge(spec, root / "out", block_bytes=40)
     b, ms, got = load_model(base), [load_model(m) for m in models], load_model(root / "out")
     for name in LLAMA:
         t = mergekit_position(name)

@@ -14,9 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine import MergeSpec, ModelRef, merge
-from engine.budget import COMPILE_RESERVE, RESERVE
 from engine.cli import main
-from engine.merge import prepare
 from engine.methods.base import Chunk, TensorParams
 from engine.methods.registry import get_method
 from engine.rng import KeyedRng, stream_key
@@ -208,59 +206,3 @@ def test_sparsify_one_model_from_cli(tiny_family: MakeFamily, tmp_path: Path) ->
     kept = delta != 0
     assert 0.02 < kept.float().mean().item() < 0.25
     torch.testing.assert_close(delta[kept], (f["embed.weight"] - b["embed.weight"])[kept] / 0.1, rtol=1e-5, atol=1e-6)
-
-
-@given(
-    key=st.integers(0, 2**64 - 1),
-    start=st.integers(0, 2**40),
-    n=st.integers(1, 3000),
-    density=st.sampled_from([0.0, 0.01, 0.3, 0.5, 0.999, 1.0]),
-)
-def test_traceable_mask_equals_keep(key: int, start: int, n: int, density: float) -> None:
-    """The compiled kernels' mask formula gives the eager stream's bits (within one 2**32 segment)."""
-    from engine.rng import keep_traceable, segment_keys
-
-    n = min(n, 2**32 - (start & 0xFFFFFFFF))
-    lo, *keys = segment_keys(key, start)
-    got = keep_traceable(torch.tensor(lo, dtype=torch.int32), torch.tensor(keys, dtype=torch.int32), n, density)
-    assert torch.equal(got.bool(), KeyedRng(key).keep(start, n, density))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["ahead-of-time", "torch.compile"])
-@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties"])
-def test_compiled_kernels_give_the_same_bytes(
-    tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, how: str
-) -> None:
-    """Fused kernels, cached ahead of time or made by torch.compile, must not change a single bit:
-    built by the first compiled merge, loaded from the cache by the second (which then keeps no
-    memory for the compiler)."""
-    if how == "torch.compile":
-        monkeypatch.setattr("engine.aot.supported", lambda: False)
-    monkeypatch.setattr("engine.stats.pairwise._fused", None)  # the C would run these methods instead
-    base, models = tiny_family(3, shapes={"a": (300, 70), "b": (1001,), "c": ()}, dtype=torch.bfloat16)
-    spec = (
-        dare_spec(method, base, models, [0.5, -0.3, 1.0], [0.3, 0.6, 1.0], normalize=True)
-        if method != "task_arithmetic"
-        else (
-            MergeSpec(
-                method,
-                base,
-                tuple(ModelRef(m, {"weight": w}) for m, w in zip(models, [0.5, -0.3, 1.0])),
-                {"lambda": 0.7},
-            )
-        )
-    )
-
-    def reserve() -> int:
-        plan = prepare(spec, block_bytes=4000, compile="on", max_memory=1 << 30)[1]
-        assert plan.compiled
-        return plan.memory.reserve
-
-    eager = digests(Path(merge(spec, tmp_path / "eager", block_bytes=4000, compile="off").output))
-    assert reserve() == RESERVE + COMPILE_RESERVE
-    compiled = digests(Path(merge(spec, tmp_path / "compiled", block_bytes=4000, compile="on").output))
-    assert reserve() == RESERVE + (COMPILE_RESERVE if how == "torch.compile" else 0)
-    cached = digests(Path(merge(spec, tmp_path / "cached", block_bytes=3000, compile="on").output))
-    assert compiled == eager
-    assert cached == eager

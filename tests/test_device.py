@@ -210,10 +210,9 @@ def test_cuda_plan(tiny_family: MakeFamily, monkeypatch: pytest.MonkeyPatch) -> 
     base, models = tiny_family(2)
     spec = spec_for("dare_ties", base, models)
     fake_gpu(monkeypatch)
-    plan = prepare(spec, max_memory=1 << 30, baseline=200 << 20, compile="on", device="cuda", max_gpu_memory=1 << 30)[1]
+    plan = prepare(spec, max_memory=1 << 30, baseline=200 << 20, device="cuda", max_gpu_memory=1 << 30)[1]
     assert plan.device.device == "cuda:0" and plan.device.budget == 1 << 30
     assert plan.device.chunk_elems == plan.memory.chunk_elems  # a tiny model: the smallest chunk
-    assert not plan.compiled  # eager on the GPU
     assert plan.memory.reserve == RESERVE + CUDA_HOST_RESERVE
     args = ["plan", "--base", str(base), *(a for m in models for a in ("--model", str(m))), "--method", "dare_ties"]
     shown = CliRunner().invoke(main, [*args, "--device", "cuda", "--max-gpu-memory", "1GiB"])

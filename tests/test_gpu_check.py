@@ -77,7 +77,7 @@ def test_time_budget_skips_the_runs_it_cannot_fit(tmp_path: Path, monkeypatch: p
     def fake_merge(args: list[str], log_json: Path) -> dict[str, Any]:
         calls.append(args)
         time.sleep(0.5)
-        report = {"wall_s": 0.4, "device": "cpu", "peak_gpu_memory": 0, "compiled": False}
+        report = {"wall_s": 0.4, "device": "cpu", "peak_gpu_memory": 0}
         return {"wall_s": 0.5, "peak_rss": 1 << 20, "cpu_s": 0.5, "launcher_rss": 1, "report": report}
 
     monkeypatch.setattr(gc, "run_leanmerge", fake_merge)

@@ -147,10 +147,7 @@ def test_config_dtype_is_the_one_most_elements_are_written_in(tmp_path: Path) ->
     assert (tmp_path / "again" / "config.json").read_text() == stated
 
 
-@pytest.mark.parametrize("compile", ["off", "on"])
-def test_linear_never_reads_the_base(
-    tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compile: str
-) -> None:
+def test_linear_never_reads_the_base(tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """linear ignores the base's values (a template for names and shapes), so it reads only the
     models: fewer bytes from disk, and a base whose values are garbage changes nothing."""
     base, models = tiny_family(2, dtype=torch.float16)
@@ -166,7 +163,7 @@ def test_linear_never_reads_the_base(
 
     monkeypatch.setattr(Reader, "read_rows", spy)
     spec = spec_for("linear", base, models, [0.5, 1.5])
-    report = merge(spec, tmp_path / "out", block_bytes=40, compile=compile)
+    report = merge(spec, tmp_path / "out", block_bytes=40)
     assert {f.resolve() for f in read_from} == {m.resolve() for m in models}
     assert report.bytes_read == sum(open_checkpoint(m).nbytes for m in models)
     assert_same(load_model(tmp_path / "out"), merge_folders("linear", base, models, weights=[0.5, 1.5]))

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from engine.rng import KeyedRng, keep_traceable, segment_keys
+from engine.rng import KeyedRng
 
 if TYPE_CHECKING:
     from engine.methods.steps import Step
@@ -96,26 +96,14 @@ class Chunk:
     numel: int = 0  # elements in the whole tensor
     row_numel: int = 1  # elements per row; chunks of `row_aligned` methods hold whole rows
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # For compiled kernels: the same position as tensors, so that one kernel serves every chunk.
-    lo: torch.Tensor | None = None  # int32 0-dim: low 32 bits of `start`
-    keys: torch.Tensor | None = None  # int32 (models, 3): round keys of the chunk's 2**32 segment
 
     def keep(self, model: int, n: int, density: float) -> torch.Tensor:
         """0/1 float32 mask of the n elements of `model` from this chunk's start: 1 = kept.
 
         Float rather than bool because multiplying by it is 3x faster than by a bool mask.
         """
-        if self.keys is not None and self.lo is not None:
-            return keep_traceable(self.lo, self.keys[model], n, density)
         mask = torch.empty(n, dtype=torch.float32, device=self.device)
         return self.streams[model].keep(self.start, n, density, mask_out=mask)
-
-    def traceable(self) -> Chunk:
-        """This chunk with its position as tensors (`lo`, `keys`), for a compiled `apply`."""
-        seg = [segment_keys(s.key, self.start) for s in self.streams]
-        lo = torch.tensor(seg[0][0] if seg else 0, dtype=torch.int32, device=self.device)
-        keys = torch.tensor([k[1:] for k in seg] or [[0, 0, 0]], dtype=torch.int32, device=self.device)
-        return replace(self, lo=lo, keys=keys)
 
     def index(self, n: int) -> torch.Tensor:
         """Flat indices (int64) of the chunk's n elements, for index-based tie-breaking."""
@@ -164,10 +152,6 @@ class Method(ABC):
     # A config may then leave base_model out (the first model is the template), and a base listed
     # among the models is averaged in as one of them, as in mergekit.
     uses_base: ClassVar[bool] = True
-    # `--compile auto` fuses the method: False where there is nothing to fuse (a copy). Even
-    # task_arithmetic gains once the kernel is cached: 10.2 GB warm 7.2 s eager -> 6.1 s fused,
-    # 30% less CPU (the one-off build, ~11 s, lands in the kernel cache for every later merge).
-    worth_compiling: ClassVar[bool] = True
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         """The passes to run over the whole tensor before `apply`; none for elementwise methods."""

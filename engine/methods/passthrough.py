@@ -24,7 +24,6 @@ class Passthrough(Method):
     params = (ParamDef("scale", 1.0, per_model=True),)
     min_models = 0
     max_models = 0
-    worth_compiling = False  # a copy: nothing to fuse that the disk would notice
 
     def apply(
         self, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
