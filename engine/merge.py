@@ -224,12 +224,13 @@ def merge(
         check_target(target, overwrite, [spec.base, *(m.path for m in spec.models)])
         check_temp(tmp)
         state = _open_temp(tmp, plan, header, resume)
-        resumed = [t for t in plan.tensors if state is not None and t.name in state.done]
-        earlier = sum(t.bytes_read for t in resumed)  # what the interrupted run read for them
-        emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": earlier})
+        # What the interrupted run read for the tensors it finished (the progress bar starts there);
+        # the report counts those that pass their re-check on disk (`_restore_prefix`).
+        journaled = sum(t.bytes_read for t in plan.tensors if state is not None and t.name in state.done)
+        emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": journaled})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         try:
-            _run(
+            kept = _run(
                 plan,
                 inv,
                 tmp,
@@ -256,6 +257,7 @@ def merge(
             pairwise.release()  # the statistics' scratch: a library caller's GPU gets it back
         commit_output(tmp, target, overwrite)  # a signal that lands after the last block lets the run finish
     wall = time.perf_counter() - t0
+    earlier = sum(t.bytes_read for t in plan.tensors if t.name in kept)
     return Report(
         output=str(output),
         method=spec.method,
@@ -263,7 +265,7 @@ def merge(
         tensors=len(plan.tensors),
         blocks=plan.n_blocks,
         shards=len(plan.shards),
-        resumed_tensors=len(resumed),
+        resumed_tensors=len(kept),
         device=plan.device.device,
         wall_s=wall,
         bytes_read=plan.bytes_read - earlier,
@@ -344,8 +346,9 @@ def _run(
     stop: StopRequest,
     side: dict[str, Any],
     finite: Finite,
-) -> None:
-    """Write every missing block into `tmp` and finalize it (`side`: `write_side_files`'s options).
+) -> set[str]:
+    """Write every missing block into `tmp` and finalize it (`side`: `write_side_files`'s options);
+    returns the tensors an earlier run had written whole that were kept (their bytes re-checked).
     Input errors remove `tmp`; anything else leaves it to resume from."""
     try:
         with ExitStack() as stack:
@@ -370,6 +373,8 @@ def _run(
             for t in plan.tensors:
                 if state is not None and start[t.name] > 0 and t.numel:
                     start[t.name] = _restore_prefix(writer, out, journal, t, start[t.name], state)
+            # every row on disk and re-checked: merged by the earlier run, not by this one
+            kept = {t.name for t in plan.tensors if state is not None and t.numel and start[t.name] >= t.rows}
             complete = execute(
                 plan,
                 inv,
@@ -396,6 +401,7 @@ def _run(
     except (CheckpointError, NonFiniteError):
         abort_output(tmp)
         raise
+    return kept
 
 
 def _restore_prefix(

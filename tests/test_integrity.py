@@ -124,6 +124,14 @@ def test_resume_redoes_a_torn_record_and_a_damaged_finished_tensor(job: Path) ->
     last_t = max(i for i, line in enumerate(lines) if line.startswith(b'{"t"'))
     torn = b"".join(lines[:last_t]) + lines[last_t][:9]
     (temp_dir_for(out) / JOURNAL_NAME).write_bytes(torn)
+    _flip_a_byte_of_the_first_finished_tensor(out, lines)
+    done = resume_cli(job, out)
+    assert done.returncode == 0, done.stderr
+    assert digests(out) == reference(job)
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def _flip_a_byte_of_the_first_finished_tensor(out: Path, lines: list[bytes]) -> None:
     first = json.loads(next(line for line in lines if line.startswith(b'{"t"')))["t"]
     shard = next(temp_dir_for(out).glob("*.safetensors"))
     info = next(t for t in read_header(shard).tensors if t.name == first)
@@ -132,10 +140,16 @@ def test_resume_redoes_a_torn_record_and_a_damaged_finished_tensor(job: Path) ->
         byte = f.read(1)
         f.seek(info.offset + 7)
         f.write(bytes([byte[0] ^ 0x40]))
-    done = resume_cli(job, out)
-    assert done.returncode == 0, done.stderr
+
+
+def test_a_damaged_tensor_rewritten_on_resume_is_not_reported_as_resumed(job: Path) -> None:
+    out = job / "out"
+    interrupt(job, out)
+    lines = journal_lines(out)
+    _flip_a_byte_of_the_first_finished_tensor(out, lines)
+    report = merge(load_config(job / "merge.yaml"), out, block_bytes=2048, resume=True)
+    assert report.resumed_tensors == sum(line.startswith(b'{"t"') for line in lines) - 1
     assert digests(out) == reference(job)
-    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
 
 
 @pytest.mark.parametrize(
