@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_steps import inputs, needs_kernel
+from test_steps import inputs, needs_kernel, widened
 
 from engine.methods import steps
 from engine.methods.base import Chunk, Method, TensorParams
@@ -28,7 +28,7 @@ PROGRAMS = ["linear", "task_arithmetic", "dare_linear", "dare_ties", "ties", "br
 WEIGHTS = st.sampled_from([-0.5, 0.0, 0.25, 1 / 3, 1.0, 1.5])
 DENSITIES = st.sampled_from([0.0, 0.05, 0.3, 0.5, 0.9, 1.0])
 STARTS = st.sampled_from([0, 12345, (1 << 32) - 700, 5 * (1 << 32) - 3, (1 << 40) + 17])
-FP = [torch.float32, torch.bfloat16]
+FP = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @st.composite
@@ -98,8 +98,8 @@ def test_the_c_gives_the_bytes_of_apply_and_of_the_torch_steps(
     c = Chunk(rngs, start, n)
     program = method.steps(p, stats, k)
     assert program is not None
-    want = method.apply(raw[0].float(), [x.float().clone() for x in raw[1:]], p, stats, c).to(out_dtype)
-    by_steps = steps.run([x.float().clone() for x in raw], program, c).to(out_dtype)
+    want = method.apply(widened(raw[0]), [widened(x) for x in raw[1:]], p, stats, c).to(out_dtype)
+    by_steps = steps.run([widened(x) for x in raw], program, c).to(out_dtype)
     got = torch.empty(n, dtype=out_dtype)
     bounds = sorted({0, n, *(min(x, n) for x in cut_at)})
     with mock.patch.object(pairwise, "c_threads", lambda: threads):
@@ -155,7 +155,7 @@ def test_key_histograms_in_c_equal_torch_bincount(n: int, dtypes: list[torch.dty
     """The top-k passes 1 and 2 counted by the C from the read buffers equal the torch path's
     counts of the float32 copies' keys (NaNs' payloads included)."""
     base, model = inputs(n, dtypes, seed)
-    key = model.float().clone().sub_(base.float()).view(torch.int32).bitwise_and_(KEY_MAX)
+    key = widened(model).sub_(widened(base)).view(torch.int32).bitwise_and_(KEY_MAX)
     kernel: Any = pairwise._fused
     high = torch.zeros(1 << 15, dtype=torch.int64)
     kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), high.numpy(), -1, threads)

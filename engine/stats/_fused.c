@@ -49,9 +49,11 @@
 /* Inlined into each clone, so that the clone's instruction set reaches them. */
 #define ALWAYS_INLINE __attribute__((always_inline))
 
+enum { F32 = 0, BF16 = 1, F16 = 2 }; /* a buffer's element type: formats 'f', 'h'/'H', 'e' */
+
 typedef struct {
     const void *buf;
-    int bf16; /* 1: bfloat16 bits, 0: float32 */
+    int kind; /* F32, BF16 or F16 */
 } Stream;
 
 /* Two indices: a vector's streams (a - b, or a alone where b < 0), or a term's vectors (i * j, or
@@ -195,12 +197,46 @@ static inline double group_sum(const float *x, double *w) {
     return halve(w);
 }
 
+static inline float from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
 /* A bfloat16 is the upper half of a float32: widening is exact, as torch's cast. */
 static inline void widen_bf16(const uint16_t *h, float *out, int len) {
-    for (int k = 0; k < len; k++) {
-        uint32_t u = (uint32_t)h[k] << 16;
-        memcpy(&out[k], &u, sizeof u);
-    }
+    for (int k = 0; k < len; k++) out[k] = from_bits((uint32_t)h[k] << 16);
+}
+
+/* A float16 widened exactly, as torch's cast (the F16C instruction): the exponent rebiased by a
+ * float32 multiplication, subnormals by a subtraction, a NaN's payload kept (quieted). Branch
+ * free, so the loop vectorises. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normal = from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float subnormal = from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    uint32_t mask = -(uint32_t)(two_w < (1u << 27));
+    return from_bits(sign | (to_bits(subnormal) & mask) | (to_bits(normal) & ~mask));
+}
+
+static inline void widen_f16(const uint16_t *h, float *out, int len) {
+    for (int k = 0; k < len; k++) out[k] = half_to_float(h[k]);
+}
+
+/* Stream `s`'s elements [at, at + len) as float32: the buffer itself, or widened into `tmp`. */
+static inline const float *widened(const Stream *s, Py_ssize_t at, int len, float *tmp) {
+    if (s->kind == F32) return (const float *)s->buf + at;
+    if (s->kind == BF16)
+        widen_bf16((const uint16_t *)s->buf + at, tmp, len);
+    else
+        widen_f16((const uint16_t *)s->buf + at, tmp, len);
+    return tmp;
 }
 
 /* One float32 subtraction per element, as torch's `sub_` of the float32 workspace copies (a
@@ -219,14 +255,7 @@ CLONES static void sum_groups(const Stream *streams, Py_ssize_t nstreams, const 
     double w[HALF];
     for (Py_ssize_t g = g0; g < g1; g++) {
         Py_ssize_t first = g * GROUP;
-        for (Py_ssize_t s = 0; s < nstreams; s++) {
-            if (streams[s].bf16) {
-                widen_bf16((const uint16_t *)streams[s].buf + first, scratch + s * GROUP, GROUP);
-                at[s] = scratch + s * GROUP;
-            } else {
-                at[s] = (const float *)streams[s].buf + first;
-            }
-        }
+        for (Py_ssize_t s = 0; s < nstreams; s++) at[s] = widened(&streams[s], first, GROUP, scratch + s * GROUP);
         for (Py_ssize_t v = 0; v < nvec; v++) {
             const Indices *d = &vectors[v];
             float *mine = scratch + (nstreams + v) * GROUP;
@@ -274,15 +303,18 @@ static int get_buffer(PyObject *obj, Py_buffer *view, const char *formats, int w
     return 0;
 }
 
-/* The float32 or bfloat16 buffers of the tuple `obj` into views[] and streams[], counting the
+/* The element type of a buffer of format 'f', 'h'/'H' (bfloat16 bits) or 'e'. */
+static int kind_of(const Py_buffer *v) { return v->format[0] == 'f' ? F32 : v->format[0] == 'e' ? F16 : BF16; }
+
+/* The float32, bfloat16 or float16 buffers of the tuple `obj` into views[] and streams[], counting the
  * views taken in *got (to release); their common length, or -1 with a Python error set. */
 static Py_ssize_t get_streams(PyObject *obj, Py_buffer *views, Stream *streams, Py_ssize_t *got, const char *fn) {
     Py_ssize_t n = -1;
     for (; *got < PyTuple_GET_SIZE(obj); (*got)++) {
         Py_buffer *v = &views[*got];
-        if (get_buffer(PyTuple_GET_ITEM(obj, *got), v, "fhH", 0, "streams") < 0) return -1;
+        if (get_buffer(PyTuple_GET_ITEM(obj, *got), v, "fhHe", 0, "streams") < 0) return -1;
         streams[*got].buf = v->buf;
-        streams[*got].bf16 = v->format[0] != 'f';
+        streams[*got].kind = kind_of(v);
         if (n >= 0 && v->len / v->itemsize != n) {
             PyErr_Format(PyExc_ValueError, "%s: streams of %zd and %zd items", fn, n, v->len / v->itemsize);
             (*got)++;
@@ -388,7 +420,8 @@ done:
 /* ---------------------------------------------------------------- merges, fused
  *
  * A merge written as a program of steps over its inputs (`engine.methods.steps`), run over tiles
- * of COMBINE elements that stay in the L1/L2 cache: the bfloat16 inputs widened, each step one
+ * of COMBINE elements that stay in the L1/L2 cache: the bfloat16 and float16 inputs widened (exactly,
+ * as torch's casts; a float16 NaN keeps its payload as torch's vectorised cast does), each step one
  * float32 IEEE op per element into one of a few registers, in the order torch's eager ops take (a
  * scaled term is multiplied, rounded, then added: the file is compiled with -ffp-contract=off so
  * no FMA fuses the two), and the result rounded to the output dtype as torch's cast does. So the
@@ -419,10 +452,17 @@ static inline uint16_t round_bf16(float f, uint16_t nan) {
     return f != f ? nan : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-static inline const float *widened(const Stream *s, Py_ssize_t at, int len, float *tmp) {
-    if (!s->bf16) return (const float *)s->buf + at;
-    widen_bf16((const uint16_t *)s->buf + at, tmp, len);
-    return tmp;
+/* Round to nearest, ties to even, as torch's float -> float16 (the F16C instruction): overflow
+ * to infinity, subnormals rounded by a float32 addition; a NaN keeps its sign and the top of its
+ * payload, quieted (`payload`), or becomes the sign and 0x7E00 (torch's scalar cast). */
+static inline uint16_t round_f16(float f, int payload) {
+    uint32_t w = to_bits(f), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xFF000000u;
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    uint32_t bits = to_bits(from_bits((bias >> 1) + 0x07800000u) + base);
+    uint32_t finite = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    uint32_t nan = 0x7E00u | (payload ? (w >> 13) & 0x03FFu : 0u);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? nan : finite));
 }
 
 /* a + b and a - b as torch's tensor ops on the CPU give them: where both are NaNs, b's NaN
@@ -563,8 +603,9 @@ typedef struct {
     const Step *steps;
     Py_ssize_t nsteps;
     void *out;
-    int out_bf16;
-    uint16_t nan;
+    int out_kind;         /* F32, BF16 or F16 */
+    uint16_t nan;         /* a NaN's bfloat16 bits */
+    int f16_payload;      /* a NaN's float16: its payload kept (1) or 0x7E00 (0) */
     int64_t start;        /* flat index of element 0 */
     const uint64_t *keys; /* KEEP: the models' rng keys */
     struct Tile *tiles;   /* one per thread slot */
@@ -580,12 +621,7 @@ typedef struct Tile {
 static inline const float *input(const CombineJob *j, Tile *t, Py_ssize_t s, Py_ssize_t at, int len) {
     if (t->wide[s] == NULL) {
         const Stream *in = &j->streams[s];
-        if (in->bf16) {
-            widen_bf16((const uint16_t *)in->buf + at, t->W[s], len);
-            t->wide[s] = t->W[s];
-        } else {
-            t->wide[s] = (const float *)in->buf + at;
-        }
+        t->wide[s] = widened(in, at, len, t->W[s]);
     }
     return t->wide[s];
 }
@@ -703,9 +739,15 @@ CLONES static void combine_blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, P
             int ran = run_chain(j, i, t, at, len);
             i += ran ? ran : run_step(j, i, t, at, len);
         }
-        if (j->out_bf16) {
+        if (j->out_kind == BF16) {
             uint16_t *o = (uint16_t *)j->out + at;
             for (int k = 0; k < len; k++) o[k] = round_bf16(result[k], j->nan);
+        } else if (j->out_kind == F16) {
+            uint16_t *o = (uint16_t *)j->out + at;
+            if (j->f16_payload)
+                for (int k = 0; k < len; k++) o[k] = round_f16(result[k], 1);
+            else
+                for (int k = 0; k < len; k++) o[k] = round_f16(result[k], 0);
         } else {
             memcpy((float *)j->out + at, result, (size_t)len * sizeof(float));
         }
@@ -772,7 +814,7 @@ static int parse_step(PyObject *tuple, Py_ssize_t i, Step *st, Py_ssize_t nstrea
 }
 
 PyDoc_STRVAR(combine_doc,
-             "combine(streams, steps, out, nan, threads=1, start=0, keys=())\n\n"
+             "combine(streams, steps, out, nan, threads=1, start=0, keys=(), f16_payload=True)\n\n"
              "Run `steps`, each (op, stream, scale[, register[, ints[, weights]]]) on a float32 register\n"
              "(default 0) per element: SET 0 (r = x[stream], times scale unless it is None), ADD 1 (r +=\n"
              "x[stream], times scale unless None), DIV 2 (r /= scale), MUL 3 (r *= scale), SUB 4 (r -=\n"
@@ -780,20 +822,21 @@ PyDoc_STRVAR(combine_doc,
              "(r *= in the top-k cut (ints[0], ints[1]) and not in the cut (ints[2], ints[3])), ACC 7 (r +=\n"
              "register[stream]), ELECT 8 (r = TIES disjoint merge of registers 1..stream with `weights`;\n"
              "ints[0]: 0 no normalizing, 1 divide by the agreeing weights clamped to scale, 2 by them\n"
-             "with 0 as 1), over every element of `streams` (float32 'f' or bfloat16-bit 'h'/'H'\n"
-             "buffers of one length), and write the last step's register to `out` (float32, or bfloat16\n"
-             "bits rounded to nearest even, a NaN as the bits `nan`). A register is read only after a SET\n"
-             "or ELECT wrote it. Up to `threads` threads of the process's pool share the elements; the\n"
-             "bytes are the same.");
+             "with 0 as 1), over every element of `streams` (float32 'f', bfloat16-bit 'h'/'H' or float16\n"
+             "'e' buffers of one length), and write the last step's register to `out` (float32, or bfloat16\n"
+             "bits rounded to nearest even, a NaN as the bits `nan`, or float16 rounded to nearest even, a\n"
+             "NaN's payload kept if `f16_payload` else 0x7E00). A register is read only after a SET or\n"
+             "ELECT wrote it. Up to `threads` threads of the process's pool share the elements; the bytes\n"
+             "are the same.");
 
 static PyObject *combine(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *streams_obj, *steps_obj, *out_obj, *keys_obj = NULL;
     unsigned short nan;
-    int threads = 1;
+    int threads = 1, f16_payload = 1;
     long long start = 0;
-    if (!PyArg_ParseTuple(args, "O!O!OH|iLO!:combine", &PyTuple_Type, &streams_obj, &PyTuple_Type, &steps_obj,
-                          &out_obj, &nan, &threads, &start, &PyTuple_Type, &keys_obj))
+    if (!PyArg_ParseTuple(args, "O!O!OH|iLO!p:combine", &PyTuple_Type, &streams_obj, &PyTuple_Type, &steps_obj,
+                          &out_obj, &nan, &threads, &start, &PyTuple_Type, &keys_obj, &f16_payload))
         return NULL;
     Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj), nsteps = PyTuple_GET_SIZE(steps_obj);
     Py_ssize_t nkeys = keys_obj ? PyTuple_GET_SIZE(keys_obj) : 0;
@@ -825,7 +868,7 @@ static PyObject *combine(PyObject *self, PyObject *args) {
     if ((n = get_streams(streams_obj, views, streams, &got, "combine")) < 0) goto done;
     for (Py_ssize_t i = 0; i < nsteps; i++)
         if (parse_step(PyTuple_GET_ITEM(steps_obj, i), i, &steps[i], nstreams, nkeys, &written) < 0) goto done;
-    if (get_buffer(out_obj, &out, "fhH", 1, "out") < 0) goto done;
+    if (get_buffer(out_obj, &out, "fhHe", 1, "out") < 0) goto done;
     if (out.len / out.itemsize != n) {
         PyErr_Format(PyExc_ValueError, "combine: out holds %zd items, want %zd", out.len / out.itemsize, n);
         PyBuffer_Release(&out);
@@ -838,7 +881,7 @@ static PyObject *combine(PyObject *self, PyObject *args) {
         PyBuffer_Release(&out);
         goto done;
     }
-    CombineJob job = {streams, steps, nsteps, out.buf, out.format[0] != 'f', (uint16_t)nan, start, keys, tiles};
+    CombineJob job = {streams, steps, nsteps, out.buf, kind_of(&out), (uint16_t)nan, f16_payload, start, keys, tiles};
     Py_BEGIN_ALLOW_THREADS
     split(combine_part, &job, n, piece_for(1), slots);
     Py_END_ALLOW_THREADS
