@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_steps import inputs, needs_kernel, widened
 
-from engine.methods import steps
+from engine.methods import della, steps
 from engine.methods.base import Chunk, Method, TensorParams
 from engine.methods.breadcrumbs import CUTS
 from engine.methods.registry import get_method
@@ -179,3 +179,32 @@ def test_an_install_without_the_c_says_so_once(
     assert [r.getMessage() for r in caplog.records] == [
         "leanmerge: the C extension is not built (no C compiler at install): merging on the slower torch path"
     ]
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    w=st.sampled_from([2, 3, 31, 32, 33, 100, 257, 1024]),
+    rows=st.integers(1, 12),
+    density=st.sampled_from([0.1, 0.3, 0.5, 0.9]),
+    spread=st.sampled_from([0.0, 0.5, 0.99]),
+    rescale=st.booleans(),
+    start=STARTS,
+    threads=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_della_magprune_in_c_equals_the_torch_ops(
+    w: int, rows: int, density: float, spread: float, rescale: bool, start: int, threads: int, seed: int
+) -> None:
+    """DELLA's per-row ranks (ties among bfloat16-rounded deltas, NaNs, infinities, signed
+    zeros), keep probabilities, keyed keep test (rows across a 2**32 boundary) and rescale: the
+    C's bytes are the torch path's, for any number of threads."""
+    (delta,) = inputs(rows * w, [torch.bfloat16], seed)
+    epsilon = spread * min(density, 1 - density)
+    c = Chunk((KeyedRng(stream_key(seed, "t", 0)),), start, rows * w, w)
+    got, want = delta.float(), delta.float()
+    with mock.patch.object(pairwise, "c_threads", lambda: threads):
+        della.magprune_(got, 0, density, epsilon, rescale, c)
+    with mock.patch.object(pairwise, "_fused", None):
+        della.magprune_(want, 0, density, epsilon, rescale, c)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -47,33 +47,9 @@ static inline uint16_t round_f16(float f, int payload) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? nan : finite));
 }
 
-
-/* engine/rng.py's round keys of the 2**32 indices from hi * 2**32 (`_block_keys`). */
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
-#define GOLDEN64 0x9E3779B97F4A7C15ULL
-
-static void block_keys(uint64_t key, uint64_t hi, uint32_t *k) {
-    uint64_t s = mix64(mix64(key) + (hi + 1) * GOLDEN64), t = mix64(s + GOLDEN64);
-    k[0] = (uint32_t)s;
-    k[1] = (uint32_t)(s >> 32);
-    k[2] = (uint32_t)t;
-}
-
-/* DARE's keep mask, 1.0 or 0.0, of the element j after the segment's first (base = its low half
- * plus k0): word < thr, the word as engine/rng.py hashes it. */
+/* DARE's keep mask, 1.0 or 0.0, of the element j after the segment's first: word < thr. */
 static inline float keep_mask(uint32_t base, int j, uint32_t k1, uint32_t k2, uint32_t thr) {
-    uint32_t x = (base + (uint32_t)j) * 0x9E3779B9u;
-    x ^= x >> 16;
-    x = x * 0x7FEB352Du + k1;
-    x ^= x >> 16;
-    x = x * 0x846CA68Bu + k2;
-    x ^= x >> 16;
-    return select_f((x ^ 0x80000000u) < thr, 1.0f, 0.0f);
+    return select_f(keyed_word(base, j, k1, k2) < thr, 1.0f, 0.0f);
 }
 
 /* r[j] *= (word(first + j) < thr) for j < m, inside one 2**32 segment (lo: first's low half). */

@@ -5,6 +5,7 @@
  *   combine.c  every elementwise merge as a program of float32 steps (`combine`)
  *   hist.c     the top-k radix select's histograms (`key_histogram`)
  *   finite.c   NaN/Inf counts (`count_nonfinite`)
+ *   magprune.c DELLA's per-row ranks, keep probabilities and keyed keep test (`magprune`)
  *   module.c   the module's table
  * Every file is compiled with -ffp-contract=off: no FMA fuses a product and a sum that torch's
  * eager ops round apart. */
@@ -120,6 +121,36 @@ static inline float add_t(float a, float b) { return pick_nan(a + b, b); }
 
 static inline float sub_t(float a, float b) { return pick_nan(a - b, b); }
 
+/* ------------------------------------------------------------------ keyed randomness (engine/rng.py) */
+
+/* engine/rng.py's round keys of the 2**32 indices from hi * 2**32 (`_block_keys`). */
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+#define GOLDEN64 0x9E3779B97F4A7C15ULL
+
+static inline void block_keys(uint64_t key, uint64_t hi, uint32_t *k) {
+    uint64_t s = mix64(mix64(key) + (hi + 1) * GOLDEN64), t = mix64(s + GOLDEN64);
+    k[0] = (uint32_t)s;
+    k[1] = (uint32_t)(s >> 32);
+    k[2] = (uint32_t)t;
+}
+
+/* The word of the element j after a segment's first (base = the first's low half plus k[0]), as
+ * engine/rng.py hashes it: uniform over 0 .. 2**32 - 1. */
+static inline uint32_t keyed_word(uint32_t base, int j, uint32_t k1, uint32_t k2) {
+    uint32_t x = (base + (uint32_t)j) * 0x9E3779B9u;
+    x ^= x >> 16;
+    x = x * 0x7FEB352Du + k1;
+    x ^= x >> 16;
+    x = x * 0x846CA68Bu + k2;
+    x ^= x >> 16;
+    return x ^ 0x80000000u;
+}
+
 /* ------------------------------------------------------------------ pool.c */
 
 #define MAX_THREADS 64
@@ -146,6 +177,7 @@ PyObject *group_sums(PyObject *self, PyObject *args);
 PyObject *combine(PyObject *self, PyObject *args);
 PyObject *key_histogram(PyObject *self, PyObject *args);
 PyObject *count_nonfinite(PyObject *self, PyObject *args);
-extern const char group_sums_doc[], combine_doc[], key_histogram_doc[], count_nonfinite_doc[];
+PyObject *magprune(PyObject *self, PyObject *args);
+extern const char group_sums_doc[], combine_doc[], key_histogram_doc[], count_nonfinite_doc[], magprune_doc[];
 
 #endif

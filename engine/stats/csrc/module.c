@@ -7,6 +7,7 @@ static PyMethodDef methods[] = {
     {"group_sums", group_sums, METH_VARARGS, group_sums_doc},
     {"combine", combine, METH_VARARGS, combine_doc},
     {"count_nonfinite", count_nonfinite, METH_VARARGS, count_nonfinite_doc},
+    {"magprune", magprune, METH_VARARGS, magprune_doc},
     {NULL, NULL, 0, NULL},
 };
 
