@@ -33,6 +33,7 @@ import torch
 
 from engine.dtypes import DTYPES, byte_view, itemsize
 from engine.errors import CheckpointError
+from engine.hub import snapshot_blobs
 from engine.io.header import Header, TensorInfo, read_header, short_repr
 from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE, read_bin_header
 
@@ -147,12 +148,11 @@ def _inside(folder: Path, path: Path) -> Path:
     """`path`, after checking that it (through any symlinks) stays inside `folder`.
 
     A model folder is data from outside: a symlinked shard must not make us read other files.
+    A Hugging Face cache snapshot's files link to its repo's own `blobs` folder, which is allowed.
     """
-    if not path.resolve().is_relative_to(folder.resolve()):
-        raise CheckpointError(
-            f"{path}: a symlink to {path.resolve()}, outside the model folder; copy the files into the folder "
-            "(for a Hugging Face cache snapshot: `huggingface-cli download REPO --local-dir DIR`)"
-        )
+    real, blobs = path.resolve(), snapshot_blobs(folder)
+    if not real.is_relative_to(folder.resolve()) and (blobs is None or real.parent != blobs):
+        raise CheckpointError(f"{path}: a symlink to {real}, outside the model folder; copy the files into the folder")
     return path
 
 
