@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import MergeSpec, ModelRef, merge
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, ResumeError
 from engine.io.checkpoint import Reader, open_checkpoint
 from engine.io.fingerprint import fingerprint, input_change
 from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE
@@ -50,10 +50,14 @@ def twins(root: Path, dtype: torch.dtype, shards: int, n_models: int = 2) -> tup
 
 
 def merged(folders: list[Path], out: Path, method: str, **params: Any) -> dict[str, tuple[Any, bytes]]:
-    """Each output shard's tensor entries and data bytes (its metadata holds the spec digest,
-    which names the input folders)."""
     refs = tuple(ModelRef(m, {"weight": w} if method != "slerp" else {}) for m, w in zip(folders[1:], (0.6, 0.4)))
     merge(MergeSpec(method, folders[0], refs, params, seed=5), out, block_bytes=160, model_card=False)
+    return payload(out)
+
+
+def payload(out: Path) -> dict[str, tuple[Any, bytes]]:
+    """Each output shard's tensor entries and data bytes (its metadata holds the spec digest,
+    which names the input folders)."""
     shards = {}
     for p in sorted(out.glob("*.safetensors")):
         raw = p.read_bytes()
@@ -186,3 +190,35 @@ def test_fingerprint_of_a_bin_sees_another_model(tmp_path: Path) -> None:
     write_bin(folder, sets[1], shards=2)  # the other fine-tune, same names and shapes
     change = input_change(before, fingerprint(open_checkpoint(folder)))
     assert change is not None and change.startswith(f"input {folder / 'pytorch_model-00001-of-00002.bin'} ")
+
+
+def test_a_killed_bin_merge_resumes_only_with_the_same_inputs(tmp_path: Path) -> None:
+    """--resume fingerprints .bin inputs as it does safetensors: another file in a model's place
+    is refused, naming it; the inputs back in place, it finishes to the safetensors twin's bytes."""
+    st, pt = twins(tmp_path, torch.bfloat16, 2)
+    out = tmp_path / "out"
+    refs = tuple(ModelRef(m, {"weight": 0.5}) for m in pt[1:])
+    spec = MergeSpec("dare_linear", pt[0], refs, {"density": 0.5}, seed=1)
+    done = []
+
+    def stop(e: dict[str, object]) -> None:
+        if e["event"] == "tensor":
+            done.append(e)
+            if len(done) == 3:
+                raise KeyboardInterrupt  # a crash between tensors
+
+    with pytest.raises(KeyboardInterrupt):
+        merge(spec, out, block_bytes=160, sync_every=1, on_event=stop, model_card=False)
+    shard = pt[2] / "pytorch_model-00001-of-00002.bin"
+    shard.rename(tmp_path / "kept.bin")
+    torch.save(torch.load(pt[1] / shard.name, weights_only=True), shard)  # the other model's tensors
+    with pytest.raises(ResumeError, match=f"input {shard} "):
+        merge(spec, out, resume=True, block_bytes=160, model_card=False)
+    (tmp_path / "kept.bin").rename(shard)
+    report = merge(spec, out, resume=True, block_bytes=160, model_card=False)
+    assert report.resumed_tensors >= 2
+    twin = MergeSpec(
+        "dare_linear", st[0], tuple(ModelRef(m, {"weight": 0.5}) for m in st[1:]), {"density": 0.5}, seed=1
+    )
+    merge(twin, tmp_path / "twin", block_bytes=160, model_card=False)
+    assert payload(out) == payload(tmp_path / "twin")
