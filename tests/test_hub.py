@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from engine.cli import main
 from engine.config import load_config
-from engine.errors import SpecError
+from engine.errors import CheckpointError, SpecError
 from engine.hub import SIDE_PATTERNS, HubCache, fetch, hub_cache, resolve_model
 from engine.io.checkpoint import open_checkpoint
 
@@ -71,6 +71,11 @@ def test_hub_ids_resolve_offline(cache: Path, tmp_path: Path) -> None:
         assert resolve_model(typed, tmp_path, hub) == snap / commit, typed
     ckpt = open_checkpoint(resolve_model("org/ft@v2", tmp_path, hub))  # through the symlinks into blobs/
     assert set(ckpt.tensors) == set(SHAPES)
+    weights = snap / SHA2 / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to((cache / "models--org--base" / "snapshots" / SHA1 / "model.safetensors").resolve())
+    with pytest.raises(CheckpointError, match="outside the model folder"):  # only its own repo's blobs
+        open_checkpoint(snap / SHA2)
 
 
 def test_missing_hub_model_is_one_line_saying_what_to_run(cache: Path, tmp_path: Path) -> None:

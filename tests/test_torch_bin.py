@@ -222,3 +222,4 @@ def test_a_killed_bin_merge_resumes_only_with_the_same_inputs(tmp_path: Path) ->
     )
     merge(twin, tmp_path / "twin", block_bytes=160, model_card=False)
     assert payload(out) == payload(tmp_path / "twin")
+    assert verify(out, spec).ok  # the output is the merge of these .bin inputs
