@@ -94,9 +94,15 @@ def spec_options(f: F) -> F:
         f,
         [
             click.argument("config", required=False, type=click.Path(path_type=Path)),
-            click.option("--base", type=click.Path(path_type=Path), help="Base model folder."),
             click.option(
-                "--model", "models", multiple=True, metavar="DIR[:WEIGHT]", help="Fine-tuned model folder; repeat."
+                "--base", type=click.Path(path_type=Path), help="Base model folder, or Hub id OWNER/NAME[@REVISION]."
+            ),
+            click.option(
+                "--model",
+                "models",
+                multiple=True,
+                metavar="DIR[:WEIGHT]",
+                help="Fine-tuned model folder (or Hub id); repeat.",
             ),
             click.option("--method", type=click.Choice(METHOD_NAMES), help="Merge method."),
             click.option("--weight", type=float, metavar="X", help="Weight of every model without its own :WEIGHT."),
