@@ -51,7 +51,7 @@ def twins(root: Path, dtype: torch.dtype, shards: int, n_models: int = 2) -> tup
 
 def merged(folders: list[Path], out: Path, method: str, **params: Any) -> dict[str, tuple[Any, bytes]]:
     refs = tuple(ModelRef(m, {"weight": w} if method != "slerp" else {}) for m, w in zip(folders[1:], (0.6, 0.4)))
-    merge(MergeSpec(method, folders[0], refs, params, seed=5), out, block_bytes=160, model_card=False)
+    merge(MergeSpec(method, folders[0], refs, params, seed=5), out, block_bytes=512, model_card=False)
     return payload(out)
 
 
