@@ -142,10 +142,12 @@ class _System:
 
 def _bad(folder: Path, how: str) -> None:
     path = folder / BIN_SINGLE
-    if how == "compressed":
-        with zipfile.ZipFile(folder / "x.zip", "w", zipfile.ZIP_DEFLATED) as out, zipfile.ZipFile(path) as src:
+    if how in ("compressed", "short record"):
+        mode = zipfile.ZIP_DEFLATED if how == "compressed" else zipfile.ZIP_STORED
+        with zipfile.ZipFile(folder / "x.zip", "w", mode) as out, zipfile.ZipFile(path) as src:
             for i in src.infolist():
-                out.writestr(i.filename, src.read(i))
+                data = src.read(i)
+                out.writestr(i.filename, data[:8] if i.filename.endswith("/data/0") else data)
         (folder / "x.zip").replace(path)
     elif how == "truncated":
         os.truncate(path, os.path.getsize(path) - 200)
@@ -164,6 +166,7 @@ def _bad(folder: Path, how: str) -> None:
     [
         ("compressed", "record 'pytorch_model/data/0' is compressed; convert it to safetensors"),
         ("truncated", "unreadable zip archive"),
+        ("short record", "its storages do not match the archive's records (in size or first bytes)"),
         ("not a dict", "holds a list, not a state dict of tensors"),
         ("non-tensor", "entry 'step' is a int, not a named tensor"),
         ("strided", "tensor 'w': stored as a torch.strided tensor with strides [1, 6], not as row-major rows"),

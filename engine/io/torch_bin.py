@@ -144,24 +144,24 @@ def _shift(path: Path, storages: list[torch.UntypedStorage], records: dict[int, 
     (ptr0, n0), _ = spans[0]
     for offset in sorted(o for o, n in records.items() if n == n0):
         shift = ptr0 - offset
-        if shift % mmap.PAGESIZE == 0 and all(records.get(p - shift) == n for (p, n), _ in spans):
-            _check_first_bytes(path, spans, shift)
+        sizes_match = shift % mmap.PAGESIZE == 0 and all(records.get(p - shift) == n for (p, n), _ in spans)
+        if sizes_match and _first_bytes_match(path, spans, shift):
             return shift
     raise CheckpointError(
-        f"{path}: its storages do not match the archive's records (sizes differ); re-download it or convert it "
-        "to safetensors"
+        f"{path}: its storages do not match the archive's records (in size or first bytes); re-download it or "
+        "convert it to safetensors"
     )
 
 
-def _check_first_bytes(path: Path, spans: list[tuple[tuple[int, int], torch.UntypedStorage]], shift: int) -> None:
+def _first_bytes_match(path: Path, spans: list[tuple[tuple[int, int], torch.UntypedStorage]], shift: int) -> bool:
+    """Each storage's first `CHECKED` bytes, through the mapping, equal the file's at its place."""
     with open(path, "rb") as f:
         for (ptr, n), storage in spans:
             k = min(n, CHECKED)
             mapped = bytes(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (k,), (1,)).tolist())
             if os.pread(f.fileno(), k, ptr - shift) != mapped:
-                raise CheckpointError(
-                    f"{path}: storage at byte {ptr - shift} does not hold its record's bytes; convert it to safetensors"
-                )
+                return False
+    return True
 
 
 def _check_tensor(path: Path, name: Any, t: Any) -> None:
