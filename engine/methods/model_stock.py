@@ -14,8 +14,10 @@ vector as one row. The chunks hold whole rows, so each row's norms and dot produ
 inside its chunk, in float64 by halving over the row padded to a power of two
 (`engine.methods.row_stock`). Differences from mergekit: an n×1 tensor gets one angle here (one
 per element there) and a tensor of 3 or more dimensions one per dim-0 row (one per vector along
-the last dimension there), since the chunks know rows, not shapes; mergekit's float32 row sums
-can move t in its last bits.
+the last dimension there), since the chunks know rows, not shapes. mergekit computes each
+row's norms, cosines and t in float32 (torch's sums), this in float64: on tiny float32 Llama-shaped
+models 80.6% of the elements were bit-equal, 97.9% within 1 ulp, max 1.2e-7 (whole-tensor
+model_stock, the same cause: 91.9% and 99.8%).
 """
 
 from __future__ import annotations

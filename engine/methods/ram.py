@@ -13,7 +13,10 @@ ram is elementwise (no pass before the merge); ramplus_tl counts sharedₘ and u
 (integers) in one pass, and λₘ is computed from them with mergekit's own torch expression. The
 per-element arithmetic is mergekit's float32 ops in its order, so float32 merges equal mergekit's
 bit for bit. mergekit casts inputs to the config's `dtype` and does every op in it (bf16); this
-computes in float32 and rounds once on write. Defaults as mergekit: epsilon 1e-5, r 0.1, alpha 0.2.
+computes in float32 and rounds once on write (measured on tiny float32 Llama-shaped models: both
+100% bit-equal to mergekit 0.1.5). mergekit's ramplus_tl returns float32 tensors whatever the
+`dtype` (its float32 λ promotes the sum); here the output dtype is the base's, or `--out-dtype`.
+Defaults as mergekit: epsilon 1e-5, r 0.1, alpha 0.2.
 """
 
 from __future__ import annotations
