@@ -399,7 +399,6 @@ def test_plan_counts_the_passes(tiny_family: MakeFamily) -> None:
         ("slerp", 2, {}, {}, ["at most 1 model"]),
         ("slerp", 1, {}, {"t": 1.5}, ["'t'"]),
         ("model_stock", 1, {}, {}, ["at least 2 model"]),
-        ("model_stock", 2, {}, {"filter_wise": True}, ["'filter_wise'"]),
         ("dare_linear", 1, {}, {"rescale_norm": "l3"}, ["'rescale_norm'"]),
         ("dare_linear", 1, {}, {"rescale_norm": "l1", "rescale": False}, ["'rescale_norm'"]),
         ("dare_ties", 1, {}, {"rescale_norm": 1.0}, ["'rescale_norm'"]),
