@@ -180,8 +180,9 @@ def keep_ranks(delta: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 def ties_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: keep the int(density · n) largest magnitudes."""
-    return delta if density >= 1.0 else keep_ranks(delta, 0, int(density * delta.numel()))
+    """TIES trim: keep the int(density · n) largest magnitudes, at least one (mergekit 0.1.5)."""
+    n = delta.numel()
+    return delta if density >= 1.0 else keep_ranks(delta, 0, min(n, max(1, int(density * n))))
 
 
 def breadcrumbs_trim(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

@@ -442,3 +442,11 @@ def test_gram_batches_of_pairs_equal_the_reference(rows: int, raw: bool, monkeyp
             reducer.chunk(acc, part[0], part[1:], None, {}, c)  # type: ignore[arg-type]
     got = reducer.finish(acc, None, {})["g"]  # type: ignore[arg-type]
     assert got == {(i, j): pairwise_dot(vecs[i], vecs[j]) for i, j in pairs(4)}
+
+
+def test_ties_keeps_at_least_one_element_as_mergekit() -> None:
+    """mergekit 0.1.5's `magnitude`: k = max(1, int(density · n)) for a nonempty tensor."""
+    from engine.methods.ties import top_k_count
+
+    assert [top_k_count(0.1, n) for n in (0, 1, 3, 9, 10, 25)] == [0, 1, 1, 1, 1, 2]
+    assert top_k_count(1.0, 7) == 7

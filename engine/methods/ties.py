@@ -1,6 +1,7 @@
 """TIES-Merging (Yadav et al., 2023, "TIES-Merging: Resolving Interference When Merging Models").
 
-1. Trim: keep the k = int(density · n) largest |δₘ| of each tensor, per model, and zero the rest.
+1. Trim: keep the k = int(density · n) largest |δₘ| of each tensor (at least one, as mergekit
+   0.1.5), per model, and zero the rest.
 2. Elect: each element's sign is the sign of Σ wₘ δ̂ₘ.
 3. Disjoint merge: only the models that agree with the elected sign contribute (`consensus`).
 
@@ -24,8 +25,6 @@ rules, and float32 inputs merge to the same bytes (3 float32 fine-tunes of a tin
   each rounded to bf16. Here δ is float32 and the result is rounded once. On those models the
   deltas' rounding and the tie order explain all but 0.6% of the 5.5% of elements that differ
   (94.5% bit-equal); `--mergekit-rounding` reproduces the bf16 arithmetic.
-- Tensors with fewer than 1/density elements: mergekit 0.1.5 keeps max(1, int(density · n)), here
-  int(density · n) (k = 0 keeps nothing).
 """
 
 from __future__ import annotations
@@ -54,8 +53,9 @@ TRIM = "ties.trim"  # stats key: one Cut per model
 
 
 def top_k_count(density: float, numel: int) -> int:
-    """mergekit's k: int(density · numel); density 1 keeps every element."""
-    return numel if density >= 1.0 else int(density * numel)
+    """mergekit's k (0.1.5): int(density · numel), at least one element of a nonempty tensor;
+    density 1 keeps every element."""
+    return numel if density >= 1.0 else min(numel, max(1, int(density * numel)))
 
 
 def trim_(delta: torch.Tensor, cut: Cut, start: int) -> torch.Tensor:
