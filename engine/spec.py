@@ -24,6 +24,7 @@ from engine.methods.base import Method, ParamValue, TensorParams
 from engine.methods.registry import get_method
 from engine.paths import real_path, split_model_arg
 from engine.slices import Slice, check_slices, locate, slices_json
+from engine.tokens import TokenizerSpec
 
 DEFAULT_SEED = 0
 # Accepted in YAML for mergekit compatibility and ignored: they do not change our results.
@@ -61,6 +62,10 @@ class MergeSpec:
     # Per slice, each role's own parameters (base first) where some slice's sources set other
     # parameters than slices[0]'s; () when `base_params` and each model's `params` hold throughout.
     slice_params: tuple[tuple[Mapping[str, Setting], ...], ...] = ()
+    # A vocabulary built from the inputs' tokenizers (`tokenizer_source: union`, the `tokenizer:`
+    # block) and the chat template to set (engine.tokens).
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -181,6 +186,8 @@ class MergeSpec:
             **({"vocab": self.vocab} if self.vocab != "base" else {}),
             **({"tokenizer_source": str(self.tokenizer_source)} if self.tokenizer_source is not None else {}),
             **({"slices": slices_json(self.slices)} if self.slices else {}),
+            **({"tokenizer": self.tokenizer.to_json()} if self.tokenizer is not None else {}),
+            **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
             **({"base_params": _params_json(self.base_params)} if self.base_params else {}),
             **(
                 {"slice_params": [[_params_json(p) for p in ps] for ps in self.slice_params]}

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.embed_rows import built_files
 from engine.io.checkpoint import INDEX_NAME
 from engine.io.journal import JOURNAL_NAME
 from engine.io.model_card import write_model_card
 from engine.io.record import FILES_KEY, folder_record, fsync_files
 from engine.plan import Plan
 from engine.slices import output_layers
+from engine.tokens import set_chat_template
 
 # Files a model folder needs besides weights; copied from the base when present.
 SIDE_FILES: tuple[str, ...] = (
@@ -68,10 +70,16 @@ def write_side_files(
 
 def _copy_side_files(tmp: Path, plan: Plan, *, card: str | None, tokenizer: bool) -> None:
     tokenizer_dir = plan.spec.tokenizer_source or plan.spec.base
+    built = built_files(plan.resized)  # a vocabulary built from the inputs' (engine.embed_rows)
     for name in SIDE_FILES:
         src = (tokenizer_dir if name in TOKENIZER_FILES else plan.spec.base) / name
-        if src.is_file() and (tokenizer or name not in TOKENIZER_FILES):
+        if src.is_file() and (tokenizer and built is None or name not in TOKENIZER_FILES):
             shutil.copyfile(src, tmp / name)
+    if tokenizer:
+        for name, data in built or ():
+            (tmp / name).write_bytes(data)
+        if plan.spec.chat_template is not None:
+            set_chat_template(tmp, plan.spec)
     if card is not None:
         write_model_card(tmp, plan.spec, card)
     changes: dict[str, Any] = {}
