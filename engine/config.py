@@ -16,6 +16,7 @@ out_dtype: bfloat16
 tokenizer_source: base             # or a model folder to copy tokenizer files from, or union (engine.tokens)
 vocab: base                        # or union: rows of embedding-like tensors (engine.vocab)
 random_seed: 42
+mergekit_rounding: false           # true: round as mergekit does (engine.methods.mergekit_rounding)
 ```
 
 Relative paths are relative to the config file. Parameters known to mergekit but not used by
@@ -68,6 +69,7 @@ TOP_KEYS = (
     "slices",
     "tokenizer",
     "chat_template",
+    "mergekit_rounding",
 )
 MODEL_KEYS = ("model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -246,6 +248,7 @@ class _Config:
             "tokenizer_source": self.tokenizer_source(),
             "tokenizer": self.tokenizer(),
             "chat_template": self.chat_template(),
+            "mergekit_rounding": self.flag("mergekit_rounding"),
             "slices": slices,
             "slice_params": slice_params,
         }
@@ -514,6 +517,12 @@ class _Config:
         if "tokenizer" not in doc:
             return None
         return parse_tokenizer(doc["tokenizer"], doc.lines["tokenizer"], self.folder, self.error)
+
+    def flag(self, key: str) -> bool:
+        value = self.doc.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(self.doc.lines[key], f"{key} must be true or false, got {value!r}")
+        return value
 
     def chat_template(self) -> str | None:
         if "chat_template" not in self.doc:
