@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from engine.cli import main
 
 from conftest import MakeFamily, llama_shapes
-from reference import load_model
+from reference import breadcrumbs_trim, load_model, ties_trim
 
 BF = torch.bfloat16
 SHAPES = llama_shapes(2)
@@ -32,6 +33,25 @@ def task_arithmetic_ref(base: torch.Tensor, models: list[torch.Tensor], w: list[
     mixed = torch.stack(weighted).sum(0)  # bf16 sum over the models
     mixed = mixed / torch.stack(wb).sum(0)
     return (b + mixed * lam).to(BF)
+
+
+def ties_ref(
+    base: torch.Tensor, models: list[torch.Tensor], w: list[float], density: float, gamma: float | None
+) -> torch.Tensor:
+    """mergekit's TIES / breadcrumbs_ties in bf16: trim each bf16 delta (ties at the cut kept from
+    the lowest index), weight, elect the sign of the bf16 sum, sum the agreeing, ÷ their Σ w
+    (TIES' default normalize; breadcrumbs_ties' is false)."""
+    b = bf(base)
+    deltas = [(bf(m) - b).float() for m in models]
+    trimmed = [ties_trim(d, density) if gamma is None else breadcrumbs_trim(d, density, gamma) for d in deltas]
+    wb = torch.stack([bf(torch.tensor(x)) for x in w]).view(-1, *[1] * base.dim())
+    weighted = torch.stack([bf(t) for t in trimmed]) * wb
+    majority = (weighted.sum(0) >= 0).to(BF) * 2 - 1
+    agree = weighted.sign() == majority
+    divisor = (wb * agree).sum(0)
+    divisor[divisor == 0] = 1
+    mixed = (weighted * agree).sum(0)
+    return b + (mixed / divisor if gamma is None else mixed)
 
 
 def linear_ref(models: list[torch.Tensor], w: list[float]) -> torch.Tensor:
@@ -72,13 +92,32 @@ def test_task_arithmetic_and_linear_round_as_mergekit(tiny_family: MakeFamily) -
     assert sum(not torch.equal(got[n], ta_plain[n]) for n in SHAPES) == len(SHAPES)
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_ties_trims_the_rounded_deltas(tiny_family: MakeFamily, method: str) -> None:
+    base, (a, b) = tiny_family(2, shapes=SHAPES)
+    root = base.parent
+    gamma = 0.1 if method == "breadcrumbs_ties" else None
+    cfg = root / "t.yaml"
+    cfg.write_text(
+        f"merge_method: {method}\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 0.3}}}}, "
+        f"{{model: {b}, parameters: {{weight: 0.9}}}}]\nparameters: {{density: 0.4{', gamma: 0.1' if gamma else ''}}}\n"
+        "dtype: bfloat16\nmergekit_rounding: true\n"
+    )
+    assert merge(cfg, root / "o1", "--block-size", "24") == merge(cfg, root / "o2") == ""
+    tb, ta_, tb_ = load_model(base), load_model(a), load_model(b)
+    got, got2 = load_model(root / "o1"), load_model(root / "o2")
+    for n in SHAPES:
+        assert torch.equal(got[n], ties_ref(tb[n], [ta_[n], tb_[n]], [0.3, 0.9], 0.4, gamma)), n
+        assert torch.equal(got[n], got2[n]), n
+
+
 def test_methods_and_dtypes_it_does_not_cover_are_refused(tiny_family: MakeFamily) -> None:
     base, (a,) = tiny_family(1, shapes=SHAPES)
     cfg = base.parent / "t.yaml"
-    cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\ndtype: bfloat16\n")
+    cfg.write_text(f"merge_method: dare_ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\ndtype: bfloat16\n")
     assert merge(cfg, base.parent / "o", "--mergekit-rounding") == (
-        f"Error: {cfg}: mergekit_rounding covers linear, task_arithmetic, not ties: its tensor-wide statistics or "
-        "random masks cannot be reproduced block by block (leave mergekit_rounding out: leanmerge rounds once, on write)\n"
+        f"Error: {cfg}: mergekit_rounding covers linear, task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, not dare_ties: mergekit's random "
+        "masks and other methods' arithmetic are not reproduced (leave mergekit_rounding out: leanmerge rounds once, on write)\n"
     )
     cfg.write_text(
         f"merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {a}}}]\nmergekit_rounding: 1\n"
