@@ -522,6 +522,11 @@ class _Config:
         value = self.doc.get(key, False)
         if not isinstance(value, bool):
             raise self.error(self.doc.lines[key], f"{key} must be true or false, got {value!r}")
+        if value and key == "mergekit_rounding" and "dtype" in self.doc and "out_dtype" in self.doc:
+            # mergekit computes in `dtype` and writes `out_dtype`; this rounds to the one dtype written.
+            raise self.error(
+                self.doc.lines[key], "mergekit_rounding rounds to one dtype: give 'dtype' or 'out_dtype', not both"
+            )
         return value
 
     def chat_template(self) -> str | None:

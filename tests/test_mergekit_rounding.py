@@ -129,4 +129,8 @@ def test_methods_and_dtypes_it_does_not_cover_are_refused(tiny_family: MakeFamil
     assert merge(cfg, base.parent / "o") == (
         f"Error: {cfg}: mergekit_rounding rounds to the config's dtype: set one (dtype: bfloat16, or --out-dtype)\n"
     )
+    cfg.write_text(cfg.read_text() + "dtype: float32\nout_dtype: bfloat16\n")
+    assert merge(cfg, base.parent / "o").endswith(
+        "t.yaml:4: mergekit_rounding rounds to one dtype: give 'dtype' or 'out_dtype', not both\n"
+    )
     assert not (base.parent / "o").exists()
