@@ -174,3 +174,13 @@ def test_bad_tokenizer_settings_are_one_line(family: Path, monkeypatch: pytest.M
         "pip install 'transformers>=4.56' (or use tokenizer_source: base / a model folder)\n"
     )
     assert not (family / "bad").exists()
+
+
+def test_multimodal_config_gets_the_language_models_vocab_size(tmp_path: Path) -> None:
+    """A LLaVA-style config keeps vocab_size under text_config: the built vocabulary's size goes there."""
+    from engine.io.output import _update_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llava", "text_config": {"vocab_size": 64, "hidden_size": 16}}))
+    _update_config(path, {"vocab_size": 67})
+    assert json.loads(path.read_text()) == {"model_type": "llava", "text_config": {"vocab_size": 67, "hidden_size": 16}}

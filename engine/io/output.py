@@ -122,6 +122,9 @@ def _update_config(path: Path, changes: dict[str, Any]) -> None:
     changes = dict(changes)
     dtype = changes.pop("dtype", None)
     new = {k: v for k, v in changes.items() if k in config and config[k] != v}
+    text = config.get("text_config")  # multimodal (LLaVA-style): the language model's own sizes
+    if isinstance(text, dict) and any(k in text and text[k] != v for k, v in changes.items()):
+        new["text_config"] = text | {k: v for k, v in changes.items() if k in text}
     if dtype is not None and any(config.get(k) != dtype for k in DTYPE_KEYS):
         new.update(dict.fromkeys(DTYPE_KEYS, dtype))
     if new:
