@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from engine.chat_templates import NAMED
 from engine.cli import main
 
+from conftest import MakeFamily
 from reference import load_model, task_arithmetic
 
 transformers = pytest.importorskip("transformers")
@@ -184,3 +185,15 @@ def test_multimodal_config_gets_the_language_models_vocab_size(tmp_path: Path) -
     path.write_text(json.dumps({"model_type": "llava", "text_config": {"vocab_size": 64, "hidden_size": 16}}))
     _update_config(path, {"vocab_size": 67})
     assert json.loads(path.read_text()) == {"model_type": "llava", "text_config": {"vocab_size": 67, "hidden_size": 16}}
+
+
+def test_multimodal_processor_files_are_copied(tiny_family: MakeFamily) -> None:
+    """A LLaVA-style base's image processor files come with the merge (AutoProcessor needs them)."""
+    base, (a,) = tiny_family(1)
+    for name in ("preprocessor_config.json", "processor_config.json", "chat_template.json"):
+        (base / name).write_text(json.dumps({"name": name}))
+    result = CliRunner().invoke(main, ["merge", "--method", "linear", "--base", str(base), "--model", str(a),
+                                       "-o", str(base.parent / "out")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for name in ("preprocessor_config.json", "processor_config.json", "chat_template.json"):
+        assert json.loads((base.parent / "out" / name).read_text()) == {"name": name}

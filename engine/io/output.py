@@ -36,9 +36,18 @@ SIDE_FILES: tuple[str, ...] = (
     "vocab.json",
     "merges.txt",
     "chat_template.jinja",
+    "chat_template.json",  # a multimodal processor's (LLaVA-style)
+    "preprocessor_config.json",  # a multimodal model's image (and video) processing, as mergekit copies them
+    "processor_config.json",
+    "video_preprocessor_config.json",
 )
-# Of those, the tokenizer's: copied from the spec's `tokenizer_source` when it names a model.
-TOKENIZER_FILES = frozenset(SIDE_FILES) - {"config.json", "generation_config.json"}
+# The model's own files, from the base; the rest are the tokenizer's, copied from the spec's
+# `tokenizer_source` when it names a model.
+MODEL_SIDE_FILES = frozenset(
+    {"config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+     "video_preprocessor_config.json"}
+)  # fmt: skip
+TOKENIZER_FILES = frozenset(SIDE_FILES) - MODEL_SIDE_FILES
 # config.json keys that hold the layer count, by architecture family (Llama/Mistral/Qwen, GPT-2, T5-like).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
