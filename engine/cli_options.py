@@ -138,6 +138,13 @@ def spec_options(f: F) -> F:
             click.option("--seed", "--random-seed", "seed", type=int, help="Seed of the random masks (default 0)."),
             click.option("--out-dtype", help="Output float dtype: bf16, fp16, fp32 (default: the base's)."),
             click.option(
+                "--mergekit-rounding",
+                is_flag=True,
+                default=None,
+                help="Round inputs and every intermediate to the output dtype as mergekit does (linear, "
+                "task_arithmetic): mergekit's bytes instead of one rounding on write.",
+            ),
+            click.option(
                 "--vocab",
                 type=click.Choice(VOCAB_POLICIES),
                 help="Embedding rows when models add tokens: the base's (default) or the union of all models'.",
@@ -245,13 +252,15 @@ def build_spec(kw: dict[str, Any], hub: HubCache | None = None) -> MergeSpec:
     if kw["config"] is not None:
         if kw["base"] or kw["models"]:
             raise SpecError("give either a CONFIG file or --base/--model flags, not both")
-        overrides = {"method": kw["method"], "out_dtype": kw["out_dtype"], "seed": kw["seed"], "vocab": kw["vocab"]}
+        overrides = {"method": kw["method"], "out_dtype": kw["out_dtype"], "seed": kw["seed"], "vocab": kw["vocab"],
+                     "mergekit_rounding": kw.get("mergekit_rounding")}  # fmt: skip
         spec = load_config(kw["config"], overrides, hub=hub)
         params = flag_params(kw, spec.method_impl)
         return dataclasses.replace(spec, params={**spec.params, **params}) if params else spec
     method = METHODS[kw["method"]]
     spec = cli_spec(method.name, kw["base"], kw["models"], flag_params(kw, method), kw["out_dtype"], kw["seed"])
-    return dataclasses.replace(spec, vocab=kw["vocab"]) if kw["vocab"] else spec
+    extra = {k: kw[k] for k in ("vocab", "mergekit_rounding") if kw.get(k)}
+    return dataclasses.replace(spec, **extra) if extra else spec
 
 
 def flag_params(kw: dict[str, Any], method: Method) -> dict[str, ParamValue]:

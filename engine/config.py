@@ -13,15 +13,16 @@ parameters:                        # global: every model's default
   t: [{filter: self_attn, value: [0, 1]}, {value: 0.5}]   # filter rules, first match wins
 dtype: bfloat16                    # output dtype (out_dtype wins when both are set)
 out_dtype: bfloat16
-tokenizer_source: base             # or a model folder to copy tokenizer files from
+tokenizer_source: base             # or a model folder to copy tokenizer files from, or union (engine.tokens)
 vocab: base                        # or union: rows of embedding-like tensors (engine.vocab)
 random_seed: 42
+mergekit_rounding: false           # true: round as mergekit does (engine.methods.mergekit_rounding)
 ```
 
 Relative paths are relative to the config file. Parameters known to mergekit but not used by
 the chosen method (e.g. `density` for `linear`) and `int8_mask` are ignored with a logged note,
-as mergekit does; anything else unknown is an error. `modules`, `tokenizer` and `chat_template`
-are refused as not supported yet.
+as mergekit does; anything else unknown is an error. `modules` is refused as not supported yet.
+`tokenizer_source: union`, the `tokenizer:` block and `chat_template`: engine.tokens.
 
 Instead of `models`, `slices` lists layer ranges (engine.slices):
 
@@ -52,6 +53,7 @@ from engine.methods.registry import METHODS
 from engine.paths import folder_problem
 from engine.slices import Slice, SliceSource
 from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, MergeSpec, ModelRef, check_params
+from engine.tokens import TokenizerSpec, check_chat_template, parse_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +68,15 @@ TOP_KEYS = (
     "random_seed",
     "vocab",
     "slices",
+    "tokenizer",
+    "chat_template",
+    "mergekit_rounding",
 )
 MODEL_KEYS = ("model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 # mergekit keys that leanmerge knows and refuses, with why.
 UNSUPPORTED_KEYS = {
     "modules": "per-module configs are not supported yet; list whole models under 'models'",
-    "tokenizer": "the 'tokenizer' block (built vocabularies, embedding sources) is not supported yet; "
-    "use 'tokenizer_source: base' or a model folder, and 'vocab: base' or 'vocab: union'",
-    "chat_template": "'chat_template' is not supported yet; copy chat_template.jinja into the output folder",
 }
 # mergekit methods without an implementation here yet.
 MERGEKIT_ONLY_METHODS = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion")
@@ -253,6 +255,9 @@ class _Config:
             "seed": self.seed(),
             "vocab": self.choice("vocab", VOCAB_POLICIES, "base"),
             "tokenizer_source": self.tokenizer_source(),
+            "tokenizer": self.tokenizer(),
+            "chat_template": self.chat_template(),
+            "mergekit_rounding": self.flag("mergekit_rounding"),
             "slices": slices,
             "slice_params": slice_params,
         }
@@ -510,11 +515,39 @@ class _Config:
         if value == "base":
             return None
         if value == "union":
-            raise self.error(
-                line, "tokenizer_source 'union' (a merged vocabulary) is not supported yet; use 'vocab: union' and "
-                "name the model whose tokenizer to copy"
-            )  # fmt: skip
+            return None  # a built vocabulary: self.tokenizer()
         return self.folder(value, line, "tokenizer_source")
+
+    def tokenizer(self) -> TokenizerSpec | None:
+        """`tokenizer_source: union` or the `tokenizer:` block (engine.tokens); not both, as in mergekit."""
+        doc = self.doc
+        if "tokenizer" in doc and "tokenizer_source" in doc:
+            raise self.error(doc.lines["tokenizer"], "give either 'tokenizer_source' or 'tokenizer', not both")
+        if doc.get("tokenizer_source") == "union":
+            return TokenizerSpec("union")
+        if "tokenizer" not in doc:
+            return None
+        return parse_tokenizer(doc["tokenizer"], doc.lines["tokenizer"], self.folder, self.error)
+
+    def flag(self, key: str) -> bool:
+        value = self.doc.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(self.doc.lines[key], f"{key} must be true or false, got {value!r}")
+        if value and key == "mergekit_rounding" and "dtype" in self.doc and "out_dtype" in self.doc:
+            # mergekit computes in `dtype` and writes `out_dtype`; this rounds to the one dtype written.
+            raise self.error(
+                self.doc.lines[key], "mergekit_rounding rounds to one dtype: give 'dtype' or 'out_dtype', not both"
+            )
+        return value
+
+    def chat_template(self) -> str | None:
+        if "chat_template" not in self.doc:
+            return None
+        value = self.doc["chat_template"]
+        problem = check_chat_template(value)
+        if problem:
+            raise self.error(self.doc.lines["chat_template"], f"chat_template {problem}")
+        return str(value)
 
 
 def _is_number(v: Any) -> bool:

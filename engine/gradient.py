@@ -10,8 +10,10 @@ every tensor). These are mergekit's semantics:
 - tensors outside the numbered layers (embeddings, final norm, `lm_head`, ...) take t = 0, the
   gradient's first value, as mergekit does since 0.1 (its March 2025 change, arcee-ai/mergekit#534;
   before it the tensors after the layers took t = 1, the last value);
-- a filter matches when it occurs anywhere in the name (`fnmatch(name, "*filter*")`); when no
-  rule matches, the next level of precedence decides (model > global > method default).
+- a filter matches when it occurs in the name as plain text (mergekit's `filter in name`: no
+  wildcards, so `self_attn.*_proj` matches only a name containing those characters; `*` alone
+  matches everything); when no rule matches, the next level of precedence decides (model >
+  global > method default).
 
 The layer index comes from the name: `…layers.{i}.…`, `…h.{i}.…`, `…blocks.{i}.…` (also
 `layer.{i}` and `block.{i}`); the layer count is one more than the largest index in the base.
@@ -19,7 +21,6 @@ The layer index comes from the name: `…layers.{i}.…`, `…h.{i}.…`, `…bl
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -57,7 +58,7 @@ class Rule:
     def matches(self, name: str | None) -> bool:
         if self.filter is None or self.filter == "*":
             return True
-        return name is not None and fnmatch.fnmatchcase(name, f"*{self.filter}*")
+        return name is not None and name != "" and self.filter in name
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from engine import __version__
 from engine.budget import choose_budget, current_rss, fmt_bytes, peak_rss
 from engine.defaults import DEFAULT_SHARD_SIZE, SYNC_EVERY
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
+from engine.embed_rows import rebuild_vocabulary
 from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.checkpoint import ReadOptions
@@ -99,8 +100,12 @@ def prepare(
     `direct_io`: how the merge will read, which decides what a re-read costs on the CPU).
     """
     dev = resolve_device(device)
-    inv = take_inventory(spec.base, [m.path for m in spec.models], spec.vocab, spec.slices)
-    check_tokenizer_fits(spec.tokenizer_source or spec.base, {n: out_shape(inv, n) for n in inv.base.tensors})
+    vocab = "union" if spec.tokenizer is not None else spec.vocab  # any rows: the built vocabulary maps them
+    inv = take_inventory(spec.base, [m.path for m in spec.models], vocab, spec.slices)
+    if spec.tokenizer is not None:
+        inv = rebuild_vocabulary(spec, inv)
+    else:
+        check_tokenizer_fits(spec.tokenizer_source or spec.base, {n: out_shape(inv, n) for n in inv.base.tensors})
     budget = choose_budget(max_memory)
     kw: dict[str, Any] = {
         "budget": budget,

@@ -21,9 +21,11 @@ from engine.gradient import Setting, knots, position, resolve, varies
 from engine.gradient import to_json as setting_json
 from engine.gradient import values as setting_values
 from engine.methods.base import Method, ParamValue, TensorParams
+from engine.methods.mergekit_rounding import rounded
 from engine.methods.registry import get_method
 from engine.paths import real_path, split_model_arg
 from engine.slices import Slice, check_slices, locate, slices_json
+from engine.tokens import TokenizerSpec
 
 DEFAULT_SEED = 0
 # Accepted in YAML for mergekit compatibility and ignored: they do not change our results.
@@ -61,6 +63,13 @@ class MergeSpec:
     # Per slice, each role's own parameters (base first) where some slice's sources set other
     # parameters than slices[0]'s; () when `base_params` and each model's `params` hold throughout.
     slice_params: tuple[tuple[Mapping[str, Setting], ...], ...] = ()
+    # A vocabulary built from the inputs' tokenizers (`tokenizer_source: union`, the `tokenizer:`
+    # block) and the chat template to set (engine.tokens).
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
+    # Compute as mergekit does, rounding inputs and intermediates to the dtype
+    # (engine.methods.mergekit_rounding), instead of rounding once on write.
+    mergekit_rounding: bool = False
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -95,6 +104,8 @@ class MergeSpec:
             object.__setattr__(self, "out_dtype", parse_out_dtype(self.out_dtype))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise SpecError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.mergekit_rounding:
+            rounded(method, self.out_dtype)  # a method and dtype it covers
 
     def _normalize(self) -> None:
         """Accept `str` paths and lists, as a Python caller writes them; every folder becomes its
@@ -109,7 +120,8 @@ class MergeSpec:
 
     @property
     def method_impl(self) -> Method:
-        return get_method(self.method)
+        method = get_method(self.method)
+        return rounded(method, self.out_dtype) if self.mergekit_rounding else method
 
     def tensor_params(self, name: str | None = None, n_layers: int = 0, sources: Sequence[str] = ()) -> TensorParams:
         """Parameters for tensor `name` of a model with `n_layers` numbered layers, resolved
@@ -181,6 +193,9 @@ class MergeSpec:
             **({"vocab": self.vocab} if self.vocab != "base" else {}),
             **({"tokenizer_source": str(self.tokenizer_source)} if self.tokenizer_source is not None else {}),
             **({"slices": slices_json(self.slices)} if self.slices else {}),
+            **({"tokenizer": self.tokenizer.to_json()} if self.tokenizer is not None else {}),
+            **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
+            **({"mergekit_rounding": True} if self.mergekit_rounding else {}),
             **({"base_params": _params_json(self.base_params)} if self.base_params else {}),
             **(
                 {"slice_params": [[_params_json(p) for p in ps] for ps in self.slice_params]}

@@ -65,6 +65,16 @@ class Resized:
     stored: tuple[str, ...]  # each source's dtype
     dtypes: tuple[str, ...]  # what each stream reads it as
 
+    def fill(self, stream: VocabStream, r0: int, r1: int, buf: torch.Tensor) -> None:
+        """Rows [r0, r1) of `stream` into the uint8 `buf`, at the stream's dtype."""
+        row_bytes = self.row_numel * itemsize(self.dtypes[stream.index])
+        r = r0
+        while r < r1:
+            # The source changes only at row counts: rows [r, end) come from one input.
+            end = min([r1, *(b for b in self.rows if b > r)])
+            stream.copy(self, self.source(stream.index, r), r, end, buf[(r - r0) * row_bytes : (end - r0) * row_bytes])
+            r = end
+
     def source(self, stream: int, row: int) -> int:
         """Which input provides `row` of `stream`: its own, else the reference row's owner."""
         if row < self.rows[stream]:
@@ -114,6 +124,7 @@ class VocabStream:
     def __init__(self, index: int, readers: Sequence[RowReader], resized: dict[str, Resized]) -> None:
         self.index, self.readers, self.resized = index, readers, resized
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self.cache: dict[str, torch.Tensor] = {}  # per tensor, rows a `Resized` computes once (engine.embed_rows)
 
     def read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         rz = self.resized.get(name)
@@ -123,19 +134,14 @@ class VocabStream:
         row_bytes = rz.row_numel * itemsize(dtype)
         nbytes = (r1 - r0) * row_bytes
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.view(-1)[:nbytes]
-        r = r0
-        while r < r1:
-            # The source changes only at row counts: rows [r, end) come from one input.
-            end = min([r1, *(b for b in rz.rows if b > r)])
-            self._copy(rz, rz.source(self.index, r), r, end, buf[(r - r0) * row_bytes : (end - r0) * row_bytes])
-            r = end
+        rz.fill(self, r0, r1, buf)
         return buf.view(DTYPES[dtype]).view(r1 - r0, rz.row_numel)
 
     def advise_rows(self, name: str, r0: int, r1: int) -> None:
         if name not in self.resized:
             self.readers[self.index].advise_rows(name, r0, r1)
 
-    def _copy(self, rz: Resized, src: int, r0: int, r1: int, dst: torch.Tensor) -> None:
+    def copy(self, rz: Resized, src: int, r0: int, r1: int, dst: torch.Tensor) -> None:
         """Rows [r0, r1) of input `src` into the uint8 `dst`, as this stream's dtype."""
         reader, dtype, stored = self.readers[src], rz.dtypes[self.index], rz.stored[src]
         if stored == dtype:

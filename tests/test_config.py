@@ -23,7 +23,7 @@ from engine.methods.registry import METHODS
 from engine.plan import make_plan
 
 from conftest import MakeFamily, llama_shapes
-from reference import dare_merge, load_model, merge_folders, merge_folders_stats, stack_layers, stats_merge
+from reference import dare_merge, linear, load_model, merge_folders, merge_folders_stats, stack_layers, stats_merge
 from reference_select import merge_folders_select
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -153,6 +153,25 @@ def test_filtered_gradient_slerp(tiny_family: MakeFamily) -> None:
         assert torch.equal(got[name], want), name
 
 
+def test_filter_is_plain_text_in_the_name_as_in_mergekit(tiny_family: MakeFamily) -> None:
+    """mergekit tests `filter in tensor_name`: `*`, `?` and `[` are plain characters (only `*`
+    alone matches everything), so `self_attn.*_proj` matches no tensor and `layers.[1]` none."""
+    base, (a,) = tiny_family(1, shapes=LLAMA)
+    cfg = base.parent / "filters.yaml"
+    cfg.write_text(
+        f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n"
+        "    parameters:\n      weight:\n        - {filter: self_attn.*_proj, value: 0}\n"
+        "        - {filter: 'layers.[1]', value: 0}\n        - {filter: up_proj, value: 3}\n        - {value: 1}\n"
+        "parameters: {weight: 1}\ndtype: float32\n"
+    )
+    result = CliRunner().invoke(main, ["merge", str(cfg), "-o", str(base.parent / "out")])
+    assert result.exit_code == 0, result.output
+    b, m, got = load_model(base), load_model(a), load_model(base.parent / "out")
+    for name in LLAMA:
+        w = 3.0 if "up_proj" in name else 1.0  # never 0: no name holds "*" or "["
+        assert torch.equal(got[name], linear(b[name], [b[name].float(), m[name].float()], [1.0, w], True)), name
+
+
 def test_passes_follow_per_tensor_parameters(tiny_family: MakeFamily, tmp_path: Path) -> None:
     """A density gradient that reaches 1 needs no norm-rescale pass there."""
     from engine.io.inventory import take_inventory
@@ -223,8 +242,9 @@ TIES_SL = "merge_method: ties\nbase_model: ./b\nslices:\n  - sources:\n" + SRC_A
 BAD: list[tuple[str, int, list[str]]] = [
     (GOOD + "foo: 1\n", 6, ["unsupported key 'foo'", "supported: merge_method"]),
     (GOOD + "slices: []\n", 3, ["give either 'models' or 'slices', not both"]),
-    (GOOD + "tokenizer: {source: union}\n", 6, ["'tokenizer'", "not supported yet"]),
-    (GOOD + "tokenizer_source: union\n", 6, ["tokenizer_source 'union'", "not supported yet"]),
+    (GOOD + "tokenizer: {sauce: union}\n", 6, ["tokenizer: unsupported key 'sauce'", "source, tokens"]),
+    (GOOD + "tokenizer: {tokens: {x: {force: true}}}\n", 6, ["tokenizer.tokens['x'] needs a 'source'"]),
+    (GOOD + "tokenizer: {tokens: {x: {source: {kind: one}}}}\n", 6, ["kind must be 'zero' or 'model_token'"]),
     (GOOD + "tokenizer_source: ./nowhere\n", 6, ["tokenizer_source", "nowhere does not exist"]),
     (GOOD.replace("dare_ties", "nuslerp"), 1, ["merge_method 'nuslerp' is not supported yet"]),
     (GOOD.replace("dare_ties", "passthrough") + "  - model: ./c\n", 3, ["passthrough copies one model"]),

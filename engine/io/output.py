@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.embed_rows import built_files
 from engine.io.checkpoint import INDEX_NAME
 from engine.io.journal import JOURNAL_NAME
 from engine.io.model_card import write_model_card
 from engine.io.record import FILES_KEY, folder_record, fsync_files
 from engine.plan import Plan
 from engine.slices import output_layers
+from engine.tokens import set_chat_template
 
 # Files a model folder needs besides weights; copied from the base when present.
 SIDE_FILES: tuple[str, ...] = (
@@ -34,9 +36,18 @@ SIDE_FILES: tuple[str, ...] = (
     "vocab.json",
     "merges.txt",
     "chat_template.jinja",
+    "chat_template.json",  # a multimodal processor's (LLaVA-style)
+    "preprocessor_config.json",  # a multimodal model's image (and video) processing, as mergekit copies them
+    "processor_config.json",
+    "video_preprocessor_config.json",
 )
-# Of those, the tokenizer's: copied from the spec's `tokenizer_source` when it names a model.
-TOKENIZER_FILES = frozenset(SIDE_FILES) - {"config.json", "generation_config.json"}
+# The model's own files, from the base; the rest are the tokenizer's, copied from the spec's
+# `tokenizer_source` when it names a model.
+MODEL_SIDE_FILES = frozenset(
+    {"config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+     "video_preprocessor_config.json"}
+)  # fmt: skip
+TOKENIZER_FILES = frozenset(SIDE_FILES) - MODEL_SIDE_FILES
 # config.json keys that hold the layer count, by architecture family (Llama/Mistral/Qwen, GPT-2, T5-like).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
@@ -68,10 +79,16 @@ def write_side_files(
 
 def _copy_side_files(tmp: Path, plan: Plan, *, card: str | None, tokenizer: bool) -> None:
     tokenizer_dir = plan.spec.tokenizer_source or plan.spec.base
+    built = built_files(plan.resized)  # a vocabulary built from the inputs' (engine.embed_rows)
     for name in SIDE_FILES:
         src = (tokenizer_dir if name in TOKENIZER_FILES else plan.spec.base) / name
-        if src.is_file() and (tokenizer or name not in TOKENIZER_FILES):
+        if src.is_file() and (tokenizer and built is None or name not in TOKENIZER_FILES):
             shutil.copyfile(src, tmp / name)
+    if tokenizer:
+        for name, data in built or ():
+            (tmp / name).write_bytes(data)
+        if plan.spec.chat_template is not None:
+            set_chat_template(tmp, plan.spec)
     if card is not None:
         write_model_card(tmp, plan.spec, card)
     changes: dict[str, Any] = {}
@@ -114,6 +131,9 @@ def _update_config(path: Path, changes: dict[str, Any]) -> None:
     changes = dict(changes)
     dtype = changes.pop("dtype", None)
     new = {k: v for k, v in changes.items() if k in config and config[k] != v}
+    text = config.get("text_config")  # multimodal (LLaVA-style): the language model's own sizes
+    if isinstance(text, dict) and any(k in text and text[k] != v for k, v in changes.items()):
+        new["text_config"] = text | {k: v for k, v in changes.items() if k in text}
     if dtype is not None and any(config.get(k) != dtype for k in DTYPE_KEYS):
         new.update(dict.fromkeys(DTYPE_KEYS, dtype))
     if new:
