@@ -246,6 +246,7 @@ class _Config:
             "tokenizer_source": self.tokenizer_source(),
             "slices": slices,
             "slice_params": slice_params,
+            "base_is_model": method.base_optional and "base_model" not in doc and "slices" not in doc,
         }
         fields.update(overrides)
         try:
@@ -281,6 +282,8 @@ class _Config:
             return models[0], []
         if "base_model" in doc:
             base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model")
+        elif method.base_optional:  # mergekit's plain form: the first model is the base stream
+            return models[0], models[1:]
         elif not method.uses_base:  # the base is only a template: any model will do
             base = models[0].path
         else:

@@ -61,6 +61,9 @@ class MergeSpec:
     # Per slice, each role's own parameters (base first) where some slice's sources set other
     # parameters than slices[0]'s; () when `base_params` and each model's `params` hold throughout.
     slice_params: tuple[tuple[Mapping[str, Setting], ...], ...] = ()
+    # A `base_optional` method given no base_model: `base` is the first listed model (its own
+    # parameters in `base_params`) and takes part as one, not as an origin of deltas.
+    base_is_model: bool = False
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -75,6 +78,8 @@ class MergeSpec:
             raise SpecError(
                 f"method {self.method!r} takes at most {method.max_models} model(s) besides the base, got {len(self.models)}"
             )
+        if self.base_is_model and not method.base_optional:
+            raise SpecError(f"method {self.method!r} needs a base model (base_is_model is for nuslerp, multislerp)")
         check_params(method, self.params, "parameters", per_model=False)
         check_params(method, self.base_params, f"parameters of model {str(self.base)!r}", per_model=True)
         for m in self.models:
@@ -163,7 +168,7 @@ class MergeSpec:
         }
         roles = roles if roles is not None else (self.base_params, *(m.params for m in self.models))
         models = tuple(own(r, roles[r]) for r in range(1, len(roles)))
-        return TensorParams(globals_, models, own(0, roles[0]))
+        return TensorParams(globals_, models, own(0, roles[0]), self.base_is_model)
 
     def to_json(self) -> dict[str, Any]:
         """A canonical, JSON-ready form: recorded in the output and hashed for resume."""
@@ -182,6 +187,7 @@ class MergeSpec:
             **({"tokenizer_source": str(self.tokenizer_source)} if self.tokenizer_source is not None else {}),
             **({"slices": slices_json(self.slices)} if self.slices else {}),
             **({"base_params": _params_json(self.base_params)} if self.base_params else {}),
+            **({"base_is_model": True} if self.base_is_model else {}),
             **(
                 {"slice_params": [[_params_json(p) for p in ps] for ps in self.slice_params]}
                 if self.slice_params

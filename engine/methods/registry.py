@@ -7,8 +7,12 @@ from engine.methods.base import Method
 from engine.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from engine.methods.dare import DareLinear, DareTies
 from engine.methods.della import Della, DellaLinear
+from engine.methods.karcher import Karcher
 from engine.methods.linear import Linear
 from engine.methods.model_stock import ModelStock
+from engine.methods.multislerp import MultiSlerp
+from engine.methods.nearswap import NearSwap
+from engine.methods.nuslerp import NuSlerp
 from engine.methods.passthrough import Passthrough
 from engine.methods.slerp import Slerp
 from engine.methods.task_arithmetic import TaskArithmetic
@@ -29,6 +33,10 @@ METHODS: dict[str, Method] = {
         Slerp(),
         ModelStock(),
         Passthrough(),
+        NuSlerp(),
+        MultiSlerp(),
+        Karcher(),
+        NearSwap(),
     )
 }
 
