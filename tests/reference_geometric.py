@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from reference import pairwise_dot
+from reference import load_model, pairwise_dot
 
 
 def nuslerp_coefficients(t: float, s00: float, s11: float, s01: float) -> tuple[float, float, float]:
-    """(sin((1 − t)Ω), sin(tΩ), sin Ω), or (1 − t, t, 1) where |sin Ω| < 1e-8."""
+    """(sin((1 − t)Ω), sin(tΩ), sin Ω), or (1 − t, t, 1) where sin² Ω <= 1e-16."""
     cos = s01 / math.sqrt(max(s00, 1e-14) * max(s11, 1e-14))
-    omega = math.acos(min(max(cos, -1.0), 1.0))
-    if abs(math.sin(omega)) < 1e-8:
+    cos = min(max(cos, -1.0), 1.0)
+    if 1.0 - cos * cos <= 1e-16:
         return 1.0 - t, t, 1.0
+    omega = math.acos(cos)
     return math.sin((1.0 - t) * omega), math.sin(t * omega), math.sin(omega)
 
 
@@ -45,8 +47,7 @@ def nuslerp_ref(
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
     if flatten:
         c0, c1, s = nuslerp_coefficients(t, pairwise_dot(v0, v0), pairwise_dot(v1, v1), pairwise_dot(v0, v1))
-        out = v0 * c0 + v1 * c1
-        out = out if s == 1.0 and c0 == 1.0 - t else out / s
+        out = (v0 * c0 + v1 * c1) / s
     else:
         f0, f1 = (fibre_view(v, row_wise).double().numpy() for v in (v0, v1))
         sums = [np.cumsum(a * b, axis=1)[:, -1] for a, b in ((f0, f0), (f1, f1), (f0, f1))]
@@ -176,3 +177,29 @@ def nearswap_ref(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Ten
     absdiff = torch.abs(base - model)
     weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
     return weight * model + (1 - weight) * base
+
+
+def merge_folders_geometric(
+    method: str, base_dir: Path, model_dirs: Sequence[Path], out_dtype: torch.dtype | None = None, **params: object
+) -> dict[str, torch.Tensor]:
+    """Whole-tensor merge of the folders' float tensors: `params` as the config's, `weights` the
+    vectors' weights in order, `has_base` False where the vectors are the models themselves."""
+    base, models = load_model(base_dir), [load_model(d) for d in model_dirs]
+    has_base, w = bool(params.get("has_base", True)), list(params.get("weights", []))  # type: ignore[call-overload]
+    out = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            out[name] = b
+            continue
+        bf, ms = b.float(), [m[name].float() for m in models]
+        origin = bf if has_base else None
+        if method == "nuslerp":
+            r = nuslerp_ref(origin, ms, w, bool(params.get("flatten", True)), bool(params.get("row_wise", False)))
+        elif method == "multislerp":
+            r = multislerp_ref(origin, ms, w, bool(params.get("normalize_weights", True)))
+        elif method == "karcher":
+            r = karcher_ref(ms, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))  # type: ignore[call-overload, arg-type]
+        else:
+            r = nearswap_ref(bf, ms[0], float(params["t"]))  # type: ignore[arg-type]
+        out[name] = r.to(out_dtype or b.dtype)
+    return out

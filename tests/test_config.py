@@ -24,6 +24,7 @@ from engine.plan import make_plan
 
 from conftest import MakeFamily, llama_shapes
 from reference import dare_merge, load_model, merge_folders, merge_folders_stats, stack_layers, stats_merge
+from reference_geometric import merge_folders_geometric
 
 CONFIGS = Path(__file__).parent / "configs"
 N_LAYERS = 5
@@ -43,6 +44,10 @@ EXPECTED: dict[str, tuple[str, dict[str, object]]] = {
     "slerp": ("stats", {"t": 0.3}),
     "model_stock": ("stats", {}),
     "passthrough": ("passthrough", {}),
+    "nuslerp": ("geometric", {"has_base": False, "weights": [0.3, 0.7], "flatten": False}),
+    "multislerp": ("geometric", {"weights": [0.6, 0.4]}),
+    "karcher": ("geometric", {"max_iter": 20, "tol": 1e-6}),
+    "nearswap": ("geometric", {"t": 0.01}),
 }
 
 
@@ -73,6 +78,8 @@ def test_example_config_merges_to_its_reference(name: str, tiny_family: MakeFami
     elif method == "stats":
         ms = models[:1] if name == "slerp" else models
         want = merge_folders_stats(name, base, ms, out_dtype, **ref)
+    elif method == "geometric":
+        want = merge_folders_geometric(name, base, models[:1] if name == "nearswap" else models, out_dtype, **ref)
     else:
         want = merge_folders(method, base, models, out_dtype, **ref)
     got = load_model(root / "out")

@@ -4,6 +4,7 @@ bad parameters are one-line errors."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,15 +12,16 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_geometric import _gram, karcher_literal, karcher_ref, multislerp_ref, nearswap_ref, nuslerp_ref
 
 from engine import MergeSpec, ModelRef, merge
 from engine.cli import main
+from engine.config import load_config
 from engine.errors import SpecError
 from engine.methods.karcher import karcher_coefficients
 
-from conftest import family_tensors, write_checkpoint
+from conftest import MakeFamily, family_tensors, write_checkpoint
 from reference import load_model
+from reference_geometric import _gram, karcher_literal, karcher_ref, multislerp_ref, nearswap_ref, nuslerp_ref
 
 # (method, global parameters, whether a base_model is given)
 CASES = [
@@ -35,6 +37,7 @@ CASES = [
     ("nearswap", {"t": 0.02}, True),
 ]
 WEIGHTS = [0.7, 0.4, 1.3, 0.9]
+CONFIGS = Path(__file__).parent / "configs"
 
 
 def reference(
@@ -129,44 +132,19 @@ def test_karcher_coefficients_are_the_literal_iteration() -> None:
             assert torch.allclose(combined, want, rtol=0, atol=1e-10 * float(want.abs().max()))  # type: ignore[arg-type]
 
 
-YAML = {
-    "nuslerp": "merge_method: nuslerp\nparameters: {nuslerp_flatten: false}\nmodels:\n"
-    "  - {model: ./ft0, parameters: {weight: 0.3}}\n  - {model: ./ft1, parameters: {weight: 0.7}}\n",
-    "multislerp": "merge_method: multislerp\nbase_model: ./base\nmodels:\n  - model: ./base\n"
-    "  - {model: ./ft0, parameters: {weight: 0.5}}\n  - {model: ./ft1, parameters: {weight: 0.5}}\n",
-    "karcher": "merge_method: karcher\nparameters: {max_iter: 20, tol: 1.0e-6}\nmodels:\n"
-    "  - model: ./ft0\n  - model: ./ft1\n",
-    "nearswap": "merge_method: nearswap\nbase_model: ./base\nparameters: {t: 0.001}\nmodels:\n"
-    "  - model: ./base\n  - model: ./ft0\n",
-}
-
-
-def yaml_reference(method: str, base: torch.Tensor, ft: list[torch.Tensor]) -> torch.Tensor:
-    if method == "nuslerp":
-        return nuslerp_ref(None, ft, [0.3, 0.7], False, False)
-    if method == "multislerp":
-        return multislerp_ref(base, ft, [0.5, 0.5])
-    if method == "karcher":
-        return karcher_ref(ft, 20, 1e-6)
-    return nearswap_ref(base, ft[0], 0.001)
-
-
-def test_yaml_configs_through_the_cli(tmp_path: Path) -> None:
-    """mergekit-style configs of each method (no base_model for nuslerp and karcher, the base
-    listed among the models for multislerp and nearswap) merge to the references' bytes."""
-    sets = family_tensors({"w": (7, 5), "b": (5,)}, 2, 9, torch.bfloat16)
-    base = write_checkpoint(tmp_path / "base", sets[0])
-    for i, s in enumerate(sets[1:]):
-        write_checkpoint(tmp_path / f"ft{i}", s)
-    for method, text in YAML.items():
-        cfg = tmp_path / f"{method}.yaml"
-        cfg.write_text(text)
-        result = CliRunner().invoke(main, ["merge", str(cfg), str(tmp_path / method)])
+def test_example_configs_through_the_cli(tiny_family: MakeFamily) -> None:
+    """tests/configs/{nuslerp,multislerp,karcher,nearswap}.yaml (no base_model for nuslerp and
+    karcher, the base listed among the models for the others) merge through the CLI to the bytes
+    of the in-process merge, which tests/test_config.py holds to the references."""
+    base, _ = tiny_family(2, shapes={"w": (7, 5), "b": (5,)})
+    root = base.parent
+    for method in ("nuslerp", "multislerp", "karcher", "nearswap"):
+        cfg = Path(shutil.copy(CONFIGS / f"{method}.yaml", root / f"{method}.yaml"))
+        result = CliRunner().invoke(main, ["merge", str(cfg), str(root / method)])
         assert result.exit_code == 0, result.output
-        got = load_model(tmp_path / method)
-        for name, b in load_model(base).items():
-            want = yaml_reference(method, b.float(), [s[name].float() for s in sets[1:]])
-            assert torch.equal(got[name], want.to(b.dtype)), (method, name)
+        merge(load_config(cfg), root / f"{method}-api")
+        got, want = load_model(root / method), load_model(root / f"{method}-api")
+        assert got.keys() == want.keys() and all(torch.equal(got[n], w) for n, w in want.items()), method
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ With two vectors v₀, v₁ (the two models; or, given a base_model, their delta
 weights w₀, w₁: t = w₁ / (w₀ + w₁) (0.5 where |w₀ + w₁| < 1e-6), and
     cos Ω = v₀·v₁ / (max(‖v₀‖, 1e-7)·max(‖v₁‖, 1e-7)),  Ω = acos(clamp(cos Ω, −1, 1)),
     θ = (sin((1 − t)·Ω)·v₀ + sin(t·Ω)·v₁) / sin Ω   [+ θ_base with a base],
-or (1 − t)·v₀ + t·v₁ where |sin Ω| < 1e-8. Which vectors:
+or (1 − t)·v₀ + t·v₁ where 1 − cos² Ω <= 1e-16 (mergekit 0.1.5's test). Which vectors:
 - `nuslerp_flatten: true` (the default, as mergekit): the whole tensor is one vector. Its Gram
   entries come from one reducer pass (`engine.stats.gram`), the merge is a `steps` program.
 - `nuslerp_flatten: false`: one Ω per fibre, along the last dim (`nuslerp_row_wise: false`, a row
@@ -45,7 +45,7 @@ FLATTEN = ParamDef("nuslerp_flatten", True, per_model=False)
 ROW_WISE = ParamDef("nuslerp_row_wise", False, per_model=False)
 GRAM, FIBRES = "nuslerp.gram", "nuslerp.fibres"
 NORM_CLAMP = 1e-7  # mergekit's _normalize
-COLINEAR = 1e-8  # |sin Ω| below it: linear interpolation
+COLINEAR = 1e-8  # |sin Ω| at most this: linear interpolation
 
 
 def interpolation_t(weights: Sequence[float]) -> float:
@@ -58,11 +58,11 @@ def coefficients(t: float, s00: float, s11: float, s01: float) -> tuple[float, f
     """(c₀, c₁, divisor) with θ = (c₀·v₀ + c₁·v₁) / divisor; divisor None: no division."""
     # sqrt of the product rather than a product of roots: equal vectors give cos Ω == 1 exactly
     scale = math.sqrt(max(s00, NORM_CLAMP**2) * max(s11, NORM_CLAMP**2))
-    omega = math.acos(min(max(s01 / scale, -1.0), 1.0))
-    sin = math.sin(omega)
-    if abs(sin) < COLINEAR:
+    cos = min(max(s01 / scale, -1.0), 1.0)
+    if 1.0 - cos * cos <= COLINEAR**2:  # mergekit 0.1.5's test: sin² Ω <= ε²
         return 1.0 - t, t, None
-    return math.sin((1.0 - t) * omega), math.sin(t * omega), sin
+    omega = math.acos(cos)
+    return math.sin((1.0 - t) * omega), math.sin(t * omega), math.sin(omega)
 
 
 class NuSlerp(Method):
