@@ -76,7 +76,7 @@ UNSUPPORTED_KEYS = {
     "chat_template": "'chat_template' is not supported yet; copy chat_template.jinja into the output folder",
 }
 # mergekit methods without an implementation here yet.
-MERGEKIT_ONLY_METHODS = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion")
+MERGEKIT_ONLY_METHODS = ("sce",)
 # Parameters mergekit's methods take: accepted for any method, ignored (with a note) when unused.
 MERGEKIT_PARAMS = frozenset({"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t"})
 # Bounds on what a config may ask the parser to build, checked before and while it parses: YAML

@@ -179,6 +179,22 @@ def nearswap_ref(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Ten
     return weight * model + (1 - weight) * base
 
 
+def arcee_fusion_ref(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """mergekit's arcee_fusion with exact quantiles (no sampling) and a float64 sequential KL sum."""
+    w = base.shape[-1] if base.dim() > 1 else max(base.numel(), 1)
+    b, m = base.reshape(-1, w), model.reshape(-1, w)
+    p = torch.softmax(m, dim=-1) + 1e-8
+    q = torch.softmax(b, dim=-1) + 1e-8
+    terms = (p * torch.log(p / q)).double().numpy()
+    kl = torch.from_numpy(np.cumsum(terms, axis=1)[:, -1:]).float()
+    imp = ((m - b).abs() * kl).reshape(-1)
+    ranks = (torch.tensor([0.25, 0.5, 0.75]) * (imp.numel() - 1)).long()
+    q1, median, q3 = torch.sort(imp).values[ranks]
+    threshold = median + 1.5 * (q3 - q1)
+    mask = (imp >= threshold).float().reshape(base.shape)
+    return base + (model - base) * mask
+
+
 def merge_folders_geometric(
     method: str, base_dir: Path, model_dirs: Sequence[Path], out_dtype: torch.dtype | None = None, **params: object
 ) -> dict[str, torch.Tensor]:
@@ -199,6 +215,8 @@ def merge_folders_geometric(
             r = multislerp_ref(origin, ms, w, bool(params.get("normalize_weights", True)))
         elif method == "karcher":
             r = karcher_ref(ms, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5)))  # type: ignore[call-overload, arg-type]
+        elif method == "arcee_fusion":
+            r = arcee_fusion_ref(bf, ms[0])
         else:
             r = nearswap_ref(bf, ms[0], float(params["t"]))  # type: ignore[arg-type]
         out[name] = r.to(out_dtype or b.dtype)

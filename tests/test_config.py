@@ -48,6 +48,7 @@ EXPECTED: dict[str, tuple[str, dict[str, object]]] = {
     "multislerp": ("geometric", {"weights": [0.6, 0.4]}),
     "karcher": ("geometric", {"max_iter": 20, "tol": 1e-6}),
     "nearswap": ("geometric", {"t": 0.01}),
+    "arcee_fusion": ("geometric", {}),
 }
 
 
@@ -79,7 +80,9 @@ def test_example_config_merges_to_its_reference(name: str, tiny_family: MakeFami
         ms = models[:1] if name == "slerp" else models
         want = merge_folders_stats(name, base, ms, out_dtype, **ref)
     elif method == "geometric":
-        want = merge_folders_geometric(name, base, models[:1] if name == "nearswap" else models, out_dtype, **ref)
+        want = merge_folders_geometric(
+            name, base, models[:1] if name in ("nearswap", "arcee_fusion") else models, out_dtype, **ref
+        )
     else:
         want = merge_folders(method, base, models, out_dtype, **ref)
     got = load_model(root / "out")
@@ -227,7 +230,7 @@ BAD: list[tuple[str, int, list[str]]] = [
     (GOOD + "tokenizer: {source: union}\n", 6, ["'tokenizer'", "not supported yet"]),
     (GOOD + "tokenizer_source: union\n", 6, ["tokenizer_source 'union'", "not supported yet"]),
     (GOOD + "tokenizer_source: ./nowhere\n", 6, ["tokenizer_source", "nowhere does not exist"]),
-    (GOOD.replace("dare_ties", "nuslerp"), 1, ["merge_method 'nuslerp' is not supported yet"]),
+    (GOOD.replace("dare_ties", "sce"), 1, ["merge_method 'sce' is not supported yet"]),
     (GOOD.replace("dare_ties", "passthrough") + "  - model: ./c\n", 3, ["passthrough copies one model"]),
     ("merge_method: passthrough\nslices: []\n", 2, ["'slices' must be a non-empty list"]),
     (SL.replace("[0, 2]", "[2, 2]"), 5, ["sources[0].layer_range must be [start, end]", "[2, 2]"]),

@@ -16,12 +16,20 @@ from hypothesis import strategies as st
 from engine import MergeSpec, ModelRef, merge
 from engine.cli import main
 from engine.config import load_config
-from engine.errors import SpecError
+from engine.errors import BudgetError, SpecError
 from engine.methods.karcher import karcher_coefficients
 
 from conftest import MakeFamily, family_tensors, write_checkpoint
 from reference import load_model
-from reference_geometric import _gram, karcher_literal, karcher_ref, multislerp_ref, nearswap_ref, nuslerp_ref
+from reference_geometric import (
+    _gram,
+    arcee_fusion_ref,
+    karcher_literal,
+    karcher_ref,
+    multislerp_ref,
+    nearswap_ref,
+    nuslerp_ref,
+)
 
 # (method, global parameters, whether a base_model is given)
 CASES = [
@@ -35,6 +43,7 @@ CASES = [
     ("karcher", {"max_iter": 10, "tol": 1e-5}, True),
     ("karcher", {"max_iter": 3, "tol": 0.0}, True),
     ("nearswap", {"t": 0.02}, True),
+    ("arcee_fusion", {}, True),
 ]
 WEIGHTS = [0.7, 0.4, 1.3, 0.9]
 CONFIGS = Path(__file__).parent / "configs"
@@ -53,6 +62,8 @@ def reference(
         return multislerp_ref(origin, vectors, w, bool(g.get("normalize_weights", True)))
     if method == "karcher":
         return karcher_ref(models, int(g["max_iter"]), float(g["tol"]))  # type: ignore[call-overload, arg-type]
+    if method == "arcee_fusion":
+        return arcee_fusion_ref(base, models[0])
     return nearswap_ref(base, models[0], float(g["t"]))  # type: ignore[arg-type]
 
 
@@ -105,8 +116,10 @@ def test_blockwise_equals_reference(
     seed: int,
 ) -> None:
     method, _, has_base = case
-    n = {"nuslerp": 2 if has_base else 1, "nearswap": 1}.get(method, k)
+    n = {"nuslerp": 2 if has_base else 1, "nearswap": 1, "arcee_fusion": 1}.get(method, k)
     sets = family_tensors(shapes, n, seed, dtype)
+    if method == "arcee_fusion":  # a 1-D tensor in one block (test_arcee_fusion_1d_in_pieces)
+        block_bytes = max(block_bytes, 40)
     check_merge(tmp_path_factory.mktemp(method), case, sets, [block_bytes, 1 << 20])
 
 
@@ -114,8 +127,9 @@ def test_blockwise_equals_reference(
 def test_larger_tensors_any_block(tmp_path: Path, case: tuple[str, dict[str, object], bool]) -> None:
     """Tensors of many compute chunks and C tiles, blocks cut inside fibres and pairwise groups."""
     method, _, has_base = case
-    n = {"nuslerp": 2 if has_base else 1, "nearswap": 1}.get(method, 3 if has_base else 2)
-    sets = family_tensors({"w": (301, 170), "v": (9001,), "s": ()}, n, 3, torch.bfloat16)
+    n = {"nuslerp": 2 if has_base else 1, "nearswap": 1, "arcee_fusion": 1}.get(method, 3 if has_base else 2)
+    one_d = (70,) if method == "arcee_fusion" else (9001,)  # arcee_fusion softmaxes a 1-D tensor whole
+    sets = family_tensors({"w": (301, 170), "v": one_d, "s": ()}, n, 3, torch.bfloat16)
     check_merge(tmp_path, case, sets, [1 << 10, 40_000, 1 << 22])
 
 
@@ -133,12 +147,12 @@ def test_karcher_coefficients_are_the_literal_iteration() -> None:
 
 
 def test_example_configs_through_the_cli(tiny_family: MakeFamily) -> None:
-    """tests/configs/{nuslerp,multislerp,karcher,nearswap}.yaml (no base_model for nuslerp and
+    """tests/configs/{nuslerp,multislerp,karcher,nearswap,arcee_fusion}.yaml (no base_model for nuslerp and
     karcher, the base listed among the models for the others) merge through the CLI to the bytes
     of the in-process merge, which tests/test_config.py holds to the references."""
     base, _ = tiny_family(2, shapes={"w": (7, 5), "b": (5,)})
     root = base.parent
-    for method in ("nuslerp", "multislerp", "karcher", "nearswap"):
+    for method in ("nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"):
         cfg = Path(shutil.copy(CONFIGS / f"{method}.yaml", root / f"{method}.yaml"))
         result = CliRunner().invoke(main, ["merge", str(cfg), str(root / method)])
         assert result.exit_code == 0, result.output
@@ -162,3 +176,15 @@ def test_bad_parameters(tmp_path: Path, method: str, g: dict[str, object], n: in
     with pytest.raises(SpecError) as e:
         MergeSpec(method, tmp_path, tuple(ModelRef(tmp_path, {}) for _ in range(n)), g)  # type: ignore[arg-type]
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_arcee_fusion_1d_in_pieces(tmp_path: Path) -> None:
+    """A 1-D tensor is one softmax vector: cut into blocks it is refused, on one line."""
+    sets = family_tensors({"v": (100,)}, 1, 0, torch.float32)
+    base, ft = (write_checkpoint(tmp_path / n, s) for n, s in zip(("base", "ft"), sets))
+    with pytest.raises(BudgetError) as e:
+        merge(MergeSpec("arcee_fusion", base, (ModelRef(ft, {}),), {}), tmp_path / "out", block_bytes=64)
+    assert str(e.value) == (
+        "arcee_fusion: a 1-D tensor of 100 elements does not fit one compute chunk; "
+        "it must be softmaxed whole (raise the block size)"
+    )

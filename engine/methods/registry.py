@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.errors import SpecError
+from engine.methods.arcee_fusion import ArceeFusion
 from engine.methods.base import Method
 from engine.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from engine.methods.dare import DareLinear, DareTies
@@ -37,6 +38,7 @@ METHODS: dict[str, Method] = {
         MultiSlerp(),
         Karcher(),
         NearSwap(),
+        ArceeFusion(),
     )
 }
 
