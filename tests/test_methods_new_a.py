@@ -188,3 +188,12 @@ def test_arcee_fusion_1d_in_pieces(tmp_path: Path) -> None:
         "arcee_fusion: a 1-D tensor of 100 elements does not fit one compute chunk; "
         "it must be softmaxed whole (raise the block size)"
     )
+
+
+def test_card_config_without_base_model_round_trips(tiny_family: MakeFamily) -> None:
+    """The mergekit_config.yml written for a nuslerp without base_model reads back as the same spec."""
+    base, _ = tiny_family(2, shapes={"w": (3, 4)})
+    cfg = Path(shutil.copy(CONFIGS / "nuslerp.yaml", base.parent / "nuslerp.yaml"))
+    spec = load_config(cfg)
+    merge(spec, base.parent / "out")
+    assert load_config(base.parent / "out" / "mergekit_config.yml").digest() == spec.digest()

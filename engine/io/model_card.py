@@ -39,6 +39,9 @@ def mergekit_config(spec: MergeSpec) -> dict[str, Any]:
         doc["slices"] = [{"sources": _slice_sources(spec, s)} for s in spec.slices]
     elif spec.method == "passthrough":
         doc["models"] = [{"model": str(spec.base)}]
+    elif spec.base_is_model:  # no base_model: the base stream is the first model (nuslerp, multislerp)
+        first = {"model": str(spec.base), **_params(spec.base_params)}
+        doc["models"] = [first, *({"model": str(m.path), **_params(m.params)} for m in spec.models)]
     else:
         doc["base_model"] = str(spec.base)
         doc["models"] = [{"model": str(m.path), **_params(m.params)} for m in spec.models]
