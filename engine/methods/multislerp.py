@@ -16,7 +16,9 @@ mergekit forms uᵢ, m, τ and the result as float32 (or bf16, for bf16 inputs) 
 rounded, with torch's own summation order in the norms and dot products; here the norms and dot
 products are float64 sums of exact products in a fixed order, the coefficients float64, and each
 output element one float32 linear combination of its inputs, so float32 inputs differ from
-mergekit's output in the last bits of some elements. mergekit orders the models through a Python
+mergekit's output in the last bits of many elements (on tiny float32 Llama-shaped models 18-76%
+bit-equal; leanmerge 69-85% equal to the float64 result rounded, mergekit 19-75%). The weights
+default to 1 (mergekit requires them). mergekit orders the models through a Python
 set (its order, and so its rounding, can change from run to run); here they keep the config's
 order. Without base_model the first listed model is x₀.
 """
