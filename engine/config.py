@@ -300,6 +300,8 @@ class _Config:
         if method.uses_base:
             # mergekit lists the base among the models too; it is the base here, not a fine-tune.
             models = [m for m in models if m.path.resolve() != base.resolve()]
+        elif method.base_joins and all(m.path.resolve() != base.resolve() for m in models):
+            models = [*models, ModelRef(base, {})]  # mergekit adds an unlisted base_model last
         return ModelRef(base, {}), models
 
     def sliced(self, method: Method) -> tuple[ModelRef, list[ModelRef], tuple[Slice, ...], SliceParams]:

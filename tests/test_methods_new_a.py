@@ -198,3 +198,19 @@ def test_card_config_without_base_model_round_trips(tiny_family: MakeFamily) -> 
     spec = load_config(cfg)
     merge(spec, base.parent / "out")
     assert load_config(base.parent / "out" / "mergekit_config.yml").digest() == spec.digest()
+
+
+def test_karcher_averages_an_unlisted_base_model_in(tmp_path: Path) -> None:
+    """mergekit adds a base_model that `models` does not list to karcher's inputs (last); listed, it
+    counts once."""
+    sets = family_tensors({"w": (6, 4)}, 2, 4, torch.float32)
+    for name, s in zip(("base", "ft1", "ft2"), sets):
+        write_checkpoint(tmp_path / name, s)
+    head = "merge_method: karcher\nbase_model: ./base\nmodels:\n"
+    for i, listed in enumerate(
+        ("  - model: ./ft1\n  - model: ./ft2\n", "  - model: ./ft1\n  - model: ./ft2\n  - model: ./base\n")
+    ):
+        (tmp_path / f"k{i}.yaml").write_text(head + listed)
+        merge(load_config(tmp_path / f"k{i}.yaml"), tmp_path / f"out{i}")
+        want = karcher_ref([sets[1]["w"], sets[2]["w"], sets[0]["w"]])
+        assert torch.equal(load_model(tmp_path / f"out{i}")["w"], want), listed

@@ -159,6 +159,9 @@ class Method(ABC):
     # True where mergekit makes base_model optional (nuslerp, multislerp): a config without one
     # gives the first listed model, with its parameters, as the base stream (`base_is_model`).
     base_optional: ClassVar[bool] = False
+    # True where mergekit averages a base_model that `models` does not list in as one more model
+    # (karcher: its inputs are every model of the config, the base included).
+    base_joins: ClassVar[bool] = False
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         """The passes to run over the whole tensor before `apply`; none for elementwise methods."""

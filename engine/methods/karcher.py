@@ -21,13 +21,13 @@ Where it must match mergekit: the same start, update, stopping rules and scale. 
 differences: mergekit iterates on float32 (bf16 for bf16 inputs) tensors, each op rounded, with
 torch's summation order in the dots and norms; here the iteration is float64 on the exact Gram
 matrix and each output element one float32 combination, so float32 inputs differ from mergekit in
-the last bits (on tiny float32 Llama-shaped models 25% bit-equal, 62% within 1 ulp; leanmerge
-67% equal to the float64 iteration's result rounded and 99% within 1 ulp, mergekit 26% / 64%)
-(and an iteration that stops on `tol` may stop one step earlier or later where ‖T‖
-is within rounding of tol). A model at angle 0 or π from u (sin θ = 0) adds nothing to T where
-mergekit's 0/0 would make the tensor NaN (possible with tol 0). Where no model has a norm above tol the output is +0.0 (x − x) for
-finite inputs. A base_model is a template only: list it under models to average it in (mergekit
-adds a base_model that is not listed to the inputs).
+the last bits: on tiny float32 Llama-shaped models 25% bit-equal, 62% within 1 ulp; leanmerge's
+output is 67% equal to the float64 iteration's result rounded and 99% within 1 ulp of it,
+mergekit's 26% and 64%. An iteration that stops on `tol` may stop one step earlier or later
+where ‖T‖ is within rounding of tol. A model at angle 0 or π from u (sin θ = 0) adds nothing to
+T, where mergekit's 0/0 would make the tensor NaN (possible with tol 0). Where no model has a
+norm above tol the output is +0.0 (x − x) for finite inputs. A base_model is one more input, as
+in mergekit: listed among the models or not, it is averaged in (once).
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ class Karcher(Method):
     params = (MAX_ITER, TOL)
     min_models = 1
     uses_base = False
+    base_joins = True
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         k = len(p.models)
