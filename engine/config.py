@@ -78,8 +78,6 @@ SOURCE_KEYS = ("model", "layer_range", "parameters")
 UNSUPPORTED_KEYS = {
     "modules": "per-module configs are not supported yet; list whole models under 'models'",
 }
-# mergekit methods without an implementation here yet.
-MERGEKIT_ONLY_METHODS = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion")
 # Parameters mergekit's methods take: accepted for any method, ignored (with a note) when unused.
 MERGEKIT_PARAMS = frozenset({"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t"})
 # Bounds on what a config may ask the parser to build, checked before and while it parses: YAML
@@ -260,6 +258,7 @@ class _Config:
             "mergekit_rounding": self.flag("mergekit_rounding"),
             "slices": slices,
             "slice_params": slice_params,
+            "base_is_model": method.base_optional and "base_model" not in doc and "slices" not in doc,
         }
         fields.update(overrides)
         try:
@@ -274,10 +273,6 @@ class _Config:
             raise self.error(line, f"'merge_method' must be a method name, got {value!r}")
         if value in METHODS:
             return METHODS[value]
-        if value in MERGEKIT_ONLY_METHODS:
-            raise self.error(
-                line, f"merge_method {value!r} is not supported yet (supported: {', '.join(sorted(METHODS))})"
-            )
         raise self.error(line, f"unknown merge_method {value!r}; choose one of {', '.join(sorted(METHODS))}")
 
     def missing_base(self, method: Method) -> SpecError:
@@ -295,6 +290,8 @@ class _Config:
             return models[0], []
         if "base_model" in doc:
             base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model")
+        elif method.base_optional:  # mergekit's plain form: the first model is the base stream
+            return models[0], models[1:]
         elif not method.uses_base:  # the base is only a template: any model will do
             base = models[0].path
         else:
@@ -302,6 +299,8 @@ class _Config:
         if method.uses_base:
             # mergekit lists the base among the models too; it is the base here, not a fine-tune.
             models = [m for m in models if m.path.resolve() != base.resolve()]
+        elif method.base_joins and all(m.path.resolve() != base.resolve() for m in models):
+            models = [*models, ModelRef(base, {})]  # mergekit adds an unlisted base_model last
         return ModelRef(base, {}), models
 
     def sliced(self, method: Method) -> tuple[ModelRef, list[ModelRef], tuple[Slice, ...], SliceParams]:

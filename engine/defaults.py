@@ -8,14 +8,19 @@ from __future__ import annotations
 
 # Every method in engine.methods.registry.METHODS, sorted (a test keeps the two equal).
 METHOD_NAMES = (
+    "arcee_fusion",
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare_linear",
     "dare_ties",
     "della",
     "della_linear",
+    "karcher",
     "linear",
     "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
     "passthrough",
     "ram",
     "ramplus_tl",

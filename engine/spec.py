@@ -70,6 +70,9 @@ class MergeSpec:
     # Compute as mergekit does, rounding inputs and intermediates to the dtype
     # (engine.methods.mergekit_rounding), instead of rounding once on write.
     mergekit_rounding: bool = False
+    # A `base_optional` method given no base_model: `base` is the first listed model (its own
+    # parameters in `base_params`) and takes part as one, not as an origin of deltas.
+    base_is_model: bool = False
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -84,6 +87,8 @@ class MergeSpec:
             raise SpecError(
                 f"method {self.method!r} takes at most {method.max_models} model(s) besides the base, got {len(self.models)}"
             )
+        if self.base_is_model and not method.base_optional:
+            raise SpecError(f"method {self.method!r} needs a base model (base_is_model is for nuslerp, multislerp)")
         check_params(method, self.params, "parameters", per_model=False)
         check_params(method, self.base_params, f"parameters of model {str(self.base)!r}", per_model=True)
         for m in self.models:
@@ -175,7 +180,7 @@ class MergeSpec:
         }
         roles = roles if roles is not None else (self.base_params, *(m.params for m in self.models))
         models = tuple(own(r, roles[r]) for r in range(1, len(roles)))
-        return TensorParams(globals_, models, own(0, roles[0]))
+        return TensorParams(globals_, models, own(0, roles[0]), self.base_is_model)
 
     def to_json(self) -> dict[str, Any]:
         """A canonical, JSON-ready form: recorded in the output and hashed for resume."""
@@ -197,6 +202,7 @@ class MergeSpec:
             **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
             **({"mergekit_rounding": True} if self.mergekit_rounding else {}),
             **({"base_params": _params_json(self.base_params)} if self.base_params else {}),
+            **({"base_is_model": True} if self.base_is_model else {}),
             **(
                 {"slice_params": [[_params_json(p) for p in ps] for ps in self.slice_params]}
                 if self.slice_params

@@ -24,6 +24,7 @@ from engine.plan import make_plan
 
 from conftest import MakeFamily, llama_shapes
 from reference import dare_merge, linear, load_model, merge_folders, merge_folders_stats, stack_layers, stats_merge
+from reference_geometric import merge_folders_geometric
 from reference_select import merge_folders_select
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -47,6 +48,11 @@ EXPECTED: dict[str, tuple[str, dict[str, object]]] = {
     "sce": ("select", {"select_topk": 0.5}),
     "ram": ("select", {"epsilon": 0.01}),
     "ramplus_tl": ("select", {"epsilon": 0.01, "r": 0.2, "alpha": 0.5}),
+    "nuslerp": ("geometric", {"has_base": False, "weights": [0.3, 0.7], "flatten": False}),
+    "multislerp": ("geometric", {"weights": [0.6, 0.4]}),
+    "karcher": ("geometric", {"max_iter": 20, "tol": 1e-6}),
+    "nearswap": ("geometric", {"t": 0.01}),
+    "arcee_fusion": ("geometric", {}),
 }
 
 
@@ -79,6 +85,10 @@ def test_example_config_merges_to_its_reference(name: str, tiny_family: MakeFami
     elif method == "stats":
         ms = models[:1] if name == "slerp" else models
         want = merge_folders_stats(name, base, ms, out_dtype, **ref)
+    elif method == "geometric":
+        want = merge_folders_geometric(
+            name, base, models[:1] if name in ("nearswap", "arcee_fusion") else models, out_dtype, **ref
+        )
     else:
         want = merge_folders(method, base, models, out_dtype, **ref)
     got = load_model(root / "out")
@@ -246,7 +256,6 @@ BAD: list[tuple[str, int, list[str]]] = [
     (GOOD + "tokenizer: {tokens: {x: {force: true}}}\n", 6, ["tokenizer.tokens['x'] needs a 'source'"]),
     (GOOD + "tokenizer: {tokens: {x: {source: {kind: one}}}}\n", 6, ["kind must be 'zero' or 'model_token'"]),
     (GOOD + "tokenizer_source: ./nowhere\n", 6, ["tokenizer_source", "nowhere does not exist"]),
-    (GOOD.replace("dare_ties", "nuslerp"), 1, ["merge_method 'nuslerp' is not supported yet"]),
     (GOOD.replace("dare_ties", "passthrough") + "  - model: ./c\n", 3, ["passthrough copies one model"]),
     ("merge_method: passthrough\nslices: []\n", 2, ["'slices' must be a non-empty list"]),
     (SL.replace("[0, 2]", "[2, 2]"), 5, ["sources[0].layer_range must be [start, end]", "[2, 2]"]),

@@ -40,6 +40,9 @@ def mergekit_config(spec: MergeSpec) -> dict[str, Any]:
         doc["slices"] = [{"sources": _slice_sources(spec, s)} for s in spec.slices]
     elif spec.method == "passthrough":
         doc["models"] = [{"model": hub_ref(spec.base)}]
+    elif spec.base_is_model:  # no base_model: the base stream is the first model (nuslerp, multislerp)
+        first = {"model": hub_ref(spec.base), **_params(spec.base_params)}
+        doc["models"] = [first, *({"model": hub_ref(m.path), **_params(m.params)} for m in spec.models)]
     else:
         doc["base_model"] = hub_ref(spec.base)
         doc["models"] = [{"model": hub_ref(m.path), **_params(m.params)} for m in spec.models]

@@ -73,6 +73,9 @@ class TensorParams:
     globals: Mapping[str, ParamValue]
     models: tuple[Mapping[str, ParamValue], ...]
     base: Mapping[str, ParamValue] = field(default_factory=dict)
+    # True where the base stream is the first listed model rather than an origin to take deltas
+    # from: a `base_optional` method in a config without base_model (`MergeSpec.base_is_model`)
+    base_is_model: bool = False
 
     def per_model(self, name: str) -> list[float]:
         return [float(m[name]) for m in self.models]
@@ -96,6 +99,7 @@ class Chunk:
     numel: int = 0  # elements in the whole tensor
     row_numel: int = 1  # elements per row; chunks of `row_aligned` methods hold whole rows
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    shape: tuple[int, ...] = ()  # the tensor's shape (per-fibre statistics: nuslerp's row modes)
 
     def keep(self, model: int, n: int, density: float) -> torch.Tensor:
         """0/1 float32 mask of the n elements of `model` from this chunk's start: 1 = kept.
@@ -152,6 +156,12 @@ class Method(ABC):
     # A config may then leave base_model out (the first model is the template), and a base listed
     # among the models is averaged in as one of them, as in mergekit.
     uses_base: ClassVar[bool] = True
+    # True where mergekit makes base_model optional (nuslerp, multislerp): a config without one
+    # gives the first listed model, with its parameters, as the base stream (`base_is_model`).
+    base_optional: ClassVar[bool] = False
+    # True where mergekit averages a base_model that `models` does not list in as one more model
+    # (karcher: its inputs are every model of the config, the base included).
+    base_joins: ClassVar[bool] = False
 
     def reducers(self, p: TensorParams) -> Sequence[Reducer]:
         """The passes to run over the whole tensor before `apply`; none for elementwise methods."""

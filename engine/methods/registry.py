@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from engine.errors import SpecError
+from engine.methods.arcee_fusion import ArceeFusion
 from engine.methods.base import Method
 from engine.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from engine.methods.dare import DareLinear, DareTies
 from engine.methods.della import Della, DellaLinear
+from engine.methods.karcher import Karcher
 from engine.methods.linear import Linear
 from engine.methods.model_stock import ModelStock
+from engine.methods.multislerp import MultiSlerp
+from engine.methods.nearswap import NearSwap
+from engine.methods.nuslerp import NuSlerp
 from engine.methods.passthrough import Passthrough
 from engine.methods.ram import Ram, RamPlusTl
 from engine.methods.sce import Sce
@@ -34,6 +39,11 @@ METHODS: dict[str, Method] = {
         Sce(),
         Ram(),
         RamPlusTl(),
+        NuSlerp(),
+        MultiSlerp(),
+        Karcher(),
+        NearSwap(),
+        ArceeFusion(),
     )
 }
 
