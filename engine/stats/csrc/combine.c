@@ -67,8 +67,7 @@ static inline ALWAYS_INLINE void keep_tile(float *r, int len, uint64_t first, ui
     }
     for (int j = 0; j < len;) {
         uint64_t i = first + (uint64_t)j;
-        uint64_t room = ((uint64_t)1 << 32) - (uint32_t)i;
-        int m = (uint64_t)(len - j) < room ? len - j : (int)room;
+        int m = (int)in_segment(i, len - j);
         uint32_t k[3];
         block_keys(key, i >> 32, k);
         keep_segment(r + j, m, (uint32_t)i, k, (uint32_t)thr);

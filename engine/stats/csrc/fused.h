@@ -139,6 +139,13 @@ static inline void block_keys(uint64_t key, uint64_t hi, uint32_t *k) {
     k[2] = (uint32_t)t;
 }
 
+/* How many of `left` elements from flat index i lie in i's 2**32 segment, which shares one set of
+ * round keys (`block_keys(key, i >> 32, k)`). */
+static inline Py_ssize_t in_segment(uint64_t i, Py_ssize_t left) {
+    uint64_t room = ((uint64_t)1 << 32) - (uint32_t)i;
+    return (uint64_t)left < room ? left : (Py_ssize_t)room;
+}
+
 /* The word of the element j after a segment's first (base = the first's low half plus k[0]), as
  * engine/rng.py hashes it: uniform over 0 .. 2**32 - 1. */
 static inline uint32_t keyed_word(uint32_t base, int j, uint32_t k1, uint32_t k2) {

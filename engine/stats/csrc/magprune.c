@@ -77,8 +77,7 @@ static inline ALWAYS_INLINE void keep_row(float *d, const float *p, const uint64
                                           uint64_t key, int rescale) {
     for (Py_ssize_t k = 0; k < w;) {
         uint64_t i = first + (uint64_t)k;
-        uint64_t room = ((uint64_t)1 << 32) - (uint32_t)i;
-        Py_ssize_t m = (uint64_t)(w - k) < room ? w - k : (Py_ssize_t)room;
+        Py_ssize_t m = in_segment(i, w - k);
         uint32_t keys[3];
         block_keys(key, i >> 32, keys);
         uint32_t base = (uint32_t)i + keys[0];
