@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=40)
@@ -103,3 +104,10 @@ def tiny_family(tmp_path: Path) -> MakeFamily:
         return base, models
 
     return make
+
+
+def shape_dicts(low: int = 0, high: int = 13) -> st.SearchStrategy[dict[str, tuple[int, ...]]]:
+    """One to three tensors named like a weight, a bias and neither, each 0-D to 3-D with dims in
+    [low, high] (0: an empty tensor): the shapes the block-wise property tests draw."""
+    shape = st.lists(st.integers(low, high), min_size=0, max_size=3).map(tuple)
+    return st.dictionaries(st.sampled_from(["a", "b.weight", "c.bias"]), shape, min_size=1, max_size=3)

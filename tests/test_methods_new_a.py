@@ -19,7 +19,7 @@ from engine.config import load_config
 from engine.errors import BudgetError, SpecError
 from engine.methods.karcher import karcher_coefficients
 
-from conftest import MakeFamily, family_tensors, write_checkpoint
+from conftest import MakeFamily, family_tensors, shape_dicts, write_checkpoint
 from reference import load_model
 from reference_geometric import (
     _gram,
@@ -95,12 +95,7 @@ def check_merge(
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     case=st.sampled_from(CASES),
-    shapes=st.dictionaries(
-        st.sampled_from(["a", "b.weight", "c.bias"]),
-        st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple),
-        min_size=1,
-        max_size=3,
-    ),
+    shapes=shape_dicts(1, 9),
     k=st.integers(1, 3),
     dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
     block_bytes=st.integers(1, 300),

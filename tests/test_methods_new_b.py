@@ -18,7 +18,7 @@ from engine.errors import SpecError
 from engine.methods.row_stock import row_sums
 from engine.methods.sce import k_of
 
-from conftest import family_tensors, write_checkpoint
+from conftest import family_tensors, shape_dicts, write_checkpoint
 from reference import load_model
 from reference_select import _row_sums, merge_folders_select
 
@@ -58,12 +58,7 @@ def cases(draw: st.DrawFn) -> tuple[str, dict[str, object]]:
 @settings(max_examples=40, deadline=None)
 @given(
     case=cases(),
-    shapes=st.dictionaries(
-        st.sampled_from(["a", "b.weight", "c.bias"]),
-        st.lists(st.integers(0, 13), min_size=0, max_size=3).map(tuple),
-        min_size=1,
-        max_size=3,
-    ),
+    shapes=shape_dicts(),
     n_models=st.integers(1, 3),
     dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
     block_bytes=st.integers(1, 300),

@@ -22,7 +22,7 @@ from engine.stats import pairwise
 from engine.stats.pairwise import ALONE, PairwiseSums
 from engine.stats.topk import in_top, magnitude_key, topk_reducers
 
-from conftest import MakeFamily, family_tensors, write_checkpoint
+from conftest import MakeFamily, family_tensors, shape_dicts, write_checkpoint
 from reference import load_model, merge_folders_stats, pairwise_dot, pairwise_sum, rank_order
 
 TOPK = ["ties", "breadcrumbs", "breadcrumbs_ties"]
@@ -91,12 +91,7 @@ def densities_etc(draw: st.DrawFn) -> tuple[list[float], list[float], list[float
 @settings(max_examples=60)
 @given(
     method=st.sampled_from(ALL),
-    shapes=st.dictionaries(
-        st.sampled_from(["a", "b.weight", "c.bias"]),
-        st.lists(st.integers(0, 13), min_size=0, max_size=3).map(tuple),
-        min_size=1,
-        max_size=3,
-    ),
+    shapes=shape_dicts(),
     n_models=st.integers(1, 3),
     dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
     params=densities_etc(),
