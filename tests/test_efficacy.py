@@ -59,7 +59,10 @@ def test_shrunken_experiment_end_to_end(tmp_path: Path) -> None:
     assert all(res["inspect"][m]["mean_abs_delta"] > 0 for m in MODELS)
 
     out = write(res, tmp_path / "results")
-    assert json.loads(out.read_text())["sweep"] == res["sweep"]
+    written = json.loads(out.read_text())
+    assert written["sweep"] == res["sweep"]
+    assert set(written["findings"]["sweep"]) == set(MODELS)
+    assert set(written["findings"]["merge_over_finetune"]) == set(TINY.methods)
     table = out.with_suffix(".md").read_text()
     assert "| ft-add (add) |" in table and "| dare_linear |" in table
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -81,10 +81,15 @@ def save_plot(res: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         return None
     models = list(res["inspect"])
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(4 * (len(models) + 1), 3.6))
+    cols = 3
+    rows = -(-(len(models) + 1) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
+    axes = list(grid.flat)
     for ax, model in zip(axes, models):
         _sweep_panel(ax, res, model)
-    _merge_panel(axes[-1], res)
+    _merge_panel(axes[len(models)], res)
+    for ax in axes[len(models) + 1 :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -121,3 +126,22 @@ def _merge_panel(ax: Any, res: dict[str, Any]) -> None:
     ax.set_xticks(range(len(tasks)), list(tasks))
     ax.set(title="merges of the fine-tunes (±std over seeds)", ylabel="accuracy", ylim=(0, 1.02))
     ax.legend(fontsize=6, ncol=2)
+
+
+def findings(res: dict[str, Any], p: float = 0.9) -> dict[str, Any]:
+    """The claims, checked: per swept model, accuracy retained at `p` with DARE and DropOnly and
+    whether `leanmerge inspect` warned; per merge, its accuracy over the fine-tune's, per task."""
+    swept = {}
+    for model, ins in res["inspect"].items():
+        if p in res["config"]["drop_rates"]:
+            swept[model] = {
+                "retained_dare": retained(res, model, p, True),
+                "retained_droponly": retained(res, model, p, False),
+                "inspect_warns": bool(ins["warnings"]),
+            }
+    tasks = res["config"]["tasks"]
+    ratio = {
+        method: {t: m["summary"][t]["mean"] / res["accuracy"][f"ft-{t}"][t] for t in tasks}
+        for method, m in res["merges"].items()
+    }
+    return {"p": p, "sweep": swept, "merge_over_finetune": ratio}
