@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from bench.efficacy.__main__ import write  # noqa: E402
 from bench.efficacy.model import ModelSize  # noqa: E402
-from bench.efficacy.run import Config, run  # noqa: E402
+from bench.efficacy.run import Config, fresh, run  # noqa: E402
 from bench.efficacy.train import Schedule  # noqa: E402
 
 TINY = Config(
@@ -57,6 +57,7 @@ def test_shrunken_experiment_end_to_end(tmp_path: Path) -> None:
     # leanmerge inspect's statistics, per model, beside them
     assert set(res["inspect"]) == set(MODELS)
     assert all(res["inspect"][m]["mean_abs_delta"] > 0 for m in MODELS)
+    assert res["seconds"]["cpu"] > 0
 
     out = write(res, tmp_path / "results")
     written = json.loads(out.read_text())
@@ -66,3 +67,14 @@ def test_shrunken_experiment_end_to_end(tmp_path: Path) -> None:
     table = out.with_suffix(".md").read_text()
     assert "| ft-add (add) |" in table and "| dare_linear |" in table
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_work_folder_the_experiment_did_not_make_is_kept(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(RuntimeError, match=f"^{tmp_path}: not empty and not made by bench.efficacy; give an empty"):
+        fresh(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    fresh(tmp_path / "new")  # a new folder is made, marked, and may be emptied by the next run
+    (tmp_path / "new" / "model").mkdir()
+    fresh(tmp_path / "new")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [".bench-efficacy"]

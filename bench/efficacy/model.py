@@ -53,15 +53,9 @@ def save(model: LlamaForCausalLM, folder: Path) -> Path:
     return folder
 
 
-def load(folder: Path) -> LlamaForCausalLM:
-    """A folder written by `save` or by `leanmerge merge`, in float32, in eval mode."""
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return model.eval()
-
-
 def load_weights(model: LlamaForCausalLM, folder: Path) -> LlamaForCausalLM:
     """`model` (of the folder's shape) with the weights of `folder`'s safetensors files: much
-    faster than `load` for the hundred small merges of a run; every tensor must be there."""
+    faster than `from_pretrained` for the hundred small merges of a run; every tensor must be there."""
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))

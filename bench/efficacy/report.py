@@ -22,10 +22,19 @@ def sweep_points(res: dict[str, Any], model: str, rescale: bool) -> list[tuple[f
     return out
 
 
-def retained(res: dict[str, Any], model: str, p: float, rescale: bool) -> float:
-    """Accuracy at drop rate `p` over accuracy at p = 0 (nan when the latter is 0)."""
+def ratio(a: float, b: float) -> float | None:
+    """a / b, or None (JSON null, "-" in the tables) when b is 0: an untrained tiny model can score 0."""
+    return a / b if b else None
+
+
+def retained(res: dict[str, Any], model: str, p: float, rescale: bool) -> float | None:
+    """Accuracy at drop rate `p` over accuracy at p = 0."""
     pts = {q: m for q, m, _, _ in sweep_points(res, model, rescale)}
-    return pts[p] / pts[0.0] if pts.get(0.0) else float("nan")
+    return ratio(pts[p], pts[0.0])
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def sweep_table(res: dict[str, Any], p: float = 0.9) -> str:
@@ -43,8 +52,8 @@ def sweep_table(res: dict[str, Any], p: float = 0.9) -> str:
         warn = "yes" if ins["warnings"] else "no"
         lines.append(
             f"| {model} ({task}) | {res['accuracy']['base'][task]:.3f} | {pts[True][0.0]:.3f} "
-            f"| {pts[True][p]:.3f} ({retained(res, model, p, True):.0%}) "
-            f"| {pts[False][p]:.3f} ({retained(res, model, p, False):.0%}) "
+            f"| {pts[True][p]:.3f} ({_pct(retained(res, model, p, True))}) "
+            f"| {pts[False][p]:.3f} ({_pct(retained(res, model, p, False))}) "
             f"| {ins['mean_abs_delta']:.4f}, {ins['relative']:.3f}, {warn} |"
         )
     return "\n".join(lines)
@@ -140,8 +149,8 @@ def findings(res: dict[str, Any], p: float = 0.9) -> dict[str, Any]:
                 "inspect_warns": bool(ins["warnings"]),
             }
     tasks = res["config"]["tasks"]
-    ratio = {
-        method: {t: m["summary"][t]["mean"] / res["accuracy"][f"ft-{t}"][t] for t in tasks}
+    over = {
+        method: {t: ratio(m["summary"][t]["mean"], res["accuracy"][f"ft-{t}"][t]) for t in tasks}
         for method, m in res["merges"].items()
     }
-    return {"p": p, "sweep": swept, "merge_over_finetune": ratio}
+    return {"p": p, "sweep": swept, "merge_over_finetune": over}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import resource
 import shutil
 import statistics
 import time
@@ -31,6 +32,7 @@ from engine.methods.registry import METHODS
 log = logging.getLogger(__name__)
 DROP_RATES = (0.0, 0.5, 0.7, 0.9, 0.95, 0.99)
 MERGE_METHODS = tuple(merges.MERGE_FLAGS)
+MARKER = ".bench-efficacy"  # in a work folder this experiment made, and may empty
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,19 @@ class Workspace:
         return [self.score(f, discard=True) for f in folders]
 
 
+def fresh(workdir: Path) -> None:
+    """Empty `workdir` for a new run, but only one that a run made (it holds `MARKER`) or an empty one."""
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
+        raise RuntimeError(f"{workdir}: not empty and not made by bench.efficacy; give an empty or new --workdir")
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    (workdir / MARKER).touch()
+
+
 def run(cfg: Config, workdir: Path) -> dict[str, Any]:
     """The whole experiment in `workdir` (emptied first); returns the results (no machine info)."""
     torch.set_num_threads(cfg.threads)
-    shutil.rmtree(workdir, ignore_errors=True)
+    fresh(workdir)
     t0 = time.perf_counter()
     models, training = _train_all(cfg, workdir)
     ws = Workspace(workdir, eval_sets(PRETRAIN_TASKS + cfg.tasks, cfg.eval_n), build(cfg.size, cfg.seed), cfg.jobs)
@@ -110,6 +121,7 @@ def run(cfg: Config, workdir: Path) -> dict[str, Any]:
     t2 = time.perf_counter()
     merged = _merge_all(cfg, ws, models["base"], [models[f"ft-{t}"] for t in cfg.tasks])
     timings["merge"] = time.perf_counter() - t2
+    timings["cpu"] = cpu_seconds()  # with the leanmerge processes: wall time on a shared machine misleads
     return {
         "config": asdict(cfg),
         "chance": {t: CHANCE[t] for t in cfg.tasks},
@@ -123,6 +135,12 @@ def run(cfg: Config, workdir: Path) -> dict[str, Any]:
     }
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the leanmerge runs)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _train_all(cfg: Config, root: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     """The base, one SFT-like fine-tune per task, and the continued-pre-training counter-case."""
     base = build(cfg.size, cfg.seed)
@@ -134,11 +152,6 @@ def _train_all(cfg: Config, root: Path) -> tuple[dict[str, Path], dict[str, Any]
         log_[name] = train(tuned, (task,), schedule, cfg.seed + 100 + i)
         models[name] = save(tuned, root / name)
     return models, log_
-
-
-def task_of(name: str) -> str:
-    """`ft-add` -> `add`."""
-    return name.split("-", 1)[1]
 
 
 def _sweep(cfg: Config, ws: Workspace, base: Path, name: str, model: Path) -> list[dict[str, Any]]:
