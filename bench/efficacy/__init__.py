@@ -16,4 +16,13 @@ we train ourselves, merged by the `leanmerge` command as a user runs it.
 
 `python -m bench.efficacy [--quick]` writes `bench/results/efficacy-<UTC>.json`, `.md` (the
 tables) and `.png`. Modules: tasks, model, train, evaluate, merges (the CLI calls), run, report.
+
+Where the miniature differs from the paper (bench/results/efficacy-20261207T160335Z.*): DARE
+keeps 70-77% of add / inc accuracy at p = 0.9 (DropOnly falls to the base), but not 99%, and rev
+keeps 11%; a width-128 model sums too few delta entries per output for the rescaled noise to
+average out. Its SFT deltas are ~20% of the weights (a 7B's are ~1%), so `inspect` warns on
+them too. No merge of the three fine-tunes keeps any ability: each fine-tune rewrites the
+shared output circuit. Tried by hand and not kept: fine-tuning with replay of the pretraining
+mix (abilities kept per model, merges still fail), a lower learning rate (rev not learned),
+task arithmetic of two (add + inc keeps inc at 98%, add falls to 16%).
 """
