@@ -29,6 +29,7 @@ from engine.cli_options import (
     say_not_needed,
     spec_options,
 )
+from engine.cluster.options import executor_line, executor_options, open_runner, take_executor
 from engine.defaults import SAMPLE_ELEMS, SYNC_EVERY
 from engine.errors import EngineError, Interrupted
 
@@ -117,6 +118,7 @@ mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-cod
     "and reported.",
 )
 @mergekit_options
+@executor_options
 def merge_cmd(
     output_arg: Path | None,
     output: Path | None,
@@ -139,6 +141,7 @@ def merge_cmd(
     """
     target = _output_folder(kw, output_arg, output)
     say_not_needed(kw)
+    ex = take_executor(kw)
     with engine_errors():
         spec = build_spec(kw)  # imports the engine (engine.load)
     import torch
@@ -149,7 +152,7 @@ def merge_cmd(
     torch.set_num_threads(threads or default_threads())
     with engine_errors():
         show_bar = sys.stderr.isatty() if progress is None else progress
-        with _events(log_json, show_bar) as on_event:
+        with _events(log_json, show_bar) as on_event, open_runner(ex, threads, kw["max_memory"]) as runner:
             report = merge(
                 spec,
                 target,
@@ -161,6 +164,7 @@ def merge_cmd(
                 model_card=model_card,
                 copy_tokenizer=copy_tokenizer,
                 strict_finite=strict_finite,
+                runner=runner,
                 **planning(kw),
             )
             on_event({"event": "report", **report.to_json()})
@@ -192,9 +196,11 @@ def _output_folder(kw: dict[str, Any], output_arg: Path | None, output: Path | N
 @spec_options
 @plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@executor_options
 def plan_cmd(as_json: bool, **kw: Any) -> None:
     """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
     say_not_needed(kw)
+    ex = take_executor(kw)
     with engine_errors():
         spec = build_spec(kw)  # imports the engine (engine.load)
         from engine.merge import plan_summary, prepare
@@ -216,7 +222,7 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
         ]
         click.echo(json.dumps(summary, indent=2))
     else:
-        click.echo(format_plan(plan))
+        click.echo(format_plan(plan) + (f"\n{executor_line(ex)}" if executor_line(ex) else ""))
 
 
 @main.command(
