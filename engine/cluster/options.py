@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from engine.cli_options import SIZE
+
 if TYPE_CHECKING:
     from engine.cluster.runner import DaskRunner
 
@@ -45,6 +47,7 @@ def executor_options(f: F) -> F:
                 help="--executor dask: use the running cluster at ADDRESS (tcp://host:8786); its workers must "
                 "see the inputs and the output folder at the same paths.",
             ),
+            click.option("--band-size", type=SIZE, hidden=True, help="Input bytes per Dask task (tests, tuning)."),
         ]
     ):
         f = opt(f)
@@ -54,7 +57,7 @@ def executor_options(f: F) -> F:
 def take_executor(kw: dict[str, Any]) -> dict[str, Any]:
     """Pop the executor flags from `kw` and fit the planning flags to them (per-worker budget, no
     held tensors); returns the executor's settings for `open_runner`."""
-    ex = {k: kw.pop(k) for k in ("executor", "workers", "scheduler")}
+    ex = {k: kw.pop(k) for k in ("executor", "workers", "scheduler", "band_size")}
     if ex["executor"] == "local":
         given = [f"--{k}" for k in ("workers", "scheduler") if ex[k] is not None]
         if given:
@@ -94,12 +97,12 @@ def open_runner(ex: dict[str, Any], threads: int | None, budget: int | None) -> 
         from distributed import Client, LocalCluster
     except ImportError:
         raise click.ClickException(INSTALL) from None
-    from engine.cluster.runner import DaskRunner
+    from engine.cluster.runner import BAND_BYTES, DaskRunner
     from engine.cores import usable_cores
 
     if ex["scheduler"] is not None:
         with Client(ex["scheduler"]) as client:
-            yield DaskRunner(client, threads)
+            yield DaskRunner(client, threads, ex["band_size"] or BAND_BYTES)
         return
     n = ex["workers"]
     # the workers hold no results worth spilling: Dask only watches their memory, the plan bounds it
@@ -116,4 +119,4 @@ def open_runner(ex: dict[str, Any], threads: int | None, budget: int | None) -> 
         ) as cluster,
         Client(cluster) as client,
     ):
-        yield DaskRunner(client, threads or max(1, usable_cores() // n))
+        yield DaskRunner(client, threads or max(1, usable_cores() // n), ex["band_size"] or BAND_BYTES)
