@@ -29,6 +29,7 @@ from engine.cli_options import (
     say_not_needed,
     spec_options,
 )
+from engine.cli_sweep import sweep_cmd
 from engine.cluster.options import executor_line, executor_options, open_runner, take_executor
 from engine.defaults import SAMPLE_ELEMS, SYNC_EVERY
 from engine.errors import EngineError, Interrupted
@@ -66,6 +67,7 @@ def main() -> None:
     """
 
 
+main.add_command(sweep_cmd)
 SHOWN_TENSORS = 5  # tensors named in the NaN/Inf warning
 
 MERGE_EXAMPLES = """\b

@@ -174,3 +174,35 @@ def test_plan_shows_the_budget_per_worker(family: tuple[Path, list[Path]]) -> No
     assert result.output.rstrip().endswith(
         "executor dask on 3 local worker processes: the memory budget and predicted peak RSS above are per worker"
     )
+
+
+@pytest.mark.parametrize("executor", ["dask", "local"])
+def test_sweep_points_are_the_single_merges(
+    executor: str, family: tuple[Path, list[Path]], client: Any, tmp_path: Path
+) -> None:
+    merge_args = cli_args(family, tmp_path / "unused")[:-6]  # the merge command without its executor and output
+    where = ["--executor", "dask", "--scheduler", client.scheduler.address, "--band-size", "24KiB"]
+    args = ["sweep", *merge_args[1:], "--grid", "density=0.3,0.6", "-o", str(tmp_path / "sweep")]
+    result = CliRunner().invoke(main, [*args, *(where if executor == "dask" else [])])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["density=0.3", "density=0.6"]
+    for density in ("0.3", "0.6"):
+        alone = tmp_path / "alone" / f"density={density}"  # the same name: the model card titles it
+        single = CliRunner().invoke(main, [*merge_args, "--density", density, "-o", str(alone)])
+        assert single.exit_code == 0, single.output
+        point = tmp_path / "sweep" / f"density={density}"
+        assert digests(point) == digests(alone)
+        assert (point / "README.md").read_text() == (alone / "README.md").read_text()
+
+
+def test_sweep_grid_errors(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    args = ["sweep", *cli_args(family, tmp_path / "unused")[1:-6], "-o", str(tmp_path / "sweep")]
+    result = CliRunner().invoke(main, [*args, "--grid", "size=1,2"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: --grid 'size=1,2': 'size' cannot be swept; one of seed, weight, lambda, density, t, gamma, epsilon, "
+        "normalize, rescale"
+    )
+    result = CliRunner().invoke(main, [*args, "--grid", "seed=1,x"])
+    assert result.output.strip().splitlines()[-1].startswith("Error: --grid 'seed=1,x': value 'x' of seed: invalid")
+    assert not (tmp_path / "sweep").exists()
