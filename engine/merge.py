@@ -48,24 +48,29 @@ log = logging.getLogger(__name__)
 CPU_HOLD_PASSES = {"direct": 2, "buffered": 3}
 SPACE_MARGIN = 64 << 20  # journal, index and side files
 REHASH_PIECE = 16 << 20
-# What writes the missing blocks of a merge into its temporary folder, journaled (`write_blocks`):
-# (plan, inv, tmp, metadata, journal header, resumed state, emit, reading, sync_every, stop, finite) -> kept
-Runner = Callable[
-    [
-        Plan,
-        Inventory,
-        Path,
-        dict[str, str],
-        dict[str, Any],
-        "JournalState | None",
-        OnEvent,
-        ReadOptions,
-        int,
-        StopRequest,
-        Finite,
-    ],
-    set[str],
-]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a `Runner` gets: the plan and inputs, the temporary folder with its shard metadata
+    and journal header, the resumed journal state (None: a fresh run), and the run's settings."""
+
+    plan: Plan
+    inv: Inventory
+    tmp: Path
+    metadata: dict[str, str]
+    header: dict[str, Any]
+    state: JournalState | None
+    emit: OnEvent
+    reading: ReadOptions
+    sync_every: int
+    stop: StopRequest
+    finite: Finite
+
+
+# Writes every missing block of `Work` into its temporary folder, journaled, and returns the
+# tensors an earlier run had written whole that were kept: `write_blocks` here, or a cluster's.
+Runner = Callable[[Work], set[str]]
 
 
 @dataclass(frozen=True)
@@ -252,21 +257,8 @@ def merge(
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": journaled})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         try:
-            kept = _run(
-                plan,
-                inv,
-                tmp,
-                metadata,
-                header,
-                state,
-                emit,
-                reading,
-                sync_every,
-                stop,
-                side,
-                finite,
-                runner or write_blocks,
-            )
+            work = Work(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite)
+            kept = _run(work, side, runner or write_blocks)
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
         except RuntimeError as e:  # threading's only signal that the address space ran out
@@ -356,62 +348,39 @@ def _open_temp(tmp: Path, plan: Plan, header: dict[str, Any], resume: bool) -> J
     return None
 
 
-def _run(
-    plan: Plan,
-    inv: Inventory,
-    tmp: Path,
-    metadata: dict[str, str],
-    header: dict[str, Any],
-    state: JournalState | None,
-    emit: OnEvent,
-    reading: ReadOptions,
-    sync_every: int,
-    stop: StopRequest,
-    side: dict[str, Any],
-    finite: Finite,
-    runner: Runner,
-) -> set[str]:
-    """Write every missing block into `tmp` with `runner` and finalize it (`side`: `write_side_files`'s
+def _run(w: Work, side: dict[str, Any], runner: Runner) -> set[str]:
+    """Write every missing block into `w.tmp` with `runner` and finalize it (`side`: `write_side_files`'s
     options); returns the tensors an earlier run had written whole that were kept (their bytes re-checked).
     Input errors remove `tmp`; anything else leaves it to resume from."""
     try:
-        kept = runner(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite)
-        _check_inputs_unchanged(inv, header)
-        final = load_journal(tmp)
+        kept = runner(w)
+        _check_inputs_unchanged(w.inv, w.header)
+        final = load_journal(w.tmp)
         if final is None:
-            raise OutputError(f"{tmp}: the temporary folder vanished during the merge; nothing was written: run again")
-        write_side_files(tmp, plan, _checksums(plan, final), **side)
-        (tmp / "journal.jsonl").unlink()
+            raise OutputError(
+                f"{w.tmp}: the temporary folder vanished during the merge; nothing was written: run again"
+            )
+        write_side_files(w.tmp, w.plan, _checksums(w.plan, final), **side)
+        (w.tmp / "journal.jsonl").unlink()
     except (CheckpointError, NonFiniteError):
-        abort_output(tmp)
+        abort_output(w.tmp)
         raise
     return kept
 
 
-def write_blocks(
-    plan: Plan,
-    inv: Inventory,
-    tmp: Path,
-    metadata: dict[str, str],
-    header: dict[str, Any],
-    state: JournalState | None,
-    emit: OnEvent,
-    reading: ReadOptions,
-    sync_every: int,
-    stop: StopRequest,
-    finite: Finite,
-) -> set[str]:
-    """The local `Runner`: write every missing block into `tmp` in this process, journaled;
+def write_blocks(w: Work) -> set[str]:
+    """The local `Runner`: write every missing block into `w.tmp` in this process, journaled;
     returns the tensors an earlier run had written whole that were kept (re-checked on disk)."""
+    plan, state = w.plan, w.state
     with ExitStack() as stack:
-        writer = ShardWriter(tmp, plan, metadata, reopen=state is not None)
+        writer = ShardWriter(w.tmp, plan, w.metadata, reopen=state is not None)
         stack.callback(writer.close)
-        journal = Journal.reopen(tmp) if state is not None else Journal.create(tmp, header)
+        journal = Journal.reopen(w.tmp) if state is not None else Journal.create(w.tmp, w.header)
         stack.callback(journal.close)
         pipe = Pipeline.allocate(plan)
         stack.callback(pipe.close)
         if pipe.pinned.locked or pipe.pinned.failed:  # on CUDA: did the copies get page-locked buffers?
-            emit(
+            w.emit(
                 {
                     "event": "device",
                     "device": plan.device.device,
@@ -419,15 +388,14 @@ def write_blocks(
                     "not_pinned": pipe.pinned.failed,
                 }
             )
-        out = WriteBehind(writer, journal, pipe.outs, sync_every, finite)
+        out = WriteBehind(writer, journal, pipe.outs, w.sync_every, w.finite)
         stack.callback(out.close)
         start, kept = restore_start(plan, writer, journal, state, out.resume_crc)
-        complete = execute(
-            plan, inv, out, pipe, start=start, on_event=emit, reading=reading, should_stop=stop.requested
-        )
+        stop = w.stop.requested
+        complete = execute(plan, w.inv, out, pipe, start=start, on_event=w.emit, reading=w.reading, should_stop=stop)
         out.drain()
         if not complete:
-            raise interrupted(stop, tmp)
+            raise interrupted(w.stop, w.tmp)
     return kept
 
 

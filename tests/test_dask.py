@@ -3,7 +3,6 @@ the local executor, survives a killed worker, and a killed job resumes to the sa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -17,13 +16,13 @@ import psutil
 import pytest
 import torch
 from click.testing import CliRunner
+from test_resume import digests
 
 from engine import MergeSpec, ModelRef, merge
 from engine.cli import main
 from engine.io.output import temp_dir_for
 
 from conftest import family_tensors, write_checkpoint
-from reference import load_model
 
 distributed = pytest.importorskip("distributed")
 from engine.cluster.runner import DaskRunner  # noqa: E402
@@ -36,13 +35,6 @@ METHODS = {
     "ties": {"density": 0.3},
     "slerp": {"t": 0.3},
 }
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {
-        n: hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-        for n, t in load_model(folder).items()
-    }
 
 
 @pytest.fixture(scope="module")

@@ -27,17 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.budget import peak_rss
 from engine.cluster.crc_combine import crc32_combine
 from engine.cluster.tasks import Band, Job, SafetensorsOutput, band_task, stats_task
 from engine.dtypes import itemsize
 from engine.errors import OutputError
 from engine.execute import OnEvent
-from engine.io.checkpoint import ReadOptions
-from engine.io.inventory import Inventory
-from engine.io.journal import Journal, JournalState
+from engine.io.journal import Journal
 from engine.io.safetensors_writer import ShardWriter
 from engine.io.write_behind import Finite
-from engine.merge import interrupted, restore_start
+from engine.merge import Work, interrupted, restore_start
 from engine.plan import Plan, TensorPlan
 from engine.signals import StopRequest
 
@@ -65,36 +64,29 @@ class DaskRunner:
     threads: int | None = None  # compute threads per task (None: each worker's usable cores)
     band_bytes: int = BAND_BYTES
 
-    def __call__(
-        self,
-        plan: Plan,
-        inv: Inventory,
-        tmp: Path,
-        metadata: dict[str, str],
-        header: dict[str, Any],
-        state: JournalState | None,
-        emit: OnEvent,
-        reading: ReadOptions,
-        sync_every: int,
-        stop: StopRequest,
-        finite: Finite,
-    ) -> set[str]:
+    def __call__(self, w: Work) -> set[str]:
+        """Write every missing block of `w` on the cluster (`engine.merge.Runner`)."""
+        plan = w.plan
         with ExitStack() as stack:
-            writer = ShardWriter(tmp, plan, metadata, reopen=state is not None)  # preallocated here, once
+            writer = ShardWriter(w.tmp, plan, w.metadata, reopen=w.state is not None)  # preallocated here, once
             stack.callback(writer.close)
-            journal = Journal.reopen(tmp) if state is not None else Journal.create(tmp, header)
+            journal = Journal.reopen(w.tmp) if w.state is not None else Journal.create(w.tmp, w.header)
             stack.callback(journal.close)
-            chain = _Chain(plan, journal, emit)
-            start, kept = restore_start(plan, writer, journal, state, chain.resume)
+            chain = _Chain(plan, journal, w.emit)
+            start, kept = restore_start(plan, writer, journal, w.state, chain.resume)
             chain.next = dict(start)
             journal.commit()
-            job = Job(plan, inv, SafetensorsOutput(tmp, metadata), reading, finite.strict, self.threads, sync_every)
+            output = SafetensorsOutput(w.tmp, w.metadata)
+            job = Job(plan, w.inv, output, w.reading, w.finite.strict, self.threads, w.sync_every)
             futures = self._submit(job, start)
             try:
-                _collect(futures, chain, finite, stop, tmp)
+                _collect(futures, chain, w.finite, w.stop, w.tmp)
             finally:
                 self.client.cancel(list(futures))
                 journal.commit()
+        # each worker process's high-water RSS so far, to set beside the plan's per-worker peak
+        peaks = self.client.run(peak_rss)
+        w.emit({"event": "workers", "peak_rss": peaks, "predicted_peak_rss": plan.memory.predicted_peak})
         return kept
 
     def _submit(self, job: Job, start: Mapping[str, int]) -> dict[Any, TensorPlan]:
