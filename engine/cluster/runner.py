@@ -29,7 +29,7 @@ from typing import Any
 
 from engine.budget import peak_rss
 from engine.cluster.crc_combine import crc32_combine
-from engine.cluster.tasks import Band, Job, SafetensorsOutput, band_task, stats_task
+from engine.cluster.tasks import Band, Job, SafetensorsOutput, band_task, release_buffers, stats_task
 from engine.dtypes import itemsize
 from engine.errors import OutputError
 from engine.execute import OnEvent
@@ -86,6 +86,7 @@ class DaskRunner:
                 journal.commit()
         # each worker process's high-water RSS so far, to set beside the plan's per-worker peak
         peaks = self.client.run(peak_rss)
+        self.client.run(release_buffers)
         w.emit({"event": "workers", "peak_rss": peaks, "predicted_peak_rss": plan.memory.predicted_peak})
         return kept
 
