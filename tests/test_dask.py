@@ -173,7 +173,8 @@ def test_sweep_points_are_the_single_merges(
     executor: str, family: tuple[Path, list[Path]], client: Any, tmp_path: Path
 ) -> None:
     merge_args = cli_args(family, tmp_path / "unused")[:-6]  # the merge command without its executor and output
-    where = ["--executor", "dask", "--scheduler", client.scheduler.address, "--band-size", "24KiB"]
+    client.write_scheduler_file(str(tmp_path / "scheduler.json"))  # as `dask scheduler --scheduler-file` writes
+    where = ["--executor", "dask", "--scheduler", str(tmp_path / "scheduler.json"), "--band-size", "24KiB"]
     args = ["sweep", *merge_args[1:], "--grid", "density=0.3,0.6", "-o", str(tmp_path / "sweep")]
     result = CliRunner().invoke(main, [*args, *(where if executor == "dask" else [])])
     assert result.exit_code == 0, result.output

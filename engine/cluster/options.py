@@ -44,8 +44,9 @@ def executor_options(f: F) -> F:
             click.option(
                 "--scheduler",
                 metavar="ADDRESS",
-                help="--executor dask: use the running cluster at ADDRESS (tcp://host:8786); its workers must "
-                "see the inputs and the output folder at the same paths.",
+                help="--executor dask: use the running cluster at ADDRESS (tcp://host:8786, or the JSON file "
+                "`dask scheduler --scheduler-file` wrote); its workers must see the inputs and the output folder at "
+                "the same paths.",
             ),
             click.option("--band-size", type=SIZE, hidden=True, help="Input bytes per Dask task (tests, tuning)."),
         ]
@@ -97,11 +98,14 @@ def open_runner(ex: dict[str, Any], threads: int | None, budget: int | None) -> 
         from distributed import Client, LocalCluster
     except ImportError:
         raise click.ClickException(INSTALL) from None
-    from engine.cluster.runner import BAND_BYTES, DaskRunner
+    from engine.cluster.runner import BAND_BYTES, DaskRunner, warm_up
     from engine.cores import usable_cores
 
     if ex["scheduler"] is not None:
-        with Client(ex["scheduler"]) as client:
+        where = ex["scheduler"]
+        by_file = where.endswith(".json") and "://" not in where
+        with Client(scheduler_file=where) if by_file else Client(where) as client:
+            client.run(warm_up)
             yield DaskRunner(client, threads, ex["band_size"] or BAND_BYTES)
         return
     n = ex["workers"]
@@ -119,4 +123,5 @@ def open_runner(ex: dict[str, Any], threads: int | None, budget: int | None) -> 
         ) as cluster,
         Client(cluster) as client,
     ):
+        client.run(warm_up)
         yield DaskRunner(client, threads or max(1, usable_cores() // n), ex["band_size"] or BAND_BYTES)

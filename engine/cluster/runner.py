@@ -108,6 +108,11 @@ class DaskRunner:
         return futures
 
 
+def warm_up() -> None:
+    """Import the engine (and torch, 2-3 s on a loaded 2-core VM) in a worker before its first task."""
+    import engine.cluster.tasks  # noqa: F401
+
+
 def _the_job(job: Job) -> Job:
     return job
 
