@@ -3,6 +3,7 @@ the local executor, survives a killed worker, and a killed job resumes to the sa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -173,10 +174,13 @@ def test_sweep_points_are_the_single_merges(
     executor: str, family: tuple[Path, list[Path]], client: Any, tmp_path: Path
 ) -> None:
     merge_args = cli_args(family, tmp_path / "unused")[:-6]  # the merge command without its executor and output
-    client.write_scheduler_file(str(tmp_path / "scheduler.json"))  # as `dask scheduler --scheduler-file` writes
-    where = ["--executor", "dask", "--scheduler", str(tmp_path / "scheduler.json"), "--band-size", "24KiB"]
     args = ["sweep", *merge_args[1:], "--grid", "density=0.3,0.6", "-o", str(tmp_path / "sweep")]
-    result = CliRunner().invoke(main, [*args, *(where if executor == "dask" else [])])
+    if executor == "dask":
+        (tmp_path / "scheduler.json").write_text(
+            json.dumps({"address": client.scheduler.address})
+        )  # as `dask scheduler --scheduler-file` writes it
+        args += ["--executor", "dask", "--scheduler", str(tmp_path / "scheduler.json"), "--band-size", "24KiB"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["density=0.3", "density=0.6"]
     for density in ("0.3", "0.6"):
