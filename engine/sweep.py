@@ -22,7 +22,6 @@ from engine.merge import Report, Runner, merge
 from engine.spec import MergeSpec
 
 log = logging.getLogger(__name__)
-# grid parameter -> (flag key in the command's keywords, value parser); "seed" and the parameter flags
 BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 MAX_DRIVERS = 16  # points merged at once on a cluster; more would only queue on the scheduler
 
@@ -33,6 +32,7 @@ def _bool(v: str) -> bool:
     return BOOLS[v.lower()]
 
 
+# grid parameter -> (its flag's keyword in the command, value parser): "seed" and the parameter flags
 GRID_PARAMS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "seed": ("seed", int),
     "weight": ("weight", float),

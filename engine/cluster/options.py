@@ -7,7 +7,6 @@ resident across tasks (`--no-hold`): each statistics task reads its tensor once 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -19,7 +18,6 @@ from engine.cli_options import SIZE
 if TYPE_CHECKING:
     from engine.cluster.runner import DaskRunner
 
-log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 INSTALL = "--executor dask needs dask and distributed, which are not installed: pip install 'leanmerge[dask]'"
 LOCAL_WORKERS = 2
