@@ -29,6 +29,8 @@ from engine.cli_options import (
     say_not_needed,
     spec_options,
 )
+from engine.cli_sweep import sweep_cmd
+from engine.cluster.options import executor_line, executor_options, open_runner, take_executor
 from engine.defaults import SAMPLE_ELEMS, SYNC_EVERY
 from engine.errors import EngineError, Interrupted
 from engine.hub import hub_cache
@@ -66,6 +68,7 @@ def main() -> None:
     """
 
 
+main.add_command(sweep_cmd)
 SHOWN_TENSORS = 5  # tensors named in the NaN/Inf warning
 
 MERGE_EXAMPLES = """\b
@@ -118,6 +121,7 @@ mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-cod
     "and reported.",
 )
 @mergekit_options
+@executor_options
 def merge_cmd(
     output_arg: Path | None,
     output: Path | None,
@@ -140,6 +144,7 @@ def merge_cmd(
     """
     target = _output_folder(kw, output_arg, output)
     say_not_needed(kw)
+    ex = take_executor(kw)
     with engine_errors():
         spec = build_spec(kw, hub_cache(os.environ))  # imports the engine (engine.load)
     import torch
@@ -150,7 +155,7 @@ def merge_cmd(
     torch.set_num_threads(threads or default_threads())
     with engine_errors():
         show_bar = sys.stderr.isatty() if progress is None else progress
-        with _events(log_json, show_bar) as on_event:
+        with _events(log_json, show_bar) as on_event, open_runner(ex, threads, kw["max_memory"]) as runner:
             report = merge(
                 spec,
                 target,
@@ -162,6 +167,7 @@ def merge_cmd(
                 model_card=model_card,
                 copy_tokenizer=copy_tokenizer,
                 strict_finite=strict_finite,
+                runner=runner,
                 **planning(kw),
             )
             on_event({"event": "report", **report.to_json()})
@@ -193,9 +199,11 @@ def _output_folder(kw: dict[str, Any], output_arg: Path | None, output: Path | N
 @spec_options
 @plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@executor_options
 def plan_cmd(as_json: bool, **kw: Any) -> None:
     """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
     say_not_needed(kw)
+    ex = take_executor(kw)
     with engine_errors():
         spec = build_spec(kw, hub_cache(os.environ))  # imports the engine (engine.load)
         from engine.merge import plan_summary, prepare
@@ -217,7 +225,7 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
         ]
         click.echo(json.dumps(summary, indent=2))
     else:
-        click.echo(format_plan(plan))
+        click.echo(format_plan(plan) + (f"\n{executor_line(ex)}" if executor_line(ex) else ""))
 
 
 @main.command(

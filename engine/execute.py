@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,21 +132,67 @@ def execute(
     """
     emit = on_event or (lambda e: None)
     start = start or {}
-    with ExitStack() as stack:
-        readers = open_streams(inv, stack, reading)
-        sources = [str(c.folder) for c in (inv.base, *inv.models)]
-        prefetch = _Prefetcher(read_schedule(plan, start), readers, pipe.slots, _InputCheck(out.finite, sources))
-        stack.callback(prefetch.stop)
-        stage = _Stage(plan, pipe, prefetch, out, emit)
-        if pipe.mover.reads_host:
-            pairwise.say_if_slow()
-        stack.enter_context(on_device(pipe.mover.device))
+    with _staged(plan, inv, out, pipe, read_schedule(plan, start), reading, emit) as stage:
         for tensor in plan.tensors:
             first = start.get(tensor.name, 0)
             if tensor.numel and first < tensor.rows and not stage.run_tensor(tensor, first, should_stop):
                 return False
             emit({"event": "tensor", "name": tensor.name})
     return True
+
+
+def tensor_stats(
+    plan: Plan, inv: Inventory, pipe: Pipeline, tensor: TensorPlan, reading: ReadOptions = BUFFERED
+) -> Stats:
+    """The statistics of one tensor of several blocks, all its reduce passes in the order
+    `execute` runs them (for an executor that runs the apply pass's blocks elsewhere: `execute_rows`)."""
+    schedule = ((tensor, b) for _ in range(tensor.passes - 1) for b in tensor.blocks())
+    with _staged(plan, inv, None, pipe, schedule, reading, lambda e: None) as stage:
+        return stage.statistics(tensor)[1]
+
+
+def execute_rows(
+    plan: Plan,
+    inv: Inventory,
+    out: WriteBehind,
+    pipe: Pipeline,
+    tensor: TensorPlan,
+    rows: tuple[int, int],
+    stats: Stats,
+    reading: ReadOptions = BUFFERED,
+) -> None:
+    """Write the blocks of `tensor` that start in rows [r0, r1), given its `stats` from
+    `tensor_stats` ({} without reducers); a tensor of one block is read once and computes its own."""
+    r0, r1 = rows
+    schedule = ((tensor, b) for b in tensor.blocks(0 if tensor.n_blocks == 1 else r0) if b.r0 < r1)
+    given = () if tensor.n_blocks == 1 else (tensor.name,)
+    with _staged(plan, inv, out, pipe, schedule, reading, lambda e: None, given) as stage:
+        stage.run_tensor(tensor, r0, lambda: False, None if tensor.n_blocks == 1 else stats, r1)
+
+
+@contextmanager
+def _staged(
+    plan: Plan,
+    inv: Inventory,
+    out: WriteBehind | None,
+    pipe: Pipeline,
+    schedule: Iterator[tuple[TensorPlan, Block]],
+    reading: ReadOptions,
+    emit: OnEvent,
+    given: Collection[str] = (),
+) -> Iterator[_Stage]:
+    """A compute stage fed by reader threads that read `schedule` (`out`: None for statistics only)."""
+    with ExitStack() as stack:
+        readers = open_streams(inv, stack, reading)
+        sources = [str(c.folder) for c in (inv.base, *inv.models)]
+        check = _InputCheck(out.finite, sources, given) if out is not None else None
+        prefetch = _Prefetcher(schedule, readers, pipe.slots, check)
+        stack.callback(prefetch.stop)
+        stage = _Stage(plan, pipe, prefetch, out, emit)
+        if pipe.mover.reads_host:
+            pairwise.say_if_slow()
+        stack.enter_context(on_device(pipe.mover.device))
+        yield stage
 
 
 class _Stage:
@@ -157,7 +203,7 @@ class _Stage:
         plan: Plan,
         pipe: Pipeline,
         prefetch: _Prefetcher,
-        out: WriteBehind,
+        out: WriteBehind | None,
         emit: OnEvent,
     ) -> None:
         self.plan, self.pipe, self.prefetch, self.out, self.emit = plan, pipe, prefetch, out, emit
@@ -172,29 +218,53 @@ class _Stage:
         self.emit({"event": "block", "bytes": _block_read_bytes(tensor, block)})
         return filled
 
-    def run_tensor(self, tensor: TensorPlan, first_row: int, should_stop: Callable[[], bool]) -> bool:
-        """Write `tensor` from `first_row` on; False if `should_stop` cut it short."""
+    def run_tensor(
+        self,
+        tensor: TensorPlan,
+        first_row: int,
+        should_stop: Callable[[], bool],
+        stats: Stats | None = None,
+        end_row: int | None = None,
+    ) -> bool:
+        """Write `tensor` from `first_row` on (to the block that starts at `end_row`, with its
+        `stats` given, when another process computed them); False if `should_stop` cut it short."""
         self.params = self.plan.params_for(tensor.name) if self.plan.spec.varies_by_tensor else self.params
         streams = _streams(self.method, self.plan.spec.seed, tensor.name, len(tensor.in_dtypes) - 1)
         reducers = self.method.reducers(self.params) if tensor.merge else ()
         if tensor.n_blocks == 1:  # read once, keep it for every pass
             (block,) = tensor.blocks()
             filled = self._next(tensor, block)
-            stats: Stats = {}
+            stats = {}
             for r in reducers:
                 stats = {**stats, **self._reduce(r, tensor, lambda b: filled, streams, stats)}
             self._emit_block(tensor, block, filled, streams, stats)
             return not should_stop()
-        held, stats, todo = None, {}, list(reducers)
-        if tensor.resident:  # the first pass runs as the blocks land, behind the next reads
-            held, stats = self._hold(tensor, todo.pop(0), streams)
-        for r in todo:
-            stats = {**stats, **self._reduce(r, tensor, held, streams, stats)}
+        held = None
+        if stats is None:
+            held, stats = self.statistics(tensor, streams)
         for block in tensor.blocks(first_row):
+            if end_row is not None and block.r0 >= end_row:
+                break
             self._emit_block(tensor, block, held(block) if held else self._next(tensor, block), streams, stats)
             if should_stop() and block.r1 < tensor.rows:
                 return False
         return not should_stop()
+
+    def statistics(
+        self, tensor: TensorPlan, streams: tuple[KeyedRng, ...] | None = None
+    ) -> tuple[Callable[[Block], Filled] | None, Stats]:
+        """Run the reduce passes of a tensor of several blocks: its statistics, and for a tensor
+        held resident each block's view of the hold."""
+        self.params = self.plan.params_for(tensor.name) if self.plan.spec.varies_by_tensor else self.params
+        if streams is None:
+            streams = _streams(self.method, self.plan.spec.seed, tensor.name, len(tensor.in_dtypes) - 1)
+        held, todo = None, list(self.method.reducers(self.params) if tensor.merge else ())
+        stats: Stats = {}
+        if tensor.resident and todo:  # the first pass runs as the blocks land, behind the next reads
+            held, stats = self._hold(tensor, todo.pop(0), streams)
+        for r in todo:
+            stats = {**stats, **self._reduce(r, tensor, held, streams, stats)}
+        return held, stats
 
     def _hold(
         self, tensor: TensorPlan, first: Reducer, streams: tuple[KeyedRng, ...]
@@ -248,6 +318,7 @@ class _Stage:
         self, tensor: TensorPlan, block: Block, filled: Filled, streams: tuple[KeyedRng, ...], stats: Stats
     ) -> None:
         """Merge (or copy) one block into a free output buffer and hand it to the writer."""
+        assert self.out is not None, "a statistics-only stage writes nothing"
         buffer = self.out.take()
         out_bytes = buffer[: block.numel * itemsize(tensor.out_dtype)]
         ready = None
@@ -318,14 +389,14 @@ class _InputCheck:
     """Which reads of the schedule count the inputs' NaN/Inf: each block once, on its last read
     (the merge pass's; a tensor read once for all its passes, on that read)."""
 
-    def __init__(self, finite: Finite, sources: Sequence[str]) -> None:
-        self.finite, self.sources = finite, sources
+    def __init__(self, finite: Finite, sources: Sequence[str], given: Collection[str] = ()) -> None:
+        self.finite, self.sources, self.given = finite, sources, given  # given: stats from elsewhere
         self._reads: dict[str, int] = {}
 
     def last_read(self, tensor: TensorPlan) -> bool:
         """Called once per block read, in schedule order: is this the block's last read?"""
         n = self._reads[tensor.name] = self._reads.get(tensor.name, 0) + 1
-        return tensor.read_once or n > (tensor.passes - 1) * tensor.n_blocks
+        return tensor.read_once or tensor.name in self.given or n > (tensor.passes - 1) * tensor.n_blocks
 
 
 class _Prefetcher:

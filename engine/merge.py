@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,6 +49,29 @@ log = logging.getLogger(__name__)
 CPU_HOLD_PASSES = {"direct": 2, "buffered": 3}
 SPACE_MARGIN = 64 << 20  # journal, index and side files
 REHASH_PIECE = 16 << 20
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a `Runner` gets: the plan and inputs, the temporary folder with its shard metadata
+    and journal header, the resumed journal state (None: a fresh run), and the run's settings."""
+
+    plan: Plan
+    inv: Inventory
+    tmp: Path
+    metadata: dict[str, str]
+    header: dict[str, Any]
+    state: JournalState | None
+    emit: OnEvent
+    reading: ReadOptions
+    sync_every: int
+    stop: StopRequest
+    finite: Finite
+
+
+# Writes every missing block of `Work` into its temporary folder, journaled, and returns the
+# tensors an earlier run had written whole that were kept: `write_blocks` here, or a cluster's.
+Runner = Callable[[Work], set[str]]
 
 
 @dataclass(frozen=True)
@@ -160,6 +184,7 @@ def merge(
     model_card: bool = True,
     copy_tokenizer: bool = True,
     strict_finite: bool = False,
+    runner: Runner | None = None,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -189,6 +214,8 @@ def merge(
         copy_tokenizer: copy the tokenizer's files (from the base or `spec.tokenizer_source`).
         strict_finite: refuse the merge (`NonFiniteError`, no output) when a merged tensor holds
             NaN or Inf; otherwise they are counted in `Report.nonfinite`.
+        runner: what writes the blocks (default: this process, `write_blocks`); `engine.cluster`
+            runs them on a Dask cluster.
     Returns:
         The run's `Report`.
     Raises:
@@ -235,20 +262,8 @@ def merge(
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": journaled})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         try:
-            kept = _run(
-                plan,
-                inv,
-                tmp,
-                metadata,
-                header,
-                state,
-                emit,
-                reading,
-                sync_every,
-                stop,
-                side,
-                finite,
-            )
+            work = Work(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite)
+            kept = _run(work, side, runner or write_blocks)
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
         except RuntimeError as e:  # threading's only signal that the address space ran out
@@ -338,79 +353,88 @@ def _open_temp(tmp: Path, plan: Plan, header: dict[str, Any], resume: bool) -> J
     return None
 
 
-def _run(
-    plan: Plan,
-    inv: Inventory,
-    tmp: Path,
-    metadata: dict[str, str],
-    header: dict[str, Any],
-    state: JournalState | None,
-    emit: OnEvent,
-    reading: ReadOptions,
-    sync_every: int,
-    stop: StopRequest,
-    side: dict[str, Any],
-    finite: Finite,
-) -> set[str]:
-    """Write every missing block into `tmp` and finalize it (`side`: `write_side_files`'s options);
-    returns the tensors an earlier run had written whole that were kept (their bytes re-checked).
+def _run(w: Work, side: dict[str, Any], runner: Runner) -> set[str]:
+    """Write every missing block into `w.tmp` with `runner` and finalize it (`side`: `write_side_files`'s
+    options); returns the tensors an earlier run had written whole that were kept (their bytes re-checked).
     Input errors remove `tmp`; anything else leaves it to resume from."""
     try:
-        with ExitStack() as stack:
-            writer = ShardWriter(tmp, plan, metadata, reopen=state is not None)
-            stack.callback(writer.close)
-            journal = Journal.reopen(tmp) if state is not None else Journal.create(tmp, header)
-            stack.callback(journal.close)
-            pipe = Pipeline.allocate(plan)
-            stack.callback(pipe.close)
-            if pipe.pinned.locked or pipe.pinned.failed:  # on CUDA: did the copies get page-locked buffers?
-                emit(
-                    {
-                        "event": "device",
-                        "device": plan.device.device,
-                        "pinned": pipe.pinned.locked,
-                        "not_pinned": pipe.pinned.failed,
-                    }
-                )
-            out = WriteBehind(writer, journal, pipe.outs, sync_every, finite)
-            stack.callback(out.close)
-            start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})
-            for t in plan.tensors:
-                if state is not None and start[t.name] > 0 and t.numel:
-                    start[t.name] = _restore_prefix(writer, out, journal, t, start[t.name], state)
-            # every row on disk and re-checked: merged by the earlier run, not by this one
-            kept = {t.name for t in plan.tensors if state is not None and t.numel and start[t.name] >= t.rows}
-            complete = execute(
-                plan,
-                inv,
-                out,
-                pipe,
-                start=start,
-                on_event=emit,
-                reading=reading,
-                should_stop=stop.requested,
-            )
-            out.drain()
-            if not complete:
-                name = signal.Signals(stop.signum).name
-                raise Interrupted(
-                    f"stopped by {name}; the work so far is saved in {tmp}: run the same command with --resume",
-                    stop.signum,
-                )
-        _check_inputs_unchanged(inv, header)
-        final = load_journal(tmp)
+        kept = runner(w)
+        _check_inputs_unchanged(w.inv, w.header)
+        final = load_journal(w.tmp)
         if final is None:
-            raise OutputError(f"{tmp}: the temporary folder vanished during the merge; nothing was written: run again")
-        write_side_files(tmp, plan, _checksums(plan, final), **side)
-        (tmp / "journal.jsonl").unlink()
+            raise OutputError(
+                f"{w.tmp}: the temporary folder vanished during the merge; nothing was written: run again"
+            )
+        write_side_files(w.tmp, w.plan, _checksums(w.plan, final), **side)
+        (w.tmp / "journal.jsonl").unlink()
     except (CheckpointError, NonFiniteError):
-        abort_output(tmp)
+        abort_output(w.tmp)
         raise
     return kept
 
 
+def write_blocks(w: Work) -> set[str]:
+    """The local `Runner`: write every missing block into `w.tmp` in this process, journaled;
+    returns the tensors an earlier run had written whole that were kept (re-checked on disk)."""
+    plan, state = w.plan, w.state
+    with ExitStack() as stack:
+        writer = ShardWriter(w.tmp, plan, w.metadata, reopen=state is not None)
+        stack.callback(writer.close)
+        journal = Journal.reopen(w.tmp) if state is not None else Journal.create(w.tmp, w.header)
+        stack.callback(journal.close)
+        pipe = Pipeline.allocate(plan)
+        stack.callback(pipe.close)
+        if pipe.pinned.locked or pipe.pinned.failed:  # on CUDA: did the copies get page-locked buffers?
+            w.emit(
+                {
+                    "event": "device",
+                    "device": plan.device.device,
+                    "pinned": pipe.pinned.locked,
+                    "not_pinned": pipe.pinned.failed,
+                }
+            )
+        out = WriteBehind(writer, journal, pipe.outs, w.sync_every, w.finite)
+        stack.callback(out.close)
+        start, kept = restore_start(plan, writer, journal, state, out.resume_crc)
+        stop = w.stop.requested
+        complete = execute(plan, w.inv, out, pipe, start=start, on_event=w.emit, reading=w.reading, should_stop=stop)
+        out.drain()
+        if not complete:
+            raise interrupted(w.stop, w.tmp)
+    return kept
+
+
+def interrupted(stop: StopRequest, tmp: Path) -> Interrupted:
+    name = signal.Signals(stop.signum).name
+    return Interrupted(
+        f"stopped by {name}; the work so far is saved in {tmp}: run the same command with --resume", stop.signum
+    )
+
+
+def restore_start(
+    plan: Plan,
+    writer: ShardWriter,
+    journal: Journal,
+    state: JournalState | None,
+    resume_crc: Callable[[str, int], None],
+) -> tuple[dict[str, int], set[str]]:
+    """The first row to write of every tensor, after re-checking on disk what an earlier run
+    journaled (`_restore_prefix`), and the tensors it had written whole (kept, not merged again)."""
+    start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})
+    for t in plan.tensors:
+        if state is not None and start[t.name] > 0 and t.numel:
+            start[t.name] = _restore_prefix(writer, resume_crc, journal, t, start[t.name], state)
+    # every row on disk and re-checked: merged by the earlier run, not by this one
+    return start, {t.name for t in plan.tensors if state is not None and t.numel and start[t.name] >= t.rows}
+
+
 def _restore_prefix(
-    writer: ShardWriter, out: WriteBehind, journal: Journal, tensor: TensorPlan, rows: int, state: JournalState
+    writer: ShardWriter,
+    resume_crc: Callable[[str, int], None],
+    journal: Journal,
+    tensor: TensorPlan,
+    rows: int,
+    state: JournalState,
 ) -> int:
     """Re-read the rows [0, rows) an earlier run wrote and check the running crc32 the journal
     recorded after each block: resume keeps only what it has re-checked, finished tensors too
@@ -431,7 +455,7 @@ def _restore_prefix(
             state.done.pop(tensor.name, None)
             return 0
     if rows < tensor.rows:
-        out.resume_crc(tensor.name, crc)
+        resume_crc(tensor.name, crc)
     elif state.done.get(tensor.name) != crc:
         journal.tensor(tensor.name, crc)
         state.done[tensor.name] = crc

@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,10 +29,18 @@ from engine.defaults import SYNC_EVERY
 from engine.dtypes import DTYPES, byte_view, itemsize
 from engine.errors import NonFiniteError
 from engine.io.crc import crc32
-from engine.io.journal import Journal
 from engine.io.safetensors_writer import ShardWriter
 from engine.plan import Block, TensorPlan
 from engine.stats.finite import count_nonfinite
+
+
+class Records(Protocol):
+    """Where written blocks are recorded: the `Journal`, or a Dask worker's note of its band."""
+
+    def block(self, tensor: str, r0: int, r1: int, crc: int) -> None: ...
+    def tensor(self, tensor: str, crc: int) -> None: ...
+    def commit(self) -> None: ...
+
 
 _Job = tuple[TensorPlan, Block, torch.Tensor, torch.Tensor, Any] | None
 
@@ -83,7 +91,7 @@ class WriteBehind:
     def __init__(
         self,
         writer: ShardWriter,
-        journal: Journal,
+        journal: Records,
         buffers: list[torch.Tensor],
         sync_every: int = SYNC_EVERY,
         finite: Finite | None = None,
