@@ -116,6 +116,15 @@ mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-cod
     help="Refuse the merge (exit 1, no output) when a merged tensor holds NaN or Inf; by default they are counted "
     "and reported.",
 )
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["safetensors", "zarr"]),
+    default="safetensors",
+    show_default=True,
+    help="Output format: safetensors shards, or a zarr group (model.zarr/, one array per tensor, one chunk per block).",
+)
+@click.option("--compress", metavar="none|zstd[:LEVEL]|blosc", help="Compression of zarr chunks (default none).")
 @mergekit_options
 def merge_cmd(
     output_arg: Path | None,
@@ -130,6 +139,8 @@ def merge_cmd(
     model_card: bool,
     copy_tokenizer: bool,
     strict_finite: bool,
+    out_format: str,
+    compress: str | None,
     **kw: Any,
 ) -> None:
     """Merge models into OUTPUT, from CONFIG.yaml (mergekit's YAML) or --base/--model flags.
@@ -161,6 +172,8 @@ def merge_cmd(
                 model_card=model_card,
                 copy_tokenizer=copy_tokenizer,
                 strict_finite=strict_finite,
+                out_format=out_format,
+                compress=compress,
                 **planning(kw),
             )
             on_event({"event": "report", **report.to_json()})

@@ -18,7 +18,7 @@ from engine import __version__
 from engine.budget import choose_budget, current_rss, fmt_bytes, peak_rss
 from engine.defaults import DEFAULT_SHARD_SIZE, SYNC_EVERY
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
-from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError
+from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError, SpecError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.checkpoint import ReadOptions
 from engine.io.crc import crc32
@@ -26,10 +26,14 @@ from engine.io.fingerprint import fingerprint, input_change
 from engine.io.inventory import Inventory, take_inventory
 from engine.io.journal import Journal, JournalState, check_resumable, load_journal
 from engine.io.lock import output_lock
-from engine.io.output import abort_output, temp_dir_for, write_side_files
+from engine.io.output import abort_output, copy_side_files, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
 from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
 from engine.io.write_behind import Finite, WriteBehind
+from engine.io.zarr_format import Compression
+from engine.io.zarr_record import finalize_zarr
+from engine.io.zarr_writer import ZarrWriter, existing_chunk_rows, zarr_blocks
+from engine.io.zarr_writer import layout_digest as zarr_layout
 from engine.plan import Plan, TensorPlan, make_plan, out_shape
 from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
@@ -155,6 +159,8 @@ def merge(
     model_card: bool = True,
     copy_tokenizer: bool = True,
     strict_finite: bool = False,
+    out_format: str = "safetensors",
+    compress: str | None = None,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -184,6 +190,8 @@ def merge(
         copy_tokenizer: copy the tokenizer's files (from the base or `spec.tokenizer_source`).
         strict_finite: refuse the merge (`NonFiniteError`, no output) when a merged tensor holds
             NaN or Inf; otherwise they are counted in `Report.nonfinite`.
+        out_format: "safetensors" (shards) or "zarr" (a zarr group, engine.io.zarr_writer).
+        compress: the zarr chunks' compression, "none", "zstd[:LEVEL]" or "blosc" (zarr only).
     Returns:
         The run's `Report`.
     Raises:
@@ -210,12 +218,15 @@ def merge(
         direct_io=direct_io,
     )
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
+    tmp = temp_dir_for(target)
+    zfmt = _zarr_format(out_format, compress)
+    if zfmt is not None:  # blocks become chunks: those of the interrupted run where resuming
+        plan = zarr_blocks(plan, existing_chunk_rows(tmp) if resume and not tmp.is_symlink() else None)
     header = {
         "spec": spec.to_json(),
         "inputs": _fingerprints(inv),
-        "layout": layout_digest(plan, metadata),
+        "layout": zarr_layout(plan, zfmt) if zfmt else layout_digest(plan, metadata),
     }
-    tmp = temp_dir_for(target)
     side = {"card": target.name if model_card else None, "tokenizer": copy_tokenizer}
     finite = Finite(strict_finite)
     make_parent(target)
@@ -243,6 +254,7 @@ def merge(
                 stop,
                 side,
                 finite,
+                zfmt,
             )
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
@@ -346,13 +358,18 @@ def _run(
     stop: StopRequest,
     side: dict[str, Any],
     finite: Finite,
+    zfmt: Compression | None = None,
 ) -> set[str]:
     """Write every missing block into `tmp` and finalize it (`side`: `write_side_files`'s options);
     returns the tensors an earlier run had written whole that were kept (their bytes re-checked).
     Input errors remove `tmp`; anything else leaves it to resume from."""
     try:
         with ExitStack() as stack:
-            writer = ShardWriter(tmp, plan, metadata, reopen=state is not None)
+            writer: ShardWriter | ZarrWriter = (
+                ZarrWriter(tmp, plan, plan.spec.digest(), zfmt, reopen=state is not None)
+                if zfmt
+                else ShardWriter(tmp, plan, metadata, reopen=state is not None)
+            )
             stack.callback(writer.close)
             journal = Journal.reopen(tmp) if state is not None else Journal.create(tmp, header)
             stack.callback(journal.close)
@@ -396,7 +413,11 @@ def _run(
         final = load_journal(tmp)
         if final is None:
             raise OutputError(f"{tmp}: the temporary folder vanished during the merge; nothing was written: run again")
-        write_side_files(tmp, plan, _checksums(plan, final), **side)
+        if zfmt:
+            copy_side_files(tmp, plan, **side)
+            finalize_zarr(tmp, plan, final, _checksums(plan, final))
+        else:
+            write_side_files(tmp, plan, _checksums(plan, final), **side)
         (tmp / "journal.jsonl").unlink()
     except (CheckpointError, NonFiniteError):
         abort_output(tmp)
@@ -404,8 +425,22 @@ def _run(
     return kept
 
 
+def _zarr_format(out_format: str, compress: str | None) -> Compression | None:
+    """The zarr output's compression, or None for safetensors."""
+    if out_format == "zarr":
+        return Compression.parse(compress)
+    if compress is not None and Compression.parse(compress).kind != "none":
+        raise SpecError(f"--compress {compress}: only --format zarr output is compressed; add --format zarr")
+    return None
+
+
 def _restore_prefix(
-    writer: ShardWriter, out: WriteBehind, journal: Journal, tensor: TensorPlan, rows: int, state: JournalState
+    writer: ShardWriter | ZarrWriter,
+    out: WriteBehind,
+    journal: Journal,
+    tensor: TensorPlan,
+    rows: int,
+    state: JournalState,
 ) -> int:
     """Re-read the rows [0, rows) an earlier run wrote and check the running crc32 the journal
     recorded after each block: resume keeps only what it has re-checked, finished tensors too

@@ -31,6 +31,7 @@ from engine.errors import NonFiniteError
 from engine.io.crc import crc32
 from engine.io.journal import Journal
 from engine.io.safetensors_writer import ShardWriter
+from engine.io.zarr_writer import ZarrWriter
 from engine.plan import Block, TensorPlan
 from engine.stats.finite import count_nonfinite
 
@@ -82,7 +83,7 @@ class WriteBehind:
 
     def __init__(
         self,
-        writer: ShardWriter,
+        writer: ShardWriter | ZarrWriter,
         journal: Journal,
         buffers: list[torch.Tensor],
         sync_every: int = SYNC_EVERY,
