@@ -20,6 +20,7 @@ import click
 
 from engine import __version__, load
 from engine.budget import fmt_bytes
+from engine.cli_convert import convert_cmd
 from engine.cli_options import (
     SIZE,
     build_spec,
@@ -287,6 +288,9 @@ def verify_cmd(folder: Path, **kw: Any) -> None:
         raise click.ClickException(f"{folder}: {len(result.problems)} problem(s) in {result.tensors} tensors")
     files = f"; {result.files} shard headers and files match their sha256" if result.files else ""
     click.echo(f"{folder}: OK, {result.tensors} tensors, {fmt_bytes(result.bytes)} match their crc32{files}")
+
+
+main.add_command(convert_cmd)
 
 
 def format_plan(plan: Plan) -> str:

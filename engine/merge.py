@@ -161,6 +161,7 @@ def merge(
     strict_finite: bool = False,
     out_format: str = "safetensors",
     compress: str | None = None,
+    copy_only: bool = False,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -192,6 +193,7 @@ def merge(
             NaN or Inf; otherwise they are counted in `Report.nonfinite`.
         out_format: "safetensors" (shards) or "zarr" (a zarr group, engine.io.zarr_writer).
         compress: the zarr chunks' compression, "none", "zstd[:LEVEL]" or "blosc" (zarr only).
+        copy_only: copy every tensor's bytes as stored, no arithmetic (`leanmerge convert`).
     Returns:
         The run's `Report`.
     Raises:
@@ -220,6 +222,8 @@ def merge(
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
     tmp = temp_dir_for(target)
     zfmt = _zarr_format(out_format, compress)
+    if copy_only:  # bit-exact for every dtype (F64 and NaN payloads too): nothing goes through float32
+        plan = replace(plan, tensors=tuple(replace(t, merge=False, passes=1, resident=False) for t in plan.tensors))
     if zfmt is not None:  # blocks become chunks: those of the interrupted run where resuming
         plan = zarr_blocks(plan, existing_chunk_rows(tmp) if resume and not tmp.is_symlink() else None)
     header = {

@@ -33,6 +33,7 @@ import torch
 from engine.dtypes import DTYPES, byte_view, itemsize
 from engine.errors import CheckpointError
 from engine.io.header import Header, TensorInfo, read_header, short_repr
+from engine.io.zarr_format import ZARR_DIR
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,10 @@ def open_checkpoint(folder: Path | str) -> Checkpoint:
             _check_single_agrees(folder, headers)
     elif (folder / SINGLE_NAME).is_file():
         headers = [read_header(_inside(folder, folder / SINGLE_NAME))]
+    elif (folder / ZARR_DIR / "zarr.json").is_file():
+        from engine.io.zarr_reader import open_zarr  # it builds on this module: imported where needed
+
+        return open_zarr(folder)
     else:
         raise CheckpointError(_missing_weights_message(folder))
     # Order tensors by (shard, offset) so that walking them reads each file front to back.

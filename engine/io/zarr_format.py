@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
-from engine.errors import SpecError
+from engine.errors import OutputError, SpecError
 
 ZARR_DIR = "model.zarr"
 ATTRS = "leanmerge"  # the attributes key, on the group and on each array
@@ -150,3 +150,23 @@ def chunk_crcs(blocks: list[tuple[int, int, int]], row_bytes: int) -> list[int]:
         out.append(piece_crc(before, after, (r1 - r0) * row_bytes))
         before = after
     return out
+
+
+def zarr_module() -> Any:
+    """The zarr package, imported on first use (only zarr inputs and outputs need it)."""
+    try:
+        import zarr
+    except ImportError:  # zarr 3 needs Python 3.11 or newer
+        raise OutputError(
+            "--format zarr needs the zarr package (3.x, Python >= 3.11): pip install 'zarr>=3.1'"
+        ) from None
+    return zarr
+
+
+def chunk_exists(arr: Any, c: int) -> bool:
+    """Whether chunk `c` (along dim 0) of `arr` is stored: zarr reads a missing one as zeros."""
+    from zarr.core.sync import sync
+
+    coords = (c, *([0] * (arr.ndim - 1))) if arr.ndim else ()
+    key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}" if arr.path else arr.metadata.encode_chunk_key(coords)
+    return bool(sync(arr.store.exists(key)))

@@ -18,8 +18,7 @@ from engine import __version__
 from engine.io.crc import crc32
 from engine.io.journal import JOURNAL_NAME, JournalState
 from engine.io.record import FILES_KEY, file_sha256, fsync_files
-from engine.io.zarr_format import ATTRS, ZARR_DIR, chunk_crcs, escape_name
-from engine.io.zarr_writer import _zarr
+from engine.io.zarr_format import ATTRS, ZARR_DIR, chunk_crcs, chunk_exists, escape_name, zarr_module
 from engine.plan import Plan
 
 ARRAYS_KEY = "array_sha256"
@@ -32,7 +31,7 @@ def is_zarr_folder(folder: Path) -> bool:
 
 def finalize_zarr(tmp: Path, plan: Plan, state: JournalState, checksums: dict[str, str]) -> None:
     """Write the arrays' and the group's records (after the side files are in `tmp`), fsync'd."""
-    zarr = _zarr()
+    zarr = zarr_module()
     root = tmp / ZARR_DIR
     group = zarr.open_group(root, mode="r+")
     for t in plan.tensors:
@@ -73,7 +72,7 @@ def _chain(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
 
 def zarr_record(folder: Path) -> tuple[Any, dict[str, Any]]:
     """The group in `folder` and its leanmerge record (empty when it has none)."""
-    group = _zarr().open_group(folder / ZARR_DIR, mode="r")
+    group = zarr_module().open_group(folder / ZARR_DIR, mode="r")
     record = group.attrs.get(ATTRS)
     return group, record if isinstance(record, dict) else {}
 
@@ -122,11 +121,3 @@ def check_array(arr: Any) -> tuple[str, int, int, list[str]]:
         if c < len(want) and f"{crc32(raw):08x}" != want[c]:
             problems.append(f"{name}: chunk {c} crc32 {crc32(raw):08x} != recorded {want[c]}")
     return name, crc, nbytes, problems
-
-
-def chunk_exists(arr: Any, c: int) -> bool:
-    from zarr.core.sync import sync
-
-    coords = (c, *([0] * (arr.ndim - 1))) if arr.ndim else ()
-    key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}" if arr.path else arr.metadata.encode_chunk_key(coords)
-    return bool(sync(arr.store.exists(key)))

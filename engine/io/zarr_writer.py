@@ -25,18 +25,17 @@ import numpy as np
 
 from engine.dtypes import itemsize
 from engine.errors import OutputError, ResumeError
-from engine.io.zarr_format import ATTRS, STORED, ZARR_DIR, Compression, chunk_rows_for, chunk_shape, escape_name
+from engine.io.zarr_format import (
+    ATTRS,
+    STORED,
+    ZARR_DIR,
+    Compression,
+    chunk_rows_for,
+    chunk_shape,
+    escape_name,
+    zarr_module,
+)
 from engine.plan import Plan, TensorPlan
-
-
-def _zarr() -> Any:
-    try:
-        import zarr
-    except ImportError:  # zarr 3 needs Python 3.11 or newer
-        raise OutputError(
-            "--format zarr needs the zarr package (3.x, Python >= 3.11): pip install 'zarr>=3.1'"
-        ) from None
-    return zarr
 
 
 def zarr_blocks(plan: Plan, existing: dict[str, int] | None = None) -> Plan:
@@ -83,7 +82,7 @@ def existing_chunk_rows(folder: Path) -> dict[str, int]:
     root = folder / ZARR_DIR
     if not (root / "zarr.json").is_file():
         return {}
-    group = _zarr().open_group(root, mode="r")
+    group = zarr_module().open_group(root, mode="r")
     out = {}
     for _, arr in group.arrays():
         attrs = arr.attrs.get(ATTRS)
@@ -96,7 +95,7 @@ def write_block(group: Any, key: str, r0: int, data: np.ndarray[Any, Any]) -> No
     """Write `data` (whole rows, in the array's stored dtype and row shape) as rows `[r0, ...)` of
     array `key` in `group` (a zarr Group, a path or a store URL). Pure: another process can call it."""
     if not hasattr(group, "__getitem__"):
-        group = _zarr().open_group(group, mode="r+")
+        group = zarr_module().open_group(group, mode="r+")
     arr = group[key]
     if arr.ndim == 0:
         arr[...] = data.reshape(())
@@ -110,7 +109,7 @@ class ZarrWriter:
     def __init__(
         self, folder: Path, plan: Plan, spec_sha256: str, compression: Compression, *, reopen: bool = False
     ) -> None:
-        zarr = _zarr()
+        zarr = zarr_module()
         self.root = folder / ZARR_DIR
         self.dirty: set[int] = set()  # ShardWriter's; unused here
         self._paths: set[Path] = set()  # chunk files written since the last sync
