@@ -31,6 +31,7 @@ from engine.io.safetensors_writer import ShardWriter, layout_digest
 from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
 from engine.io.write_behind import Finite, WriteBehind
 from engine.io.zarr_format import Compression
+from engine.io.zarr_reader import zarr_cache_bytes
 from engine.io.zarr_record import finalize_zarr
 from engine.io.zarr_writer import ZarrWriter, existing_chunk_rows, zarr_blocks
 from engine.io.zarr_writer import layout_digest as zarr_layout
@@ -112,8 +113,9 @@ def prepare(
         "block_bytes": block_bytes,
         "shard_size": shard_size,
     }
+    cache = zarr_cache_bytes((inv.base, *inv.models))  # zarr inputs decode chunk by chunk: counted here
     if dev.type == "cuda":
-        plan = make_plan(spec, inv, **kw, device_reserve=CUDA_HOST_RESERVE)
+        plan = make_plan(spec, inv, **kw, device_reserve=CUDA_HOST_RESERVE + cache)
         numel = max((t.numel for t in plan.tensors), default=1)
         try:
             plan = replace(plan, device=plan_device(dev, max_gpu_memory, plan.memory, numel))
@@ -122,7 +124,7 @@ def prepare(
             if device.strip().lower() != "auto" or max_gpu_memory is not None:
                 raise
             log.warning("--device auto: %s; merging on the CPU instead", e)
-    plan = make_plan(spec, inv, **kw)
+    plan = make_plan(spec, inv, **kw, device_reserve=cache)
     return inv, _hold_resident(plan, direct_io) if hold else plan
 
 

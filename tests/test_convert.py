@@ -14,6 +14,8 @@ from engine.cli import main
 from engine.convert import convert
 from engine.errors import CheckpointError, OutputError
 from engine.io.output import temp_dir_for
+from engine.io.zarr_reader import CHUNK_COPIES
+from engine.merge import prepare
 from engine.verify import verify
 
 from conftest import family_tensors, write_checkpoint
@@ -74,6 +76,14 @@ def test_a_zarr_model_merges_like_its_safetensors_source(zarr_family: tuple[Path
     merge(MergeSpec("dare_ties", base, (ModelRef(ft, {"weight": 0.7}),), params), tmp_path / "a", block_bytes=100)
     merge(MergeSpec("dare_ties", base, (ModelRef(ftz, {"weight": 0.7}),), params), tmp_path / "b", block_bytes=100)
     same_tensors(tmp_path / "a", tmp_path / "b")
+
+
+def test_zarr_chunks_are_counted_by_the_planner(zarr_family: tuple[Path, Path, Path]) -> None:
+    base, ft, ftz = zarr_family
+    st = prepare(MergeSpec("task_arithmetic", base, (ModelRef(ft, {}),), {}), max_memory=1 << 30, baseline=0)[1]
+    z = prepare(MergeSpec("task_arithmetic", base, (ModelRef(ftz, {}),), {}), max_memory=1 << 30, baseline=0)[1]
+    # ftz's largest chunk: emb's, 41 rows -> 32 (a power of two) of 16 bf16 = 1024 bytes
+    assert z.memory.reserve - st.memory.reserve == CHUNK_COPIES * 1024
 
 
 def damaged_copy(src: Path, dst: Path) -> Path:

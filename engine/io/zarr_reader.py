@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from engine.io.crc import crc32
 from engine.io.header import TensorInfo, short_repr
 from engine.io.record import file_sha256
 from engine.io.zarr_format import ATTRS, STORED, ZARR_DIR, chunk_exists, unescape_name, zarr_module
+
+CHUNK_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class ZarrReader:
 
     def __init__(self, ckpt: ZarrCheckpoint) -> None:
         self.ckpt = ckpt
-        self._last: tuple[str, int, bytes] | None = None
+        self._last: tuple[str, int, memoryview] | None = None
 
     def read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows `[r0, r1)` of `name` as a `(r1 - r0, row_numel)` tensor of its dtype (see `Reader`)."""
@@ -103,14 +106,15 @@ class ZarrReader:
             pos += take
         return buf.view(DTYPES[info.dtype]).view(r1 - r0, info.row_numel)
 
-    def _chunk(self, info: TensorInfo, arr: Any, c: int, step: int) -> bytes:
+    def _chunk(self, info: TensorInfo, arr: Any, c: int, step: int) -> memoryview:
         if self._last is not None and self._last[:2] == (info.name, c):
             return self._last[2]
         where = f"{info.file}: chunk {c} of tensor {short_repr(info.name)}"
         if not chunk_exists(arr, c):
             raise CheckpointError(f"{where} is missing (zarr would read it as zeros); restore the file")
         try:
-            data = np.ascontiguousarray(arr[...] if arr.ndim == 0 else arr[c * step : (c + 1) * step]).tobytes()
+            decoded = np.ascontiguousarray(arr[...] if arr.ndim == 0 else arr[c * step : (c + 1) * step])
+            data = decoded.reshape(-1).view(np.uint8).data
         except Exception as e:  # a damaged compressed chunk
             raise CheckpointError(f"{where} cannot be decoded: {_first_line(e)}") from None
         want = arr.attrs[ATTRS].get("chunk_crc32")
@@ -130,6 +134,20 @@ class ZarrReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def zarr_cache_bytes(ckpts: Sequence[Checkpoint]) -> int:
+    """RSS a merge's zarr inputs take beyond the block buffers: per zarr stream, `CHUNK_COPIES`
+    of its largest chunk (the compressed bytes, the decoded chunk, the one kept for the next block)."""
+    total = 0
+    for c in ckpts:
+        if isinstance(c, ZarrCheckpoint):
+            total += CHUNK_COPIES * max((_chunk_nbytes(c.tensors[n], a) for n, a in c.arrays.items()), default=0)
+    return total
+
+
+def _chunk_nbytes(info: TensorInfo, arr: Any) -> int:
+    return (arr.chunks[0] if arr.ndim else 1) * info.row_bytes
 
 
 def zarr_fingerprint(ckpt: ZarrCheckpoint) -> list[dict[str, Any]]:
