@@ -86,6 +86,7 @@ def test_layout_attributes_and_chunks(family: tuple[Path, list[Path]], tmp_path:
     attrs = arr.attrs["leanmerge"]
     assert arr.dtype == np.uint16 and attrs["dtype"] == "BF16" and attrs["shape"] == [5, 3, 4]
     assert arr.chunks == (4, 3, 4)  # 100 bytes / 2 = 50 elements = 4 rows of 12 (a power of two)
+    assert group["norm"].chunks == (12,)  # 50 rows -> 32, but never past the tensor's 12 (zarr would store them)
     assert attrs["spec_sha256"] == spec.digest() == group.attrs["leanmerge"]["spec_sha256"]
     raw = np.ascontiguousarray(arr[...]).tobytes()
     assert attrs["chunk_crc32"] == [f"{zlib.crc32(raw[:96]):08x}", f"{zlib.crc32(raw[96:]):08x}"]

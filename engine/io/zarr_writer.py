@@ -39,7 +39,8 @@ from engine.plan import Plan, TensorPlan
 
 
 def zarr_blocks(plan: Plan, existing: dict[str, int] | None = None) -> Plan:
-    """`plan` with each tensor's block rows made its chunk rows (`chunk_rows_for`), or the chunk
+    """`plan` with each tensor's block rows made its chunk rows (`chunk_rows_for`, at most the
+    tensor's rows: zarr stores a chunk at its full size even where it overhangs), or the chunk
     rows of an interrupted run's arrays (`existing`) where resuming; smaller blocks only, so the
     budget still holds.
 
@@ -48,7 +49,7 @@ def zarr_blocks(plan: Plan, existing: dict[str, int] | None = None) -> Plan:
     """
     tensors = []
     for t in plan.tensors:
-        rows = chunk_rows_for(t.block_rows)
+        rows = min(chunk_rows_for(t.block_rows), max(t.rows, 1))  # zarr stores an edge chunk whole: no bigger
         if existing and t.name in existing:
             if existing[t.name] > t.block_rows:
                 raise ResumeError(
