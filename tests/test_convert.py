@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fsspec
+import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 from engine import MergeSpec, ModelRef, merge
@@ -14,6 +17,7 @@ from engine.cli import main
 from engine.convert import convert
 from engine.errors import CheckpointError, OutputError
 from engine.io.output import temp_dir_for
+from engine.io.zarr_format import escape_name
 from engine.io.zarr_reader import CHUNK_COPIES
 from engine.merge import prepare
 from engine.verify import verify
@@ -128,3 +132,25 @@ def _edit_attrs(path: Path, **changes: object) -> None:
     meta = json.loads(path.read_text())
     meta["attributes"]["leanmerge"].update(changes)
     path.write_text(json.dumps(meta))
+
+
+def test_convert_to_a_url_and_never_over_foreign_data(tmp_path: Path) -> None:
+    tensors = family_tensors(SHAPES, 0, 2, torch.float16)[0]
+    src = write_checkpoint(tmp_path / "src", tensors, 2)
+    (src / "config.json").write_text("{}")
+    url = f"memory://zarr-test-{tmp_path.name}/m"
+    done = CliRunner().invoke(main, ["convert", str(src), url, "--to", "zarr", "--compress", "zstd"])
+    assert done.exit_code == 0 and done.output == f"{url}: 4 tensors as zarr\n", done.output
+    group = zarr.open_group(f"{url}/model.zarr", mode="r")
+    for name, t in tensors.items():
+        arr = group[escape_name(name)]
+        assert np.ascontiguousarray(arr[...]).tobytes() == raw(t) and arr.attrs["leanmerge"]["dtype"] == "F16"
+    assert (
+        "writing" not in group.attrs["leanmerge"] and fsspec.filesystem("memory").cat(url[9:] + "/config.json") == b"{}"
+    )
+    again = CliRunner().invoke(main, ["convert", str(src), url, "--to", "zarr"])
+    assert again.exit_code == 1 and "already holds data" in again.output
+    zarr.open_group(f"{url}/model.zarr", mode="r+").update_attributes({"leanmerge": {"writing": True}})  # killed
+    assert CliRunner().invoke(main, ["convert", str(src), url, "--to", "zarr"]).exit_code == 0
+    file_url = CliRunner().invoke(main, ["convert", str(src), f"file://{tmp_path}/local", "--to", "zarr"])
+    assert file_url.exit_code == 0 and verify(tmp_path / "local").ok
