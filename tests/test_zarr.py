@@ -21,9 +21,11 @@ from click.testing import CliRunner
 from engine import MergeSpec, ModelRef, merge
 from engine.cli import main
 from engine.dtypes import DTYPES
-from engine.errors import SpecError
+from engine.errors import ResumeError, SpecError
 from engine.io.output import temp_dir_for
 from engine.io.zarr_format import Compression, escape_name, piece_crc, unescape_name
+from engine.io.zarr_writer import zarr_blocks
+from engine.merge import prepare
 from engine.methods.registry import METHODS
 from engine.verify import verify
 
@@ -169,3 +171,12 @@ def test_killed_zarr_merge_resumes_to_the_same_bytes(family: tuple[Path, list[Pa
     files = {p.relative_to(whole): p.read_bytes() for p in (whole / "model.zarr").rglob("*") if p.is_file()}
     assert {p.relative_to(out): p.read_bytes() for p in (out / "model.zarr").rglob("*") if p.is_file()} == files
     assert verify(out).ok
+
+
+def test_resume_takes_the_interrupted_runs_chunks_where_the_budget_allows(family: tuple[Path, list[Path]]) -> None:
+    plan = prepare(spec_for("linear", *family), block_bytes=200)[1]  # 100 elements: 8 rows of 12
+    rows = {t.name: t.block_rows for t in zarr_blocks(plan).tensors}
+    assert rows == {"layers.0.w": 8, "layers.1/odd name%": 5, "norm": 12, "scale": 1}
+    assert zarr_blocks(plan, {"layers.0.w": 4}).tensors[0].block_rows == 4
+    with pytest.raises(ResumeError, match=r"^layers.0.w: the interrupted run wrote chunks of 16 rows"):
+        zarr_blocks(plan, {"layers.0.w": 16})

@@ -211,8 +211,8 @@ class ZarrWriter:
         return self._cache[2]
 
     def sync(self) -> None:
-        """Make every chunk written since the last call durable (file and its folder entry)."""
-        folders = {p.parent for p in self._paths}
+        """Make every chunk written since the last call durable: the file and each new folder's entry."""
+        folders = {d for p in self._paths for d in p.parents if d.is_relative_to(self.root) and d != self.root}
         try:
             for p in sorted(self._paths):
                 _fsync(p, os.O_RDONLY)
