@@ -7,7 +7,7 @@ TORCH_CPU ?= torch==2.13.0
 
 .PHONY: demo test lint bench bench-quick clean
 
-$(BIN)/leanmerge: pyproject.toml setup.py engine/stats/_fused.c
+$(BIN)/leanmerge: pyproject.toml setup.py $(wildcard engine/stats/csrc/*.c engine/stats/csrc/*.h)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_CPU)" || echo "no local $(TORCH_CPU) wheel; pip will pick torch>=2.2"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 
+from engine.cgroup import group_dirs, read_text
 from engine.errors import BudgetError
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,6 @@ def peak_rss() -> int:
 # cgroup is charged for (written shards' dirty pages until they are synced) and other processes.
 CGROUP_SHARE = 0.75
 CGROUP_NO_LIMIT = 1 << 62  # v1 writes "no limit" as 2**63 - 1 rounded down to a page
-SYSTEM_ROOT = Path("/")  # where /proc and /sys are read from (tests point it at fakes)
 
 
 def choose_budget(max_memory: int | None, root: Path | None = None) -> int:
@@ -177,43 +177,13 @@ def default_budget(root: Path | None = None) -> int:
 
 def cgroup_limit(root: Path | None = None) -> int | None:
     """The tightest memory limit on this process from its cgroups (v2 `memory.max`, v1
-    `memory.limit_in_bytes`), its own group's or an ancestor's; None where there is none.
-
-    The groups come from `/proc/self/cgroup`; in a container whose cgroup namespace hides the
-    path, the walk up ends at the mount's root file, which is the container's own limit.
-    """
-    root = root or SYSTEM_ROOT
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    mounts = root / "sys/fs/cgroup"
+    `memory.limit_in_bytes`), its own group's or an ancestor's; None where there is none."""
     limits: list[int] = []
-    for line in lines:
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        hierarchy, controllers, path = fields
-        if hierarchy == "0" and not controllers:  # v2, mounted alone or as "unified" beside v1
-            limits += _limits_up([mounts, mounts / "unified"], path, "memory.max")
-        elif "memory" in controllers.split(","):
-            limits += _limits_up([mounts / "memory"], path, "memory.limit_in_bytes")
+    for version, folder in group_dirs("memory", root):
+        text = read_text(folder, "memory.max" if version == 2 else "memory.limit_in_bytes")
+        if text is not None and text.isdigit() and int(text) < CGROUP_NO_LIMIT:  # v2 writes "max" for none
+            limits.append(int(text))
     return min(limits, default=None)
-
-
-def _limits_up(mounts: list[Path], path: str, name: str) -> list[int]:
-    """The limits in file `name` of the group at `path` and every group above it."""
-    parts = [p for p in path.split("/") if p and p not in (".", "..")]
-    found = []
-    for mount in mounts:
-        for depth in range(len(parts), -1, -1):
-            try:
-                text = mount.joinpath(*parts[:depth], name).read_text().strip()
-            except (OSError, ValueError):
-                continue
-            if text.isdigit() and int(text) < CGROUP_NO_LIMIT:  # v2 writes "max" for none
-                found.append(int(text))
-    return found
 
 
 def address_space_room() -> int | None:

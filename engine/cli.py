@@ -32,6 +32,7 @@ from engine.cli_options import (
 )
 from engine.defaults import SAMPLE_ELEMS, SYNC_EVERY
 from engine.errors import EngineError, Interrupted
+from engine.hub import hub_cache
 
 if TYPE_CHECKING:
     from engine.device import DevicePlan
@@ -152,7 +153,7 @@ def merge_cmd(
     target = _output_folder(kw, output_arg, output)
     say_not_needed(kw)
     with engine_errors():
-        spec = build_spec(kw)  # imports the engine (engine.load)
+        spec = build_spec(kw, hub_cache(os.environ))  # imports the engine (engine.load)
     import torch
 
     from engine.cores import default_threads
@@ -210,7 +211,7 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
     """Show what a merge would do: tensors, blocks, predicted peak RSS, bytes, shards."""
     say_not_needed(kw)
     with engine_errors():
-        spec = build_spec(kw)  # imports the engine (engine.load)
+        spec = build_spec(kw, hub_cache(os.environ))  # imports the engine (engine.load)
         from engine.merge import plan_summary, prepare
 
         _, plan = prepare(spec, **planning(kw))
@@ -275,7 +276,7 @@ def verify_cmd(folder: Path, **kw: Any) -> None:
     config and tokenizer file against its recorded sha256; with a CONFIG or
     --base/--model/--method, also check the folder is complete for that spec."""
     with engine_errors():
-        against = build_spec(kw) if (kw["config"] or kw["base"]) else None
+        against = build_spec(kw, hub_cache(os.environ)) if (kw["config"] or kw["base"]) else None
         load()
         from engine.verify import verify
 

@@ -19,6 +19,7 @@ from engine import load
 from engine.budget import parse_bytes
 from engine.defaults import DEFAULT_SHARD_SIZE, METHOD_NAMES, NO_MODEL_METHODS, VOCAB_POLICIES
 from engine.errors import SpecError
+from engine.hub import HubCache, resolve_model
 from engine.paths import folder_problem, split_model_arg
 
 if TYPE_CHECKING:
@@ -93,9 +94,15 @@ def spec_options(f: F) -> F:
         f,
         [
             click.argument("config", required=False, type=click.Path(path_type=Path)),
-            click.option("--base", type=click.Path(path_type=Path), help="Base model folder."),
             click.option(
-                "--model", "models", multiple=True, metavar="DIR[:WEIGHT]", help="Fine-tuned model folder; repeat."
+                "--base", type=click.Path(path_type=Path), help="Base model folder, or Hub id OWNER/NAME[@REVISION]."
+            ),
+            click.option(
+                "--model",
+                "models",
+                multiple=True,
+                metavar="DIR[:WEIGHT]",
+                help="Fine-tuned model folder (or Hub id); repeat.",
             ),
             click.option("--method", type=click.Choice(METHOD_NAMES), help="Merge method."),
             click.option("--weight", type=float, metavar="X", help="Weight of every model without its own :WEIGHT."),
@@ -224,9 +231,11 @@ def planning(kw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_spec(kw: dict[str, Any]) -> MergeSpec:
-    """One MergeSpec from a YAML file and/or flags; flags override the file's globals."""
+def build_spec(kw: dict[str, Any], hub: HubCache | None = None) -> MergeSpec:
+    """One MergeSpec from a YAML file and/or flags; flags override the file's globals. Models
+    named by Hub ids are read from (or downloaded to) `hub` (engine.hub)."""
     if kw["config"] is None:
+        hub_flags(kw, hub)
         check_flags(kw)  # before the engine's import: a wrong path is said at once
     load()
     from engine.config import load_config
@@ -237,7 +246,7 @@ def build_spec(kw: dict[str, Any]) -> MergeSpec:
         if kw["base"] or kw["models"]:
             raise SpecError("give either a CONFIG file or --base/--model flags, not both")
         overrides = {"method": kw["method"], "out_dtype": kw["out_dtype"], "seed": kw["seed"], "vocab": kw["vocab"]}
-        spec = load_config(kw["config"], overrides)
+        spec = load_config(kw["config"], overrides, hub=hub)
         params = flag_params(kw, spec.method_impl)
         return dataclasses.replace(spec, params={**spec.params, **params}) if params else spec
     method = METHODS[kw["method"]]
@@ -262,6 +271,26 @@ def flag_params(kw: dict[str, Any], method: Method) -> dict[str, ParamValue]:
         check_params(method, {name: value}, flag, per_model=False)
         params[name] = value
     return params
+
+
+def hub_flags(kw: dict[str, Any], hub: HubCache | None) -> None:
+    """--base and --model given as Hub ids (`OWNER/NAME[@REV][:WEIGHT]`) -> their cache folders;
+    local paths stay as typed."""
+    if kw["base"] is not None:
+        kw["base"] = Path(_hub_flag("--base", str(kw["base"]), hub))
+    models = []
+    for arg in kw["models"]:
+        typed, _ = split_model_arg(arg)
+        models.append(_hub_flag("--model", typed, hub) + arg[len(typed) :])  # the :WEIGHT kept as typed
+    kw["models"] = tuple(models)
+
+
+def _hub_flag(flag: str, typed: str, hub: HubCache | None) -> str:
+    try:
+        folder = resolve_model(typed, Path(), hub)
+    except SpecError as e:
+        raise SpecError(f"{flag}: {e}") from None
+    return typed if folder == Path(typed).expanduser() else str(folder)
 
 
 def check_flags(kw: dict[str, Any]) -> None:

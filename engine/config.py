@@ -46,6 +46,7 @@ from engine.defaults import VOCAB_POLICIES
 from engine.dtypes import parse_out_dtype
 from engine.errors import SpecError
 from engine.gradient import Filtered, Gradient, Rule, Setting
+from engine.hub import HubCache, resolve_model
 from engine.methods.base import Method
 from engine.methods.registry import METHODS
 from engine.paths import folder_problem
@@ -153,7 +154,13 @@ _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
-def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None, *, check_paths: bool = True) -> MergeSpec:
+def load_config(
+    path: Path | str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    check_paths: bool = True,
+    hub: HubCache | None = None,
+) -> MergeSpec:
     """Read the mergekit-style YAML file `path` into a `MergeSpec`.
 
     Args:
@@ -161,6 +168,8 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None, *,
         overrides: `MergeSpec` fields from the command line (None values are ignored); they
             win over the file (`method`, `out_dtype`, `seed`, `vocab`).
         check_paths: check that every model folder exists (errors then name the line).
+        hub: where a model named by a Hub id (`OWNER/NAME[@REV]`, no such local path) is looked
+            up or downloaded to (engine.hub); None: local paths only.
     Returns:
         The validated spec.
     Raises:
@@ -179,7 +188,7 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None, *,
         raise SpecError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(doc, _Map):
         raise SpecError(f"{path}: a config must be a mapping with merge_method, base_model and models")
-    return _Config(path, doc, check_paths).spec({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _Config(path, doc, check_paths, hub).spec({k: v for k, v in (overrides or {}).items() if v is not None})
 
 
 def _read_text(path: Path) -> str:
@@ -199,8 +208,8 @@ def _read_text(path: Path) -> str:
 class _Config:
     """One parse of one file: knows the file name for error messages."""
 
-    def __init__(self, path: Path, doc: _Map, check_paths: bool) -> None:
-        self.path, self.doc, self.check_paths = path, doc, check_paths
+    def __init__(self, path: Path, doc: _Map, check_paths: bool, hub: HubCache | None = None) -> None:
+        self.path, self.doc, self.check_paths, self.hub = path, doc, check_paths, hub
         self.root = path.parent
 
     def error(self, line: int, message: str) -> SpecError:
@@ -394,11 +403,13 @@ class _Config:
         return refs
 
     def folder(self, value: Any, line: int, key: str) -> Path:
-        """A model folder named by `key`, relative to the config file."""
+        """A model folder named by `key`, relative to the config file, or a Hub id (engine.hub)."""
         if not isinstance(value, str) or not value.strip():
             raise self.error(line, f"{key!r} must be a folder path, got {value!r}")
-        p = Path(value).expanduser()
-        p = p if p.is_absolute() else self.root / p
+        try:
+            p = resolve_model(value, self.root, self.hub)
+        except SpecError as e:
+            raise self.error(line, f"{key}: {e}") from None
         if self.check_paths and not p.is_dir():
             if "+" in value and not p.exists():
                 raise self.error(

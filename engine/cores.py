@@ -1,5 +1,6 @@
-"""How many cores this process may use: the CPUs it may run on (affinity), and no more than its
-cgroup's CPU quota allows (`cpu.max`, cgroup v2; `cfs_quota_us`, v1).
+"""How many cores this process may use: the CPUs it may run on (affinity), and no more than the
+CPU quota of its cgroups allow (`cpu.max`, cgroup v2; `cpu.cfs_quota_us`, v1), its own group's
+or an ancestor's.
 
 A container given 4 CPUs' worth of quota on a 64-core host, or a job pinned to 8 cores, would
 otherwise start one thread per core of the machine: threads that take turns on the cores they
@@ -14,38 +15,36 @@ import math
 import os
 from pathlib import Path
 
-_CGROUP = Path("/sys/fs/cgroup")
+from engine.cgroup import group_dirs, read_text
 
 
-def _quota_v2(root: Path) -> float | None:
-    """CPUs' worth of quota in cgroup v2's `cpu.max` ("max 100000" or "200000 100000")."""
+def _quota(version: int, folder: Path) -> float | None:
+    """CPUs' worth of quota in one group: v2 `cpu.max` ("max 100000" or "200000 100000"), v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: none); None where there is none."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
+        if version == 2:
+            quota, period = (read_text(folder, "cpu.max") or "").split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        q, p = int(read_text(folder, "cpu.cfs_quota_us") or ""), int(read_text(folder, "cpu.cfs_period_us") or "")
+    except ValueError:
         return None
-    return None if quota == "max" else int(quota) / int(period)
+    return None if q <= 0 or p <= 0 else q / p
 
 
-def _quota_v1(root: Path) -> float | None:
-    """CPUs' worth of quota in cgroup v1's cpu controller (-1: none)."""
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return None if quota <= 0 or period <= 0 else quota / period
+def cpu_quota(root: Path | None = None) -> float | None:
+    """The tightest CPU quota on this process from its cgroups, in CPUs; None where there is none."""
+    quotas = [q for version, folder in group_dirs("cpu", root) if (q := _quota(version, folder)) is not None]
+    return min(quotas, default=None)
 
 
-def usable_cores(root: Path = _CGROUP) -> int:
+def usable_cores(root: Path | None = None) -> int:
     """Cores this process may use: its affinity, capped by its cgroup quota (rounded up), >= 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
-    quota = _quota_v2(root)
-    if quota is None:
-        quota = _quota_v1(root)
-    if quota is not None:
+    quota = cpu_quota(root)
+    if quota is not None and quota > 0:
         cores = min(cores, math.ceil(quota))
     return max(1, cores)
 

@@ -158,7 +158,7 @@ def describe(c: Checkpoint) -> ModelInfo:
     infos = list(c.tensors.values())
     return ModelInfo(
         path=str(c.folder),
-        format="sharded" if (c.folder / INDEX_NAME).is_file() else "single",
+        format="sharded" if len(c.shards) > 1 or (c.folder / INDEX_NAME).is_file() else "single",
         shards=len(c.shards),
         tensors=len(infos),
         parameters=sum(t.numel for t in infos),

@@ -20,15 +20,16 @@ def real_path(path: Path | str) -> Path:
 def folder_problem(path: Path, typed: str | None = None) -> str | None:
     """What is wrong with `path` as a model folder (`typed`: as the user wrote it), or None.
 
-    One message for flags and YAML: a Hub id is a name to download, not a folder to read.
+    One message for flags and YAML. A Hub id reaches here only where no Hugging Face cache was
+    given (the Python API): the command line reads Hub ids from the cache (engine.hub).
     """
     if path.is_dir():
         return None
     if path.exists():
         return f"{path} is a file, not a model folder"
     typed = str(path) if typed is None else typed
-    hub = f"huggingface-cli download {typed} --local-dir DIR" if HUB_ID.fullmatch(typed) else "download them"
-    return f"{path} does not exist (leanmerge reads local folders, not Hub models: {hub}, then give DIR)"
+    hub = f"hf download {typed} --local-dir DIR" if HUB_ID.fullmatch(typed) else "download them"
+    return f"{path} does not exist (here a model is a local folder: {hub}, then give DIR)"
 
 
 def split_model_arg(arg: str) -> tuple[str, float | None]:

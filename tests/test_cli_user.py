@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from engine import __version__
 from engine.cli import main
 from engine.config import load_config
 from engine.defaults import METHOD_NAMES, NO_MODEL_METHODS
@@ -32,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 SIZES = "write bytes (1000000), decimal (5GB, 500M, mergekit's 5B = 5e9) or binary units (1GiB, 512MiB)"
 HUB = (
-    "mistralai/Mistral-7B-v0.1 does not exist (leanmerge reads local folders, not Hub models: "
-    "huggingface-cli download mistralai/Mistral-7B-v0.1 --local-dir DIR, then give DIR)"
+    "mistralai/Mistral-7B-v0.1: no such local folder, nor snapshot in the Hugging Face cache {} (downloads are off: HF_HUB_OFFLINE); "
+    "run `hf download mistralai/Mistral-7B-v0.1` with a network"
 )
 
 
@@ -41,10 +42,10 @@ def invoke(*args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def leanmerge(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The command as a user runs it (`leanmerge` is `python -m engine.cli`)."""
+def leanmerge(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it (`leanmerge` is `python -m engine.cli`), with `env` added."""
     argv = [sys.executable, "-m", "engine.cli", *map(str, args)]
-    return subprocess.run(argv, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
 
 
 def last_line(text: str) -> str:
@@ -145,13 +146,15 @@ def test_a_mistake_in_a_real_process(tiny_family: MakeFamily, tmp_path: Path) ->
         f"merge_method: linear\nbase_model: mistralai/Mistral-7B-v0.1\nmodels: [{{model: {a}}}]\n"
     )
     flags = ["merge", "--method", "task_arithmetic", "--model", a, "-o", "out"]
+    offline = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}  # an empty cache, no downloads
     start = time.perf_counter()
-    hub_flag = leanmerge(*flags, "--base", "mistralai/Mistral-7B-v0.1", cwd=tmp_path)
+    hub_flag = leanmerge(*flags, "--base", "mistralai/Mistral-7B-v0.1", cwd=tmp_path, env=offline)
     hub_flag_s = time.perf_counter() - start
-    hub_yaml = leanmerge("merge", "hub.yaml", "out", cwd=tmp_path)
+    hub_yaml = leanmerge("merge", "hub.yaml", "out", cwd=tmp_path, env=offline)
     nan = leanmerge(*flags, "--base", base, "--lambda", "nan", cwd=tmp_path)
-    assert (hub_flag.returncode, hub_flag.stderr) == (1, f"Error: --base: {HUB}\n")
-    assert (hub_yaml.returncode, hub_yaml.stderr) == (1, f"Error: hub.yaml:2: base_model: {HUB}\n")
+    hub = HUB.format(tmp_path / "hub")
+    assert (hub_flag.returncode, hub_flag.stderr) == (1, f"Error: --base: {hub}\n")
+    assert (hub_yaml.returncode, hub_yaml.stderr) == (1, f"Error: hub.yaml:2: base_model: {hub}\n")
     assert (nan.returncode, nan.stderr) == (1, "Error: --lambda: 'lambda' must be a finite number, got nan\n")
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.leanmerge-lock").exists()
     print(f"Hub id refused in {hub_flag_s:.2f} s")
@@ -205,10 +208,17 @@ def test_mergekit_habits_and_the_model_card(
     assert "--allow-crimes changes nothing here: only homologous models" in said[1]
     out = tmp_path / "out"
     card, kit = (out / "README.md").read_text(), out / "mergekit_config.yml"
-    assert card.startswith(
-        f"---\nbase_model:\n- {base}\nlibrary_name: transformers\ntags:\n- merge\n- leanmerge\n---\n"
-    )
-    for text in ("Method: `dare_ties`", "Random seed: 7", f"* {a}", "* density: 0.5", "weight:\n    - 0.2\n    - 0.4"):
+    # Local folders are named in the text only: the Hub takes model ids alone in base_model (tests/test_hub.py).
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- merge\n- leanmerge\n---\n")
+    for text in (
+        f"made with leanmerge {__version__} (a",
+        f"onto the base model {base}.",
+        "Method: `dare_ties`",
+        "Random seed: 7",
+        f"* {a}",
+        "* density: 0.5",
+        "weight:\n    - 0.2\n    - 0.4",
+    ):
         assert text in card, text
     spec_sha = json.loads((out / INDEX_NAME).read_text())["metadata"]["leanmerge"]["spec_sha256"]
     assert load_config(kit).digest() == spec_sha  # the config the card shows makes the same merge

@@ -24,6 +24,7 @@ from engine.plan import make_plan
 
 from conftest import MakeFamily, llama_shapes
 from reference import dare_merge, load_model, merge_folders, merge_folders_stats, stack_layers, stats_merge
+from reference_select import merge_folders_select
 
 CONFIGS = Path(__file__).parent / "configs"
 N_LAYERS = 5
@@ -43,6 +44,9 @@ EXPECTED: dict[str, tuple[str, dict[str, object]]] = {
     "slerp": ("stats", {"t": 0.3}),
     "model_stock": ("stats", {}),
     "passthrough": ("passthrough", {}),
+    "sce": ("select", {"select_topk": 0.5}),
+    "ram": ("select", {"epsilon": 0.01}),
+    "ramplus_tl": ("select", {"epsilon": 0.01, "r": 0.2, "alpha": 0.5}),
 }
 
 
@@ -70,6 +74,8 @@ def test_example_config_merges_to_its_reference(name: str, tiny_family: MakeFami
     elif method == "passthrough":
         ft1, ft2 = (load_model(m) for m in models)
         want = stack_layers([(ft1, 0, 3), (ft2, 2, 5)])
+    elif method == "select":
+        want = merge_folders_select(name, base, models, out_dtype, **ref)
     elif method == "stats":
         ms = models[:1] if name == "slerp" else models
         want = merge_folders_stats(name, base, ms, out_dtype, **ref)

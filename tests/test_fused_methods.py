@@ -12,9 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_steps import inputs, needs_kernel
+from test_steps import inputs, needs_kernel, widened
 
-from engine.methods import steps
+from engine.methods import della, steps
 from engine.methods.base import Chunk, Method, TensorParams
 from engine.methods.breadcrumbs import CUTS
 from engine.methods.registry import get_method
@@ -28,7 +28,7 @@ PROGRAMS = ["linear", "task_arithmetic", "dare_linear", "dare_ties", "ties", "br
 WEIGHTS = st.sampled_from([-0.5, 0.0, 0.25, 1 / 3, 1.0, 1.5])
 DENSITIES = st.sampled_from([0.0, 0.05, 0.3, 0.5, 0.9, 1.0])
 STARTS = st.sampled_from([0, 12345, (1 << 32) - 700, 5 * (1 << 32) - 3, (1 << 40) + 17])
-FP = [torch.float32, torch.bfloat16]
+FP = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @st.composite
@@ -98,8 +98,8 @@ def test_the_c_gives_the_bytes_of_apply_and_of_the_torch_steps(
     c = Chunk(rngs, start, n)
     program = method.steps(p, stats, k)
     assert program is not None
-    want = method.apply(raw[0].float(), [x.float().clone() for x in raw[1:]], p, stats, c).to(out_dtype)
-    by_steps = steps.run([x.float().clone() for x in raw], program, c).to(out_dtype)
+    want = method.apply(widened(raw[0]), [widened(x) for x in raw[1:]], p, stats, c).to(out_dtype)
+    by_steps = steps.run([widened(x) for x in raw], program, c).to(out_dtype)
     got = torch.empty(n, dtype=out_dtype)
     bounds = sorted({0, n, *(min(x, n) for x in cut_at)})
     with mock.patch.object(pairwise, "c_threads", lambda: threads):
@@ -155,7 +155,7 @@ def test_key_histograms_in_c_equal_torch_bincount(n: int, dtypes: list[torch.dty
     """The top-k passes 1 and 2 counted by the C from the read buffers equal the torch path's
     counts of the float32 copies' keys (NaNs' payloads included)."""
     base, model = inputs(n, dtypes, seed)
-    key = model.float().clone().sub_(base.float()).view(torch.int32).bitwise_and_(KEY_MAX)
+    key = widened(model).sub_(widened(base)).view(torch.int32).bitwise_and_(KEY_MAX)
     kernel: Any = pairwise._fused
     high = torch.zeros(1 << 15, dtype=torch.int64)
     kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), high.numpy(), -1, threads)
@@ -179,3 +179,32 @@ def test_an_install_without_the_c_says_so_once(
     assert [r.getMessage() for r in caplog.records] == [
         "leanmerge: the C extension is not built (no C compiler at install): merging on the slower torch path"
     ]
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    w=st.sampled_from([2, 3, 31, 32, 33, 100, 257, 1024]),
+    rows=st.integers(1, 12),
+    density=st.sampled_from([0.1, 0.3, 0.5, 0.9]),
+    spread=st.sampled_from([0.0, 0.5, 0.99]),
+    rescale=st.booleans(),
+    start=STARTS,
+    threads=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_della_magprune_in_c_equals_the_torch_ops(
+    w: int, rows: int, density: float, spread: float, rescale: bool, start: int, threads: int, seed: int
+) -> None:
+    """DELLA's per-row ranks (ties among bfloat16-rounded deltas, NaNs, infinities, signed
+    zeros), keep probabilities, keyed keep test (rows across a 2**32 boundary) and rescale: the
+    C's bytes are the torch path's, for any number of threads."""
+    (delta,) = inputs(rows * w, [torch.bfloat16], seed)
+    epsilon = spread * min(density, 1 - density)
+    c = Chunk((KeyedRng(stream_key(seed, "t", 0)),), start, rows * w, w)
+    got, want = delta.float(), delta.float()
+    with mock.patch.object(pairwise, "c_threads", lambda: threads):
+        della.magprune_(got, 0, density, epsilon, rescale, c)
+    with mock.patch.object(pairwise, "_fused", None):
+        della.magprune_(want, 0, density, epsilon, rescale, c)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

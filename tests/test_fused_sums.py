@@ -89,8 +89,8 @@ ONE = ((0, ALONE),)
 @pytest.mark.parametrize(
     ("streams", "vectors", "pairs", "out", "error", "match"),
     [
-        ((np.zeros(GROUP),), ONE, ((0, 0),), np.zeros(1), TypeError, "format 'fhH'"),
-        ((np.zeros(GROUP, np.float16),), ONE, ((0, 0),), np.zeros(1), TypeError, "got 'e'"),
+        ((np.zeros(GROUP),), ONE, ((0, 0),), np.zeros(1), TypeError, "format 'fhHe'"),
+        ((np.zeros(GROUP, np.int32),), ONE, ((0, 0),), np.zeros(1), TypeError, "got 'i'"),
         ((np.zeros(GROUP, np.float32),), ONE, ((0, 0),), np.zeros(1, np.float32), TypeError, "format 'd'"),
         ((np.zeros(2 * GROUP, np.float32)[::2],), ONE, ((0, 0),), np.zeros(1), ValueError, "contiguous"),
         ((np.zeros(GROUP, np.float32), np.zeros(2 * GROUP, np.int16)), ONE, ((0, 0),), np.zeros(1), ValueError, "and"),

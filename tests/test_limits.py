@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from engine import budget, execute
+from engine import cgroup, execute
 from engine.budget import GiB, MiB, cgroup_limit, choose_budget, default_budget
 from engine.cli import main
 from engine.config import MAX_LIST_ITEMS, MAX_NODES
@@ -70,7 +70,7 @@ def test_plan_stays_within_a_faked_1gib_cgroup(
     tiny_family: MakeFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     base, (model,) = tiny_family(1)
-    monkeypatch.setattr(budget, "SYSTEM_ROOT", fake_root(tmp_path, "0::/\n", {"memory.max": str(GiB)}))
+    monkeypatch.setattr(cgroup, "SYSTEM_ROOT", fake_root(tmp_path, "0::/\n", {"memory.max": str(GiB)}))
     # The plan's baseline is this process's RSS, which a long test session grows past 768 MiB.
     monkeypatch.setattr(sys.modules["engine.merge"], "current_rss", lambda: 300 * MiB)
     args = ["plan", "--method", "task_arithmetic", "--base", str(base), "--model", str(model)]

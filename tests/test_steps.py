@@ -18,6 +18,7 @@ from engine.stats import pairwise
 fused_kernel: Any = pairwise._fused
 needs_kernel = pytest.mark.skipif(fused_kernel is None, reason="engine.stats._fused was not built (no C compiler)")
 
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SCALES = st.sampled_from([0.1, 1 / 3, 0.7, 1.0, -2.5, 1e-30, 3e38, 0.5000000001])
 
 
@@ -50,13 +51,21 @@ def inputs(n: int, dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
     return out
 
 
+def widened(x: torch.Tensor) -> torch.Tensor:
+    """`x` as float32, as torch's vectorised cast gives it. Its scalar loop, which casts the last
+    n mod 8 elements of a float16 tensor, makes every float16 NaN 0x7FFFFFFF, where the vectorised
+    cast (and the C, everywhere) keeps the payload: 0x7E00 widens to 0x7FC00000."""
+    pad = (-len(x)) % 64
+    return torch.cat([x, x.new_zeros(pad)]).float()[: len(x)].clone()
+
+
 @needs_kernel
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 3000),
     program=programs(3),
-    dtypes=st.lists(st.sampled_from([torch.float32, torch.bfloat16]), min_size=3, max_size=3),
-    out_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=3, max_size=3),
+    out_dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 1000),
 )
 def test_the_c_gives_the_bytes_of_the_torch_ops(
@@ -64,7 +73,7 @@ def test_the_c_gives_the_bytes_of_the_torch_ops(
 ) -> None:
     raw = inputs(n, dtypes, seed)
     want = torch.empty(n, dtype=out_dtype)
-    want.copy_(steps.run([x.float().clone() for x in raw], program))  # the eager path: float32 copies, the cast
+    want.copy_(steps.run([widened(x) for x in raw], program))  # the eager path: float32 copies, the cast
     got = torch.empty(n, dtype=out_dtype)
     assert steps.fused(raw, program, got)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit
@@ -78,10 +87,25 @@ def test_the_torch_ops_never_touch_the_base() -> None:
 
 
 @needs_kernel
-def test_float16_is_left_to_torch() -> None:
-    x = torch.ones(8, dtype=torch.bfloat16)
-    assert not steps.fused([x, x.half()], [Step(SET, 0), Step(ADD, 1)], torch.empty(8, dtype=torch.bfloat16))
-    assert not steps.fused([x, x], [Step(SET, 0), Step(ADD, 1)], torch.empty(8, dtype=torch.float16))
+def test_every_float16_widens_as_torch_casts_it() -> None:
+    """All 65536 bit patterns: normals, subnormals, infinities and NaNs with their payloads."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    got = torch.empty(1 << 16)
+    assert steps.fused([every], [Step(SET, 0)], got)
+    assert torch.equal(got.view(torch.int32), every.float().view(torch.int32))
+
+
+@needs_kernel
+def test_float32_rounds_to_float16_as_torch_casts_it() -> None:
+    """Random bit patterns (NaN payloads included), and every 997th float32 across float16's range
+    from below its smallest subnormal to past its overflow, both signs: ties, subnormals, infinity."""
+    g = torch.Generator().manual_seed(16)
+    near = torch.arange(0x33000000 - 5000, 0x47800000 + 5000, 997, dtype=torch.int64)
+    bits = torch.cat([torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=g), near, near | (1 << 31)])
+    values = bits.to(torch.int32).view(torch.float32)
+    got = torch.empty(len(values), dtype=torch.float16)
+    assert steps.fused([values], [Step(SET, 0)], got)
+    assert torch.equal(got.view(torch.int16), values.half().view(torch.int16))
 
 
 F = np.zeros(4, np.float32)
@@ -91,7 +115,7 @@ F = np.zeros(4, np.float32)
 @pytest.mark.parametrize(
     ("streams", "program", "out", "error", "match"),
     [
-        ((F,), ((SET, 0, None),), np.zeros(4), TypeError, "format 'fhH'"),
+        ((F,), ((SET, 0, None),), np.zeros(4), TypeError, "format 'fhHe'"),
         ((F,), ((SET, 0, None),), np.zeros(5, np.float32), ValueError, "out holds 5 items, want 4"),
         ((F, np.zeros(5, np.float32)), ((SET, 0, None),), F.copy(), ValueError, "streams of 4 and 5 items"),
         ((F,), ((ADD, 0, None),), F.copy(), ValueError, "step 0"),

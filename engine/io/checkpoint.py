@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,7 +33,9 @@ import torch
 
 from engine.dtypes import DTYPES, byte_view, itemsize
 from engine.errors import CheckpointError
+from engine.hub import snapshot_blobs
 from engine.io.header import Header, TensorInfo, read_header, short_repr
+from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE, read_bin_header
 from engine.io.zarr_format import ZARR_DIR
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: the largest common logical block
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+PICKLE_NAMES = ("model.pt", "model.bin")  # pickles under other names than the .bin ones read
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,15 @@ def open_checkpoint(folder: Path | str) -> Checkpoint:
         raise CheckpointError(f"{folder}: {what}")
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = _read_index(index)
-        files = sorted(set(weight_map.values()))
-        headers = [read_header(_shard_path(folder, index, f)) for f in files]
-        _check_index(index, weight_map, headers)
-        if SINGLE_NAME not in files and (folder / SINGLE_NAME).is_file():
+        headers = _indexed(folder, index, read_header)
+        if SINGLE_NAME not in {h.file.name for h in headers} and (folder / SINGLE_NAME).is_file():
             _check_single_agrees(folder, headers)
     elif (folder / SINGLE_NAME).is_file():
         headers = [read_header(_inside(folder, folder / SINGLE_NAME))]
+    elif (folder / BIN_INDEX).is_file():  # safetensors win over .bin weights in the same folder
+        headers = _indexed(folder, folder / BIN_INDEX, read_bin_header)
+    elif (folder / BIN_SINGLE).is_file():
+        headers = [read_bin_header(_inside(folder, folder / BIN_SINGLE))]
     elif (folder / ZARR_DIR / "zarr.json").is_file():
         from engine.io.zarr_reader import open_zarr  # it builds on this module: imported where needed
 
@@ -85,6 +89,14 @@ def open_checkpoint(folder: Path | str) -> Checkpoint:
     # Order tensors by (shard, offset) so that walking them reads each file front to back.
     tensors = {t.name: t for h in headers for t in h.tensors}
     return Checkpoint(folder, tensors, tuple(h.file for h in headers))
+
+
+def _indexed(folder: Path, index: Path, read: Callable[[Path], Header]) -> list[Header]:
+    """The headers of the shards that `index` names, each read with `read`, checked against it."""
+    weight_map = _read_index(index)
+    headers = [read(_shard_path(folder, index, f)) for f in sorted(set(weight_map.values()))]
+    _check_index(index, weight_map, headers)
+    return headers
 
 
 def _check_single_agrees(folder: Path, headers: list[Header]) -> None:
@@ -141,12 +153,11 @@ def _inside(folder: Path, path: Path) -> Path:
     """`path`, after checking that it (through any symlinks) stays inside `folder`.
 
     A model folder is data from outside: a symlinked shard must not make us read other files.
+    A Hugging Face cache snapshot's files link to its repo's own `blobs` folder, which is allowed.
     """
-    if not path.resolve().is_relative_to(folder.resolve()):
-        raise CheckpointError(
-            f"{path}: a symlink to {path.resolve()}, outside the model folder; copy the files into the folder "
-            "(for a Hugging Face cache snapshot: `huggingface-cli download REPO --local-dir DIR`)"
-        )
+    real, blobs = path.resolve(), snapshot_blobs(folder)
+    if not real.is_relative_to(folder.resolve()) and (blobs is None or real.parent != blobs):
+        raise CheckpointError(f"{path}: a symlink to {real}, outside the model folder; copy the files into the folder")
     return path
 
 

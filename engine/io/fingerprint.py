@@ -20,12 +20,13 @@ import hashlib
 import json
 import os
 import struct
-from typing import Any
+from typing import Any, BinaryIO
 
 from engine.io.checkpoint import Checkpoint
 from engine.io.crc import crc32
 from engine.io.header import MAX_HEADER_BYTES, TensorInfo
 from engine.io.lora import ADAPTER_CONFIG, LoraCheckpoint
+from engine.io.torch_bin import directory_bytes
 from engine.io.zarr_reader import ZarrCheckpoint, zarr_fingerprint
 
 SAMPLE = 4096  # bytes per sampled piece: one page, one read
@@ -33,6 +34,8 @@ SAMPLE = 4096  # bytes per sampled piece: one page, one read
 
 def fingerprint(ckpt: Checkpoint) -> list[dict[str, Any]]:
     """Per shard: name, size, mtime, sha256 of the header bytes and each tensor's sample crc32.
+
+    A `.bin` shard's "header" is its zip directory (engine.io.torch_bin.directory_bytes).
 
     A LoRA adapter's config is fingerprinted by the values read from it: `lora_alpha`, `r` and
     the rest decide every delta.
@@ -47,8 +50,7 @@ def fingerprint(ckpt: Checkpoint) -> list[dict[str, Any]]:
     for shard in ckpt.shards:
         tensors = [t for t in source.tensors.values() if t.file == shard]
         with open(shard, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            head = f.read(min(n, MAX_HEADER_BYTES))
+            head = directory_bytes(f) if shard.suffix == ".bin" else _header_bytes(f)
             st = os.fstat(f.fileno())
             samples = {t.name: f"{_sample_crc(f.fileno(), t):08x}" for t in tensors}
         out.append(
@@ -61,6 +63,12 @@ def fingerprint(ckpt: Checkpoint) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _header_bytes(f: BinaryIO) -> bytes:
+    """A safetensors shard's header bytes (its length prefix read from `f`)."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(min(n, MAX_HEADER_BYTES))
 
 
 def _sample_crc(fd: int, t: TensorInfo) -> int:

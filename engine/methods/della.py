@@ -50,6 +50,7 @@ from engine.methods.base import (
 from engine.methods.dare import RESCALE
 from engine.methods.steps import Step
 from engine.methods.task_arithmetic import DeltaMerge, deltas_
+from engine.stats import pairwise
 from engine.stats.topk import magnitude_key
 
 
@@ -104,8 +105,19 @@ def keep_probabilities(delta: torch.Tensor, row_numel: int, density: float, epsi
 
 
 def magprune_(delta: torch.Tensor, model: int, density: float, epsilon: float, rescale: bool, c: Chunk) -> torch.Tensor:
-    """MagPrune in place on a chunk of whole rows: keep each element with its pᵢ, divide by pᵢ."""
+    """MagPrune in place on a chunk of whole rows: keep each element with its pᵢ, divide by pᵢ.
+
+    On the CPU the C does it all (`_fused.magprune`: the rows' ranks, probabilities and keep test
+    on the process's one thread pool, the same bytes); a GPU, or an install without the C, takes
+    the torch ops below."""
     if density >= 1.0:
+        return delta
+    kernel = pairwise.fused_for([delta]) if c.row_numel > 1 and delta.dtype == torch.float32 else None
+    if kernel is not None and delta.is_contiguous():
+        key = c.streams[model].key
+        kernel.magprune(
+            pairwise.as_buffer(delta), c.row_numel, density, epsilon, rescale, key, c.start, pairwise.c_threads()
+        )
         return delta
     prob = keep_probabilities(delta, c.row_numel, density, epsilon)
     delta.mul_(c.streams[model].keep_where(c.start, prob))

@@ -10,6 +10,8 @@ from engine.methods.della import Della, DellaLinear
 from engine.methods.linear import Linear
 from engine.methods.model_stock import ModelStock
 from engine.methods.passthrough import Passthrough
+from engine.methods.ram import Ram, RamPlusTl
+from engine.methods.sce import Sce
 from engine.methods.slerp import Slerp
 from engine.methods.task_arithmetic import TaskArithmetic
 from engine.methods.ties import Ties
@@ -29,6 +31,9 @@ METHODS: dict[str, Method] = {
         Slerp(),
         ModelStock(),
         Passthrough(),
+        Sce(),
+        Ram(),
+        RamPlusTl(),
     )
 }
 

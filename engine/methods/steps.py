@@ -135,8 +135,7 @@ def fused(
 ) -> bool:
     """Run the program in C from the read buffers `raw` (base first) into `out`, a view of the
     output buffer, whose first element has flat index `start` (`keys`: the models' rng keys, for
-    KEEP); False (nothing written) where the C does not apply: not built, not on the CPU, or a
-    float16 input or output."""
+    KEEP); False (nothing written) where the C does not apply: not built, or not on the CPU."""
     kernel = pairwise.fused_for([*raw, out])
     if kernel is None:
         return False
@@ -149,6 +148,7 @@ def fused(
         pairwise.c_threads(),
         start,
         tuple(keys),
+        _f16_nan_payload(),
     )
     return True
 
@@ -162,6 +162,14 @@ def _number(s: Step) -> float:
     if s.scale is None:
         raise ValueError(f"step {s} needs a scale")
     return s.scale
+
+
+@functools.cache
+def _f16_nan_payload() -> bool:
+    """Whether torch's float32 -> float16 cast keeps a NaN's payload (its vectorised F16C cast
+    does; its scalar one writes 0x7E00): the C does as this torch does."""
+    nan = torch.tensor([0x7FA00000] * 64, dtype=torch.int32).view(torch.float32)
+    return int(nan.half().view(torch.int16)[0]) & 0xFFFF == 0x7F00
 
 
 @functools.cache

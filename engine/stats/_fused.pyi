@@ -23,6 +23,17 @@ def combine(
     threads: int = 1,
     start: int = 0,
     keys: tuple[int, ...] = (),
+    f16_payload: bool = True,
 ) -> None: ...
 def key_histogram(base: Buffer, model: Buffer, out: Buffer, bucket: int = -1, threads: int = 1) -> None: ...
 def count_nonfinite(values: Buffer, exponent: int) -> int: ...
+def magprune(
+    delta: Buffer,
+    row_numel: int,
+    density: float,
+    epsilon: float,
+    rescale: bool,
+    key: int,
+    start: int,
+    threads: int = 1,
+) -> None: ...

@@ -61,7 +61,7 @@ Pair = tuple[int, int]
 # (a, b): the vector streams[a] − streams[b], one float32 subtraction per element (a model stock
 # delta), or streams[a] itself where b is ALONE
 Vector = tuple[int, int]
-FUSED_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes the C reads and writes
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes the C reads and writes
 
 
 class PairwiseSums:
@@ -234,7 +234,7 @@ def fused_kernel(device: torch.device) -> ModuleType | None:
 
 
 def fused_for(tensors: Sequence[torch.Tensor]) -> ModuleType | None:
-    """The C where it can read (or write) every one of `tensors`: float32 or bfloat16, on the CPU
+    """The C where it can read (or write) every one of `tensors`: float32, bfloat16 or float16, on the CPU
     (`fused_kernel`)."""
     return fused_kernel(tensors[0].device) if all(x.dtype in FUSED_DTYPES for x in tensors) else None
 
@@ -246,7 +246,8 @@ def c_threads() -> int:
 
 
 def as_buffer(x: torch.Tensor) -> np.ndarray[Any, Any]:
-    """`x`'s memory as the C reads it: float32 ('f'), or a bfloat16's bits ('h': numpy has no bfloat16)."""
+    """`x`'s memory as the C reads it: float32 ('f'), float16 ('e'), or a bfloat16's bits ('h': numpy
+    has no bfloat16)."""
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 
 

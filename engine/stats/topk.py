@@ -34,6 +34,8 @@ ALL_TIES = (1 << 63) - 1  # `last_tie` when every key equal to the threshold is 
 _HIGH_BINS = 1 << 15  # high 16 bits of a key whose sign bit is clear
 _LOW_BINS = 1 << 16
 
+# (base chunk, model chunks) -> keys by selection index (`_Keys`: |θₘ − θ_base| by model)
+KeysOf = Callable[[torch.Tensor, Sequence[torch.Tensor]], Any]
 # (params, numel) -> the selections wanted, as (model index, k) pairs, in a fixed order.
 Wants = Callable[[TensorParams, int], Sequence[tuple[int, int]]]
 
@@ -117,6 +119,8 @@ class _Acc:
     steps: list[_Step]
     hists: dict[int, torch.Tensor] = field(default_factory=dict)  # by model (pass 1) or step (pass 2)
     seen: dict[int, int] = field(default_factory=dict)  # pass 3: ties counted so far, by step
+    numel: int = 0  # `keyed_topk_reducers`' first pass: the tensor's elements, the zero keys so far
+    zeros: int = 0
 
 
 class _Keys:
@@ -129,6 +133,16 @@ class _Keys:
         if m not in self.done:
             self.done[m] = magnitude_key_(self.base, self.models[m])
         return self.done[m]
+
+
+class _Pass(Reducer):
+    """A pass of the select. Its keys are |δₘ| (`_Keys`, which the C can count from the read
+    buffers); `keyed_topk_reducers` sets `keys_of` to rank another per-element value."""
+
+    keys_of: KeysOf = _Keys
+
+    def raw_keys(self) -> bool:
+        return self.keys_of is _Keys
 
 
 def _c_counts(raw: Sequence[torch.Tensor], m: int, bucket: int) -> torch.Tensor | None:
@@ -147,7 +161,7 @@ def _fold(hists: dict[int, torch.Tensor], at: int, counts: torch.Tensor) -> None
     hists[at] = counts if at not in hists else hists[at].add_(counts)
 
 
-class _HighPass(Reducer):
+class _HighPass(_Pass):
     """Pass 1: histogram of the keys' high 16 bits, per model."""
 
     def __init__(self, name: str, wants: Wants) -> None:
@@ -162,12 +176,12 @@ class _HighPass(Reducer):
     def chunk(
         self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> None:
-        keys = _Keys(base, models)
+        keys = self.keys_of(base, models)
         for m in sorted({s[0] for s in acc.steps if isinstance(s, tuple)}):
             _fold(acc.hists, m, torch.bincount(keys[m] >> 16, minlength=_HIGH_BINS))
 
     def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
-        if pairwise.fused_for(raw) is None:
+        if not self.raw_keys() or pairwise.fused_for(raw) is None:
             return False
         for m in sorted({s[0] for s in acc.steps if isinstance(s, tuple)}):
             _fold(acc.hists, m, _c_counts(raw, m, -1))  # type: ignore[arg-type]
@@ -178,7 +192,7 @@ class _HighPass(Reducer):
         return {f"{self.name}/1": steps}
 
 
-class _LowPass(Reducer):
+class _LowPass(_Pass):
     """Pass 2: histogram of the low 16 bits of the keys in each selection's bucket."""
 
     def __init__(self, name: str) -> None:
@@ -190,7 +204,7 @@ class _LowPass(Reducer):
     def chunk(
         self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> None:
-        keys = _Keys(base, models)
+        keys = self.keys_of(base, models)
         for i, s in enumerate(acc.steps):
             if isinstance(s, _Bucket):
                 key = keys[s.model]
@@ -198,7 +212,7 @@ class _LowPass(Reducer):
                 _fold(acc.hists, i, torch.bincount(low, minlength=_LOW_BINS))
 
     def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
-        if pairwise.fused_for(raw) is None:
+        if not self.raw_keys() or pairwise.fused_for(raw) is None:
             return False
         for i, s in enumerate(acc.steps):
             if isinstance(s, _Bucket):
@@ -218,7 +232,7 @@ class _LowPass(Reducer):
         return {f"{self.name}/2": steps}
 
 
-class _TiePass(Reducer):
+class _TiePass(_Pass):
     """Pass 3: the flat index of the r-th key equal to the threshold (chunks come in flat order)."""
 
     def __init__(self, name: str) -> None:
@@ -230,7 +244,7 @@ class _TiePass(Reducer):
     def chunk(
         self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> None:
-        keys = _Keys(base, models)
+        keys = self.keys_of(base, models)
         for i, s in enumerate(acc.steps):
             if not isinstance(s, _Tie):
                 continue
@@ -244,3 +258,40 @@ class _TiePass(Reducer):
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         assert all(isinstance(s, Cut) for s in acc.steps), "a tie count did not reach r"
         return {self.name: tuple(acc.steps)}
+
+
+def keyed_topk_reducers(name: str, keys_of: KeysOf, k_of: Callable[[int], int]) -> tuple[Reducer, Reducer, Reducer]:
+    """The three passes of one selection over other keys: `keys_of(base, models)[0]` (int32 >= 0,
+    ordered as the values they stand for), keeping k = `k_of(number of non-zero keys)` (SCE's
+    top-k of the variance across models, mergekit's k of the non-zero variances). Puts
+    `stats[name]`: a one-`Cut` tuple."""
+    passes = (_CountedHighPass(name), _LowPass(name), _TiePass(name))
+    for r in passes:
+        r.keys_of = keys_of
+    passes[0].k_of = k_of
+    return passes
+
+
+class _CountedHighPass(_HighPass):
+    """Pass 1 of `keyed_topk_reducers`: the high-bits histogram, and the count of zero keys that k needs."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, lambda p, numel: [(0, 1)])
+        self.k_of: Callable[[int], int] = lambda nonzero: nonzero
+
+    def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
+        return _Acc([(0, 1)], numel=numel)  # k is known only at the end: histogram selection 0
+
+    def chunk(
+        self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
+    ) -> None:
+        key = self.keys_of(base, models)[0]
+        acc.zeros += int((key == 0).sum())
+        _fold(acc.hists, 0, torch.bincount(key >> 16, minlength=_HIGH_BINS))
+
+    def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
+        k = self.k_of(acc.numel - acc.zeros)
+        step: _Step = (
+            Cut.nothing() if k <= 0 else Cut.everything() if k >= acc.numel else _Bucket(0, k, *_pick(acc.hists[0], k))
+        )
+        return {f"{self.name}/1": [step]}

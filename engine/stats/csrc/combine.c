@@ -1,0 +1,430 @@
+/* Merges, fused.
+ *
+ * A merge written as a program of steps over its inputs (`engine.methods.steps`), run over tiles
+ * of COMBINE elements that stay in the L1/L2 cache: the bfloat16 and float16 inputs widened (exactly,
+ * as torch's casts; a float16 NaN keeps its payload as torch's vectorised cast does), each step one
+ * float32 IEEE op per element into one of a few registers, in the order torch's eager ops take (a
+ * scaled term is multiplied, rounded, then added: the file is compiled with -ffp-contract=off so
+ * no FMA fuses the two), and the result rounded to the output dtype as torch's cast does. So the
+ * bytes are those of the eager path, without its float32 copies of every input and its pass over
+ * memory per op. Besides the scaled adds of SLERP, model stock and linear, the steps cover the
+ * delta methods: deltas (SUB), DARE's keyed keep test (KEEP: the hash of engine/rng.py, 64-bit
+ * flat indices included), top-k cuts (TOP: TIES, breadcrumbs), sums of registers (ACC) and TIES
+ * sign election with the disjoint mean (ELECT). */
+
+#include "fused.h"
+
+#define MAX_REGS 33 /* the accumulator and one register per model: 32 models */
+enum { SET = 0, ADD = 1, DIV = 2, MUL = 3, SUB = 4, KEEP = 5, TOP = 6, ACC = 7, ELECT = 8 };
+
+typedef struct {
+    int op, scaled, reg, mode;
+    Py_ssize_t stream;
+    float scale;      /* a Python float rounded to float32, as torch takes a scalar for a float32 tensor */
+    uint64_t thr;     /* KEEP: kept iff word < thr (0 .. 2**32) */
+    int32_t t_in, t_out; /* TOP: kept iff in the inner cut and not in the outer one */
+    int64_t last_in, last_out;
+    float w[MAX_REGS]; /* ELECT: the models' weights */
+} Step;
+
+/* Round to nearest, ties to even, as torch's float -> bfloat16; a NaN becomes `nan` (torch's). */
+static inline uint16_t round_bf16(float f, uint16_t nan) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return f != f ? nan : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Round to nearest, ties to even, as torch's float -> float16 (the F16C instruction): overflow
+ * to infinity, subnormals rounded by a float32 addition; a NaN keeps its sign and the top of its
+ * payload, quieted (`payload`), or becomes the sign and 0x7E00 (torch's scalar cast). */
+static inline uint16_t round_f16(float f, int payload) {
+    uint32_t w = to_bits(f), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xFF000000u;
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    uint32_t bits = to_bits(from_bits((bias >> 1) + 0x07800000u) + base);
+    uint32_t finite = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    uint32_t nan = 0x7E00u | (payload ? (w >> 13) & 0x03FFu : 0u);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? nan : finite));
+}
+
+/* DARE's keep mask, 1.0 or 0.0, of the element j after the segment's first: word < thr. */
+static inline float keep_mask(uint32_t base, int j, uint32_t k1, uint32_t k2, uint32_t thr) {
+    return select_f(keyed_word(base, j, k1, k2) < thr, 1.0f, 0.0f);
+}
+
+/* r[j] *= (word(first + j) < thr) for j < m, inside one 2**32 segment (lo: first's low half). */
+static inline ALWAYS_INLINE void keep_segment(float *r, int m, uint32_t lo, const uint32_t *k, uint32_t thr) {
+    uint32_t base = lo + k[0], k1 = k[1], k2 = k[2];
+    for (int j = 0; j < m; j++) r[j] = r[j] * keep_mask(base, j, k1, k2, thr);
+}
+
+/* DARE's keep test on len elements from flat index `first` (KeyedRng.keep's mask, multiplied in). */
+static inline ALWAYS_INLINE void keep_tile(float *r, int len, uint64_t first, uint64_t key, uint64_t thr) {
+    if (thr == 0 || thr >= ((uint64_t)1 << 32)) {
+        float f = thr ? 1.0f : 0.0f;
+        for (int j = 0; j < len; j++) r[j] = r[j] * f;
+        return;
+    }
+    for (int j = 0; j < len;) {
+        uint64_t i = first + (uint64_t)j;
+        uint64_t room = ((uint64_t)1 << 32) - (uint32_t)i;
+        int m = (uint64_t)(len - j) < room ? len - j : (int)room;
+        uint32_t k[3];
+        block_keys(key, i >> 32, k);
+        keep_segment(r + j, m, (uint32_t)i, k, (uint32_t)thr);
+        j += m;
+    }
+}
+
+/* The last tie kept, relative to a tile's first element, clamped to [-1, len]. */
+static inline int tie_limit(int64_t last, int64_t first, int len) {
+    int64_t d = last - first;
+    return d < -1 ? -1 : d > len ? len : (int)d;
+}
+
+/* engine.stats.topk's `in_top` of the inner cut and not of the outer one, multiplied in. */
+static inline ALWAYS_INLINE void top_tile(float *r, int len, int64_t first, const Step *st) {
+    int li = tie_limit(st->last_in, first, len), lo = tie_limit(st->last_out, first, len);
+    int32_t ti = st->t_in, to = st->t_out;
+    for (int j = 0; j < len; j++) {
+        uint32_t u;
+        memcpy(&u, &r[j], sizeof u);
+        int32_t key = (int32_t)(u & 0x7FFFFFFFu);
+        int in = (key > ti) | ((key == ti) & (j <= li));
+        int out = (key > to) | ((key == to) & (j <= lo));
+        r[j] = r[j] * select_f(in & !out, 1.0f, 0.0f);
+    }
+}
+
+/* TIES: engine.methods.consensus's `disjoint_merge_` of registers 1..k into `acc`, its torch ops
+ * per element in their order (the zeroed sums start each model's pass; the sign's product, the
+ * + 0 and the division share the last). */
+static inline ALWAYS_INLINE void elect_tile(float (*R)[COMBINE], float *acc, int len, const Step *st) {
+    float sign[COMBINE], div[COMBINE];
+    Py_ssize_t k = st->stream;
+    if (k == 1) {
+        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, R[1][j]);
+    } else if (k == 2) {
+        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, add_t(R[1][j], R[2][j]));
+    } else {
+        for (int j = 0; j < len; j++) sign[j] = add_t(R[1][j], R[2][j]);
+        for (Py_ssize_t m = 3; m < k; m++)
+            for (int j = 0; j < len; j++) sign[j] = add_t(sign[j], R[m][j]);
+        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, add_t(sign[j], R[k][j]));
+    }
+    for (Py_ssize_t m = 1; m <= k; m++) {
+        float w = st->w[m];
+        for (int j = 0; j < len; j++) {
+            float a = R[m][j] * sign[j];
+            a = select_f(a < 0.0f, 0.0f, a); /* torch's clamp_(min=0): a NaN stays */
+            float was = m == 1 ? 0.0f : acc[j], count = m == 1 ? 0.0f : div[j];
+            acc[j] = add_t(was, a);
+            div[j] = count + w * select_f(a > 0.0f, 1.0f, 0.0f);
+        }
+    }
+    if (st->mode == 1) {
+        float c = st->scale;
+        for (int j = 0; j < len; j++) acc[j] = (acc[j] * sign[j] + 0.0f) / select_f(div[j] < c, c, div[j]);
+    } else if (st->mode == 2) {
+        for (int j = 0; j < len; j++) acc[j] = (acc[j] * sign[j] + 0.0f) / select_f(div[j] == 0.0f, 1.0f, div[j]);
+    } else {
+        for (int j = 0; j < len; j++) acc[j] = acc[j] * sign[j] + 0.0f;
+    }
+}
+
+typedef struct {
+    const Stream *streams;
+    const Step *steps;
+    Py_ssize_t nsteps;
+    void *out;
+    int out_kind;         /* F32, BF16 or F16 */
+    uint16_t nan;         /* a NaN's bfloat16 bits */
+    int f16_payload;      /* a NaN's float16: its payload kept (1) or 0x7E00 (0) */
+    int64_t start;        /* flat index of element 0 */
+    const uint64_t *keys; /* KEEP: the models' rng keys */
+    struct Tile *tiles;   /* one per thread slot */
+} CombineJob;
+
+/* A tile's registers and its inputs widened to float32, each stream at most once per tile. */
+typedef struct Tile {
+    float R[MAX_REGS][COMBINE];
+    float W[MAX_REGS][COMBINE];
+    const float *wide[MAX_REGS]; /* NULL: not widened yet in this tile */
+} Tile;
+
+static inline const float *input(const CombineJob *j, Tile *t, Py_ssize_t s, Py_ssize_t at, int len) {
+    if (t->wide[s] == NULL) {
+        const Stream *in = &j->streams[s];
+        t->wide[s] = widened(in, at, len, t->W[s]);
+    }
+    return t->wide[s];
+}
+
+/* A model's delta and what DARE does to it, as one loop: r = x - b, then (each where asked) the
+ * keep test (inside one 2**32 segment, keys k), a division and a multiplication: the ops of the
+ * steps SET, SUB, KEEP, DIV, MUL in their order, per element. */
+static inline ALWAYS_INLINE void delta_chain(float *r, const float *x, const float *b, int len, int keep,
+                                             uint32_t lo, const uint32_t *k, uint32_t thr, int div, float dv,
+                                             int mul, float mv) {
+    uint32_t base = lo + k[0], k1 = k[1], k2 = k[2];
+    for (int j = 0; j < len; j++) {
+        float d = sub_t(x[j], b[j]);
+        if (keep) d = d * keep_mask(base, j, k1, k2, thr);
+        if (div) d = d / dv;
+        if (mul) d = d * mv;
+        r[j] = d;
+    }
+}
+
+/* Steps i.. as one delta_chain where they are SET, SUB [, KEEP][, DIV][, MUL] of one register and
+ * the keep test needs no second segment's keys nor a constant mask: the steps run, else 0. */
+static inline ALWAYS_INLINE int run_chain(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len) {
+    const Step *st = &j->steps[i], *end = j->steps + j->nsteps, *s = st + 2;
+    if (st->op != SET || st->scaled || s > end || st[1].op != SUB || st[1].reg != st->reg) return 0;
+    const Step *keep = s < end && s->op == KEEP && s->reg == st->reg ? s++ : NULL;
+    const Step *div = s < end && s->op == DIV && s->reg == st->reg ? s++ : NULL;
+    const Step *mul = s < end && s->op == MUL && s->reg == st->reg ? s++ : NULL;
+    uint64_t first = (uint64_t)(j->start + at);
+    uint32_t k[3] = {0, 0, 0};
+    if (keep) {
+        if (keep->thr == 0 || keep->thr >= ((uint64_t)1 << 32) || (first >> 32) != ((first + len - 1) >> 32))
+            return 0;
+        block_keys(j->keys[keep->stream], first >> 32, k);
+    }
+    const float *x = input(j, t, st->stream, at, len), *b = input(j, t, st[1].stream, at, len);
+    float dv = div ? div->scale : 1.0f, mv = mul ? mul->scale : 1.0f;
+    uint32_t thr = keep ? (uint32_t)keep->thr : 0;
+    float *r = t->R[st->reg];
+    if (keep && div && mul)
+        delta_chain(r, x, b, len, 1, (uint32_t)first, k, thr, 1, dv, 1, mv);
+    else if (keep && div)
+        delta_chain(r, x, b, len, 1, (uint32_t)first, k, thr, 1, dv, 0, mv);
+    else if (keep && mul)
+        delta_chain(r, x, b, len, 1, (uint32_t)first, k, thr, 0, dv, 1, mv);
+    else if (keep)
+        delta_chain(r, x, b, len, 1, (uint32_t)first, k, thr, 0, dv, 0, mv);
+    else if (div && mul)
+        delta_chain(r, x, b, len, 0, (uint32_t)first, k, thr, 1, dv, 1, mv);
+    else if (div)
+        delta_chain(r, x, b, len, 0, (uint32_t)first, k, thr, 1, dv, 0, mv);
+    else if (mul)
+        delta_chain(r, x, b, len, 0, (uint32_t)first, k, thr, 0, dv, 1, mv);
+    else
+        delta_chain(r, x, b, len, 0, (uint32_t)first, k, thr, 0, dv, 0, mv);
+    return (int)(s - st);
+}
+
+/* Step i over the tile [at, at + len); returns the steps it ran (a SET then a SUB of the same
+ * register, a model's delta, run as one loop: the same ops in the same order). */
+static inline ALWAYS_INLINE int run_step(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len) {
+    const Step *st = &j->steps[i];
+    float *r = t->R[st->reg], s = st->scale;
+    switch (st->op) {
+    case DIV:
+        for (int k = 0; k < len; k++) r[k] = r[k] / s;
+        break;
+    case MUL:
+        for (int k = 0; k < len; k++) r[k] = r[k] * s;
+        break;
+    case KEEP:
+        keep_tile(r, len, (uint64_t)(j->start + at), j->keys[st->stream], st->thr);
+        break;
+    case TOP:
+        top_tile(r, len, j->start + at, st);
+        break;
+    case ACC: {
+        const float *x = t->R[st->stream];
+        for (int k = 0; k < len; k++) r[k] = add_t(r[k], x[k]);
+        break;
+    }
+    case ELECT:
+        elect_tile(t->R, r, len, st);
+        break;
+    default: {
+        const float *x = input(j, t, st->stream, at, len);
+        const Step *next = i + 1 < j->nsteps ? &j->steps[i + 1] : NULL;
+        if (st->op == SET && !st->scaled && next && next->op == SUB && next->reg == st->reg) {
+            const float *y = input(j, t, next->stream, at, len);
+            for (int k = 0; k < len; k++) r[k] = sub_t(x[k], y[k]);
+            return 2;
+        }
+        if (st->op == SET && !st->scaled)
+            memcpy(r, x, (size_t)len * sizeof(float));
+        else if (st->op == SET)
+            for (int k = 0; k < len; k++) r[k] = x[k] * s;
+        else if (st->op == SUB)
+            for (int k = 0; k < len; k++) r[k] = sub_t(r[k], x[k]);
+        else if (st->scaled)
+            for (int k = 0; k < len; k++) r[k] = add_t(r[k], x[k] * s);
+        else
+            for (int k = 0; k < len; k++) r[k] = add_t(r[k], x[k]);
+    }
+    }
+    return 1;
+}
+
+/* Elements [lo, hi). */
+CLONES static void combine_blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, Py_ssize_t hi) {
+    const float *result = t->R[j->steps[j->nsteps - 1].reg];
+    for (Py_ssize_t at = lo; at < hi; at += COMBINE) {
+        int len = hi - at < COMBINE ? (int)(hi - at) : COMBINE;
+        memset(t->wide, 0, sizeof t->wide);
+        for (Py_ssize_t i = 0; i < j->nsteps;) {
+            int ran = run_chain(j, i, t, at, len);
+            i += ran ? ran : run_step(j, i, t, at, len);
+        }
+        if (j->out_kind == BF16) {
+            uint16_t *o = (uint16_t *)j->out + at;
+            for (int k = 0; k < len; k++) o[k] = round_bf16(result[k], j->nan);
+        } else if (j->out_kind == F16) {
+            uint16_t *o = (uint16_t *)j->out + at;
+            if (j->f16_payload)
+                for (int k = 0; k < len; k++) o[k] = round_f16(result[k], 1);
+            else
+                for (int k = 0; k < len; k++) o[k] = round_f16(result[k], 0);
+        } else {
+            memcpy((float *)j->out + at, result, (size_t)len * sizeof(float));
+        }
+    }
+}
+
+static void combine_part(void *ctx, int slot, Py_ssize_t lo, Py_ssize_t hi) {
+    const CombineJob *j = ctx;
+    combine_blocks(j, &j->tiles[slot], lo, hi);
+}
+
+/* One step from its tuple (op, stream, scale[, reg[, ints[, weights]]]) into *st, checked against
+ * what earlier steps wrote (`written`, a bit per register); -1 with a Python error set. */
+static int parse_step(PyObject *tuple, Py_ssize_t i, Step *st, Py_ssize_t nstreams, Py_ssize_t nkeys,
+                      uint64_t *written) {
+    PyObject *scale, *ints = NULL, *weights = NULL;
+    st->reg = 0;
+    if (!PyArg_ParseTuple(tuple, "inO|iO!O!:combine step", &st->op, &st->stream, &scale, &st->reg, &PyTuple_Type,
+                          &ints, &PyTuple_Type, &weights))
+        return -1;
+    st->scaled = scale != Py_None;
+    double d = st->scaled ? PyFloat_AsDouble(scale) : 1.0;
+    if (d == -1.0 && PyErr_Occurred()) return -1;
+    st->scale = (float)d;
+    long long a[4] = {0, 0, 0, 0};
+    Py_ssize_t nints = ints ? PyTuple_GET_SIZE(ints) : 0;
+    for (Py_ssize_t k = 0; k < nints && k < 4; k++) {
+        a[k] = PyLong_AsLongLong(PyTuple_GET_ITEM(ints, k));
+        if (a[k] == -1 && PyErr_Occurred()) return -1;
+    }
+    int op = st->op, reg_ok = st->reg >= 0 && st->reg < MAX_REGS;
+    int reads = op == SET || op == ADD || op == SUB, has = reg_ok && (*written >> st->reg) & 1;
+    int ok = op >= SET && op <= ELECT && reg_ok && (op == SET || op == ELECT || has);
+    if (reads) ok = ok && st->stream >= 0 && st->stream < nstreams;
+    if (op == DIV || op == MUL) ok = ok && st->scaled;
+    if (op == KEEP) {
+        st->thr = (uint64_t)a[0];
+        ok = ok && st->stream >= 0 && st->stream < nkeys && nints == 1 && a[0] >= 0 && a[0] <= (1LL << 32);
+    }
+    if (op == TOP) {
+        ok = ok && nints == 4 && a[0] >= -1 && a[0] <= 0x7FFFFFFF && a[2] >= -1 && a[2] <= 0x7FFFFFFF;
+        st->t_in = (int32_t)a[0], st->last_in = a[1], st->t_out = (int32_t)a[2], st->last_out = a[3];
+    }
+    if (op == ACC) ok = ok && st->stream >= 0 && st->stream < MAX_REGS && (*written >> st->stream) & 1;
+    if (op == ELECT) {
+        Py_ssize_t k = st->stream;
+        st->mode = (int)a[0];
+        ok = ok && k >= 1 && k < MAX_REGS && weights && PyTuple_GET_SIZE(weights) == k && nints == 1 && a[0] >= 0 &&
+             a[0] <= 2 && (st->mode != 1 || st->scaled);
+        for (Py_ssize_t m = 1; ok && m <= k; m++) {
+            ok = (*written >> m) & 1;
+            double w = PyFloat_AsDouble(PyTuple_GET_ITEM(weights, m - 1));
+            if (w == -1.0 && PyErr_Occurred()) return -1;
+            st->w[m] = (float)w;
+        }
+    }
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "combine: step %zd (op %d, stream %zd, register %d) is not valid here", i, op,
+                     st->stream, st->reg);
+        return -1;
+    }
+    if (op == SET || op == ELECT) *written |= (uint64_t)1 << st->reg;
+    return 0;
+}
+
+const char combine_doc[] = PyDoc_STR(
+             "combine(streams, steps, out, nan, threads=1, start=0, keys=(), f16_payload=True)\n\n"
+             "Run `steps`, each (op, stream, scale[, register[, ints[, weights]]]) on a float32 register\n"
+             "(default 0) per element: SET 0 (r = x[stream], times scale unless it is None), ADD 1 (r +=\n"
+             "x[stream], times scale unless None), DIV 2 (r /= scale), MUL 3 (r *= scale), SUB 4 (r -=\n"
+             "x[stream]), KEEP 5 (r *= word(keys[stream], start + i) < ints[0], DARE's keep test), TOP 6\n"
+             "(r *= in the top-k cut (ints[0], ints[1]) and not in the cut (ints[2], ints[3])), ACC 7 (r +=\n"
+             "register[stream]), ELECT 8 (r = TIES disjoint merge of registers 1..stream with `weights`;\n"
+             "ints[0]: 0 no normalizing, 1 divide by the agreeing weights clamped to scale, 2 by them\n"
+             "with 0 as 1), over every element of `streams` (float32 'f', bfloat16-bit 'h'/'H' or float16\n"
+             "'e' buffers of one length), and write the last step's register to `out` (float32, or bfloat16\n"
+             "bits rounded to nearest even, a NaN as the bits `nan`, or float16 rounded to nearest even, a\n"
+             "NaN's payload kept if `f16_payload` else 0x7E00). A register is read only after a SET or\n"
+             "ELECT wrote it. Up to `threads` threads of the process's pool share the elements; the bytes\n"
+             "are the same.");
+
+PyObject *combine(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *streams_obj, *steps_obj, *out_obj, *keys_obj = NULL;
+    unsigned short nan;
+    int threads = 1, f16_payload = 1;
+    long long start = 0;
+    if (!PyArg_ParseTuple(args, "O!O!OH|iLO!p:combine", &PyTuple_Type, &streams_obj, &PyTuple_Type, &steps_obj,
+                          &out_obj, &nan, &threads, &start, &PyTuple_Type, &keys_obj, &f16_payload))
+        return NULL;
+    Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj), nsteps = PyTuple_GET_SIZE(steps_obj);
+    Py_ssize_t nkeys = keys_obj ? PyTuple_GET_SIZE(keys_obj) : 0;
+    if (nstreams == 0 || nsteps == 0 || nstreams > MAX_REGS) {
+        PyErr_Format(PyExc_ValueError, "combine: %zd streams and %zd steps (want 1 to %d streams)", nstreams, nsteps,
+                     MAX_REGS);
+        return NULL;
+    }
+    if (start < 0) {
+        PyErr_SetString(PyExc_ValueError, "combine: start must be >= 0");
+        return NULL;
+    }
+    Py_buffer *views = PyMem_Calloc(nstreams, sizeof(Py_buffer));
+    Stream *streams = PyMem_Calloc(nstreams, sizeof(Stream));
+    Step *steps = PyMem_Calloc(nsteps, sizeof(Step));
+    uint64_t *keys = PyMem_Calloc(nkeys + 1, sizeof(uint64_t));
+    Py_buffer out = {0};
+    Py_ssize_t got = 0, n;
+    PyObject *result = NULL;
+    uint64_t written = 0;
+    if (views == NULL || streams == NULL || steps == NULL || keys == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nkeys; k++) {
+        keys[k] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(keys_obj, k));
+        if (PyErr_Occurred()) goto done;
+    }
+    if ((n = get_streams(streams_obj, views, streams, &got, "combine")) < 0) goto done;
+    for (Py_ssize_t i = 0; i < nsteps; i++)
+        if (parse_step(PyTuple_GET_ITEM(steps_obj, i), i, &steps[i], nstreams, nkeys, &written) < 0) goto done;
+    if (get_buffer(out_obj, &out, "fhHe", 1, "out") < 0) goto done;
+    if (out.len / out.itemsize != n) {
+        PyErr_Format(PyExc_ValueError, "combine: out holds %zd items, want %zd", out.len / out.itemsize, n);
+        PyBuffer_Release(&out);
+        goto done;
+    }
+    int slots = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    Tile *tiles = PyMem_Malloc((size_t)slots * sizeof(Tile)); /* ~270 KB each: not on a stack */
+    if (tiles == NULL) {
+        PyErr_NoMemory();
+        PyBuffer_Release(&out);
+        goto done;
+    }
+    CombineJob job = {streams, steps, nsteps, out.buf, kind_of(&out), (uint16_t)nan, f16_payload, start, keys, tiles};
+    Py_BEGIN_ALLOW_THREADS
+    split(combine_part, &job, n, piece_for(1), slots);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(tiles);
+    PyBuffer_Release(&out);
+    result = Py_NewRef(Py_None);
+done:
+    release_streams(views, streams, got);
+    PyMem_Free(steps);
+    PyMem_Free(keys);
+    return result;
+}

@@ -1,0 +1,28 @@
+/* The module `engine.stats._fused`: its functions (each in its own file) and the pool's fork hook. */
+
+#include "fused.h"
+
+static PyMethodDef methods[] = {
+    {"key_histogram", key_histogram, METH_VARARGS, key_histogram_doc},
+    {"group_sums", group_sums, METH_VARARGS, group_sums_doc},
+    {"combine", combine, METH_VARARGS, combine_doc},
+    {"count_nonfinite", count_nonfinite, METH_VARARGS, count_nonfinite_doc},
+    {"magprune", magprune, METH_VARARGS, magprune_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "engine.stats._fused",
+    .m_doc = "The first level of the fixed-order sums, and linear merges, fused in C.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__fused(void) {
+    static int forked = 0;
+    if (!forked++) pthread_atfork(NULL, NULL, pool_after_fork);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "GROUP", GROUP) < 0) Py_CLEAR(m);
+    return m;
+}
