@@ -37,8 +37,6 @@ from engine.io.zarr_format import (
 )
 from engine.io.zarr_writer import write_block
 
-BLOCK_BYTES = 32 << 20  # per chunk read and written: as the engine's largest stream block
-
 
 def is_url(text: str | Path) -> bool:
     """A fsspec URL other than `file://` (those are local paths: `local_path`)."""
@@ -64,7 +62,7 @@ def convert_to_url(src: Path, url: str, compression: Compression) -> int:
     sums: dict[str, str] = {}
     with open_reader(ckpt) as reader:
         for name, info in ckpt.tensors.items():
-            rows = min(chunk_rows_for(BLOCK_BYTES // max(info.row_bytes, 1)), max(info.rows, 1))
+            rows = min(chunk_rows_for(info.rows, info.row_bytes), max(info.rows, 1))
             arr = group.create_array(
                 escape_name(name),
                 shape=info.shape,

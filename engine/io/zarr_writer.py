@@ -49,7 +49,9 @@ def zarr_blocks(plan: Plan, existing: dict[str, int] | None = None) -> Plan:
     """
     tensors = []
     for t in plan.tensors:
-        rows = min(chunk_rows_for(t.block_rows), max(t.rows, 1))  # zarr stores an edge chunk whole: no bigger
+        rows = min(
+            chunk_rows_for(t.block_rows, t.out_nbytes // max(t.rows, 1)), max(t.rows, 1)
+        )  # zarr stores an edge chunk whole: no bigger
         if existing and t.name in existing:
             if existing[t.name] > t.block_rows:
                 raise ResumeError(
