@@ -75,8 +75,12 @@ def _tensor_info(root: Path, key: str, arr: Any) -> TensorInfo:
         raise CheckpointError(
             f"{where}: attributes.{ATTRS}.shape {short_repr(shape)} != the array's shape {list(arr.shape)}"
         )
-    if not isinstance(name, str) or (arr.ndim and arr.chunks[1:] != tuple(max(d, 1) for d in arr.shape[1:])):
-        raise CheckpointError(f"{where}: chunks {list(arr.chunks)} are not bands of whole rows (or the name is bad)")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{where}: attributes.{ATTRS}.name must be the tensor's name, got {short_repr(name)}")
+    if arr.ndim and arr.chunks[1:] != tuple(max(d, 1) for d in arr.shape[1:]):
+        raise CheckpointError(
+            f"{where}: chunks {list(arr.chunks)} are not bands of whole rows; convert it with leanmerge"
+        )
     return TensorInfo(name, dtype, tuple(shape), root / key, 0, int(np.prod(shape)) * itemsize(dtype))
 
 
@@ -155,7 +159,6 @@ def zarr_fingerprint(ckpt: ZarrCheckpoint) -> list[dict[str, Any]]:
     the newest mtime of its chunk folder (engine.io.fingerprint's role for safetensors shards)."""
     out = []
     for name, info in ckpt.tensors.items():
-        arr = ckpt.arrays[name]
         chunks = sorted(p for p in (info.file / "c").rglob("*") if p.is_file()) if (info.file / "c").exists() else []
         picks = sorted({0, len(chunks) // 2, len(chunks) - 1}) if chunks else []
         h = hashlib.sha256(b"".join(chunks[i].read_bytes() for i in picks))
@@ -167,7 +170,7 @@ def zarr_fingerprint(ckpt: ZarrCheckpoint) -> list[dict[str, Any]]:
                 "mtime_ns": mtime,
                 "header_sha256": file_sha256(info.file / "zarr.json"),
                 "samples": {name: h.hexdigest()[:8]},
-                "chunks": len(chunks) if arr is not None else 0,
+                "chunks": len(chunks),
             }
         )
     return out

@@ -114,7 +114,6 @@ class ZarrWriter:
     ) -> None:
         zarr = zarr_module()
         self.root = folder / ZARR_DIR
-        self.dirty: set[int] = set()  # ShardWriter's; unused here
         self._paths: set[Path] = set()  # chunk files written since the last sync
         self._plans = {t.name: t for t in plan.tensors}
         self._cache: tuple[str, int, bytes] | None = None  # read_back's last chunk
