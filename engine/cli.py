@@ -20,6 +20,7 @@ import click
 
 from engine import __version__, load
 from engine.budget import fmt_bytes
+from engine.cli_convert import convert_cmd
 from engine.cli_options import (
     SIZE,
     build_spec,
@@ -120,6 +121,15 @@ mergekit's --lazy-unpickle, --allow-crimes, --low-cpu-memory, --trust-remote-cod
     help="Refuse the merge (exit 1, no output) when a merged tensor holds NaN or Inf; by default they are counted "
     "and reported.",
 )
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["safetensors", "zarr"]),
+    default="safetensors",
+    show_default=True,
+    help="Output format: safetensors shards, or a zarr group (model.zarr/, one array per tensor, one chunk per block).",
+)
+@click.option("--compress", metavar="none|zstd[:LEVEL]|blosc", help="Compression of zarr chunks (default none).")
 @mergekit_options
 @executor_options
 def merge_cmd(
@@ -135,6 +145,8 @@ def merge_cmd(
     model_card: bool,
     copy_tokenizer: bool,
     strict_finite: bool,
+    out_format: str,
+    compress: str | None,
     **kw: Any,
 ) -> None:
     """Merge models into OUTPUT, from CONFIG.yaml (mergekit's YAML) or --base/--model flags.
@@ -168,6 +180,8 @@ def merge_cmd(
                 copy_tokenizer=copy_tokenizer,
                 strict_finite=strict_finite,
                 runner=runner,
+                out_format=out_format,
+                compress=compress,
                 **planning(kw),
             )
             on_event({"event": "report", **report.to_json()})
@@ -283,6 +297,9 @@ def verify_cmd(folder: Path, **kw: Any) -> None:
         raise click.ClickException(f"{folder}: {len(result.problems)} problem(s) in {result.tensors} tensors")
     files = f"; {result.files} shard headers and files match their sha256" if result.files else ""
     click.echo(f"{folder}: OK, {result.tensors} tensors, {fmt_bytes(result.bytes)} match their crc32{files}")
+
+
+main.add_command(convert_cmd)
 
 
 def format_plan(plan: Plan) -> str:

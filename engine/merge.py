@@ -20,7 +20,7 @@ from engine.budget import choose_budget, current_rss, fmt_bytes, peak_rss
 from engine.defaults import DEFAULT_SHARD_SIZE, SYNC_EVERY
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
 from engine.embed_rows import rebuild_vocabulary
-from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError
+from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError, SpecError
 from engine.execute import OnEvent, Pipeline, execute, first_rows
 from engine.io.checkpoint import ReadOptions
 from engine.io.crc import crc32
@@ -28,10 +28,15 @@ from engine.io.fingerprint import fingerprint, input_change
 from engine.io.inventory import Inventory, take_inventory
 from engine.io.journal import Journal, JournalState, check_resumable, load_journal
 from engine.io.lock import output_lock
-from engine.io.output import abort_output, temp_dir_for, write_side_files
+from engine.io.output import abort_output, copy_side_files, temp_dir_for, write_side_files
 from engine.io.safetensors_writer import ShardWriter, layout_digest
 from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
 from engine.io.write_behind import Finite, WriteBehind
+from engine.io.zarr_format import Compression
+from engine.io.zarr_reader import zarr_cache_bytes
+from engine.io.zarr_record import finalize_zarr
+from engine.io.zarr_writer import ZarrWriter, existing_chunk_rows, zarr_blocks
+from engine.io.zarr_writer import layout_digest as zarr_layout
 from engine.plan import Plan, TensorPlan, make_plan, out_shape
 from engine.signals import StopRequest, graceful_stop
 from engine.spec import MergeSpec
@@ -67,6 +72,7 @@ class Work:
     sync_every: int
     stop: StopRequest
     finite: Finite
+    zfmt: Compression | None = None  # a zarr output's compression; None: safetensors shards
 
 
 # Writes every missing block of `Work` into its temporary folder, journaled, and returns the
@@ -137,8 +143,9 @@ def prepare(
         "block_bytes": block_bytes,
         "shard_size": shard_size,
     }
+    cache = zarr_cache_bytes((inv.base, *inv.models))  # zarr inputs decode chunk by chunk: counted here
     if dev.type == "cuda":
-        plan = make_plan(spec, inv, **kw, device_reserve=CUDA_HOST_RESERVE)
+        plan = make_plan(spec, inv, **kw, device_reserve=CUDA_HOST_RESERVE + cache)
         numel = max((t.numel for t in plan.tensors), default=1)
         try:
             plan = replace(plan, device=plan_device(dev, max_gpu_memory, plan.memory, numel))
@@ -147,7 +154,7 @@ def prepare(
             if device.strip().lower() != "auto" or max_gpu_memory is not None:
                 raise
             log.warning("--device auto: %s; merging on the CPU instead", e)
-    plan = make_plan(spec, inv, **kw)
+    plan = make_plan(spec, inv, **kw, device_reserve=cache)
     return inv, _hold_resident(plan, direct_io) if hold else plan
 
 
@@ -185,6 +192,9 @@ def merge(
     copy_tokenizer: bool = True,
     strict_finite: bool = False,
     runner: Runner | None = None,
+    out_format: str = "safetensors",
+    compress: str | None = None,
+    copy_only: bool = False,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -216,6 +226,9 @@ def merge(
             NaN or Inf; otherwise they are counted in `Report.nonfinite`.
         runner: what writes the blocks (default: this process, `write_blocks`); `engine.cluster`
             runs them on a Dask cluster.
+        out_format: "safetensors" (shards) or "zarr" (a zarr group, engine.io.zarr_writer).
+        compress: the zarr chunks' compression, "none", "zstd[:LEVEL]" or "blosc" (zarr only).
+        copy_only: copy every tensor's bytes as stored, no arithmetic (`leanmerge convert`).
     Returns:
         The run's `Report`.
     Raises:
@@ -242,12 +255,19 @@ def merge(
         direct_io=direct_io,
     )
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
+    tmp = temp_dir_for(target)
+    zfmt = _zarr_format(out_format, compress)
+    if zfmt is not None and runner is not None:
+        raise SpecError("--format zarr is written by this process only: drop --executor dask, or write safetensors")
+    if copy_only:  # bit-exact for every dtype (F64 and NaN payloads too): nothing goes through float32
+        plan = replace(plan, tensors=tuple(replace(t, merge=False, passes=1, resident=False) for t in plan.tensors))
+    if zfmt is not None:  # blocks become chunks: those of the interrupted run where resuming
+        plan = zarr_blocks(plan, existing_chunk_rows(tmp) if resume and not tmp.is_symlink() else None)
     header = {
         "spec": spec.to_json(),
         "inputs": _fingerprints(inv),
-        "layout": layout_digest(plan, metadata),
+        "layout": zarr_layout(plan, zfmt) if zfmt else layout_digest(plan, metadata),
     }
-    tmp = temp_dir_for(target)
     side = {"card": target.name if model_card else None, "tokenizer": copy_tokenizer}
     finite = Finite(strict_finite)
     make_parent(target)
@@ -262,7 +282,7 @@ def merge(
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": journaled})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         try:
-            work = Work(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite)
+            work = Work(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite, zfmt)
             kept = _run(work, side, runner or write_blocks)
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
@@ -365,7 +385,11 @@ def _run(w: Work, side: dict[str, Any], runner: Runner) -> set[str]:
             raise OutputError(
                 f"{w.tmp}: the temporary folder vanished during the merge; nothing was written: run again"
             )
-        write_side_files(w.tmp, w.plan, _checksums(w.plan, final), **side)
+        if w.zfmt:
+            copy_side_files(w.tmp, w.plan, **side)
+            finalize_zarr(w.tmp, w.plan, final, _checksums(w.plan, final))
+        else:
+            write_side_files(w.tmp, w.plan, _checksums(w.plan, final), **side)
         (w.tmp / "journal.jsonl").unlink()
     except (CheckpointError, NonFiniteError):
         abort_output(w.tmp)
@@ -378,7 +402,11 @@ def write_blocks(w: Work) -> set[str]:
     returns the tensors an earlier run had written whole that were kept (re-checked on disk)."""
     plan, state = w.plan, w.state
     with ExitStack() as stack:
-        writer = ShardWriter(w.tmp, plan, w.metadata, reopen=state is not None)
+        writer: ShardWriter | ZarrWriter = (
+            ZarrWriter(w.tmp, plan, plan.spec.digest(), w.zfmt, reopen=state is not None)
+            if w.zfmt
+            else ShardWriter(w.tmp, plan, w.metadata, reopen=state is not None)
+        )
         stack.callback(writer.close)
         journal = Journal.reopen(w.tmp) if state is not None else Journal.create(w.tmp, w.header)
         stack.callback(journal.close)
@@ -413,7 +441,7 @@ def interrupted(stop: StopRequest, tmp: Path) -> Interrupted:
 
 def restore_start(
     plan: Plan,
-    writer: ShardWriter,
+    writer: ShardWriter | ZarrWriter,
     journal: Journal,
     state: JournalState | None,
     resume_crc: Callable[[str, int], None],
@@ -428,8 +456,17 @@ def restore_start(
     return start, {t.name for t in plan.tensors if state is not None and t.numel and start[t.name] >= t.rows}
 
 
+def _zarr_format(out_format: str, compress: str | None) -> Compression | None:
+    """The zarr output's compression, or None for safetensors."""
+    if out_format == "zarr":
+        return Compression.parse(compress)
+    if compress is not None and Compression.parse(compress).kind != "none":
+        raise SpecError(f"--compress {compress}: only --format zarr output is compressed; add --format zarr")
+    return None
+
+
 def _restore_prefix(
-    writer: ShardWriter,
+    writer: ShardWriter | ZarrWriter,
     resume_crc: Callable[[str, int], None],
     journal: Journal,
     tensor: TensorPlan,

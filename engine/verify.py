@@ -15,7 +15,8 @@ from engine.dtypes import byte_view
 from engine.errors import CheckpointError
 from engine.io.checkpoint import INDEX_NAME, Reader, open_checkpoint
 from engine.io.crc import crc32
-from engine.io.record import RECORD_KEYS, check_record
+from engine.io.record import FILES_KEY, RECORD_KEYS, check_record
+from engine.io.zarr_record import ARRAYS_KEY, check_array, check_zarr_record, is_zarr_folder, zarr_record
 from engine.spec import MergeSpec
 
 PIECE = 16 << 20  # bytes read at a time: verify runs in bounded memory too
@@ -40,6 +41,8 @@ def verify(folder: Path, against: MergeSpec | None = None) -> VerifyResult:
     Raises:
         CheckpointError: the folder is not a readable model folder or has no leanmerge record.
     """
+    if is_zarr_folder(folder):
+        return _verify_zarr(folder, against)
     record = _record(folder)
     result = VerifyResult()
     result.problems, result.notes = check_record(folder, record)
@@ -69,6 +72,31 @@ def verify(folder: Path, against: MergeSpec | None = None) -> VerifyResult:
     result.problems += [f"{n}: recorded but missing from the shards" for n in sums if n not in ckpt.tensors]
     if against is not None:
         result.problems += _against(ckpt.tensors.keys(), record, against)
+    return result
+
+
+def _verify_zarr(folder: Path, against: MergeSpec | None) -> VerifyResult:
+    """`verify` for a zarr output: every chunk against its crc32, each tensor against the group's
+    record, each array's metadata and other file against their sha256."""
+    group, record = zarr_record(folder)
+    if not record.get("tensor_crc32"):
+        raise CheckpointError(f"{folder}: the zarr group has no leanmerge record; was this folder made by leanmerge?")
+    result = VerifyResult(problems=check_zarr_record(folder, record))
+    result.files = len(record.get(ARRAYS_KEY, {})) + len(record.get(FILES_KEY, {}))
+    sums: dict[str, str] = record["tensor_crc32"]
+    names = []
+    for _, arr in sorted(group.arrays(), key=lambda kv: str(kv[0])):
+        name, crc, nbytes, problems = check_array(arr)
+        names.append(name)
+        result.tensors, result.bytes = result.tensors + 1, result.bytes + nbytes
+        result.problems += problems
+        if name not in sums:
+            result.problems.append(f"{name}: no checksum recorded")
+        elif not problems and f"{crc:08x}" != sums[name]:
+            result.problems.append(f"{name}: crc32 {crc:08x} != recorded {sums[name]}")
+    result.problems += [f"{n}: recorded but missing from the group" for n in sums if n not in names]
+    if against is not None:
+        result.problems += _against(names, record, against)
     return result
 
 

@@ -61,7 +61,7 @@ def test_help_and_version_answer_without_importing_torch() -> None:
         "import sys\n"
         "from engine.cli import main\n"
         "for args in (['--help'], ['--version'], ['merge', '--help'], ['plan', '--help'], ['inspect', '--help'],\n"
-        "             ['verify', '--help'], ['merge', '--max-memory', 'lots', 'c.yaml', 'out']):\n"
+        "             ['verify', '--help'], ['convert', '--help'], ['merge', '--max-memory', 'lots', 'c.yaml', 'out']):\n"
         "    try:\n"
         "        main(args)\n"
         "    except SystemExit:\n"
@@ -75,10 +75,10 @@ def test_help_and_version_answer_without_importing_torch() -> None:
 def test_help_gives_examples_whole_descriptions_and_human_sizes() -> None:
     top = invoke("--help").output
     commands = top.split("Commands:\n")[1].split("\n\n")[0].splitlines()
-    assert [line.split(maxsplit=1)[0] for line in commands] == ["inspect", "merge", "plan", "sweep", "verify"]
+    assert [line.split(maxsplit=1)[0] for line in commands] == ["convert", "inspect", "merge", "plan", "sweep", "verify"]
     assert not any(line.endswith("...") for line in commands), commands  # whole, not cut
     assert "Example: leanmerge merge merge.yaml ./merged" in top
-    for command in ("merge", "plan", "inspect", "verify", "sweep"):
+    for command in ("merge", "plan", "inspect", "verify", "convert", "sweep"):
         assert "Example" in invoke(command, "--help").output, command
     merge_help, verify_help = invoke("merge", "--help").output, invoke("verify", "--help").output
     assert "[default: 5GB]" in merge_help and "5000000000" not in merge_help

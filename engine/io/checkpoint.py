@@ -36,6 +36,7 @@ from engine.errors import CheckpointError
 from engine.hub import snapshot_blobs
 from engine.io.header import Header, TensorInfo, read_header, short_repr
 from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE, read_bin_header
+from engine.io.zarr_format import ZARR_DIR
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def open_checkpoint(folder: Path | str) -> Checkpoint:
         headers = _indexed(folder, folder / BIN_INDEX, read_bin_header)
     elif (folder / BIN_SINGLE).is_file():
         headers = [read_bin_header(_inside(folder, folder / BIN_SINGLE))]
+    elif (folder / ZARR_DIR / "zarr.json").is_file():
+        from engine.io.zarr_reader import open_zarr  # it builds on this module: imported where needed
+
+        return open_zarr(folder)
     else:
         raise CheckpointError(_missing_weights_message(folder))
     # Order tensors by (shard, offset) so that walking them reads each file front to back.

@@ -27,6 +27,7 @@ from engine.io.crc import crc32
 from engine.io.header import MAX_HEADER_BYTES, TensorInfo
 from engine.io.lora import ADAPTER_CONFIG, LoraCheckpoint
 from engine.io.torch_bin import directory_bytes
+from engine.io.zarr_reader import ZarrCheckpoint, zarr_fingerprint
 
 SAMPLE = 4096  # bytes per sampled piece: one page, one read
 
@@ -39,6 +40,8 @@ def fingerprint(ckpt: Checkpoint) -> list[dict[str, Any]]:
     A LoRA adapter's config is fingerprinted by the values read from it: `lora_alpha`, `r` and
     the rest decide every delta.
     """
+    if isinstance(ckpt, ZarrCheckpoint):
+        return zarr_fingerprint(ckpt)
     out: list[dict[str, Any]] = []
     source = ckpt.adapter if isinstance(ckpt, LoraCheckpoint) else ckpt
     if isinstance(ckpt, LoraCheckpoint):

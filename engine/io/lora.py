@@ -36,6 +36,7 @@ from engine.dtypes import MERGEABLE, itemsize
 from engine.errors import CheckpointError
 from engine.io.checkpoint import BUFFERED, INDEX_NAME, SINGLE_NAME, Checkpoint, Reader, ReadOptions, open_checkpoint
 from engine.io.header import TensorInfo, read_header, short_repr
+from engine.io.zarr_reader import ZarrCheckpoint, ZarrReader
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -327,8 +328,10 @@ class LoraReader:
         self.close()
 
 
-def open_reader(ckpt: Checkpoint, options: ReadOptions = BUFFERED) -> Reader | LoraReader:
+def open_reader(ckpt: Checkpoint, options: ReadOptions = BUFFERED) -> Reader | LoraReader | ZarrReader:
     """The right reader for a checkpoint or an adapter."""
     if isinstance(ckpt, LoraCheckpoint):
         return LoraReader(ckpt, options)
+    if isinstance(ckpt, ZarrCheckpoint):
+        return ZarrReader(ckpt)
     return Reader(ckpt, options)

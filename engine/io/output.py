@@ -66,7 +66,7 @@ def write_side_files(
     card (engine.io.model_card), then the index json with every tensor's crc32 and the sha256 of
     each shard header and other file (for `leanmerge verify`); all fsync'd, as the folder is
     renamed into place next."""
-    _copy_side_files(tmp, plan, card=card, tokenizer=tokenizer)
+    copy_side_files(tmp, plan, card=card, tokenizer=tokenizer)
     leanmerge = {"version": __version__, "spec_sha256": plan.spec.digest(), "tensor_crc32": checksums}
     leanmerge |= folder_record(tmp, [s.file for s in plan.shards], {INDEX_NAME, JOURNAL_NAME})
     index = {
@@ -77,7 +77,7 @@ def write_side_files(
     fsync_files(tmp, [INDEX_NAME, *leanmerge[FILES_KEY]])
 
 
-def _copy_side_files(tmp: Path, plan: Plan, *, card: str | None, tokenizer: bool) -> None:
+def copy_side_files(tmp: Path, plan: Plan, *, card: str | None, tokenizer: bool) -> None:
     tokenizer_dir = plan.spec.tokenizer_source or plan.spec.base
     built = built_files(plan.resized)  # a vocabulary built from the inputs' (engine.embed_rows)
     for name in SIDE_FILES:

@@ -28,13 +28,14 @@ from pathlib import Path
 from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
 from engine.io.output import SIDE_FILES
+from engine.io.zarr_format import ZARR_DIR
 
 log = logging.getLogger(__name__)
 
 MODEL_FILES: frozenset[str] = frozenset(
     {*SIDE_FILES, INDEX_NAME, "pytorch_model.bin.index.json", "README.md", "mergekit_config.yml"}
 )
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", ZARR_DIR)
 SHOWN = 3  # entries named in a refusal
 
 
@@ -179,8 +180,11 @@ def check_temp(tmp: Path) -> None:
 
 
 def _model_file(path: Path) -> bool:
-    """A model file by name, stored as a file or a link (a hub cache's snapshots link blobs)."""
+    """A model file by name, stored as a file or a link (a hub cache's snapshots link blobs), or
+    the zarr group leanmerge writes (`model.zarr/` with its `zarr.json`)."""
     mode = os.lstat(path).st_mode
+    if stat.S_ISDIR(mode) and path.name == ZARR_DIR:
+        return (path / "zarr.json").is_file()
     return (stat.S_ISREG(mode) or stat.S_ISLNK(mode)) and (path.name in MODEL_FILES or _weights(path.name))
 
 

@@ -30,6 +30,7 @@ from engine.dtypes import DTYPES, byte_view, itemsize
 from engine.errors import NonFiniteError
 from engine.io.crc import crc32
 from engine.io.safetensors_writer import ShardWriter
+from engine.io.zarr_writer import ZarrWriter
 from engine.plan import Block, TensorPlan
 from engine.stats.finite import count_nonfinite
 
@@ -90,7 +91,7 @@ class WriteBehind:
 
     def __init__(
         self,
-        writer: ShardWriter,
+        writer: ShardWriter | ZarrWriter,
         journal: Records,
         buffers: list[torch.Tensor],
         sync_every: int = SYNC_EVERY,

@@ -1,0 +1,123 @@
+"""Finalizing a zarr output, and `leanmerge verify` for one.
+
+The record mirrors the safetensors one (engine.io.record, engine.verify): each array's
+attributes get its tensor crc32 and the crc32 of each chunk's raw bytes (derived from the
+journal's running crc32s, nothing re-read); the group's attributes get every tensor's crc32,
+the sha256 of each array's metadata (`zarr.json`: names, dtypes, shapes, chunks, codecs) and of
+every other file in the model folder (config, tokenizer, model card). `verify_zarr` re-reads
+every chunk and names the first chunk that differs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from engine import __version__
+from engine.io.crc import crc32
+from engine.io.journal import JOURNAL_NAME, JournalState
+from engine.io.record import FILES_KEY, file_sha256, fsync_files
+from engine.io.zarr_format import ATTRS, ZARR_DIR, chunk_crcs, chunk_exists, escape_name, zarr_module
+from engine.plan import Plan
+
+ARRAYS_KEY = "array_sha256"
+
+
+def is_zarr_folder(folder: Path) -> bool:
+    """A model folder holding a zarr group (`model.zarr/zarr.json`)."""
+    return (folder / ZARR_DIR / "zarr.json").is_file()
+
+
+def finalize_zarr(tmp: Path, plan: Plan, state: JournalState, checksums: dict[str, str]) -> None:
+    """Write the arrays' and the group's records (after the side files are in `tmp`), fsync'd."""
+    zarr = zarr_module()
+    root = tmp / ZARR_DIR
+    group = zarr.open_group(root, mode="r+")
+    for t in plan.tensors:
+        arr = group[escape_name(t.name)]
+        row_bytes = t.out_nbytes // t.rows if t.rows else 0
+        chunks = chunk_crcs(_chain(state.blocks.get(t.name, [])), row_bytes)
+        arr.update_attributes(
+            {ATTRS: {**arr.attrs[ATTRS], "crc32": checksums[t.name], "chunk_crc32": [f"{c:08x}" for c in chunks]}}
+        )
+    arrays = {escape_name(t.name): file_sha256(root / escape_name(t.name) / "zarr.json") for t in plan.tensors}
+    others = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != JOURNAL_NAME)
+    record = {
+        "version": __version__,
+        "spec_sha256": plan.spec.digest(),
+        "tensor_crc32": checksums,
+        ARRAYS_KEY: arrays,
+        FILES_KEY: {f: file_sha256(tmp / f) for f in others},
+    }
+    group.update_attributes({ATTRS: {**group.attrs[ATTRS], **record}})
+    fsync_files(root, ["zarr.json", *(f"{k}/zarr.json" for k in arrays)])
+    fsync_files(tmp, others)
+    for d in (root, *(root / k for k in arrays)):
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _chain(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The journaled blocks that run contiguously from row 0 (a resumed tensor's records)."""
+    out: list[tuple[int, int, int]] = []
+    for b in sorted(blocks):
+        if b[0] == (out[-1][1] if out else 0):
+            out.append(b)
+    return out
+
+
+def zarr_record(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """The group in `folder` and its leanmerge record (empty when it has none)."""
+    group = zarr_module().open_group(folder / ZARR_DIR, mode="r")
+    record = group.attrs.get(ATTRS)
+    return group, record if isinstance(record, dict) else {}
+
+
+def check_zarr_record(folder: Path, record: dict[str, Any]) -> list[str]:
+    """Problems from comparing the arrays' metadata and the folder's other files with the record."""
+    problems = []
+    for key, want in sorted(record.get(ARRAYS_KEY, {}).items()):
+        path = folder / ZARR_DIR / key / "zarr.json"
+        if not path.is_file():
+            problems.append(f"{key}: array recorded by the merge is missing")
+        elif file_sha256(path) != want:
+            problems.append(f"{key}: array metadata differs from the one written (dtype, shape, chunks or codecs)")
+    for name, want in sorted(record.get(FILES_KEY, {}).items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: written by the merge but missing")
+        elif (got := file_sha256(path)) != want:
+            problems.append(f"{name}: sha256 {got[:16]}... != recorded {str(want)[:16]}...; the file was edited")
+    return problems
+
+
+def check_array(arr: Any) -> tuple[str, int, int, list[str]]:
+    """(tensor name, crc32, bytes, problems) of one array, re-read chunk by chunk against its
+    recorded chunk crc32s; a missing chunk file is named as such."""
+    attrs = arr.attrs.get(ATTRS, {})
+    name = attrs.get("name", arr.basename)
+    want = attrs.get("chunk_crc32", [])
+    problems: list[str] = []
+    crc, nbytes = 0, 0
+    step = arr.chunks[0] if arr.ndim else 1
+    n = -(-arr.shape[0] // step) if arr.ndim else 1
+    if arr.size == 0:
+        n = 0
+    for c in range(n):
+        if not chunk_exists(arr, c):
+            problems.append(f"{name}: chunk {c} is missing")
+            continue
+        try:
+            data = arr[...] if arr.ndim == 0 else arr[c * step : (c + 1) * step]
+        except Exception as e:  # a damaged compressed chunk
+            problems.append(f"{name}: chunk {c} cannot be decoded ({type(e).__name__})")
+            continue
+        raw = data.tobytes()
+        crc, nbytes = crc32(raw, crc), nbytes + len(raw)
+        if c < len(want) and f"{crc32(raw):08x}" != want[c]:
+            problems.append(f"{name}: chunk {c} crc32 {crc32(raw):08x} != recorded {want[c]}")
+    return name, crc, nbytes, problems

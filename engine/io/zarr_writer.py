@@ -1,0 +1,241 @@
+"""`--format zarr`: the merge written as a zarr group, one array per tensor, one chunk per block.
+
+The plan's blocks become the chunks (`zarr_blocks`: rows per block rounded down to a power of
+two), so every block the merge writes is whole chunks: no chunk is ever read back, merged and
+rewritten, and chunks are independent objects that many writers (or object storage) can fill in
+any order. `write_block` is a pure function of (group, array, first row, rows) for that reason:
+another process can call it.
+
+`ZarrWriter` has `ShardWriter`'s interface, so the write-behind thread, the journal and
+`--resume` work unchanged: a journaled block is a journaled chunk. Chunk files are fsync'd before
+the journal records them (`sync`); zarr's local store writes each one under a temporary name and
+renames it, so a chunk on disk is whole or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.dtypes import itemsize
+from engine.errors import OutputError, ResumeError
+from engine.io.zarr_format import (
+    ATTRS,
+    STORED,
+    ZARR_DIR,
+    Compression,
+    chunk_rows_for,
+    chunk_shape,
+    escape_name,
+    zarr_module,
+)
+from engine.plan import Plan, TensorPlan
+
+
+def zarr_blocks(plan: Plan, existing: dict[str, int] | None = None) -> Plan:
+    """`plan` with each tensor's block rows made its chunk rows (`chunk_rows_for`, at most the
+    tensor's rows: zarr stores a chunk at its full size even where it overhangs), or the chunk
+    rows of an interrupted run's arrays (`existing`) where resuming; smaller blocks only, so the
+    budget still holds.
+
+    Raises:
+        ResumeError: the interrupted run's chunks are larger than this budget's blocks.
+    """
+    tensors = []
+    for t in plan.tensors:
+        rows = min(
+            chunk_rows_for(t.block_rows, t.out_nbytes // max(t.rows, 1)), max(t.rows, 1)
+        )  # zarr stores an edge chunk whole: no bigger
+        if existing and t.name in existing:
+            if existing[t.name] > t.block_rows:
+                raise ResumeError(
+                    f"{t.name}: the interrupted run wrote chunks of {existing[t.name]} rows and this run's --max-memory "
+                    f"allows blocks of {t.block_rows}: resume with the --max-memory (or --block-size) of that run"
+                )
+            rows = existing[t.name]
+        tensors.append(replace(t, block_rows=rows))
+    return replace(plan, tensors=tuple(tensors))
+
+
+def array_layout(t: TensorPlan, compression: Compression) -> dict[str, Any]:
+    """What an output array is created with (and what a resumed run must find)."""
+    return {
+        "name": escape_name(t.name),
+        "shape": list(t.shape),
+        "chunks": list(chunk_shape(t.shape, t.block_rows)),
+        "dtype": STORED[t.out_dtype],
+        "compress": str(compression),
+    }
+
+
+def layout_digest(plan: Plan, compression: Compression) -> str:
+    """sha256 over every array's layout: equal digests mean the same arrays and chunks."""
+    body = json.dumps([array_layout(t, compression) for t in plan.tensors], separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def existing_chunk_rows(folder: Path) -> dict[str, int]:
+    """tensor -> chunk rows of the arrays an interrupted run created in `folder` (empty if none)."""
+    root = folder / ZARR_DIR
+    if not (root / "zarr.json").is_file():
+        return {}
+    group = zarr_module().open_group(root, mode="r")
+    out = {}
+    for _, arr in group.arrays():
+        attrs = arr.attrs.get(ATTRS)
+        if isinstance(attrs, dict) and isinstance(attrs.get("name"), str) and arr.chunks:
+            out[attrs["name"]] = int(arr.chunks[0])
+    return out
+
+
+def write_block(group: Any, key: str, r0: int, data: np.ndarray[Any, Any]) -> None:
+    """Write `data` (whole rows, in the array's stored dtype and row shape) as rows `[r0, ...)` of
+    array `key` in `group` (a zarr Group, a path or a store URL). Pure: another process can call it."""
+    if not hasattr(group, "__getitem__"):
+        group = zarr_module().open_group(group, mode="r+")
+    arr = group[key]
+    if arr.ndim == 0:
+        arr[...] = data.reshape(())
+    else:
+        arr[r0 : r0 + data.shape[0]] = data
+
+
+class ZarrWriter:
+    """Creates (or, to resume, reopens) the output group in `folder`; writes blocks as chunks."""
+
+    def __init__(
+        self, folder: Path, plan: Plan, spec_sha256: str, compression: Compression, *, reopen: bool = False
+    ) -> None:
+        zarr = zarr_module()
+        self.root = folder / ZARR_DIR
+        self._paths: set[Path] = set()  # chunk files written since the last sync
+        self._plans = {t.name: t for t in plan.tensors}
+        self._cache: tuple[str, int, bytes] | None = None  # read_back's last chunk
+        if reopen:
+            self.group = self._reopen(zarr, plan, compression)
+            return
+        self.group = zarr.open_group(
+            self.root, mode="w-", zarr_format=3, attributes={ATTRS: {"spec_sha256": spec_sha256}}
+        )
+        for t in plan.tensors:
+            self.group.create_array(
+                escape_name(t.name),
+                shape=t.shape,
+                chunks=chunk_shape(t.shape, t.block_rows),
+                dtype=STORED[t.out_dtype],
+                compressors=compression.codecs(itemsize(t.out_dtype)),
+                fill_value=0,
+                attributes={
+                    ATTRS: {"name": t.name, "dtype": t.out_dtype, "shape": list(t.shape), "spec_sha256": spec_sha256}
+                },
+                config={"write_empty_chunks": True},  # every chunk is a file: a missing one is damage
+            )
+        self._arrays = {t.name: self.group[escape_name(t.name)] for t in plan.tensors}
+
+    def _reopen(self, zarr: Any, plan: Plan, compression: Compression) -> Any:
+        try:
+            group = zarr.open_group(self.root, mode="r+")
+            self._arrays = {t.name: group[escape_name(t.name)] for t in plan.tensors}
+        except Exception as e:  # zarr raises several kinds for a missing or damaged node
+            raise ResumeError(
+                f"{self.root}: cannot reopen the interrupted run's arrays ({e}); remove the temporary folder to start over"
+            ) from None
+        for t in plan.tensors:
+            arr = self._arrays[t.name]
+            if (
+                tuple(arr.shape) != t.shape
+                or tuple(arr.chunks) != chunk_shape(t.shape, t.block_rows)
+                or str(arr.dtype) != STORED[t.out_dtype]
+            ):
+                raise ResumeError(
+                    f"{self.root}: array {escape_name(t.name)!r} differs from this run's plan; remove the temporary folder to start over"
+                )
+        return group
+
+    def write(self, tensor: TensorPlan, byte_offset: int, data: memoryview) -> None:
+        """Write `data` (whole rows: one block, whole chunks) at `byte_offset` inside `tensor`."""
+        row_bytes = _row_bytes(tensor)
+        r0 = byte_offset // row_bytes if row_bytes else 0
+        rows = np.frombuffer(data, dtype=STORED[tensor.out_dtype]).reshape(-1, *tensor.shape[1:])
+        arr = self._arrays[tensor.name]
+        try:
+            write_block(self.group, arr.basename, r0, rows)
+        except OSError as e:
+            raise OutputError(
+                f"{self.root}: writing rows {r0}.. of {tensor.name!r} failed: {e.strerror}; the journal is intact: "
+                "fix the cause and run the same command with --resume"
+            ) from None
+        step = arr.chunks[0] if arr.ndim else 1
+        for c in range(r0 // step, -(-(r0 + rows.shape[0]) // step) if arr.ndim else 1):
+            self._paths.add(self._chunk_path(arr, c))
+
+    def _chunk_path(self, arr: Any, c: int) -> Path:
+        coords = (c, *([0] * (arr.ndim - 1))) if arr.ndim else ()
+        return self.root / str(arr.basename) / str(arr.metadata.encode_chunk_key(coords))
+
+    def read_back(self, tensor: TensorPlan, byte_offset: int, nbytes: int) -> bytes:
+        """Bytes already written (a resumed tensor's prefix); a missing or damaged chunk reads as
+        zeros or nothing, so its checksum fails and the tensor is rewritten."""
+        row_bytes = _row_bytes(tensor)
+        arr = self._arrays[tensor.name]
+        step = (arr.chunks[0] if arr.ndim else 1) * row_bytes
+        out = bytearray()
+        pos = byte_offset
+        while pos < byte_offset + nbytes:
+            c = pos // step
+            chunk = self._chunk_bytes(tensor, arr, c, step)
+            if not chunk:
+                return bytes(out)
+            take = chunk[pos - c * step : byte_offset + nbytes - c * step]
+            out += take
+            pos += len(take)
+        return bytes(out)
+
+    def _chunk_bytes(self, tensor: TensorPlan, arr: Any, c: int, step: int) -> bytes:
+        if self._cache is not None and self._cache[:2] == (tensor.name, c):
+            return self._cache[2]
+        try:
+            data = (
+                arr[...]
+                if arr.ndim == 0
+                else arr[c * step // _row_bytes(tensor) : (c + 1) * step // _row_bytes(tensor)]
+            )
+        except Exception:  # a torn or damaged chunk: let the checksum fail
+            return b""
+        self._cache = (tensor.name, c, np.ascontiguousarray(data).tobytes())
+        return self._cache[2]
+
+    def sync(self) -> None:
+        """Make every chunk written since the last call durable: the file and each new folder's entry."""
+        folders = {d for p in self._paths for d in p.parents if d.is_relative_to(self.root) and d != self.root}
+        try:
+            for p in sorted(self._paths):
+                _fsync(p, os.O_RDONLY)
+            for d in sorted(folders):
+                _fsync(d, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise OutputError(f"{self.root}: flushing chunks to disk failed: {e.strerror}") from None
+        self._paths.clear()
+
+    def close(self) -> None:
+        self._cache = None
+
+
+def _row_bytes(t: TensorPlan) -> int:
+    return t.row_numel * itemsize(t.out_dtype) if t.shape else itemsize(t.out_dtype)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+        if not flags & os.O_DIRECTORY:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
