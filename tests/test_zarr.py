@@ -52,8 +52,10 @@ def spec_for(method: str, base: Path, models: list[Path]) -> MergeSpec:
     impl = METHODS[method]
     weighted = impl.param("weight") is not None
     refs = tuple(ModelRef(m, {"weight": w} if weighted else {}) for m, w in zip(models, [1.0, 0.5, -0.25]))
-    density = {"density": 0.5} if impl.param("density") is not None else {}
-    return MergeSpec(method, base, refs[: impl.max_models], density, seed=3)
+    params = {"density": 0.5} if impl.param("density") is not None else {}
+    if impl.param("t") is not None:  # nearswap has no default t
+        params["t"] = 0.3
+    return MergeSpec(method, base, refs[: impl.max_models], params, seed=3)
 
 
 @pytest.fixture(scope="module")
