@@ -75,7 +75,14 @@ def test_help_and_version_answer_without_importing_torch() -> None:
 def test_help_gives_examples_whole_descriptions_and_human_sizes() -> None:
     top = invoke("--help").output
     commands = top.split("Commands:\n")[1].split("\n\n")[0].splitlines()
-    assert [line.split(maxsplit=1)[0] for line in commands] == ["convert", "inspect", "merge", "plan", "sweep", "verify"]
+    assert [line.split(maxsplit=1)[0] for line in commands] == [
+        "convert",
+        "inspect",
+        "merge",
+        "plan",
+        "sweep",
+        "verify",
+    ]
     assert not any(line.endswith("...") for line in commands), commands  # whole, not cut
     assert "Example: leanmerge merge merge.yaml ./merged" in top
     for command in ("merge", "plan", "inspect", "verify", "convert", "sweep"):

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from engine import MergeSpec, ModelRef, merge
+from engine.cli import main
 from engine.errors import CheckpointError, ResumeError
 from engine.io.checkpoint import Reader, open_checkpoint
 from engine.io.fingerprint import fingerprint, input_change
@@ -20,6 +22,7 @@ from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE
 from engine.verify import verify
 
 from conftest import SHAPES, family_tensors, write_checkpoint
+from reference import load_model
 
 
 def write_bin(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
@@ -226,3 +229,15 @@ def test_a_killed_bin_merge_resumes_only_with_the_same_inputs(tmp_path: Path) ->
     merge(twin, tmp_path / "twin", block_bytes=160, model_card=False)
     assert payload(out) == payload(tmp_path / "twin")
     assert verify(out, spec).ok  # the output is the merge of these .bin inputs
+
+
+def test_convert_turns_a_bin_folder_into_its_safetensors_twin(tmp_path: Path) -> None:
+    """`leanmerge convert` reads a sharded `.bin` folder as any input: the tensors come out as
+    its safetensors twin's, bit for bit, and the output verifies."""
+    (st,), (pt,) = twins(tmp_path, torch.bfloat16, 2, n_models=0)
+    result = CliRunner().invoke(main, ["convert", str(pt), str(tmp_path / "out"), "--to", "safetensors"])
+    assert result.exit_code == 0, result.output
+    got, want = load_model(tmp_path / "out"), load_model(st)
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[n].reshape(-1).view(torch.uint8), want[n].reshape(-1).view(torch.uint8)) for n in want)
+    assert verify(tmp_path / "out").ok
