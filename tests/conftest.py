@@ -14,6 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from engine.methods.registry import METHODS
+from engine.spec import MergeSpec, ModelRef
+
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=40)
 settings.register_profile("dev", deadline=None, max_examples=40)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
@@ -111,3 +114,15 @@ def shape_dicts(low: int = 0, high: int = 13) -> st.SearchStrategy[dict[str, tup
     [low, high] (0: an empty tensor): the shapes the block-wise property tests draw."""
     shape = st.lists(st.integers(low, high), min_size=0, max_size=3).map(tuple)
     return st.dictionaries(st.sampled_from(["a", "b.weight", "c.bias"]), shape, min_size=1, max_size=3)
+
+
+def valid_spec(method: str, base: Path, models: Sequence[Path]) -> MergeSpec:
+    """A `MergeSpec` of `method` with valid parameters: weights where it takes them, density 0.5,
+    t 0.3 (nearswap has no default), at most its number of models."""
+    impl = METHODS[method]
+    weighted = impl.param("weight") is not None
+    refs = tuple(ModelRef(m, {"weight": w} if weighted else {}) for m, w in zip(models, [1.0, 0.5, -0.25]))
+    params: dict[str, float] = {"density": 0.5} if impl.param("density") is not None else {}
+    if impl.param("t") is not None:
+        params["t"] = 0.3
+    return MergeSpec(method, base, refs[: impl.max_models], params, seed=3)

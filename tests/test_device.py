@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_stats_methods import digests
 
-from engine import MergeSpec, ModelRef, merge
+from engine import merge
 from engine.budget import RESERVE, plan_memory
 from engine.cli import main
 from engine.device import CUDA_HOST_RESERVE, DEVICE_CHUNK_ELEMS, GPU_RESERVE, Staged, plan_device, resolve_device
@@ -29,7 +29,7 @@ from engine.methods import steps
 from engine.methods.registry import METHODS
 from engine.plan import Plan
 
-from conftest import MakeFamily, family_tensors, write_checkpoint
+from conftest import MakeFamily, family_tensors, valid_spec, write_checkpoint
 
 CUDA = torch.device("cuda", 0)  # a device object needs no GPU; nothing here allocates on it
 
@@ -153,20 +153,10 @@ def family(root: Path, n_models: int, dtype: torch.dtype) -> tuple[Path, list[Pa
     return base, [write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:], 1)]
 
 
-def spec_for(method: str, base: Path, models: list[Path]) -> MergeSpec:
-    """`method` with valid parameters: weights where it takes them, density 0.5, at most its
-    number of models."""
-    impl = METHODS[method]
-    weighted = impl.param("weight") is not None
-    refs = tuple(ModelRef(m, {"weight": w} if weighted else {}) for m, w in zip(models, [1.0, 0.5, -0.25]))
-    density = {"density": 0.5} if impl.param("density") is not None else {}
-    return MergeSpec(method, base, refs[: impl.max_models], density, seed=3)
-
-
 @pytest.mark.parametrize("method", MERGING)
 def test_staged_equals_direct_for_every_method(method: str, tmp_path: Path) -> None:
     base, models = family(tmp_path / "f", 3, torch.bfloat16)
-    spec = spec_for(method, base, models)
+    spec = valid_spec(method, base, models)
     direct = digests(Path(merge(spec, tmp_path / "direct", block_bytes=300).output))
     with staged_on_cpu(50) as moved:
         staged = digests(Path(merge(spec, tmp_path / "staged", block_bytes=300).output))
@@ -186,7 +176,7 @@ def test_staged_any_block_and_chunk(
 ) -> None:
     root = tmp_path_factory.mktemp("staged")
     base, models = family(root, 2, dtype)
-    spec = spec_for(method, base, models)
+    spec = valid_spec(method, base, models)
     want = digests(Path(merge(spec, root / "direct", block_bytes=block_bytes).output))
     with staged_on_cpu(chunk) as moved:
         got = digests(Path(merge(spec, root / "staged", block_bytes=block_bytes).output))
@@ -195,7 +185,7 @@ def test_staged_any_block_and_chunk(
 
 def test_report_names_the_device(tiny_family: MakeFamily, tmp_path: Path) -> None:
     base, models = tiny_family(2)
-    report = merge(spec_for("dare_ties", base, models), tmp_path / "out", device="cpu")
+    report = merge(valid_spec("dare_ties", base, models), tmp_path / "out", device="cpu")
     assert (report.device, report.peak_gpu_memory, report.predicted_peak_gpu_memory) == ("cpu", 0, 0)
 
 
@@ -208,7 +198,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cuda_plan(tiny_family: MakeFamily, monkeypatch: pytest.MonkeyPatch) -> None:
     base, models = tiny_family(2)
-    spec = spec_for("dare_ties", base, models)
+    spec = valid_spec("dare_ties", base, models)
     fake_gpu(monkeypatch)
     plan = prepare(spec, max_memory=1 << 30, baseline=200 << 20, device="cuda", max_gpu_memory=1 << 30)[1]
     assert plan.device.device == "cuda:0" and plan.device.budget == 1 << 30
@@ -305,7 +295,7 @@ def test_auto_falls_back_to_the_cpu_when_the_gpu_is_full(
 ) -> None:
     """A GPU another job has filled: auto merges on the CPU (and says so); cuda asked for is an error."""
     base, models = tiny_family(2)
-    spec = spec_for("dare_ties", base, models)
+    spec = valid_spec("dare_ties", base, models)
     fake_gpu(monkeypatch)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (1 << 20, 80 << 30))  # 1 MiB free
     with caplog.at_level("WARNING"):

@@ -18,7 +18,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from engine import MergeSpec, ModelRef, merge
+from engine import merge
 from engine.cli import main
 from engine.dtypes import DTYPES
 from engine.errors import ResumeError, SpecError
@@ -29,7 +29,7 @@ from engine.merge import prepare
 from engine.methods.registry import METHODS
 from engine.verify import verify
 
-from conftest import family_tensors, write_checkpoint
+from conftest import family_tensors, valid_spec, write_checkpoint
 from reference import load_model
 
 SHAPES = {"layers.0.w": (37, 12), "layers.1/odd name%": (5, 3, 4), "norm": (12,), "scale": ()}
@@ -48,16 +48,6 @@ def load_zarr(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def spec_for(method: str, base: Path, models: list[Path]) -> MergeSpec:
-    impl = METHODS[method]
-    weighted = impl.param("weight") is not None
-    refs = tuple(ModelRef(m, {"weight": w} if weighted else {}) for m, w in zip(models, [1.0, 0.5, -0.25]))
-    params = {"density": 0.5} if impl.param("density") is not None else {}
-    if impl.param("t") is not None:  # nearswap has no default t
-        params["t"] = 0.3
-    return MergeSpec(method, base, refs[: impl.max_models], params, seed=3)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     root = tmp_path_factory.mktemp("zfam")
@@ -69,7 +59,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 @pytest.mark.parametrize("method", MERGING)
 def test_zarr_merge_equals_safetensors_merge(method: str, family: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    spec = spec_for(method, *family)
+    spec = valid_spec(method, *family)
     merge(spec, tmp_path / "st", block_bytes=200, handle_signals=False)
     merge(spec, tmp_path / "z", block_bytes=200, handle_signals=False, out_format="zarr", compress="zstd:5")
     want, got = load_model(tmp_path / "st"), load_zarr(tmp_path / "z")
@@ -83,7 +73,7 @@ def test_zarr_merge_equals_safetensors_merge(method: str, family: tuple[Path, li
 
 
 def test_layout_attributes_and_chunks(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    spec = spec_for("dare_ties", *family)
+    spec = valid_spec("dare_ties", *family)
     merge(spec, tmp_path / "z", block_bytes=100, handle_signals=False, out_format="zarr", compress="blosc")
     group = zarr.open_group(tmp_path / "z" / "model.zarr", mode="r")
     arr = group["layers.1%2Fodd%20name%25"]
@@ -99,7 +89,7 @@ def test_layout_attributes_and_chunks(family: tuple[Path, list[Path]], tmp_path:
 
 
 def test_verify_names_a_damaged_chunk_and_a_missing_one(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    spec = spec_for("task_arithmetic", *family)
+    spec = valid_spec("task_arithmetic", *family)
     out = tmp_path / "z"
     merge(spec, out, block_bytes=200, handle_signals=False, out_format="zarr")
     chunk = out / "model.zarr/layers.0.w/c/1/0"
@@ -117,7 +107,7 @@ def test_verify_names_a_damaged_chunk_and_a_missing_one(family: tuple[Path, list
 def test_overwrite_replaces_a_zarr_output_but_compress_needs_zarr(
     family: tuple[Path, list[Path]], tmp_path: Path
 ) -> None:
-    spec = spec_for("linear", *family)
+    spec = valid_spec("linear", *family)
     out = tmp_path / "z"
     merge(spec, out, handle_signals=False, out_format="zarr")
     merge(spec, out, handle_signals=False, out_format="zarr", compress="zstd", overwrite=True)
@@ -176,7 +166,7 @@ def test_killed_zarr_merge_resumes_to_the_same_bytes(family: tuple[Path, list[Pa
 
 
 def test_resume_takes_the_interrupted_runs_chunks_where_the_budget_allows(family: tuple[Path, list[Path]]) -> None:
-    plan = prepare(spec_for("linear", *family), block_bytes=200)[1]  # 100 elements: 8 rows of 12
+    plan = prepare(valid_spec("linear", *family), block_bytes=200)[1]  # 100 elements: 8 rows of 12
     rows = {t.name: t.block_rows for t in zarr_blocks(plan).tensors}
     assert rows == {"layers.0.w": 8, "layers.1/odd name%": 5, "norm": 12, "scale": 1}
     assert zarr_blocks(plan, {"layers.0.w": 4}).tensors[0].block_rows == 4
