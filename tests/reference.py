@@ -8,7 +8,7 @@ difference is a blocking bug, not rounding.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -318,20 +318,31 @@ def stats_merge(
     return base + (mixed * lam if lam != 1.0 else mixed)
 
 
-def merge_folders_stats(
-    method: str, base_dir: Path, model_dirs: Sequence[Path], out_dtype: torch.dtype | None = None, **params: object
+def merge_per_tensor(
+    fn: Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor],
+    base_dir: Path,
+    model_dirs: Sequence[Path],
+    out_dtype: torch.dtype | None = None,
+    keep_empty: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """`merge_folders` for the tensor-wide-statistics methods (see `stats_merge`)."""
+    """`fn(name, base, models)` on the float32 copies of every float tensor of the folders, cast to
+    the base's dtype (or `out_dtype`); other tensors (and empty ones, with `keep_empty`) as they are."""
     base = load_model(base_dir)
     models = [load_model(d) for d in model_dirs]
     out = {}
     for name, b in base.items():
-        if b.dtype not in FLOATS:
+        if b.dtype not in FLOATS or (keep_empty and b.numel() == 0):
             out[name] = b
             continue
-        r = stats_merge(method, name, b.float(), [m[name].float() for m in models], **params)
-        out[name] = r.to(out_dtype or b.dtype)
+        out[name] = fn(name, b.float(), [m[name].float() for m in models]).to(out_dtype or b.dtype)
     return out
+
+
+def merge_folders_stats(
+    method: str, base_dir: Path, model_dirs: Sequence[Path], out_dtype: torch.dtype | None = None, **params: object
+) -> dict[str, torch.Tensor]:
+    """`merge_folders` for the tensor-wide-statistics methods (see `stats_merge`)."""
+    return merge_per_tensor(lambda n, b, ms: stats_merge(method, n, b, ms, **params), base_dir, model_dirs, out_dtype)
 
 
 def stack_layers(parts: Sequence[tuple[dict[str, torch.Tensor], int, int]]) -> dict[str, torch.Tensor]:

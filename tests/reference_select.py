@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reference import FLOATS, load_model, model_stock_ref, pairwise_sum
+from reference import merge_per_tensor, model_stock_ref, pairwise_sum
 
 
 def _model_sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -116,13 +116,5 @@ def merge_folders_select(
     method: str, base_dir: Path, model_dirs: Sequence[Path], out_dtype: torch.dtype | None = None, **params: object
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the folders merged by `select_merge`, cast to the base's dtype (or `out_dtype`)."""
-    base = load_model(base_dir)
-    models = [load_model(d) for d in model_dirs]
-    out = {}
-    for name, b in base.items():
-        if b.dtype not in FLOATS or b.numel() == 0:
-            out[name] = b
-            continue
-        r = select_merge(method, b.float(), [m[name].float() for m in models], **params)
-        out[name] = r.to(out_dtype or b.dtype)
-    return out
+    merged = lambda _, b, ms: select_merge(method, b, ms, **params)  # noqa: E731
+    return merge_per_tensor(merged, base_dir, model_dirs, out_dtype, keep_empty=True)
