@@ -2,7 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch that lies on these machines; elsewhere pip resolves torch>=2.2 normally.
+# The CPU wheel of torch that lies on these machines; elsewhere pip resolves torch>=2.5 normally.
 TORCH_CPU ?= torch==2.13.0
 
 .PHONY: demo test lint bench bench-quick clean
@@ -10,7 +10,7 @@ TORCH_CPU ?= torch==2.13.0
 $(BIN)/leanmerge: pyproject.toml setup.py $(wildcard engine/stats/csrc/*.c engine/stats/csrc/*.h)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_CPU)" || echo "no local $(TORCH_CPU) wheel; pip will pick torch>=2.2"
+	$(BIN)/pip install -q "$(TORCH_CPU)" || echo "no local $(TORCH_CPU) wheel; pip will pick torch>=2.5"
 	$(BIN)/pip install -q -e ".[test,bench,fast]"
 	touch $@
 

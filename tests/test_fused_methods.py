@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_steps import inputs, needs_kernel, widened
+from test_steps import inputs, narrowed, needs_kernel, widened
 
 from engine.methods import della, steps
 from engine.methods.base import Chunk, Method, TensorParams
@@ -98,8 +98,8 @@ def test_the_c_gives_the_bytes_of_apply_and_of_the_torch_steps(
     c = Chunk(rngs, start, n)
     program = method.steps(p, stats, k)
     assert program is not None
-    want = method.apply(widened(raw[0]), [widened(x) for x in raw[1:]], p, stats, c).to(out_dtype)
-    by_steps = steps.run([widened(x) for x in raw], program, c).to(out_dtype)
+    want = narrowed(method.apply(widened(raw[0]), [widened(x) for x in raw[1:]], p, stats, c), out_dtype)
+    by_steps = narrowed(steps.run([widened(x) for x in raw], program, c), out_dtype)
     got = torch.empty(n, dtype=out_dtype)
     bounds = sorted({0, n, *(min(x, n) for x in cut_at)})
     with mock.patch.object(pairwise, "c_threads", lambda: threads):

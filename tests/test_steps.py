@@ -59,6 +59,13 @@ def widened(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(pad)]).float()[: len(x)].clone()
 
 
+def narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` cast to `dtype` as torch's vectorised cast does: its scalar loop (the last elements, or a
+    short tensor) gives a float16 NaN other bits in some torch versions (2.5: 0x7FFF)."""
+    pad = (-len(x)) % 64
+    return torch.cat([x, x.new_zeros(pad)]).to(dtype)[: len(x)].clone()
+
+
 @needs_kernel
 @settings(max_examples=60, deadline=None)
 @given(
@@ -72,8 +79,9 @@ def test_the_c_gives_the_bytes_of_the_torch_ops(
     n: int, program: list[Step], dtypes: list[torch.dtype], out_dtype: torch.dtype, seed: int
 ) -> None:
     raw = inputs(n, dtypes, seed)
-    want = torch.empty(n, dtype=out_dtype)
-    want.copy_(steps.run([widened(x) for x in raw], program))  # the eager path: float32 copies, the cast
+    want = narrowed(
+        steps.run([widened(x) for x in raw], program), out_dtype
+    )  # the eager path: float32 copies, the cast
     got = torch.empty(n, dtype=out_dtype)
     assert steps.fused(raw, program, got)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit
