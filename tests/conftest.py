@@ -83,28 +83,36 @@ def family_tensors(
 MakeFamily = Callable[..., tuple[Path, list[Path]]]
 
 
+def write_family(
+    root: Path,
+    n_models: int = 2,
+    *,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    shards: int = 1,
+    base_shards: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+) -> tuple[Path, list[Path]]:
+    """Write a base and `n_models` fine-tunes under `root` (`dtypes`: one per folder, base first;
+    `base_shards`: the base's shards where they differ); returns (base_dir, [model_dirs])."""
+    sets = family_tensors(shapes or SHAPES, n_models, seed, dtype)
+    if dtypes is not None:
+        sets = [{n: t.to(d) for n, t in s.items()} for s, d in zip(sets, dtypes)]
+    base = write_checkpoint(root / "base", sets[0], shards if base_shards is None else base_shards)
+    models = [write_checkpoint(root / f"ft{i}", s, shards) for i, s in enumerate(sets[1:], 1)]
+    return base, models
+
+
 @pytest.fixture
 def tiny_family(tmp_path: Path) -> MakeFamily:
-    """Write a base and fine-tunes under tmp_path; returns (base_dir, [model_dirs])."""
+    """Write a base and fine-tunes under tmp_path (`write_family`'s arguments); returns
+    (base_dir, [model_dirs])."""
     counter = [0]
 
-    def make(
-        n_models: int = 2,
-        *,
-        shapes: dict[str, tuple[int, ...]] | None = None,
-        seed: int = 0,
-        dtype: torch.dtype = torch.bfloat16,
-        shards: int = 1,
-        dtypes: Sequence[torch.dtype] | None = None,
-    ) -> tuple[Path, list[Path]]:
+    def make(n_models: int = 2, **kw: object) -> tuple[Path, list[Path]]:
         counter[0] += 1
-        root = tmp_path / f"family{counter[0]}"
-        sets = family_tensors(shapes or SHAPES, n_models, seed, dtype)
-        if dtypes is not None:
-            sets = [{n: t.to(d) for n, t in s.items()} for s, d in zip(sets, dtypes)]
-        base = write_checkpoint(root / "base", sets[0], shards)
-        models = [write_checkpoint(root / f"ft{i}", s, shards) for i, s in enumerate(sets[1:], 1)]
-        return base, models
+        return write_family(tmp_path / f"family{counter[0]}", n_models, **kw)  # type: ignore[arg-type]
 
     return make
 

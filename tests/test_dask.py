@@ -15,7 +15,6 @@ from typing import Any
 
 import psutil
 import pytest
-import torch
 from click.testing import CliRunner
 from test_resume import digests
 
@@ -23,7 +22,7 @@ from engine import MergeSpec, ModelRef, merge
 from engine.cli import main
 from engine.io.output import temp_dir_for
 
-from conftest import family_tensors, write_checkpoint
+from conftest import write_family
 
 distributed = pytest.importorskip("distributed")
 from engine.cluster.runner import DaskRunner  # noqa: E402
@@ -40,11 +39,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    root = tmp_path_factory.mktemp("dask")
-    sets = family_tensors(SHAPES, 2, 5, torch.bfloat16)
-    return write_checkpoint(root / "base", sets[0], 2), [
-        write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:])
-    ]
+    return write_family(tmp_path_factory.mktemp("dask"), 2, shapes=SHAPES, seed=5, base_shards=2)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from engine.methods import steps
 from engine.methods.registry import METHODS
 from engine.plan import Plan
 
-from conftest import MakeFamily, family_tensors, valid_spec, write_checkpoint
+from conftest import MakeFamily, valid_spec, write_family
 
 CUDA = torch.device("cuda", 0)  # a device object needs no GPU; nothing here allocates on it
 
@@ -148,9 +148,7 @@ MERGING = sorted(m for m in METHODS if METHODS[m].min_models > 0)
 
 
 def family(root: Path, n_models: int, dtype: torch.dtype) -> tuple[Path, list[Path]]:
-    sets = family_tensors(SHAPES, n_models, 7, dtype)
-    base = write_checkpoint(root / "base", sets[0])
-    return base, [write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:], 1)]
+    return write_family(root, n_models, shapes=SHAPES, seed=7, dtype=dtype)
 
 
 @pytest.mark.parametrize("method", MERGING)

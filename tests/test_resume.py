@@ -20,7 +20,7 @@ from engine import MergeSpec, ModelRef, OutputError, ResumeError, merge
 from engine.cli import main
 from engine.io.output import temp_dir_for
 
-from conftest import family_tensors, write_checkpoint
+from conftest import write_family
 from reference import load_model
 
 SHAPES = {f"layers.{i}.w": (257, 96) for i in range(12)} | {"norm": (96,), "scale": ()}
@@ -35,11 +35,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    root = tmp_path_factory.mktemp("resume")
-    sets = family_tensors(SHAPES, 3, 1, torch.bfloat16)
-    return write_checkpoint(root / "base", sets[0], 2), [
-        write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:])
-    ]
+    return write_family(tmp_path_factory.mktemp("resume"), 3, shapes=SHAPES, seed=1, base_shards=2)
 
 
 def cli_args(family: tuple[Path, list[Path]], out: Path) -> list[str]:

@@ -29,7 +29,7 @@ from engine.merge import prepare
 from engine.methods.registry import METHODS
 from engine.verify import verify
 
-from conftest import family_tensors, valid_spec, write_checkpoint
+from conftest import valid_spec, write_family
 from reference import load_model
 
 SHAPES = {"layers.0.w": (37, 12), "layers.1/odd name%": (5, 3, 4), "norm": (12,), "scale": ()}
@@ -50,11 +50,9 @@ def load_zarr(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    root = tmp_path_factory.mktemp("zfam")
-    sets = family_tensors(SHAPES, 3, 5, torch.bfloat16)
-    base = write_checkpoint(root / "base", sets[0], 2)
+    base, models = write_family(tmp_path_factory.mktemp("zfam"), 3, shapes=SHAPES, seed=5, base_shards=2)
     (base / "config.json").write_text('{"model_type": "llama"}')
-    return base, [write_checkpoint(root / f"ft{i}", s) for i, s in enumerate(sets[1:])]
+    return base, models
 
 
 @pytest.mark.parametrize("method", MERGING)
