@@ -55,7 +55,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from engine.rng import KeyedRng, _block_keys, keep_threshold  # noqa: E402
+from engine.rng import KeyedRng, keep_threshold  # noqa: E402
+from engine.rng_hash import block_keys as _block_keys  # noqa: E402
 
 M32 = 0xFFFFFFFF
 M1, M2, M3 = 0x9E3779B9, 0x7FEB352D, 0x846CA68B

@@ -41,12 +41,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from engine import config_yaml
+from engine.config_yaml import MAX_CONFIG_BYTES, MAX_LIST_ITEMS, MAX_NODES, Map, Seq, load_yaml, only_keys
 from engine.defaults import VOCAB_POLICIES
 from engine.dtypes import parse_out_dtype
 from engine.errors import SpecError
-from engine.gradient import Filtered, Gradient, Rule, Setting
+from engine.gradient import Setting
 from engine.hub import HubCache, resolve_model
 from engine.methods.base import Method
 from engine.methods.registry import METHODS
@@ -56,6 +56,8 @@ from engine.spec import DEFAULT_SEED, IGNORED_PARAMS, MergeSpec, ModelRef, check
 from engine.tokens import TokenizerSpec, check_chat_template, parse_tokenizer
 
 log = logging.getLogger(__name__)
+
+__all__ = ["MAX_CONFIG_BYTES", "MAX_LIST_ITEMS", "MAX_NODES", "load_config"]
 
 TOP_KEYS = (
     "merge_method",
@@ -80,78 +82,9 @@ UNSUPPORTED_KEYS = {
 }
 # Parameters mergekit's methods take: accepted for any method, ignored (with a note) when unused.
 MERGEKIT_PARAMS = frozenset({"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t"})
-# Bounds on what a config may ask the parser to build, checked before and while it parses: YAML
-# nodes take ~150 bytes of RAM per byte of text (a 48 MB weight list took 7.4 GB), outside the
-# merge's budget. A real config is a few KiB; a gradient has one entry per layer.
-MAX_CONFIG_BYTES = 1 << 20
-MAX_NODES = 100_000
-MAX_LIST_ITEMS = 4096
 
 
 SliceParams = tuple[tuple[dict[str, Setting], ...], ...]  # per slice, each role's own parameters
-
-
-class _Map(dict[str, Any]):
-    """A YAML mapping that remembers the line of each key (1-based)."""
-
-    line: int
-    lines: dict[str, int]
-
-
-class _Seq(list[Any]):
-    """A YAML sequence that remembers the line of each item (1-based)."""
-
-    line: int
-    lines: list[int]
-
-
-class _LineError(Exception):
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings and sequences carry line numbers; duplicate keys are errors;
-    at most `MAX_NODES` nodes are built."""
-
-    nodes = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        self.nodes += 1
-        if self.nodes > MAX_NODES:
-            raise _LineError(self.line + 1, f"more than {MAX_NODES} YAML values; a merge config is far smaller")
-        return super().compose_node(parent, index)
-
-
-def _construct_map(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    out = _Map()
-    out.line, out.lines = node.start_mark.line + 1, {}
-    for key_node, value_node in node.value:
-        line = key_node.start_mark.line + 1
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise _LineError(line, f"key {key!r} must be a string")
-        if key in out:
-            raise _LineError(line, f"duplicate key {key!r} (first on line {out.lines[key]})")
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.lines[key] = line
-    return out
-
-
-def _construct_seq(loader: yaml.SafeLoader, node: yaml.SequenceNode) -> _Seq:
-    if len(node.value) > MAX_LIST_ITEMS:
-        raise _LineError(
-            node.start_mark.line + 1, f"a list of {len(node.value)} items; at most {MAX_LIST_ITEMS} are accepted"
-        )
-    out = _Seq(loader.construct_object(child, deep=True) for child in node.value)
-    out.line, out.lines = node.start_mark.line + 1, [child.start_mark.line + 1 for child in node.value]
-    return out
-
-
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
 def load_config(
@@ -178,50 +111,25 @@ def load_config(
         >>> spec = load_config("merge.yaml")  # doctest: +SKIP
     """
     path = Path(path)
-    try:
-        doc = yaml.load(_read_text(path), Loader=_LineLoader)  # a SafeLoader subclass
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read config: {e.strerror}") from None
-    except _LineError as e:
-        raise SpecError(f"{path}:{e.line}: {e}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(doc, _Map):
+    doc = load_yaml(path)
+    if not isinstance(doc, Map):
         raise SpecError(f"{path}: a config must be a mapping with merge_method, base_model and models")
     return _Config(path, doc, check_paths, hub).spec({k: v for k, v in (overrides or {}).items() if v is not None})
-
-
-def _read_text(path: Path) -> str:
-    """The config's text, refused past `MAX_CONFIG_BYTES` before any of it is parsed."""
-    with open(path, "rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)  # a bound even for a device or a pipe
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise SpecError(
-            f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a merge config is a few KiB (is this the right file?)"
-        )
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SpecError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 class _Config:
     """One parse of one file: knows the file name for error messages."""
 
-    def __init__(self, path: Path, doc: _Map, check_paths: bool, hub: HubCache | None = None) -> None:
+    def __init__(self, path: Path, doc: Map, check_paths: bool, hub: HubCache | None = None) -> None:
         self.path, self.doc, self.check_paths, self.hub = path, doc, check_paths, hub
         self.root = path.parent
 
     def error(self, line: int, message: str) -> SpecError:
         return SpecError(f"{self.path}:{line}: {message}")
 
-    def only_keys(self, m: _Map, allowed: tuple[str, ...], where: str, context: str = "") -> None:
+    def only_keys(self, m: Map, allowed: tuple[str, ...], where: str, context: str = "") -> None:
         """Refuse any key of `m` not in `allowed`, naming its line."""
-        for key in m:
-            if key not in allowed:
-                raise self.error(
-                    m.lines[key], f"{where}: unsupported key {key!r}{context} (supported: {', '.join(allowed)})"
-                )
+        only_keys(m, allowed, where, self.error, context)
 
     def spec(self, overrides: dict[str, Any]) -> MergeSpec:
         doc = self.doc
@@ -315,7 +223,7 @@ class _Config:
         """
         doc = self.doc
         raw, line = doc["slices"], doc.lines["slices"]
-        if not isinstance(raw, _Seq) or not raw:
+        if not isinstance(raw, Seq) or not raw:
             raise self.error(line, "'slices' must be a non-empty list of {sources: [{model, layer_range}, ...]}")
         base = self.folder(doc["base_model"], doc.lines["base_model"], "base_model") if "base_model" in doc else None
         if base is None and method.uses_base and method.name != "passthrough":
@@ -343,16 +251,16 @@ class _Config:
     def slice_sources(
         self, entry: Any, line: int, where: str, method: Method
     ) -> list[tuple[SliceSource, dict[str, Setting], int]]:
-        if not isinstance(entry, _Map) or "sources" not in entry:
+        if not isinstance(entry, Map) or "sources" not in entry:
             raise self.error(line, f"{where} must be a mapping with 'sources'")
         self.only_keys(entry, ("sources",), where)
         raw, at = entry["sources"], entry.lines["sources"]
-        if not isinstance(raw, _Seq) or not raw:
+        if not isinstance(raw, Seq) or not raw:
             raise self.error(at, f"{where}.sources must be a non-empty list of {{model, layer_range}}")
         out = []
         for j, (src, src_line) in enumerate(zip(raw, raw.lines)):
             here = f"{where}.sources[{j}]"
-            if not isinstance(src, _Map) or "model" not in src or "layer_range" not in src:
+            if not isinstance(src, Map) or "model" not in src or "layer_range" not in src:
                 raise self.error(src_line, f"{here} must be a mapping with 'model' and 'layer_range'")
             self.only_keys(src, SOURCE_KEYS, here)
             folder = self.folder(src["model"], src.lines["model"], f"{here}.model")
@@ -382,7 +290,7 @@ class _Config:
 
     def layer_range(self, value: Any, line: int, where: str) -> tuple[int, int]:
         ok = (
-            isinstance(value, _Seq)
+            isinstance(value, Seq)
             and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         )
@@ -392,12 +300,12 @@ class _Config:
 
     def models(self, method: Method) -> list[ModelRef]:
         entries, line = self.doc["models"], self.doc.lines["models"]
-        if not isinstance(entries, _Seq) or not entries:
+        if not isinstance(entries, Seq) or not entries:
             raise self.error(line, "'models' must be a non-empty list of {model: PATH, parameters: {...}}")
         refs = []
         for i, (entry, item_line) in enumerate(zip(entries, entries.lines)):
             where = f"models[{i}]"
-            if not isinstance(entry, _Map) or "model" not in entry:
+            if not isinstance(entry, Map) or "model" not in entry:
                 raise self.error(item_line, f"{where} must be a mapping with a 'model' key")
             self.only_keys(entry, MODEL_KEYS, where)
             folder = self.folder(entry["model"], entry.lines["model"], f"{where}.model")
@@ -428,7 +336,7 @@ class _Config:
         """A `parameters` mapping: each value a number, bool, string, gradient or filter rules."""
         if value is None:
             return {}
-        if not isinstance(value, _Map):
+        if not isinstance(value, Map):
             raise self.error(line, f"{where} must be a mapping of name: value")
         known = MERGEKIT_PARAMS | {d.name for m in METHODS.values() for d in m.params}
         out: dict[str, Setting] = {}
@@ -445,41 +353,10 @@ class _Config:
                     )  # fmt: skip
                 log.warning("%s:%d: %s.%s is not used by %s; ignored", self.path, at, where, name, method.name)
                 continue
-            setting = self.setting(raw, at, f"{where}.{name}")
+            setting = config_yaml.setting(raw, at, f"{where}.{name}", self.error)
             check_params(method, {name: setting}, f"{self.path}:{at}: {where}", per_model=per_model)
             out[name] = setting
         return out
-
-    def setting(self, raw: Any, line: int, where: str) -> Setting:
-        """A plain value, a gradient (list of numbers) or filter rules (list of {filter, value})."""
-        if isinstance(raw, (bool, int, float, str)):
-            return raw
-        if isinstance(raw, _Map):
-            return Filtered((self.rule(raw, line, where),))
-        if isinstance(raw, _Seq) and raw:
-            if all(_is_number(v) for v in raw):
-                return Gradient(tuple(float(v) for v in raw))
-            if all(isinstance(v, _Map) for v in raw):
-                return Filtered(
-                    tuple(self.rule(v, at, f"{where}[{i}]") for i, (v, at) in enumerate(zip(raw, raw.lines)))
-                )
-            raise self.error(line, f"{where}: a list must be all numbers (a gradient) or all {{filter, value}} rules")
-        raise self.error(line, f"{where}: expected a number, true/false, a string or a gradient list, got {raw!r}")
-
-    def rule(self, raw: _Map, line: int, where: str) -> Rule:
-        self.only_keys(raw, ("filter", "value"), where, " in a rule")
-        if "value" not in raw:
-            raise self.error(line, f"{where}: a rule needs a 'value'")
-        filt, value, at = raw.get("filter"), raw["value"], raw.lines["value"]
-        if filt is not None and not isinstance(filt, str):
-            raise self.error(raw.lines["filter"], f"{where}.filter must be a string, got {filt!r}")
-        if isinstance(value, _Seq) and value and all(_is_number(v) for v in value):
-            return Rule(filt, Gradient(tuple(float(v) for v in value)))
-        if isinstance(value, (bool, int, float, str)):
-            return Rule(filt, value)
-        raise self.error(
-            at, f"{where}.value: expected a number, true/false, a string or a gradient list, got {value!r}"
-        )
 
     def out_dtype(self) -> str | None:
         for key in ("out_dtype", "dtype"):
@@ -547,7 +424,3 @@ class _Config:
         if problem:
             raise self.error(self.doc.lines["chat_template"], f"chat_template {problem}")
         return str(value)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

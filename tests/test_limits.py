@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from engine import cgroup, execute
+from engine import cgroup, prefetch
 from engine.budget import GiB, MiB, cgroup_limit, choose_budget, default_budget
 from engine.cli import main
 from engine.config import MAX_LIST_ITEMS, MAX_NODES
@@ -157,7 +157,7 @@ def test_thread_start_failure_is_one_line(
         def __init__(self, *args: object, **kwargs: object) -> None:
             raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(execute, "ThreadPoolExecutor", NoThreads)
+    monkeypatch.setattr(prefetch, "ThreadPoolExecutor", NoThreads)
     spec = MergeSpec("task_arithmetic", base, (ModelRef(model, {}),), {})
     with pytest.raises(BudgetError) as err:
         merge(spec, out)

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import rng as rng_mod
+from engine import rng_hash
 from engine.rng import KeyedRng, keep_threshold, stream_key
 
 M32 = 0xFFFFFFFF
@@ -145,12 +146,12 @@ def test_int32_multiply_wraps_like_python() -> None:
     vals = [0, 1, -1, 2**31 - 1, -(2**31), 123456789, -987654321]
     x = torch.tensor(vals, dtype=torch.int32)
     for mul in (0x9E3779B9, 0x7FEB352D, 0x846CA68B):
-        got = u32(x * rng_mod._s32(mul)).tolist()
+        got = u32(x * rng_hash._s32(mul)).tolist()
         assert got == [((v & M32) * mul) & M32 for v in vals]
         fused = x.clone()
-        rng_mod._affine(fused, mul, torch.tensor(rng_mod._s32(0xDEADBEEF), dtype=torch.int32))
+        rng_hash._affine(fused, mul, torch.tensor(rng_hash._s32(0xDEADBEEF), dtype=torch.int32))
         plain = x.clone()
-        rng_mod._affine(plain, mul, rng_mod._s32(0xDEADBEEF))
+        rng_hash._affine(plain, mul, rng_hash._s32(0xDEADBEEF))
         assert u32(fused).tolist() == u32(plain).tolist() == [((v & M32) * mul + 0xDEADBEEF) & M32 for v in vals]
 
 
@@ -162,9 +163,10 @@ def test_non_cpu_code_path_gives_same_bits(monkeypatch: pytest.MonkeyPatch, sub_
     start, n = 2**32 - 40_000, 150_000
     prob = torch.rand(n, generator=torch.Generator().manual_seed(1))
     want = (r.bits(start, n), r.keep(start, n, 0.3), r.uniform(start, n), r.keep_where(start, prob))
-    monkeypatch.setattr(rng_mod, "_consts", lambda values, dev: [rng_mod._s32(v) for v in values])
+    monkeypatch.setattr(rng_hash, "_consts", lambda values, dev: [rng_hash._s32(v) for v in values])
     if sub_block is not None:
-        monkeypatch.setattr(rng_mod, "sub_block_size", lambda dev: sub_block)
+        for module in (rng_mod, rng_hash):  # the word buffer (rng) and the hash loop (rng_hash)
+            monkeypatch.setattr(module, "sub_block_size", lambda dev: sub_block)
     got = (r.bits(start, n), r.keep(start, n, 0.3), r.uniform(start, n), r.keep_where(start, prob))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
