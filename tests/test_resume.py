@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +19,10 @@ from click.testing import CliRunner
 
 from engine import MergeSpec, ModelRef, OutputError, ResumeError, merge
 from engine.cli import main
+from engine.io.checkpoint import open_checkpoint
+from engine.io.fingerprint import fingerprint, input_change
 from engine.io.output import temp_dir_for
+from engine.io.record import header_sha256
 
 from conftest import write_family
 from reference import load_model
@@ -189,3 +193,32 @@ def test_disk_full_midway_then_resume(family: tuple[Path, list[Path]], small_fs:
     filler.unlink()
     merge(spec, out, block_bytes=2048, resume=True)
     assert digests(out) == digests(Path(merge(spec, tmp_path / "ref").output))
+
+
+def test_journal_and_folder_record_hash_the_same_header_read_in_their_stored_forms(
+    family: tuple[Path, list[Path]],
+) -> None:
+    """One reader of header bytes, two stored forms that must not change: a resume journal holds
+    the header's sha256 without its 8-byte length (as journals always have), an output index the
+    length and header (what `verify` compares)."""
+    base, _ = family
+    shard = sorted(base.glob("*.safetensors"))[0]
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    (first, *_) = fingerprint(open_checkpoint(base))
+    assert first["file"] == str(shard)
+    assert first["header_sha256"] == hashlib.sha256(raw[8 : 8 + n]).hexdigest()
+    assert header_sha256(shard) == hashlib.sha256(raw[: 8 + n]).hexdigest()
+
+
+def test_an_input_truncated_or_removed_since_it_was_read_is_named(tmp_path: Path) -> None:
+    """Finalize and --resume fingerprint the inputs again: a shard cut below its length prefix or
+    gone is a change told in one line (it was a struct.error / FileNotFoundError traceback)."""
+    base, _ = write_family(tmp_path, 1, shapes={"w": (5, 3)}, seed=2)
+    ckpt = open_checkpoint(base)
+    before = fingerprint(ckpt)
+    (shard,) = base.glob("*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:4])
+    assert input_change(before, fingerprint(ckpt)) == f"input {shard} has another header or size"
+    shard.unlink()
+    assert input_change(before, fingerprint(ckpt)) == f"input {shard} can no longer be read (No such file or directory)"

@@ -12,6 +12,12 @@ merge's reads again) could check those fully. Three page reads per tensor cost m
 (see `bench/fingerprint_cost.py`), and the same fingerprint taken again at finalize catches an
 input that changed while the merge was reading it, before anything is renamed into place. What
 it cannot see: an edit that keeps size and mtime and spares the sampled pages.
+
+The header bytes are read by the same function as the output's folder record
+(`engine.io.record.read_header`); the two stored hashes differ on purpose and must stay as they
+are, because each is compared with hashes written by earlier runs: a resume journal's
+`header_sha256` is of the header without its 8-byte length (the form journals have always held),
+an output index's `shard_header_sha256` (what `leanmerge verify` checks) of the length and header.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import Any
 
 from engine.io.checkpoint import Checkpoint
 from engine.io.crc import crc32
-from engine.io.header import MAX_HEADER_BYTES, TensorInfo
+from engine.io.header import TensorInfo
 from engine.io.lora import ADAPTER_CONFIG, LoraCheckpoint
+from engine.io.record import read_header
 from engine.io.torch_bin import directory_bytes
 from engine.io.zarr_reader import ZarrCheckpoint, zarr_fingerprint
 
@@ -49,26 +56,25 @@ def fingerprint(ckpt: Checkpoint) -> list[dict[str, Any]]:
         out.append({"file": str(ckpt.folder / ADAPTER_CONFIG), "config_sha256": hashlib.sha256(config).hexdigest()})
     for shard in ckpt.shards:
         tensors = [t for t in source.tensors.values() if t.file == shard]
-        with open(shard, "rb") as f:
-            head = directory_bytes(f) if shard.suffix == ".bin" else _header_bytes(f)
-            st = os.fstat(f.fileno())
-            samples = {t.name: f"{_sample_crc(f.fileno(), t):08x}" for t in tensors}
-        out.append(
-            {
-                "file": str(shard),
-                "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns,
-                "header_sha256": hashlib.sha256(head).hexdigest(),
-                "samples": samples,
-            }
-        )
+        try:
+            out.append(_shard_fingerprint(shard, tensors))
+        except OSError as e:  # gone or unreadable since it was opened: a change, told as one
+            out.append({"file": str(shard), "unreadable": e.strerror or type(e).__name__})
     return out
 
 
-def _header_bytes(f: BinaryIO) -> bytes:
-    """A safetensors shard's header bytes (its length prefix read from `f`)."""
-    (n,) = struct.unpack("<Q", f.read(8))
-    return f.read(min(n, MAX_HEADER_BYTES))
+def _shard_fingerprint(shard: Path, tensors: list[TensorInfo]) -> dict[str, Any]:
+    with open(shard, "rb") as f:
+        head = directory_bytes(f) if shard.suffix == ".bin" else read_header(f)[8:]  # journals' form
+        st = os.fstat(f.fileno())
+        samples = {t.name: f"{_sample_crc(f.fileno(), t):08x}" for t in tensors}
+    return {
+        "file": str(shard),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "header_sha256": hashlib.sha256(head).hexdigest(),
+        "samples": samples,
+    }
 
 
 def _sample_crc(fd: int, t: TensorInfo) -> int:
@@ -97,6 +103,8 @@ def input_change(old: Any, new: list[dict[str, Any]]) -> str | None:
 
 def _shard_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     """The most telling difference in one shard's fingerprint: content first, then metadata."""
+    if "unreadable" in new:
+        return f"can no longer be read ({new['unreadable']})"
     if old.get("header_sha256") != new.get("header_sha256") or old.get("size") != new.get("size"):
         return "has another header or size"
     before, now = old.get("samples"), new.get("samples", {})

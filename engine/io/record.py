@@ -15,7 +15,7 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from engine.io.header import MAX_HEADER_BYTES
 
@@ -35,12 +35,24 @@ def folder_record(folder: Path, shards: Iterable[str], skip: Iterable[str]) -> d
     }
 
 
+def read_header(f: BinaryIO) -> bytes:
+    """A safetensors file's 8-byte length and the header it announces, from the start of `f`
+    (at most `MAX_HEADER_BYTES` of header; what there is when the file is shorter: never raises
+    on a truncated or edited file, whose hash then simply differs).
+
+    The one reader of header bytes for hashing: `header_sha256` (this folder record, checked by
+    `leanmerge verify`) hashes all of it, and the input fingerprint (engine.io.fingerprint, in
+    resume journals) hashes it without the 8-byte length.
+    """
+    head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    return head + f.read(min(n, MAX_HEADER_BYTES))
+
+
 def header_sha256(path: Path) -> str:
     """sha256 of a safetensors file's 8-byte length and header (all of it when shorter)."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        return hashlib.sha256(head + f.read(min(n, MAX_HEADER_BYTES))).hexdigest()
+        return hashlib.sha256(read_header(f)).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
