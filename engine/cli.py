@@ -24,6 +24,7 @@ from engine.cli_convert import convert_cmd
 from engine.cli_options import (
     SIZE,
     build_spec,
+    hub_folders,
     mergekit_options,
     plan_options,
     planning,
@@ -245,9 +246,9 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
 @main.command(
     "inspect",
     short_help="Describe models and check they can be merged.",
-    epilog="\b\nExample:\n  leanmerge inspect ./base ./math-ft ./code-ft",
+    epilog="\b\nExamples:\n  leanmerge inspect ./base ./math-ft ./code-ft\n  leanmerge inspect meta-llama/Llama-3.2-1B ./math-ft",
 )
-@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("folders", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--sample",
@@ -256,15 +257,16 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
     show_default=True,
     help="Elements read per tensor for the delta statistics.",
 )
-def inspect_cmd(folders: tuple[Path, ...], as_json: bool, sample: int) -> None:
-    """Describe model (or LoRA adapter) FOLDERS; with several, compare each with the first
-    (the base): homology, sampled delta statistics, and warnings for merges that will not work.
+def inspect_cmd(folders: tuple[str, ...], as_json: bool, sample: int) -> None:
+    """Describe model (or LoRA adapter) FOLDERS, local paths or Hub ids OWNER/NAME[@REV] (read
+    from the Hugging Face cache, as merge does); with several, compare each with the first (the
+    base): homology, sampled delta statistics, and warnings for merges that will not work.
     Exits 1 when a model is not homologous with the base."""
     load()
     from engine.inspect import format_inspection, inspect
 
     with engine_errors():
-        result = inspect(folders, sample_elems=sample)
+        result = inspect(hub_folders(folders, hub_cache(os.environ)), sample_elems=sample)
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_inspection(result))
     problem = result.not_homologous()
     if problem:

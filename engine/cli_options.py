@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -292,6 +292,11 @@ def hub_flags(kw: dict[str, Any], hub: HubCache | None) -> None:
         typed, _ = split_model_arg(arg)
         models.append(_hub_flag("--model", typed, hub) + arg[len(typed) :])  # the :WEIGHT kept as typed
     kw["models"] = tuple(models)
+
+
+def hub_folders(typed: Sequence[str], hub: HubCache | None) -> tuple[Path, ...]:
+    """Model arguments (`inspect`'s FOLDERS) -> folders: a Hub id its cache snapshot, a path as typed."""
+    return tuple(resolve_model(t, Path(), hub) for t in typed)
 
 
 def _hub_flag(flag: str, typed: str, hub: HubCache | None) -> str:

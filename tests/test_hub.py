@@ -4,6 +4,7 @@ downloads go through a stand-in for huggingface_hub, never the network."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -219,3 +220,20 @@ def test_merge_hub_ids_by_flags_and_yaml(cache: Path, tmp_path: Path) -> None:
         "run `hf download org/nothing` with a network"
     ]
     assert not (tmp_path / "c").exists()
+
+
+def test_inspect_takes_hub_ids(cache: Path) -> None:
+    """`inspect` reads Hub ids from the cache as merge does: each id its snapshot (a revision
+    too), compared with the first; an id in no cache is the merge's one line, exit 1."""
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    result = CliRunner().invoke(main, ["inspect", "--json", "org/base", "org/ft", "org/ft@v2"], env=env)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    snaps = [cache / "models--org--base" / "snapshots" / SHA1, *(cache / "models--org--ft" / "snapshots" / c for c in (SHA1, SHA2))]  # fmt: skip
+    assert doc["base"] == str(snaps[0]) and [m["path"] for m in doc["models"]] == [str(s) for s in snaps]
+    assert [c["homologous"] for c in doc["comparisons"]] == [True, True]
+    missing = CliRunner().invoke(main, ["inspect", "org/base", "org/nothing"], env=env)
+    assert missing.exit_code == 1 and missing.stderr.strip().splitlines() == [
+        f"Error: org/nothing: no such local folder, nor snapshot in the Hugging Face cache {cache} (downloads are off: HF_HUB_OFFLINE); "
+        "run `hf download org/nothing` with a network"
+    ]
