@@ -14,6 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE
 from engine.methods.registry import METHODS
 from engine.spec import MergeSpec, ModelRef
 
@@ -65,6 +66,23 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
+    return folder
+
+
+def write_bin(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    """`tensors` as a transformers `.bin` folder: `pytorch_model.bin`, or shards and their index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "tiny", "torch_dtype": "bfloat16"}))
+    if shards == 1:
+        torch.save(tensors, folder / BIN_SINGLE)
+        return folder
+    names, weight_map = list(tensors), {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: tensors[n] for n in names[i::shards]}
+        torch.save(part, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / BIN_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
 
 

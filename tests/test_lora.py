@@ -13,10 +13,11 @@ import torch
 from engine import MergeSpec, ModelRef, merge
 from engine.config import load_config
 from engine.errors import CheckpointError
-from engine.io.checkpoint import Reader
+from engine.io.checkpoint import Checkpoint, Reader
+from engine.io.lora import LoraCheckpoint, open_model
 
 from adapters import lora_delta, write_adapter
-from conftest import write_checkpoint
+from conftest import write_bin, write_checkpoint
 from reference import dare_merge, load_model
 
 TARGETS = {
@@ -212,3 +213,47 @@ def test_resume_refuses_a_changed_adapter_config(tmp_path: Path) -> None:
         merge(spec, tmp_path / "out", resume=True)
     _config(tmp_path / "lora", lora_alpha=8.0)
     merge(spec, tmp_path / "out", resume=True)
+
+
+@pytest.mark.parametrize("full", ["bin", "bin_sharded", "safetensors"])
+def test_a_full_model_beside_adapter_files_is_the_full_model(tmp_path: Path, full: str) -> None:
+    """A whole model in any form (a `.bin` one too, single or sharded) is that model, whatever
+    adapter files sit beside it: merged as the model, never as the adapter."""
+    base = base_tensors()
+    write_checkpoint(tmp_path / "base", base)
+    model = {n: t + 1 for n, t in base.items()}
+    folder = tmp_path / "ft"
+    if full == "safetensors":
+        write_checkpoint(folder, model)
+    else:
+        write_bin(folder, model, shards=2 if full == "bin_sharded" else 1)
+    write_adapter(folder, factors(2), r=2, alpha=2)
+    assert type(open_model(folder, None)) is Checkpoint
+    spec = MergeSpec("task_arithmetic", tmp_path / "base", (ModelRef(folder, {}),), {})
+    merge(spec, tmp_path / "out")
+    got = load_model(tmp_path / "out")
+    assert all(torch.equal(got[n], t) for n, t in model.items())
+
+
+def test_adapter_files_are_never_read_as_a_full_model(tmp_path: Path) -> None:
+    """Adapter weights without their config, or an adapter as the base, are said to be so in one
+    line (not "no model.safetensors"); a lone adapter_model.bin says the same."""
+    write_checkpoint(tmp_path / "base", base_tensors())
+    lora = write_adapter(tmp_path / "lora", factors(2), r=2, alpha=2)
+    assert isinstance(open_model(lora, None), LoraCheckpoint)
+    with pytest.raises(CheckpointError) as e:
+        merge(MergeSpec("task_arithmetic", lora, (ModelRef(tmp_path / "base", {}),), {}), tmp_path / "out")
+    assert str(e.value) == (
+        f"{lora}: a LoRA adapter cannot be the base (its weights are deltas of another model); give the full model "
+        "it was trained from as the base"
+    )
+    (lora / "adapter_config.json").unlink()
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        with pytest.raises(CheckpointError) as e:
+            merge(MergeSpec("task_arithmetic", tmp_path / "base", (ModelRef(lora, {}),), {}), tmp_path / "out")
+        assert str(e.value) == (
+            f"{lora}: {name} without adapter_config.json; a LoRA adapter needs its config (r, lora_alpha, "
+            "target_modules): copy it in from where the adapter was saved"
+        )
+        if name != "adapter_model.bin":
+            (lora / name).replace(lora / "adapter_model.bin")

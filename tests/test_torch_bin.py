@@ -18,28 +18,11 @@ from engine.cli import main
 from engine.errors import CheckpointError, ResumeError
 from engine.io.checkpoint import Reader, open_checkpoint
 from engine.io.fingerprint import fingerprint, input_change
-from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE
+from engine.io.torch_bin import BIN_SINGLE
 from engine.verify import verify
 
-from conftest import SHAPES, family_tensors, write_checkpoint
+from conftest import SHAPES, family_tensors, write_bin, write_checkpoint
 from reference import load_model
-
-
-def write_bin(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
-    """`tensors` as a transformers `.bin` folder: `pytorch_model.bin`, or shards and their index."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "tiny", "torch_dtype": "bfloat16"}))
-    if shards == 1:
-        torch.save(tensors, folder / BIN_SINGLE)
-        return folder
-    names, weight_map = list(tensors), {}
-    for i in range(shards):
-        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = {n: tensors[n] for n in names[i::shards]}
-        torch.save(part, folder / file)
-        weight_map.update(dict.fromkeys(part, file))
-    (folder / BIN_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return folder
 
 
 def twins(root: Path, dtype: torch.dtype, shards: int, n_models: int = 2) -> tuple[list[Path], list[Path]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engine.dtypes import MERGEABLE
 from engine.errors import CheckpointError, ShapeMismatchError
-from engine.io.checkpoint import Checkpoint, open_checkpoint
+from engine.io.checkpoint import Checkpoint
 from engine.io.header import short_repr
 from engine.io.lora import is_adapter, open_model
 from engine.slices import Slice, sliced_views
@@ -46,7 +46,8 @@ def take_inventory(base: Path, models: Sequence[Path], vocab: str = "base", slic
         base_ckpt, *views = sliced_views(slices, _open_slice_source)
         opened = tuple(views)
     else:
-        base_ckpt = open_checkpoint(base)
+        base_ckpt = _open_full(base, "cannot be the base (its weights are deltas of another model); give the full "
+                               "model it was trained from as the base")  # fmt: skip
         opened = tuple(open_model(m, base_ckpt) for m in models)
     for model in opened:
         check_homology(base_ckpt, model, vocab)
@@ -54,12 +55,16 @@ def take_inventory(base: Path, models: Sequence[Path], vocab: str = "base", slic
 
 
 def _open_slice_source(folder: Path) -> Checkpoint:
+    return _open_full(folder, "cannot be a slice source (its layers are deltas of another model); "
+                      "merge it into its base first, or list it under 'models' without slices")  # fmt: skip
+
+
+def _open_full(folder: Path, why: str) -> Checkpoint:
+    """A folder that must hold a whole model: an adapter is refused saying `why`, adapter weights
+    without their config are named as such (engine.io.lora.open_model)."""
     if is_adapter(folder):
-        raise CheckpointError(
-            f"{folder}: a LoRA adapter cannot be a slice source (its layers are deltas of another model); "
-            "merge it into its base first, or list it under 'models' without slices"
-        )
-    return open_checkpoint(folder)
+        raise CheckpointError(f"{folder}: a LoRA adapter {why}")
+    return open_model(folder, None)
 
 
 def check_homology(base: Checkpoint, model: Checkpoint, vocab: str = "base") -> None:

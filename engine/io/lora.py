@@ -36,10 +36,15 @@ from engine.dtypes import MERGEABLE, itemsize
 from engine.errors import CheckpointError
 from engine.io.checkpoint import BUFFERED, INDEX_NAME, SINGLE_NAME, Checkpoint, Reader, ReadOptions, open_checkpoint
 from engine.io.header import TensorInfo, read_header, short_repr
+from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE
+from engine.io.zarr_format import ZARR_DIR
 from engine.io.zarr_reader import ZarrCheckpoint, ZarrReader
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_model.bin")
+# The files that make a folder a whole model to `open_checkpoint` (safetensors, `.bin`, zarr).
+FULL_WEIGHTS = (SINGLE_NAME, INDEX_NAME, BIN_SINGLE, BIN_INDEX, f"{ZARR_DIR}/zarr.json")
 PREFIX = "base_model.model."
 PIECE_ELEMS = 1 << 18  # 1 MiB of float32: the largest temporary a LoRA read allocates
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
@@ -95,16 +100,30 @@ class LoraCheckpoint(Checkpoint):
         }
 
 
+def has_full_weights(folder: Path) -> bool:
+    """Whether `folder` holds a whole model in any form `open_checkpoint` reads (safetensors,
+    `.bin`, zarr): such a folder is that model, whatever adapter files sit beside it."""
+    return any((folder / name).is_file() for name in FULL_WEIGHTS)
+
+
 def is_adapter(folder: Path) -> bool:
     """An adapter folder: `adapter_config.json` and no full weights (those win when both exist)."""
-    full = (folder / SINGLE_NAME).is_file() or (folder / INDEX_NAME).is_file()
-    return (folder / ADAPTER_CONFIG).is_file() and not full
+    return (folder / ADAPTER_CONFIG).is_file() and not has_full_weights(folder)
 
 
 def open_model(folder: Path | str, base: Checkpoint | None) -> Checkpoint:
     """A model folder, or a LoRA adapter folder read against `base` (None: describe only)."""
     folder = Path(folder)
-    return open_adapter(folder, base) if is_adapter(folder) else open_checkpoint(folder)
+    if is_adapter(folder):
+        return open_adapter(folder, base)
+    if folder.is_dir() and not has_full_weights(folder):
+        lone = [n for n in ADAPTER_FILES if (folder / n).is_file()]
+        if lone:  # adapter weights whose config is missing: not a full model with its weights missing
+            raise CheckpointError(
+                f"{folder}: {lone[0]} without {ADAPTER_CONFIG}; a LoRA adapter needs its config (r, lora_alpha, "
+                "target_modules): copy it in from where the adapter was saved"
+            )
+    return open_checkpoint(folder)
 
 
 def open_adapter(folder: Path, base: Checkpoint | None) -> LoraCheckpoint:
