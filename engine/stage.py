@@ -180,7 +180,7 @@ class Stage:
         return self.mover.reads_host and tensor.reads_base
 
     def _chunk(self, tensor: TensorPlan, streams: tuple[KeyedRng, ...], start: int) -> Chunk:
-        return Chunk(streams, start, tensor.numel, tensor.row_numel, self.mover.device, tensor.shape)
+        return Chunk(streams, start, tensor.numel, tensor.row_numel, self.mover.device, tensor.shape, tensor.name)
 
     def _spans(self, tensor: TensorPlan, block: Block) -> Iterator[tuple[int, int]]:
         """Chunk bounds inside the block: cache-sized, whole rows for row-aligned methods, and

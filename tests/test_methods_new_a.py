@@ -174,16 +174,21 @@ def test_bad_parameters(tmp_path: Path, method: str, g: dict[str, object], n: in
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_arcee_fusion_1d_in_pieces(tmp_path: Path) -> None:
-    """A 1-D tensor is one softmax vector: cut into blocks it is refused, on one line."""
-    sets = family_tensors({"v": (100,)}, 1, 0, torch.float32)
+@pytest.mark.parametrize(
+    ("numel", "block_bytes", "says"),
+    [
+        (100, 64, "but a block here holds 16: raise --block-size so that one block holds it"),
+        ((1 << 18) + 1, None, "but a compute chunk holds at most 262144: merge this model with another method"),
+    ],
+)
+def test_arcee_fusion_1d_in_pieces(tmp_path: Path, numel: int, block_bytes: int | None, says: str) -> None:
+    """A 1-D tensor is one softmax vector: cut by the block (a fix: a larger block) or by the
+    CPU's compute chunk (none), it is refused on one line naming the tensor and the limit."""
+    sets = family_tensors({"v": (numel,)}, 1, 0, torch.float32)
     base, ft = (write_checkpoint(tmp_path / n, s) for n, s in zip(("base", "ft"), sets))
     with pytest.raises(BudgetError) as e:
-        merge(MergeSpec("arcee_fusion", base, (ModelRef(ft, {}),), {}), tmp_path / "out", block_bytes=64)
-    assert str(e.value) == (
-        "arcee_fusion: a 1-D tensor of 100 elements does not fit one compute chunk; "
-        "it must be softmaxed whole (raise the block size)"
-    )
+        merge(MergeSpec("arcee_fusion", base, (ModelRef(ft, {}),), {}), tmp_path / "out", block_bytes=block_bytes)
+    assert str(e.value) == f"arcee_fusion: tensor 'v' is 1-D, one softmax vector of {numel} elements, {says}"
 
 
 def test_card_config_without_base_model_round_trips(tiny_family: MakeFamily) -> None:

@@ -23,8 +23,11 @@ Where it must match mergekit: the formula, eps, the index rule and the float32 t
 arithmetic. Deliberate differences: mergekit sums the KL in float32 in torch's order (here a
 float64 sum rounded to float32), and above 1e6 elements it estimates the quantiles from a random
 sample of 1e6 (drawn from torch's global RNG: not reproducible); here they are exact, from all
-elements. A 1-D tensor's one vector must fit one compute chunk (2**18 elements and its block):
-otherwise the merge stops with a message naming the tensor (no LLM has such a 1-D tensor).
+elements. A 1-D tensor's one vector must fit one compute chunk (2**18 elements on the CPU) and one
+block: otherwise the merge stops, naming the tensor and the limit (no LLM has such a 1-D tensor:
+norms and biases are a few thousand elements). Why not lift it: the reference softmaxes the
+vector whole with torch, whose max and sum of exps run in its kernel's own order; a softmax
+assembled from pieces would differ from it in the last bits.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 
+from engine.budget import CHUNK_ELEMS
 from engine.errors import BudgetError
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 
@@ -66,16 +70,22 @@ def importance(base: torch.Tensor, model: torch.Tensor, c: Chunk) -> torch.Tenso
     """|m − b| · KL per element of a chunk of whole vectors, float32, on the CPU. (n,) -> (n,)."""
     w, n = row_width(c.shape), base.numel()
     if len(c.shape) <= 1 and n != c.numel:
-        raise BudgetError(
-            f"arcee_fusion: a 1-D tensor of {c.numel} elements does not fit one compute chunk; "
-            "it must be softmaxed whole (raise the block size)"
-        )
+        raise BudgetError(_too_long(c, n))
     b, m = base.cpu().view(-1, w), model.cpu().view(-1, w)
     p = torch.softmax(m, dim=-1).add_(EPS)
     q = torch.softmax(b, dim=-1).add_(EPS)
     terms = p.mul_(_log((p / q).view(-1)).view(-1, w)).double()
     kl = torch.cumsum(terms, dim=1)[:, -1:].float()  # sequential in index order within the row
     return (m - b).abs_().mul_(kl).view(-1)
+
+
+def _too_long(c: Chunk, n: int) -> str:
+    """Why a 1-D tensor cut into chunks of `n` elements cannot be merged, and the fix: a larger
+    block, unless the CPU's compute chunk (`CHUNK_ELEMS`, fixed) is what cut it."""
+    where = f"arcee_fusion: tensor {c.tensor!r} is 1-D, one softmax vector of {c.numel} elements,"
+    if c.device.type == "cpu" and n >= CHUNK_ELEMS:
+        return f"{where} but a compute chunk holds at most {n}: merge this model with another method"
+    return f"{where} but a block here holds {n}: raise --block-size so that one block holds it"
 
 
 def order_key(x: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,7 @@ class Chunk:
     row_numel: int = 1  # elements per row; chunks of `row_aligned` methods hold whole rows
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     shape: tuple[int, ...] = ()  # the tensor's shape (per-fibre statistics: nuslerp's row modes)
+    tensor: str = ""  # the tensor's name, for a method's error messages
 
     def keep(self, model: int, n: int, density: float) -> torch.Tensor:
         """0/1 float32 mask of the n elements of `model` from this chunk's start: 1 = kept.
