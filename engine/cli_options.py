@@ -135,6 +135,14 @@ def spec_options(f: F) -> F:
             click.option(
                 "--rescale/--no-rescale", default=None, help="DARE: divide survivors by density (off = DropOnly)."
             ),
+            click.option(
+                "--param",
+                "param",
+                multiple=True,
+                metavar="NAME=VALUE",
+                help="Any parameter of the method, as under the YAML's top-level parameters (e.g. "
+                "--param select_topk=0.5); repeat.",
+            ),
             click.option("--seed", "--random-seed", "seed", type=int, help="Seed of the random masks (default 0)."),
             click.option("--out-dtype", help="Output float dtype: bf16, fp16, fp32 (default: the base's)."),
             click.option(
@@ -256,9 +264,12 @@ def build_spec(kw: dict[str, Any], hub: HubCache | None = None) -> MergeSpec:
                      "mergekit_rounding": kw.get("mergekit_rounding")}  # fmt: skip
         spec = load_config(kw["config"], overrides, hub=hub)
         params = flag_params(kw, spec.method_impl)
+        params |= named_params(kw.get("param", ()), spec.method_impl, params)
         return dataclasses.replace(spec, params={**spec.params, **params}) if params else spec
     method = METHODS[kw["method"]]
-    spec = cli_spec(method.name, kw["base"], kw["models"], flag_params(kw, method), kw["out_dtype"], kw["seed"])
+    params = flag_params(kw, method)
+    params |= named_params(kw.get("param", ()), method, params)
+    spec = cli_spec(method.name, kw["base"], kw["models"], params, kw["out_dtype"], kw["seed"])
     extra = {k: kw[k] for k in ("vocab", "mergekit_rounding") if kw.get(k)}
     return dataclasses.replace(spec, **extra) if extra else spec
 
@@ -280,6 +291,46 @@ def flag_params(kw: dict[str, Any], method: Method) -> dict[str, ParamValue]:
         check_params(method, {name: value}, flag, per_model=False)
         params[name] = value
     return params
+
+
+def named_params(typed: tuple[str, ...], method: Method, given: dict[str, ParamValue]) -> dict[str, ParamValue]:
+    """`--param NAME=VALUE` flags -> global parameters, each typed as the method declares it and
+    checked as the YAML's; a name the method does not declare, or one given twice (here or by
+    its own flag, in `given`), is an error in one line."""
+    from engine.spec import check_params
+
+    params: dict[str, ParamValue] = {}
+    known = ", ".join(p.name for p in method.params)
+    allowed = f"parameters of {method.name}: {known}" if known else f"{method.name} takes no parameters"
+    for arg in typed:
+        name, eq, raw = arg.partition("=")
+        name, flag = name.strip(), f"--param {arg}"
+        if not eq or not name:
+            raise SpecError(f"{flag}: expected NAME=VALUE ({allowed})")
+        d = method.param(name)
+        if d is None:
+            raise SpecError(f"{flag}: {method.name} has no parameter {name!r} ({allowed})")
+        if name in params or name in given:
+            raise SpecError(f"{flag}: {name!r} is given twice; give it once")
+        value = _typed(raw.strip(), d.default, flag)
+        check_params(method, {name: value}, flag, per_model=False)
+        params[name] = value
+    return params
+
+
+def _typed(raw: str, default: ParamValue, flag: str) -> ParamValue:
+    """A command-line value read as the type of the parameter's default (true/false, a string,
+    a number)."""
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false"):
+            raise SpecError(f"{flag}: must be true or false, got {raw!r}")
+        return raw.lower() == "true"
+    if isinstance(default, str):
+        return raw
+    try:
+        return int(raw) if raw.lstrip("+-").isdigit() else float(raw)  # an int as YAML reads one
+    except ValueError:
+        raise SpecError(f"{flag}: must be a number, got {raw!r}") from None
 
 
 def hub_flags(kw: dict[str, Any], hub: HubCache | None) -> None:

@@ -149,3 +149,42 @@ def test_import_leaves_the_collector_as_it_was_and_torch_frozen() -> None:
     for state, enabled in (("on", "True"), ("off", "False")):
         out = subprocess.run([sys.executable, "-c", probe, state], capture_output=True, text=True, check=True)
         assert out.stdout.split() == [enabled, "True", "True"], out.stderr
+
+
+def test_param_flag_gives_any_method_parameter(tiny_family: MakeFamily, tmp_path: Path) -> None:
+    """`--param NAME=VALUE` sets a method's parameter as the YAML's top-level `parameters` does:
+    the same bytes as the YAML merge; typed by the parameter (true/false, a number)."""
+    base, (a, b) = tiny_family(2)
+    models = ["--model", str(a), "--model", str(b)]
+    run("merge", "--method", "sce", "--base", str(base), *models, "--param", "select_topk=0.5", str(tmp_path / "f"))
+    config = tmp_path / "sce.yml"
+    config.write_text(
+        f"merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  select_topk: 0.5\n"
+    )
+    run("merge", str(config), str(tmp_path / "y"))
+    run("merge", str(config), "--param", "select_topk=1", str(tmp_path / "o"))  # the flag wins over the file
+    run("merge", "--method", "sce", "--base", str(base), *models, str(tmp_path / "d"))  # select_topk 1 by default
+    got, want = load_model(tmp_path / "f"), load_model(tmp_path / "y")
+    assert all(torch.equal(got[n], w) for n, w in want.items())
+    other, default = load_model(tmp_path / "o"), load_model(tmp_path / "d")
+    assert all(torch.equal(other[n], w) for n, w in default.items())
+    assert not all(torch.equal(got[n], w) for n, w in default.items())
+
+
+def test_param_flag_errors_are_one_line(tiny_family: MakeFamily) -> None:
+    """A name the method does not declare, a bad or repeated value: one line naming the method,
+    the parameter and the allowed ones, exit 1."""
+    base, (a,) = tiny_family(1)
+    flags = ["plan", "--base", str(base), "--model", str(a), "--method"]
+    for args, message in [
+        ("sce --param density=0.5", "--param density=0.5: sce has no parameter 'density' (parameters of sce: select_topk)"),
+        ("sce --param select_topk=2", "--param select_topk=2: 'select_topk' must lie in [0, 1], got 2"),
+        ("sce --param select_topk=lots", "--param select_topk=lots: must be a number, got 'lots'"),
+        ("sce --param select_topk", "--param select_topk: expected NAME=VALUE (parameters of sce: select_topk)"),
+        ("sce --param select_topk=0.5 --param select_topk=0.6", "--param select_topk=0.6: 'select_topk' is given twice; give it once"),
+        ("ties --param density=0.5 --density 0.4", "--param density=0.5: 'density' is given twice; give it once"),
+        ("nuslerp --param nuslerp_flatten=no", "--param nuslerp_flatten=no: must be true or false, got 'no'"),
+        ("linear --param t=0.5", "--param t=0.5: linear has no parameter 't' (parameters of linear: weight, normalize)"),
+    ]:  # fmt: skip
+        result = CliRunner().invoke(main, [*flags, *args.split()])
+        assert result.exit_code == 1 and result.stderr.strip().splitlines() == [f"Error: {message}"], result.output
