@@ -1,9 +1,12 @@
-"""The module layout: names other modules import keep working after a module is split, and the
-pieces split out import only downward (STYLE.md: no two files that import each other)."""
+"""The project's shape: names other modules import keep working after a module is split, the
+pieces split out import only downward (STYLE.md: no two files that import each other), and a
+hung test fails the run with every stack."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,19 @@ def test_split_pieces_stay_under_the_module_guide() -> None:
     pieces = [p for old, (_, split) in SPLITS.items() for p in (old, *split)]
     long = {p: n for p in pieces if (n := len((ENGINE / f"{p}.py").read_text().splitlines())) > 430}
     assert long == {}
+
+
+def test_a_hung_test_fails_with_every_stack(pytestconfig: pytest.Config, tmp_path: Path) -> None:
+    """The project's pytest settings turn a hang into a failed run that prints every thread's
+    stack (the hung test named in it), not a wait until CI's limit: tried on a test that sleeps."""
+    assert float(pytestconfig.getini("faulthandler_timeout")) > 0
+    assert pytestconfig.getini("faulthandler_exit_on_timeout") is True
+    (tmp_path / "test_sleeps.py").write_text("import time\n\n\ndef test_sleeps_forever():\n    time.sleep(120)\n")
+    ini = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ini), "-p", "no:cacheprovider", "-o", "faulthandler_timeout=1",
+         str(tmp_path / "test_sleeps.py")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "Timeout (0:00:01)!" in run.stderr and "in test_sleeps_forever" in run.stderr, run.stderr
