@@ -1,6 +1,6 @@
 """The driver of a merge on a Dask cluster: the plan's blocks as tasks, the journal kept here.
 
-A `DaskRunner` takes the place of the local `engine.merge.write_blocks`: `merge()` still checks
+A `DaskRunner` takes the place of the local `engine.work.write_blocks`: `merge()` still checks
 the target, opens or resumes the temporary folder, verifies and renames the result. Here the
 driver preallocates the shards (on a filesystem every worker sees at the same path), sends the
 `Job` to the cluster once, and submits, tensor by tensor in plan order:
@@ -36,9 +36,10 @@ from engine.execute import OnEvent
 from engine.io.journal import Journal
 from engine.io.safetensors_writer import ShardWriter
 from engine.io.write_behind import Finite
-from engine.merge import Work, interrupted, restore_start
 from engine.plan import Plan, TensorPlan
+from engine.resume import interrupted, restore_start
 from engine.signals import StopRequest
+from engine.work import Work
 
 BAND_BYTES = 256 << 20  # input bytes per band task: a task's fixed cost (~10 ms) well below its I/O
 POLL_S = 0.05  # how often the driver looks for finished tasks and a stop request
@@ -65,7 +66,7 @@ class DaskRunner:
     band_bytes: int = BAND_BYTES
 
     def __call__(self, w: Work) -> set[str]:
-        """Write every missing block of `w` on the cluster (`engine.merge.Runner`)."""
+        """Write every missing block of `w` on the cluster (`engine.work.Runner`)."""
         plan = w.plan
         with ExitStack() as stack:
             writer = ShardWriter(w.tmp, plan, w.metadata, reopen=w.state is not None)  # preallocated here, once
@@ -128,7 +129,7 @@ class _Chain:
         self.waiting: dict[str, dict[int, Band]] = {}
 
     def resume(self, tensor: str, crc: int) -> None:
-        """The running crc32 of rows an earlier run wrote (`engine.merge.restore_start`)."""
+        """The running crc32 of rows an earlier run wrote (`engine.resume.restore_start`)."""
         self.crc[tensor] = crc
 
     def add(self, band: Band) -> None:
