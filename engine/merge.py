@@ -225,8 +225,6 @@ def merge(
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
     tmp = temp_dir_for(target)
     zfmt = _zarr_format(out_format, compress)
-    if zfmt is not None and runner is not None:
-        raise SpecError("--format zarr is written by this process only: drop --executor dask, or write safetensors")
     if copy_only:  # bit-exact for every dtype (F64 and NaN payloads too): nothing goes through float32
         plan = replace(plan, tensors=tuple(replace(t, merge=False, passes=1, resident=False) for t in plan.tensors))
     if zfmt is not None:  # blocks become chunks: those of the interrupted run where resuming
