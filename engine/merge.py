@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from engine.budget import choose_budget, current_rss, fmt_bytes, peak_rss
 from engine.defaults import DEFAULT_SHARD_SIZE, SYNC_EVERY
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
 from engine.embed_rows import rebuild_vocabulary
-from engine.errors import BudgetError, SpecError
+from engine.errors import BudgetError, CheckpointError, NonFiniteError, SpecError
 from engine.execute import OnEvent
 from engine.io.checkpoint import ReadOptions
 from engine.io.inventory import Inventory, take_inventory
@@ -24,9 +25,11 @@ from engine.io.lock import output_lock
 from engine.io.output import temp_dir_for
 from engine.io.safetensors_writer import layout_digest
 from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
+from engine.io.url import local_path, shown, store_url
 from engine.io.write_behind import Finite
 from engine.io.zarr_format import Compression
 from engine.io.zarr_reader import zarr_cache_bytes
+from engine.io.zarr_url import StoreTarget
 from engine.io.zarr_writer import existing_chunk_rows, zarr_blocks
 from engine.io.zarr_writer import layout_digest as zarr_layout
 from engine.plan import Plan, make_plan, out_shape
@@ -163,6 +166,7 @@ def merge(
     out_format: str = "safetensors",
     compress: str | None = None,
     copy_only: bool = False,
+    store_work: Path | None = None,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -197,6 +201,8 @@ def merge(
         out_format: "safetensors" (shards) or "zarr" (a zarr group, engine.io.zarr_writer).
         compress: the zarr chunks' compression, "none", "zstd[:LEVEL]" or "blosc" (zarr only).
         copy_only: copy every tensor's bytes as stored, no arithmetic (`leanmerge convert`).
+        store_work: where an output at a store URL (`memory://…`, `s3://…`; zarr only) keeps its
+            journal, side files and lock (engine.io.zarr_url); default ~/.cache/leanmerge/stores.
     Returns:
         The run's `Report`.
     Raises:
@@ -209,7 +215,8 @@ def merge(
     dev = resolve_device(device)
     start_device(dev)  # before the baseline: a CUDA context costs host RAM too
     baseline = current_rss()
-    target = resolve_target(output)
+    store = _store_target(output, out_format, runner, store_work)
+    target = store.anchor if store is not None else resolve_target(local_path(output))
     emit = on_event or (lambda e: None)
     inv, plan = prepare(
         spec,
@@ -228,28 +235,37 @@ def merge(
     if copy_only:  # bit-exact for every dtype (F64 and NaN payloads too): nothing goes through float32
         plan = replace(plan, tensors=tuple(replace(t, merge=False, passes=1, resident=False) for t in plan.tensors))
     if zfmt is not None:  # blocks become chunks: those of the interrupted run where resuming
-        plan = zarr_blocks(plan, existing_chunk_rows(tmp) if resume and not tmp.is_symlink() else None)
+        zroot = store.zarr_root if store is not None else None
+        plan = zarr_blocks(plan, existing_chunk_rows(tmp, zroot) if resume and not tmp.is_symlink() else None)
     header = {
         "spec": spec.to_json(),
         "inputs": fingerprints(inv),
         "layout": zarr_layout(plan, zfmt) if zfmt else layout_digest(plan, metadata),
     }
-    side = {"card": target.name if model_card else None, "tokenizer": copy_tokenizer}
+    side = {"card": (store or target).name if model_card else None, "tokenizer": copy_tokenizer}
     finite = Finite(strict_finite)
     make_parent(target)
     with output_lock(target) as lock, graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop:
         clear_leftovers(target)
-        check_target(target, overwrite, [spec.base, *(m.path for m in spec.models)])
+        inputs = [spec.base, *(m.path for m in spec.models)]
+        store.check(overwrite, inputs, tmp) if store is not None else check_target(target, overwrite, inputs)
         check_temp(tmp)
-        state = open_temp(tmp, plan, header, resume)
+        state = open_temp(tmp, plan, header, resume, 0 if store is not None else plan.bytes_written)
+        if store is not None and state is None:
+            store.reset_temp()
         # What the interrupted run read for the tensors it finished (the progress bar starts there);
         # the report counts those that pass their re-check on disk (`_restore_prefix`).
         journaled = sum(t.bytes_read for t in plan.tensors if state is not None and t.name in state.done)
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": journaled})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         try:
-            work = Work(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite, zfmt)
+            work = Work(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite, zfmt,
+                        store.zarr_root if store is not None else None)  # fmt: skip
             kept = finish(work, side, runner or write_blocks)
+        except (CheckpointError, NonFiniteError):  # `finish` removed `tmp`: nothing to resume
+            if store is not None:
+                store.remove_temp()
+            raise
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
         except RuntimeError as e:  # threading's only signal that the address space ran out
@@ -261,11 +277,15 @@ def merge(
             ) from None
         finally:
             pairwise.release()  # the statistics' scratch: a library caller's GPU gets it back
-        commit_output(tmp, target, overwrite)  # a signal that lands after the last block lets the run finish
+        if store is None:
+            commit_output(tmp, target, overwrite)  # a signal that lands after the last block lets the run finish
+        else:
+            store.publish(tmp, replace=overwrite)
+            shutil.rmtree(tmp)
     wall = time.perf_counter() - t0
     earlier = sum(t.bytes_read for t in plan.tensors if t.name in kept)
     return Report(
-        output=str(output),
+        output=shown(output),
         method=spec.method,
         seed=spec.seed,
         tensors=len(plan.tensors),
@@ -313,6 +333,23 @@ def _out_of_memory(plan: Plan, tmp: Path, e: BaseException) -> str:
         what = f"out of memory ({first}); the merge planned a peak RSS of {fmt_bytes(m.predicted_peak)}"
         fix = "free RAM or lower --max-memory"
     return f"{what}, so something else is using it: {fix}, then run the same command with --resume (the work so far is in {tmp})"
+
+
+def _store_target(output: Path | str, out_format: str, runner: Runner | None, work: Path | None) -> StoreTarget | None:
+    """The output's store URL as a `StoreTarget` (None: a local folder; `file://` is one)."""
+    url = store_url(output)
+    if url is None:
+        return None
+    if out_format != "zarr":
+        raise SpecError(
+            f"{url}: a store URL takes --format zarr only: safetensors shards are written at offsets inside "
+            "preallocated files, which object storage cannot do; add --format zarr, or write a local folder"
+        )
+    if runner is not None and url.startswith("memory://"):
+        raise SpecError(
+            f"{url}: memory:// lives in this process only, where Dask workers cannot write; use a shared store"
+        )
+    return StoreTarget.of(url, work or Path.home() / ".cache" / "leanmerge" / "stores")
 
 
 def _zarr_format(out_format: str, compress: str | None) -> Compression | None:

@@ -33,8 +33,9 @@ SPACE_MARGIN = 64 << 20  # journal, index and side files
 REHASH_PIECE = 16 << 20
 
 
-def open_temp(tmp: Path, plan: Plan, header: dict[str, Any], resume: bool) -> JournalState | None:
-    """The journal state to resume from, or None after creating a fresh temporary folder."""
+def open_temp(tmp: Path, plan: Plan, header: dict[str, Any], resume: bool, data_bytes: int) -> JournalState | None:
+    """The journal state to resume from, or None after creating a fresh temporary folder that
+    will hold `data_bytes` of weights (0: they go to a store, engine.io.zarr_url)."""
     if tmp.exists():
         state = load_journal(tmp)
         if state is not None and resume:
@@ -49,9 +50,9 @@ def open_temp(tmp: Path, plan: Plan, header: dict[str, Any], resume: bool) -> Jo
     elif resume:
         log.info("nothing to resume at %s: starting a fresh merge", tmp)
     free = shutil.disk_usage(tmp.parent).free
-    if free < plan.bytes_written + SPACE_MARGIN:
+    if free < data_bytes + SPACE_MARGIN:
         raise OutputError(
-            f"{tmp.parent}: {fmt_bytes(free)} free, the merged model needs {fmt_bytes(plan.bytes_written + SPACE_MARGIN)}"
+            f"{tmp.parent}: {fmt_bytes(free)} free, the merged model needs {fmt_bytes(data_bytes + SPACE_MARGIN)}"
         )
     tmp.mkdir()
     return None

@@ -47,6 +47,7 @@ class Work:
     stop: StopRequest
     finite: Finite
     zfmt: Compression | None = None  # a zarr output's compression; None: safetensors shards
+    zroot: str | None = None  # a zarr output's group at a store URL (engine.io.zarr_url); None: in `tmp`
 
 
 # Writes every missing block of `Work` into its temporary folder, journaled, and returns the
@@ -68,7 +69,7 @@ def finish(w: Work, side: dict[str, Any], runner: Runner) -> set[str]:
             )
         if w.zfmt:
             copy_side_files(w.tmp, w.plan, **side)
-            finalize_zarr(w.tmp, w.plan, final, checksums(w.plan, final))
+            finalize_zarr(w.tmp, w.plan, final, checksums(w.plan, final), w.zroot)
         else:
             write_side_files(w.tmp, w.plan, checksums(w.plan, final), **side)
         (w.tmp / "journal.jsonl").unlink()
@@ -84,7 +85,7 @@ def write_blocks(w: Work) -> set[str]:
     plan, state = w.plan, w.state
     with ExitStack() as stack:
         writer: ShardWriter | ZarrWriter = (
-            ZarrWriter(w.tmp, plan, plan.spec.digest(), w.zfmt, reopen=state is not None)
+            ZarrWriter(w.tmp, plan, plan.spec.digest(), w.zfmt, reopen=state is not None, root=w.zroot)
             if w.zfmt
             else ShardWriter(w.tmp, plan, w.metadata, reopen=state is not None)
         )

@@ -72,7 +72,7 @@ class DaskRunner:
         with ExitStack() as stack:
             reopen = w.state is not None
             writer: ShardWriter | ZarrWriter = (  # the shards preallocated, or the arrays created, here, once
-                ZarrWriter(w.tmp, plan, plan.spec.digest(), w.zfmt, reopen=reopen)
+                ZarrWriter(w.tmp, plan, plan.spec.digest(), w.zfmt, reopen=reopen, root=w.zroot)
                 if w.zfmt
                 else ShardWriter(w.tmp, plan, w.metadata, reopen=reopen)
             )
@@ -83,7 +83,11 @@ class DaskRunner:
             start, kept = restore_start(plan, writer, journal, w.state, chain.resume)
             chain.next = dict(start)
             journal.commit()
-            output = ZarrOutput(w.tmp, plan.spec.digest(), w.zfmt) if w.zfmt else SafetensorsOutput(w.tmp, w.metadata)
+            output = (
+                ZarrOutput(w.tmp, plan.spec.digest(), w.zfmt, w.zroot)
+                if w.zfmt
+                else SafetensorsOutput(w.tmp, w.metadata)
+            )
             job = Job(plan, w.inv, output, w.reading, w.finite.strict, self.threads, w.sync_every)
             futures = self._submit(job, start)
             try:

@@ -54,9 +54,10 @@ class ZarrOutput:
     folder: Path
     spec_sha256: str
     compression: Compression
+    root: str | None = None  # the group's store URL (engine.io.zarr_url); None: in `folder`
 
     def open(self, plan: Plan) -> ZarrWriter:
-        return ZarrWriter(self.folder, plan, self.spec_sha256, self.compression, reopen=True)
+        return ZarrWriter(self.folder, plan, self.spec_sha256, self.compression, reopen=True, root=self.root)
 
 
 @dataclass(frozen=True)

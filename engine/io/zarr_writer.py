@@ -80,12 +80,15 @@ def layout_digest(plan: Plan, compression: Compression) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def existing_chunk_rows(folder: Path) -> dict[str, int]:
-    """tensor -> chunk rows of the arrays an interrupted run created in `folder` (empty if none)."""
-    root = folder / ZARR_DIR
-    if not (root / "zarr.json").is_file():
+def existing_chunk_rows(folder: Path, root: str | None = None) -> dict[str, int]:
+    """tensor -> chunk rows of the arrays an interrupted run created in `folder` (or at the store
+    URL `root`; empty if none)."""
+    if root is None and not (folder / ZARR_DIR / "zarr.json").is_file():
         return {}
-    group = zarr_module().open_group(root, mode="r")
+    try:
+        group = zarr_module().open_group(root or folder / ZARR_DIR, mode="r")
+    except FileNotFoundError:  # no group at the store URL
+        return {}
     out = {}
     for _, arr in group.arrays():
         attrs = arr.attrs.get(ATTRS)
@@ -110,10 +113,18 @@ class ZarrWriter:
     """Creates (or, to resume, reopens) the output group in `folder`; writes blocks as chunks."""
 
     def __init__(
-        self, folder: Path, plan: Plan, spec_sha256: str, compression: Compression, *, reopen: bool = False
+        self,
+        folder: Path,
+        plan: Plan,
+        spec_sha256: str,
+        compression: Compression,
+        *,
+        reopen: bool = False,
+        root: str | None = None,
     ) -> None:
+        """`root`: the group's store URL (engine.io.zarr_url), else `folder/model.zarr`."""
         zarr = zarr_module()
-        self.root = folder / ZARR_DIR
+        self.root: Path | str = root or folder / ZARR_DIR
         self._paths: set[Path] = set()  # chunk files written since the last sync
         self._plans = {t.name: t for t in plan.tensors}
         self._cache: tuple[str, int, bytes] | None = None  # read_back's last chunk
@@ -173,11 +184,9 @@ class ZarrWriter:
             ) from None
         step = arr.chunks[0] if arr.ndim else 1
         for c in range(r0 // step, -(-(r0 + rows.shape[0]) // step) if arr.ndim else 1):
-            self._paths.add(self._chunk_path(arr, c))
-
-    def _chunk_path(self, arr: Any, c: int) -> Path:
-        coords = (c, *([0] * (arr.ndim - 1))) if arr.ndim else ()
-        return self.root / str(arr.basename) / str(arr.metadata.encode_chunk_key(coords))
+            if isinstance(self.root, Path):  # a store's objects are durable once written
+                coords = (c, *([0] * (arr.ndim - 1))) if arr.ndim else ()
+                self._paths.add(self.root / str(arr.basename) / str(arr.metadata.encode_chunk_key(coords)))
 
     def read_back(self, tensor: TensorPlan, byte_offset: int, nbytes: int) -> bytes:
         """Bytes already written (a resumed tensor's prefix); a missing or damaged chunk reads as
@@ -213,7 +222,10 @@ class ZarrWriter:
 
     def sync(self) -> None:
         """Make every chunk written since the last call durable: the file and each new folder's entry."""
-        folders = {d for p in self._paths for d in p.parents if d.is_relative_to(self.root) and d != self.root}
+        if not isinstance(self.root, Path):
+            return
+        root = self.root
+        folders = {d for p in self._paths for d in p.parents if d.is_relative_to(root) and d != root}
         try:
             for p in sorted(self._paths):
                 _fsync(p, os.O_RDONLY)
