@@ -25,7 +25,7 @@ from engine.io.lock import output_lock
 from engine.io.output import temp_dir_for
 from engine.io.safetensors_writer import layout_digest
 from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
-from engine.io.url import local_path, shown, store_url
+from engine.io.url import local_path, store_url
 from engine.io.write_behind import Finite
 from engine.io.zarr_format import Compression
 from engine.io.zarr_reader import zarr_cache_bytes
@@ -248,7 +248,10 @@ def merge(
     with output_lock(target) as lock, graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop:
         clear_leftovers(target)
         inputs = [spec.base, *(m.path for m in spec.models)]
-        store.check(overwrite, inputs, tmp) if store is not None else check_target(target, overwrite, inputs)
+        if store is not None:
+            store.check(overwrite, inputs, tmp)
+        else:
+            check_target(target, overwrite, inputs)
         check_temp(tmp)
         state = open_temp(tmp, plan, header, resume, 0 if store is not None else plan.bytes_written)
         if store is not None and state is None:
@@ -285,7 +288,7 @@ def merge(
     wall = time.perf_counter() - t0
     earlier = sum(t.bytes_read for t in plan.tensors if t.name in kept)
     return Report(
-        output=shown(output),
+        output=store.url if store is not None else str(local_path(output)),
         method=spec.method,
         seed=spec.seed,
         tensors=len(plan.tensors),
