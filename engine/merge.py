@@ -245,7 +245,10 @@ def merge(
     side = {"card": (store or target).name if model_card else None, "tokenizer": copy_tokenizer}
     finite = Finite(strict_finite)
     make_parent(target)
-    with output_lock(target) as lock, graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop:
+    with (
+        output_lock(target, store.url if store is not None else None) as lock,
+        graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop,
+    ):
         clear_leftovers(target)
         inputs = [spec.base, *(m.path for m in spec.models)]
         if store is not None:

@@ -240,3 +240,15 @@ def test_a_stopped_commit_is_finished_by_the_next_run(
     with pytest.raises(OutputError, match="output already exists"):  # after finishing the stopped commit
         merge(spec, url, **kw)  # type: ignore[arg-type]
     assert files_in_store(url) == want
+
+
+def test_one_writer_per_url(family: tuple[Path, list[Path]], work: Path) -> None:
+    from engine.io.lock import output_lock
+    from engine.io.zarr_url import StoreTarget
+
+    url = fresh_url()
+    work.mkdir(parents=True)
+    with output_lock(StoreTarget.of(url, work).anchor), pytest.raises(OutputError) as e:
+        merge(valid_spec("linear", *family), url, out_format="zarr", handle_signals=False)
+    assert str(e.value) == f"{url}: another leanmerge process (pid {os.getpid()}) is writing this output"
+    assert not MEM.exists("/" + url[9:].rpartition("/")[0])
