@@ -29,22 +29,24 @@ def convert_cmd(
     src: Path, dst: str, to: str, compress: str | None, max_memory: int | None, resume: bool, overwrite: bool
 ) -> None:
     """Write the model folder SRC (safetensors or zarr) into the new folder DST in format --to,
-    bit for bit, streaming row blocks in bounded memory; DST appears only when complete. DST may be
-    a fsspec URL for zarr (memory://, s3:// with s3fs installed; file:// is a local path)."""
+    bit for bit, streaming row blocks in bounded memory; DST appears only when complete. SRC and DST may
+    be store URLs for zarr (memory://, s3:// with leanmerge[s3] installed; file:// is a local path)."""
     from engine import load
 
     load()
     from engine.budget import fmt_bytes
-    from engine.convert import convert, convert_url
-    from engine.io.zarr_url import is_url, local_path
+    from engine.convert import convert
+    from engine.io.url import local_path, store_url
 
     try:
-        if is_url(dst):
-            n = convert_url(src, dst, to, compress)
-            click.echo(f"{dst}: {n} tensors as zarr")
-            return
         r = convert(
-            src, local_path(dst), to, compress=compress, max_memory=max_memory, resume=resume, overwrite=overwrite
+            src,
+            dst if store_url(dst) else local_path(dst),
+            to,
+            compress=compress,
+            max_memory=max_memory,
+            resume=resume,
+            overwrite=overwrite,
         )
     except Interrupted as e:
         click.echo(f"Interrupted: {e}", err=True)

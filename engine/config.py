@@ -322,7 +322,7 @@ class _Config:
             p = resolve_model(value, self.root, self.hub)
         except SpecError as e:
             raise self.error(line, f"{key}: {e}") from None
-        if self.check_paths and not p.is_dir():
+        if self.check_paths and folder_problem(p, value) is not None:  # None: a folder or a store URL
             if "+" in value and not p.exists():
                 raise self.error(
                     line, f"{key}: {value!r}: mergekit's MODEL+LORA form is not supported; give the adapter folder"

@@ -5,16 +5,14 @@ row blocks streamed in the planned budget, bytes copied as stored (bit-exact bot
 dtype), written under a temporary name with the journal (`--resume` continues a killed run), and
 renamed into place only when complete; an existing DST is refused unless `--overwrite` (and then
 only a model folder, engine.io.target). The output carries the same checksums `verify` reads.
-A DST that is a fsspec URL (`memory://`, `s3://`) is written by `engine.io.zarr_url` instead.
+SRC and DST may be store URLs (`memory://`, `s3://`: zarr, engine.io.zarr_url) the way a merge's
+inputs and output may.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from engine.errors import SpecError
-from engine.io.zarr_format import Compression
-from engine.io.zarr_url import convert_to_url, is_url, local_path
 from engine.merge import Report, merge
 from engine.spec import MergeSpec
 
@@ -23,7 +21,7 @@ FORMATS = ("zarr", "safetensors")
 
 def convert(
     src: Path,
-    dst: Path,
+    dst: Path | str,
     to: str,
     *,
     compress: str | None = None,
@@ -31,6 +29,7 @@ def convert(
     resume: bool = False,
     overwrite: bool = False,
     handle_signals: bool = True,
+    store_work: Path | None = None,
 ) -> Report:
     """Write the model folder `src` (safetensors or zarr) into the new folder `dst` as `to`.
 
@@ -50,13 +49,5 @@ def convert(
         copy_only=True,
         model_card=False,
         device="cpu",
+        store_work=store_work,
     )
-
-
-def convert_url(src: Path | str, url: str, to: str, compress: str | None = None) -> int:
-    """Write the local model folder `src` as zarr at the fsspec `url`; returns the tensors written."""
-    if to != "zarr":
-        raise SpecError(f"{url}: only zarr is written to a URL; give --to zarr, or a local folder for safetensors")
-    if is_url(src):
-        raise SpecError(f"{src}: read a model from a URL with leanmerge convert into a local folder first")
-    return convert_to_url(local_path(src), url, Compression.parse(compress))

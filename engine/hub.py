@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import SpecError
+from engine.io.url import local_path, store_url
 from engine.paths import HUB_ID
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ def resolve_model(typed: str, root: Path, hub: HubCache | None) -> Path:
     Raises:
         SpecError: a Hub model that is neither in the cache nor downloadable, in one line.
     """
-    path = Path(typed).expanduser()
+    if store_url(typed) is not None:  # a model in a store (engine.io.url): not a path
+        return Path(typed)
+    path = local_path(typed).expanduser()
     path = path if path.is_absolute() else root / path
     ref = HUB_REF.fullmatch(typed)
     if hub is None or ref is None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,28 +17,28 @@ from engine.budget import choose_budget, current_rss, fmt_bytes, peak_rss
 from engine.defaults import DEFAULT_SHARD_SIZE, SYNC_EVERY
 from engine.device import CUDA_HOST_RESERVE, peak_device_memory, plan_device, resolve_device, start_device
 from engine.embed_rows import rebuild_vocabulary
-from engine.errors import BudgetError, CheckpointError, Interrupted, NonFiniteError, OutputError, SpecError
-from engine.execute import OnEvent, Pipeline, execute, first_rows
+from engine.errors import BudgetError, CheckpointError, NonFiniteError, SpecError
+from engine.execute import OnEvent
 from engine.io.checkpoint import ReadOptions
-from engine.io.crc import crc32
-from engine.io.fingerprint import fingerprint, input_change
 from engine.io.inventory import Inventory, take_inventory
-from engine.io.journal import Journal, JournalState, check_resumable, load_journal
 from engine.io.lock import output_lock
-from engine.io.output import abort_output, copy_side_files, temp_dir_for, write_side_files
-from engine.io.safetensors_writer import ShardWriter, layout_digest
+from engine.io.output import temp_dir_for
+from engine.io.safetensors_writer import layout_digest
 from engine.io.target import check_target, check_temp, clear_leftovers, commit_output, make_parent, resolve_target
-from engine.io.write_behind import Finite, WriteBehind
+from engine.io.url import local_path, store_url
+from engine.io.write_behind import Finite
 from engine.io.zarr_format import Compression
 from engine.io.zarr_reader import zarr_cache_bytes
-from engine.io.zarr_record import finalize_zarr
-from engine.io.zarr_writer import ZarrWriter, existing_chunk_rows, zarr_blocks
+from engine.io.zarr_url import StoreTarget
+from engine.io.zarr_writer import existing_chunk_rows, zarr_blocks
 from engine.io.zarr_writer import layout_digest as zarr_layout
-from engine.plan import Plan, TensorPlan, make_plan, out_shape
-from engine.signals import StopRequest, graceful_stop
+from engine.plan import Plan, make_plan, out_shape
+from engine.resume import fingerprints, open_temp
+from engine.signals import graceful_stop
 from engine.spec import MergeSpec
 from engine.stats import pairwise
 from engine.vocab import check_tokenizer_fits
+from engine.work import Runner, Work, finish, write_blocks
 
 log = logging.getLogger(__name__)
 # Fewest passes for a tensor to be held in RAM, by how the inputs are read. With O_DIRECT every
@@ -52,32 +49,6 @@ log = logging.getLogger(__name__)
 # (warm: slerp 4.35 vs 3.95 s, model_stock 7.44 vs 6.81 s): there only ties-like tensors of three
 # passes or more are held (ties 17.7 vs 22.1 s, breadcrumbs 20.3 vs 21.5 s, cold, medians of 3).
 CPU_HOLD_PASSES = {"direct": 2, "buffered": 3}
-SPACE_MARGIN = 64 << 20  # journal, index and side files
-REHASH_PIECE = 16 << 20
-
-
-@dataclass(frozen=True)
-class Work:
-    """What a `Runner` gets: the plan and inputs, the temporary folder with its shard metadata
-    and journal header, the resumed journal state (None: a fresh run), and the run's settings."""
-
-    plan: Plan
-    inv: Inventory
-    tmp: Path
-    metadata: dict[str, str]
-    header: dict[str, Any]
-    state: JournalState | None
-    emit: OnEvent
-    reading: ReadOptions
-    sync_every: int
-    stop: StopRequest
-    finite: Finite
-    zfmt: Compression | None = None  # a zarr output's compression; None: safetensors shards
-
-
-# Writes every missing block of `Work` into its temporary folder, journaled, and returns the
-# tensors an earlier run had written whole that were kept: `write_blocks` here, or a cluster's.
-Runner = Callable[[Work], set[str]]
 
 
 @dataclass(frozen=True)
@@ -195,6 +166,7 @@ def merge(
     out_format: str = "safetensors",
     compress: str | None = None,
     copy_only: bool = False,
+    store_work: Path | None = None,
 ) -> Report:
     """Merge the models of `spec` into the folder `output`.
 
@@ -229,6 +201,8 @@ def merge(
         out_format: "safetensors" (shards) or "zarr" (a zarr group, engine.io.zarr_writer).
         compress: the zarr chunks' compression, "none", "zstd[:LEVEL]" or "blosc" (zarr only).
         copy_only: copy every tensor's bytes as stored, no arithmetic (`leanmerge convert`).
+        store_work: where an output at a store URL (`memory://…`, `s3://…`; zarr only) keeps its
+            journal, side files and lock (engine.io.zarr_url); default ~/.cache/leanmerge/stores.
     Returns:
         The run's `Report`.
     Raises:
@@ -241,7 +215,8 @@ def merge(
     dev = resolve_device(device)
     start_device(dev)  # before the baseline: a CUDA context costs host RAM too
     baseline = current_rss()
-    target = resolve_target(output)
+    store = _store_target(output, out_format, runner, store_work)
+    target = store.anchor if store is not None else resolve_target(local_path(output))
     emit = on_event or (lambda e: None)
     inv, plan = prepare(
         spec,
@@ -257,33 +232,46 @@ def merge(
     metadata = {"format": "pt", "leanmerge": f"{__version__} spec-sha256:{spec.digest()}"}
     tmp = temp_dir_for(target)
     zfmt = _zarr_format(out_format, compress)
-    if zfmt is not None and runner is not None:
-        raise SpecError("--format zarr is written by this process only: drop --executor dask, or write safetensors")
     if copy_only:  # bit-exact for every dtype (F64 and NaN payloads too): nothing goes through float32
         plan = replace(plan, tensors=tuple(replace(t, merge=False, passes=1, resident=False) for t in plan.tensors))
     if zfmt is not None:  # blocks become chunks: those of the interrupted run where resuming
-        plan = zarr_blocks(plan, existing_chunk_rows(tmp) if resume and not tmp.is_symlink() else None)
+        zroot = store.zarr_root if store is not None else None
+        plan = zarr_blocks(plan, existing_chunk_rows(tmp, zroot) if resume and not tmp.is_symlink() else None)
     header = {
         "spec": spec.to_json(),
-        "inputs": _fingerprints(inv),
+        "inputs": fingerprints(inv),
         "layout": zarr_layout(plan, zfmt) if zfmt else layout_digest(plan, metadata),
     }
-    side = {"card": target.name if model_card else None, "tokenizer": copy_tokenizer}
+    side = {"card": (store or target).name if model_card else None, "tokenizer": copy_tokenizer}
     finite = Finite(strict_finite)
     make_parent(target)
-    with output_lock(target) as lock, graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop:
+    with (
+        output_lock(target, store.url if store is not None else None) as lock,
+        graceful_stop(handle_signals, lambda: _exit_at_once(tmp, lock)) as stop,
+    ):
         clear_leftovers(target)
-        check_target(target, overwrite, [spec.base, *(m.path for m in spec.models)])
+        inputs = [spec.base, *(m.path for m in spec.models)]
+        if store is not None:
+            store.check(overwrite, inputs, tmp)
+        else:
+            check_target(target, overwrite, inputs)
         check_temp(tmp)
-        state = _open_temp(tmp, plan, header, resume)
+        state = open_temp(tmp, plan, header, resume, 0 if store is not None else plan.bytes_written)
+        if store is not None and state is None:
+            store.reset_temp()
         # What the interrupted run read for the tensors it finished (the progress bar starts there);
         # the report counts those that pass their re-check on disk (`_restore_prefix`).
         journaled = sum(t.bytes_read for t in plan.tensors if state is not None and t.name in state.done)
         emit({"event": "plan", **plan_summary(plan), "resumed": state is not None, "resumed_bytes": journaled})
         reading = ReadOptions(direct=direct_io, drop_cache=drop_cache)
         try:
-            work = Work(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite, zfmt)
-            kept = _run(work, side, runner or write_blocks)
+            work = Work(plan, inv, tmp, metadata, header, state, emit, reading, sync_every, stop, finite, zfmt,
+                        store.zarr_root if store is not None else None)  # fmt: skip
+            kept = finish(work, side, runner or write_blocks)
+        except (CheckpointError, NonFiniteError):  # `finish` removed `tmp`: nothing to resume
+            if store is not None:
+                store.remove_temp()
+            raise
         except torch.OutOfMemoryError as e:  # the work so far stays in `tmp`, journaled
             raise BudgetError(_out_of_memory(plan, tmp, e)) from None
         except RuntimeError as e:  # threading's only signal that the address space ran out
@@ -295,11 +283,15 @@ def merge(
             ) from None
         finally:
             pairwise.release()  # the statistics' scratch: a library caller's GPU gets it back
-        commit_output(tmp, target, overwrite)  # a signal that lands after the last block lets the run finish
+        if store is None:
+            commit_output(tmp, target, overwrite)  # a signal that lands after the last block lets the run finish
+        else:
+            store.publish(tmp, replace=overwrite)
+            shutil.rmtree(tmp)
     wall = time.perf_counter() - t0
     earlier = sum(t.bytes_read for t in plan.tensors if t.name in kept)
     return Report(
-        output=str(output),
+        output=store.url if store is not None else str(local_path(output)),
         method=spec.method,
         seed=spec.seed,
         tensors=len(plan.tensors),
@@ -349,111 +341,21 @@ def _out_of_memory(plan: Plan, tmp: Path, e: BaseException) -> str:
     return f"{what}, so something else is using it: {fix}, then run the same command with --resume (the work so far is in {tmp})"
 
 
-def _open_temp(tmp: Path, plan: Plan, header: dict[str, Any], resume: bool) -> JournalState | None:
-    """The journal state to resume from, or None after creating a fresh temporary folder."""
-    if tmp.exists():
-        state = load_journal(tmp)
-        if state is not None and resume:
-            check_resumable(state, header, tmp)
-            return state
-        if state is not None:
-            raise OutputError(
-                f"{tmp}: an interrupted run left this folder; run the same command with --resume to continue it, "
-                "or remove the folder to start over"
-            )
-        shutil.rmtree(tmp)  # never got as far as writing data
-    elif resume:
-        log.info("nothing to resume at %s: starting a fresh merge", tmp)
-    free = shutil.disk_usage(tmp.parent).free
-    if free < plan.bytes_written + SPACE_MARGIN:
-        raise OutputError(
-            f"{tmp.parent}: {fmt_bytes(free)} free, the merged model needs {fmt_bytes(plan.bytes_written + SPACE_MARGIN)}"
+def _store_target(output: Path | str, out_format: str, runner: Runner | None, work: Path | None) -> StoreTarget | None:
+    """The output's store URL as a `StoreTarget` (None: a local folder; `file://` is one)."""
+    url = store_url(output)
+    if url is None:
+        return None
+    if out_format != "zarr":
+        raise SpecError(
+            f"{url}: a store URL takes --format zarr only: safetensors shards are written at offsets inside "
+            "preallocated files, which object storage cannot do; add --format zarr, or write a local folder"
         )
-    tmp.mkdir()
-    return None
-
-
-def _run(w: Work, side: dict[str, Any], runner: Runner) -> set[str]:
-    """Write every missing block into `w.tmp` with `runner` and finalize it (`side`: `write_side_files`'s
-    options); returns the tensors an earlier run had written whole that were kept (their bytes re-checked).
-    Input errors remove `tmp`; anything else leaves it to resume from."""
-    try:
-        kept = runner(w)
-        _check_inputs_unchanged(w.inv, w.header)
-        final = load_journal(w.tmp)
-        if final is None:
-            raise OutputError(
-                f"{w.tmp}: the temporary folder vanished during the merge; nothing was written: run again"
-            )
-        if w.zfmt:
-            copy_side_files(w.tmp, w.plan, **side)
-            finalize_zarr(w.tmp, w.plan, final, _checksums(w.plan, final))
-        else:
-            write_side_files(w.tmp, w.plan, _checksums(w.plan, final), **side)
-        (w.tmp / "journal.jsonl").unlink()
-    except (CheckpointError, NonFiniteError):
-        abort_output(w.tmp)
-        raise
-    return kept
-
-
-def write_blocks(w: Work) -> set[str]:
-    """The local `Runner`: write every missing block into `w.tmp` in this process, journaled;
-    returns the tensors an earlier run had written whole that were kept (re-checked on disk)."""
-    plan, state = w.plan, w.state
-    with ExitStack() as stack:
-        writer: ShardWriter | ZarrWriter = (
-            ZarrWriter(w.tmp, plan, plan.spec.digest(), w.zfmt, reopen=state is not None)
-            if w.zfmt
-            else ShardWriter(w.tmp, plan, w.metadata, reopen=state is not None)
+    if runner is not None and url.startswith("memory://"):
+        raise SpecError(
+            f"{url}: memory:// lives in this process only, where Dask workers cannot write; use a shared store"
         )
-        stack.callback(writer.close)
-        journal = Journal.reopen(w.tmp) if state is not None else Journal.create(w.tmp, w.header)
-        stack.callback(journal.close)
-        pipe = Pipeline.allocate(plan)
-        stack.callback(pipe.close)
-        if pipe.pinned.locked or pipe.pinned.failed:  # on CUDA: did the copies get page-locked buffers?
-            w.emit(
-                {
-                    "event": "device",
-                    "device": plan.device.device,
-                    "pinned": pipe.pinned.locked,
-                    "not_pinned": pipe.pinned.failed,
-                }
-            )
-        out = WriteBehind(writer, journal, pipe.outs, w.sync_every, w.finite)
-        stack.callback(out.close)
-        start, kept = restore_start(plan, writer, journal, state, out.resume_crc)
-        stop = w.stop.requested
-        complete = execute(plan, w.inv, out, pipe, start=start, on_event=w.emit, reading=w.reading, should_stop=stop)
-        out.drain()
-        if not complete:
-            raise interrupted(w.stop, w.tmp)
-    return kept
-
-
-def interrupted(stop: StopRequest, tmp: Path) -> Interrupted:
-    name = signal.Signals(stop.signum).name
-    return Interrupted(
-        f"stopped by {name}; the work so far is saved in {tmp}: run the same command with --resume", stop.signum
-    )
-
-
-def restore_start(
-    plan: Plan,
-    writer: ShardWriter | ZarrWriter,
-    journal: Journal,
-    state: JournalState | None,
-    resume_crc: Callable[[str, int], None],
-) -> tuple[dict[str, int], set[str]]:
-    """The first row to write of every tensor, after re-checking on disk what an earlier run
-    journaled (`_restore_prefix`), and the tensors it had written whole (kept, not merged again)."""
-    start = first_rows(plan, {t.name: state.rows_done(t.name) for t in plan.tensors} if state else {})
-    for t in plan.tensors:
-        if state is not None and start[t.name] > 0 and t.numel:
-            start[t.name] = _restore_prefix(writer, resume_crc, journal, t, start[t.name], state)
-    # every row on disk and re-checked: merged by the earlier run, not by this one
-    return start, {t.name for t in plan.tensors if state is not None and t.numel and start[t.name] >= t.rows}
+    return StoreTarget.of(url, work or Path.home() / ".cache" / "leanmerge" / "stores")
 
 
 def _zarr_format(out_format: str, compress: str | None) -> Compression | None:
@@ -463,65 +365,6 @@ def _zarr_format(out_format: str, compress: str | None) -> Compression | None:
     if compress is not None and Compression.parse(compress).kind != "none":
         raise SpecError(f"--compress {compress}: only --format zarr output is compressed; add --format zarr")
     return None
-
-
-def _restore_prefix(
-    writer: ShardWriter | ZarrWriter,
-    resume_crc: Callable[[str, int], None],
-    journal: Journal,
-    tensor: TensorPlan,
-    rows: int,
-    state: JournalState,
-) -> int:
-    """Re-read the rows [0, rows) an earlier run wrote and check the running crc32 the journal
-    recorded after each block: resume keeps only what it has re-checked, finished tensors too
-    (a byte damaged on disk since is rewritten, never renamed into place).
-
-    Returns the row to continue from: `rows`, or 0 if the bytes on disk do not match the journal.
-    A finished tensor whose "t" record was torn off the journal gets it again.
-    """
-    row_bytes = tensor.out_nbytes // tensor.rows
-    crc = 0
-    for r0, r1, want in sorted(state.blocks[tensor.name]):
-        if r0 >= rows:
-            break
-        for pos in range(r0 * row_bytes, r1 * row_bytes, REHASH_PIECE):
-            crc = crc32(writer.read_back(tensor, pos, min(REHASH_PIECE, r1 * row_bytes - pos)), crc)
-        if crc != want:
-            log.warning("%s: rows %d..%d on disk do not match the journal; rewriting the tensor", tensor.name, r0, r1)
-            state.done.pop(tensor.name, None)
-            return 0
-    if rows < tensor.rows:
-        resume_crc(tensor.name, crc)
-    elif state.done.get(tensor.name) != crc:
-        journal.tensor(tensor.name, crc)
-        state.done[tensor.name] = crc
-    return rows
-
-
-def _check_inputs_unchanged(inv: Inventory, header: dict[str, Any]) -> None:
-    """Fingerprint the inputs again before finalizing: one changed while the merge read it
-    (so the output may mix its old and new data) discards the output."""
-    change = input_change(header["inputs"], _fingerprints(inv))
-    if change:
-        raise CheckpointError(
-            f"{change} since the merge started reading it; the output is discarded: run the merge again"
-        )
-
-
-def _fingerprints(inv: Inventory) -> list[dict[str, Any]]:
-    return [fp for c in (inv.base, *inv.models) for fp in fingerprint(c)]
-
-
-def _checksums(plan: Plan, state: JournalState) -> dict[str, str]:
-    """crc32 of every tensor as 8 hex digits (an empty tensor's is 00000000)."""
-    sums = {t.name: state.done.get(t.name, 0 if t.numel == 0 else None) for t in plan.tensors}
-    missing = [n for n, s in sums.items() if s is None]
-    if missing:
-        raise OutputError(
-            f"finalize: {len(missing)} tensor(s) were never completed, e.g. {missing[:3]}; rerun with --resume"
-        )
-    return {n: f"{s:08x}" for n, s in sums.items()}
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import SpecError
-from engine.merge import Report, Runner, merge
+from engine.merge import Report, merge
 from engine.spec import MergeSpec
+from engine.work import Runner
 
 log = logging.getLogger(__name__)
 BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}

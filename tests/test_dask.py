@@ -83,6 +83,18 @@ def test_two_workers_write_the_local_bytes(
     assert CliRunner().invoke(main, ["verify", str(tmp_path / "out")]).exit_code == 0
 
 
+def test_two_workers_write_the_local_zarr_chunks(family: tuple[Path, list[Path]], client: Any, tmp_path: Path) -> None:
+    """Workers write disjoint whole chunks of a zarr output: every file equals the local zarr merge's."""
+    spec = spec_for(family, "dare_ties")
+    merge(spec, tmp_path / "a" / "out", block_bytes=BLOCK, out_format="zarr", compress="zstd")
+    merge(spec, tmp_path / "b" / "out", block_bytes=BLOCK, hold=False, runner=DaskRunner(client, 1, BAND),
+          out_format="zarr", compress="zstd")  # fmt: skip
+    want = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert {p.relative_to(tmp_path / "b"): p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == want
+    assert len(want) > 6 * 26  # one file per chunk: 26 chunks of 8 rows per layer and more
+    assert CliRunner().invoke(main, ["verify", str(tmp_path / "b" / "out")]).exit_code == 0
+
+
 def test_a_killed_worker_is_replaced_and_the_bytes_stay(
     family: tuple[Path, list[Path]], local: dict[str, dict[str, str]], client: Any, tmp_path: Path
 ) -> None:

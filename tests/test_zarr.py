@@ -22,6 +22,7 @@ from engine import merge
 from engine.cli import main
 from engine.dtypes import DTYPES
 from engine.errors import ResumeError, SpecError
+from engine.io import zarr_writer
 from engine.io.output import temp_dir_for
 from engine.io.zarr_format import Compression, escape_name, piece_crc, unescape_name
 from engine.io.zarr_writer import zarr_blocks
@@ -68,6 +69,19 @@ def test_zarr_merge_equals_safetensors_merge(method: str, family: tuple[Path, li
         ), name
     assert (tmp_path / "z" / "config.json").is_file()
     assert verify(tmp_path / "z", spec).ok
+
+
+def test_uncompressed_chunks_written_directly_are_zarrs_own(
+    family: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = valid_spec("dare_linear", *family)
+    merge(spec, tmp_path / "a" / "z", block_bytes=200, handle_signals=False, out_format="zarr")
+    monkeypatch.setattr(zarr_writer, "RAW_WRITES", False)  # every chunk through zarr's array assignment
+    merge(spec, tmp_path / "b" / "z", block_bytes=200, handle_signals=False, out_format="zarr")
+    files = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert {p.relative_to(tmp_path / "b"): p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == files
+    assert Path("z/model.zarr/layers.0.w/c/4/0") in files  # 37 rows in chunks of 8: an edge chunk, padded
+    assert Path("z/model.zarr/scale/c") in files and verify(tmp_path / "a" / "z", spec).ok
 
 
 def test_layout_attributes_and_chunks(family: tuple[Path, list[Path]], tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """The driver of a merge on a Dask cluster: the plan's blocks as tasks, the journal kept here.
 
-A `DaskRunner` takes the place of the local `engine.merge.write_blocks`: `merge()` still checks
+A `DaskRunner` takes the place of the local `engine.work.write_blocks`: `merge()` still checks
 the target, opens or resumes the temporary folder, verifies and renames the result. Here the
-driver preallocates the shards (on a filesystem every worker sees at the same path), sends the
+driver preallocates the shards or creates the zarr arrays (on a filesystem every worker sees at the same path), sends the
 `Job` to the cluster once, and submits, tensor by tensor in plan order:
 
 - for a tensor of several blocks with reduce passes, one statistics task that runs every pass in
@@ -29,16 +29,18 @@ from typing import Any
 
 from engine.budget import peak_rss
 from engine.cluster.crc_combine import crc32_combine
-from engine.cluster.tasks import Band, Job, SafetensorsOutput, band_task, release_buffers, stats_task
+from engine.cluster.tasks import Band, Job, SafetensorsOutput, ZarrOutput, band_task, release_buffers, stats_task
 from engine.dtypes import itemsize
 from engine.errors import OutputError
 from engine.execute import OnEvent
 from engine.io.journal import Journal
 from engine.io.safetensors_writer import ShardWriter
 from engine.io.write_behind import Finite
-from engine.merge import Work, interrupted, restore_start
+from engine.io.zarr_writer import ZarrWriter
 from engine.plan import Plan, TensorPlan
+from engine.resume import interrupted, restore_start
 from engine.signals import StopRequest
+from engine.work import Work
 
 BAND_BYTES = 256 << 20  # input bytes per band task: a task's fixed cost (~10 ms) well below its I/O
 POLL_S = 0.05  # how often the driver looks for finished tasks and a stop request
@@ -65,18 +67,27 @@ class DaskRunner:
     band_bytes: int = BAND_BYTES
 
     def __call__(self, w: Work) -> set[str]:
-        """Write every missing block of `w` on the cluster (`engine.merge.Runner`)."""
+        """Write every missing block of `w` on the cluster (`engine.work.Runner`)."""
         plan = w.plan
         with ExitStack() as stack:
-            writer = ShardWriter(w.tmp, plan, w.metadata, reopen=w.state is not None)  # preallocated here, once
+            reopen = w.state is not None
+            writer: ShardWriter | ZarrWriter = (  # the shards preallocated, or the arrays created, here, once
+                ZarrWriter(w.tmp, plan, plan.spec.digest(), w.zfmt, reopen=reopen, root=w.zroot)
+                if w.zfmt
+                else ShardWriter(w.tmp, plan, w.metadata, reopen=reopen)
+            )
             stack.callback(writer.close)
             journal = Journal.reopen(w.tmp) if w.state is not None else Journal.create(w.tmp, w.header)
             stack.callback(journal.close)
-            chain = _Chain(plan, journal, w.emit)
+            chain = _Chain(plan, journal, w.emit, per_block=w.zfmt is not None)
             start, kept = restore_start(plan, writer, journal, w.state, chain.resume)
             chain.next = dict(start)
             journal.commit()
-            output = SafetensorsOutput(w.tmp, w.metadata)
+            output = (
+                ZarrOutput(w.tmp, plan.spec.digest(), w.zfmt, w.zroot)
+                if w.zfmt
+                else SafetensorsOutput(w.tmp, w.metadata)
+            )
             job = Job(plan, w.inv, output, w.reading, w.finite.strict, self.threads, w.sync_every)
             futures = self._submit(job, start)
             try:
@@ -118,17 +129,18 @@ def _the_job(job: Job) -> Job:
 
 
 class _Chain:
-    """Journals finished bands in row order per tensor, their crc32 chained (`crc32_combine`)."""
+    """Journals finished bands in row order per tensor, their crc32 chained (`crc32_combine`);
+    `per_block`: a record per block (a zarr output's chunk crc32s come from them), else per band."""
 
-    def __init__(self, plan: Plan, journal: Journal, emit: OnEvent) -> None:
-        self.journal, self.emit = journal, emit
+    def __init__(self, plan: Plan, journal: Journal, emit: OnEvent, *, per_block: bool = False) -> None:
+        self.journal, self.emit, self.per_block = journal, emit, per_block
         self.rows = {t.name: t.rows for t in plan.tensors}
         self.crc: dict[str, int] = {}
         self.next: dict[str, int] = {}  # per tensor: the first row not journaled (`restore_start`'s)
         self.waiting: dict[str, dict[int, Band]] = {}
 
     def resume(self, tensor: str, crc: int) -> None:
-        """The running crc32 of rows an earlier run wrote (`engine.merge.restore_start`)."""
+        """The running crc32 of rows an earlier run wrote (`engine.resume.restore_start`)."""
         self.crc[tensor] = crc
 
     def add(self, band: Band) -> None:
@@ -136,8 +148,14 @@ class _Chain:
         waiting = self.waiting.setdefault(band.tensor, {})
         waiting[band.r0] = band
         while (b := waiting.pop(self.next[band.tensor], None)) is not None:
-            crc = self.crc[b.tensor] = crc32_combine(self.crc.get(b.tensor, 0), b.crc, b.nbytes)
-            self.journal.block(b.tensor, b.r0, b.r1, crc)
+            before = self.crc.get(b.tensor, 0)
+            crc = self.crc[b.tensor] = crc32_combine(before, b.crc, b.nbytes)
+            if self.per_block:  # each block's running crc32 within the band, chained onto the rows before it
+                row_bytes = b.nbytes // (b.r1 - b.r0)
+                for r0, r1, within in b.blocks:
+                    self.journal.block(b.tensor, r0, r1, crc32_combine(before, within, (r1 - b.r0) * row_bytes))
+            else:
+                self.journal.block(b.tensor, b.r0, b.r1, crc)
             self.next[b.tensor] = b.r1
             if b.r1 == self.rows[b.tensor]:
                 self.journal.tensor(b.tensor, self.crc.pop(b.tensor))

@@ -7,8 +7,9 @@ same reads, the same C merge pass, the same keyed randomness, so the bytes are t
 executor's. A band is written at its offsets in the preallocated shards and made durable
 (`fdatasync`) before the task returns its crc32: the driver journals only what is on disk.
 
-The write step is the `Job.output`: the safetensors shards now; another format (a zarr store's
-chunks) needs only another class with `open`.
+The write step is the `Job.output`: the preallocated safetensors shards, or the zarr group whose
+arrays the driver created (`ZarrOutput`): a band is whole blocks, and a zarr output's blocks are
+its chunks, so workers write disjoint chunks, which zarr allows from any number of writers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from engine.io.checkpoint import BUFFERED, ReadOptions
 from engine.io.inventory import Inventory
 from engine.io.safetensors_writer import ShardWriter
 from engine.io.write_behind import Finite, WriteBehind
+from engine.io.zarr_format import Compression
+from engine.io.zarr_writer import ZarrWriter
 from engine.methods.base import Stats
 from engine.plan import Plan, TensorPlan
 
@@ -45,12 +48,25 @@ class SafetensorsOutput:
 
 
 @dataclass(frozen=True)
+class ZarrOutput:
+    """The zarr group in the temporary output folder (arrays created by the driver), reopened by each task."""
+
+    folder: Path
+    spec_sha256: str
+    compression: Compression
+    root: str | None = None  # the group's store URL (engine.io.zarr_url); None: in `folder`
+
+    def open(self, plan: Plan) -> ZarrWriter:
+        return ZarrWriter(self.folder, plan, self.spec_sha256, self.compression, reopen=True, root=self.root)
+
+
+@dataclass(frozen=True)
 class Job:
     """Everything a task needs besides its own rows: sent to the cluster once per merge."""
 
     plan: Plan
     inv: Inventory
-    output: SafetensorsOutput
+    output: SafetensorsOutput | ZarrOutput
     reading: ReadOptions = BUFFERED
     strict_finite: bool = False
     threads: int | None = None  # compute threads per task (None: the worker's usable cores)
@@ -72,16 +88,20 @@ class Band:
     nbytes: int
     nonfinite: int = 0
     nonfinite_inputs: dict[str, int] = field(default_factory=dict)
+    blocks: tuple[tuple[int, int, int], ...] = ()  # each block's (r0, r1, running crc32 from r0 of the band)
 
 
 class _BandNote:
-    """Stands in for the journal in a worker: keeps the band's crc32 (the driver journals it)."""
+    """Stands in for the journal in a worker: keeps the band's crc32 and its blocks' (the driver
+    journals them: a zarr output's record needs each chunk's crc32)."""
 
     def __init__(self) -> None:
         self.crc = 0
+        self.blocks: list[tuple[int, int, int]] = []
 
     def block(self, tensor: str, r0: int, r1: int, crc: int) -> None:
         self.crc = crc
+        self.blocks.append((r0, r1, crc))
 
     def tensor(self, tensor: str, crc: int) -> None:
         self.crc = crc
@@ -161,4 +181,4 @@ def band_task(job: Job, name: str, r0: int, r1: int, stats: Stats) -> Band:
         execute_rows(job.plan, job.inv, out, pipe, tensor, (r0, r1), stats, job.reading)
         out.drain()  # every byte fdatasync'd before the driver hears of it
     inputs = {src: n[name] for src, n in finite.inputs.items() if name in n}
-    return Band(name, r0, r1, note.crc, out.bytes_written, finite.counts.get(name, 0), inputs)
+    return Band(name, r0, r1, note.crc, out.bytes_written, finite.counts.get(name, 0), inputs, tuple(note.blocks))

@@ -36,6 +36,7 @@ from engine.errors import CheckpointError
 from engine.hub import snapshot_blobs
 from engine.io.header import Header, TensorInfo, read_header, short_repr
 from engine.io.torch_bin import BIN_INDEX, BIN_SINGLE, read_bin_header
+from engine.io.url import store_url
 from engine.io.zarr_format import ZARR_DIR
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,12 @@ def open_checkpoint(folder: Path | str) -> Checkpoint:
     Raises:
         CheckpointError: the folder, a shard or the index is missing or inconsistent.
     """
+    url = store_url(folder)
     folder = Path(folder)
+    if url is not None:  # a zarr model in a store (engine.io.url)
+        from engine.io.zarr_reader import open_zarr
+
+        return open_zarr(folder, url)
     if not folder.is_dir():
         what = "is a file, not a model folder" if folder.exists() else "does not exist"
         raise CheckpointError(f"{folder}: {what}")

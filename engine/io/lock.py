@@ -27,9 +27,9 @@ def lock_path(target: Path) -> Path:
 
 
 @contextmanager
-def output_lock(target: Path) -> Iterator[Path]:
+def output_lock(target: Path, shown: str | None = None) -> Iterator[Path]:
     """Hold the lock of `target` for the duration of the block (yields the lock file's path), or
-    raise `OutputError`."""
+    raise `OutputError` naming `shown` (default: `target`; a store URL's local anchor is named by its URL)."""
     path = lock_path(target)
     fd = _open_lock(path)
     try:
@@ -37,7 +37,9 @@ def output_lock(target: Path) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise OutputError(f"{target}: another leanmerge process (pid {other}) is writing this output") from None
+            raise OutputError(
+                f"{shown or target}: another leanmerge process (pid {other}) is writing this output"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:

@@ -20,6 +20,7 @@ from engine.io.checkpoint import INDEX_NAME
 from engine.io.journal import JOURNAL_NAME
 from engine.io.model_card import write_model_card
 from engine.io.record import FILES_KEY, folder_record, fsync_files
+from engine.io.url import copy_file
 from engine.plan import Plan
 from engine.slices import output_layers
 from engine.tokens import set_chat_template
@@ -82,8 +83,8 @@ def copy_side_files(tmp: Path, plan: Plan, *, card: str | None, tokenizer: bool)
     built = built_files(plan.resized)  # a vocabulary built from the inputs' (engine.embed_rows)
     for name in SIDE_FILES:
         src = (tokenizer_dir if name in TOKENIZER_FILES else plan.spec.base) / name
-        if src.is_file() and (tokenizer and built is None or name not in TOKENIZER_FILES):
-            shutil.copyfile(src, tmp / name)
+        if tokenizer and built is None or name not in TOKENIZER_FILES:
+            copy_file(src, tmp / name)  # where there is one (a base at a store URL too)
     if tokenizer:
         for name, data in built or ():
             (tmp / name).write_bytes(data)

@@ -26,6 +26,7 @@ from engine.io.checkpoint import Checkpoint
 from engine.io.crc import crc32
 from engine.io.header import TensorInfo, short_repr
 from engine.io.record import file_sha256
+from engine.io.url import shown, store_fs
 from engine.io.zarr_format import ATTRS, STORED, ZARR_DIR, chunk_exists, unescape_name, zarr_module
 
 CHUNK_COPIES = 3
@@ -36,33 +37,39 @@ class ZarrCheckpoint(Checkpoint):
     """A zarr model folder; `TensorInfo.file` is each array's folder, `offset` 0."""
 
     arrays: dict[str, Any] = field(kw_only=True, repr=False)  # tensor name -> zarr Array
+    url: str | None = field(default=None, kw_only=True)  # the store URL of a model not on a local path
 
 
-def open_zarr(folder: Path) -> ZarrCheckpoint:
-    """Index the zarr group in `folder` from its metadata.
+def open_zarr(folder: Path, url: str | None = None) -> ZarrCheckpoint:
+    """Index the zarr group in `folder` (or at the store `url`) from its metadata.
 
     Raises:
-        CheckpointError: unreadable metadata, or attributes that disagree with an array.
+        CheckpointError: no group there, unreadable metadata, or attributes that disagree with an array.
     """
-    root = folder / ZARR_DIR
+    root: Path | str = folder / ZARR_DIR
+    if url is not None:
+        root = f"{url}/{ZARR_DIR}"
+        fs, path = store_fs(root, CheckpointError)
+        if not fs.exists(f"{path}/zarr.json"):
+            raise CheckpointError(f"{url}: no zarr model at this URL ({ZARR_DIR}/zarr.json is missing)")
     try:
         group = zarr_module().open_group(root, mode="r")
         items = sorted(group.arrays(), key=lambda kv: str(kv[0]))
     except Exception as e:  # zarr raises JSON, key and value errors for damaged metadata
-        raise CheckpointError(f"{root}: cannot read the zarr metadata: {_first_line(e)}") from None
+        raise CheckpointError(f"{shown(root)}: cannot read the zarr metadata: {_first_line(e)}") from None
     tensors, arrays = {}, {}
     for key, arr in items:
-        info = _tensor_info(root, str(key), arr)
+        info = _tensor_info(Path(root), str(key), arr)
         tensors[info.name], arrays[info.name] = info, arr
     record = group.attrs.get(ATTRS)
     order = record.get("tensor_crc32") if isinstance(record, dict) else None
     if isinstance(order, dict) and set(order) == set(tensors):  # the order it was written in
         tensors = {n: tensors[n] for n in order}
-    return ZarrCheckpoint(folder, tensors, tuple(t.file for t in tensors.values()), arrays=arrays)
+    return ZarrCheckpoint(folder, tensors, tuple(t.file for t in tensors.values()), arrays=arrays, url=url)
 
 
 def _tensor_info(root: Path, key: str, arr: Any) -> TensorInfo:
-    where = f"{root / key}/zarr.json"
+    where = f"{shown(root / key)}/zarr.json"
     attrs = arr.attrs.get(ATTRS)
     if not isinstance(attrs, dict):
         raise CheckpointError(f"{where}: no attributes.{ATTRS} (dtype, shape, name): not a leanmerge zarr model")
@@ -113,7 +120,7 @@ class ZarrReader:
     def _chunk(self, info: TensorInfo, arr: Any, c: int, step: int) -> memoryview:
         if self._last is not None and self._last[:2] == (info.name, c):
             return self._last[2]
-        where = f"{info.file}: chunk {c} of tensor {short_repr(info.name)}"
+        where = f"{shown(info.file)}: chunk {c} of tensor {short_repr(info.name)}"
         if not chunk_exists(arr, c):
             raise CheckpointError(f"{where} is missing (zarr would read it as zeros); restore the file")
         try:
@@ -156,7 +163,10 @@ def _chunk_nbytes(info: TensorInfo, arr: Any) -> int:
 
 def zarr_fingerprint(ckpt: ZarrCheckpoint) -> list[dict[str, Any]]:
     """Per array: the sha256 of its metadata and of its first, middle and last chunk files, and
-    the newest mtime of its chunk folder (engine.io.fingerprint's role for safetensors shards)."""
+    the newest mtime of its chunk folder (engine.io.fingerprint's role for safetensors shards);
+    a model at a store URL: `_store_fingerprint`."""
+    if ckpt.url is not None:
+        return _store_fingerprint(ckpt, ckpt.url)
     out = []
     for name, info in ckpt.tensors.items():
         chunks = sorted(p for p in (info.file / "c").rglob("*") if p.is_file()) if (info.file / "c").exists() else []
@@ -169,6 +179,32 @@ def zarr_fingerprint(ckpt: ZarrCheckpoint) -> list[dict[str, Any]]:
                 "size": sum(os.stat(p).st_size for p in chunks),
                 "mtime_ns": mtime,
                 "header_sha256": file_sha256(info.file / "zarr.json"),
+                "samples": {name: h.hexdigest()[:8]},
+                "chunks": len(chunks),
+            }
+        )
+    return out
+
+
+def _store_fingerprint(ckpt: ZarrCheckpoint, url: str) -> list[dict[str, Any]]:
+    """Per array at a store URL: the sha256 of its metadata object (shape, dtype, codecs and the
+    leanmerge attributes with every chunk's crc32, which the reader checks each chunk it decodes
+    against), the count and total size of its chunk objects, and the sha256 of its first, middle
+    and last chunk objects. Stores keep no comparable mtime, so a chunk rewritten in place with
+    the same size and its metadata untouched is caught by the crc32 check when read, not here."""
+    fs, root = store_fs(f"{url}/{ZARR_DIR}", CheckpointError)
+    out = []
+    for name, info in ckpt.tensors.items():
+        key = info.file.name
+        found = fs.find(f"{root}/{key}/c", detail=True)
+        chunks = sorted(found)
+        picks = sorted({0, len(chunks) // 2, len(chunks) - 1}) if chunks else []
+        h = hashlib.sha256(b"".join(fs.cat_file(chunks[i]) for i in picks))
+        out.append(
+            {
+                "file": f"{url}/{ZARR_DIR}/{key}",
+                "size": sum(int(found[p].get("size") or fs.size(p)) for p in chunks),
+                "header_sha256": hashlib.sha256(fs.cat_file(f"{root}/{key}/zarr.json")).hexdigest(),
                 "samples": {name: h.hexdigest()[:8]},
                 "chunks": len(chunks),
             }

@@ -10,14 +10,17 @@ every chunk and names the first chunk that differs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.errors import OutputError
 from engine.io.crc import crc32
 from engine.io.journal import JOURNAL_NAME, JournalState
 from engine.io.record import FILES_KEY, file_sha256, fsync_files
+from engine.io.url import store_fs
 from engine.io.zarr_format import ATTRS, ZARR_DIR, chunk_crcs, chunk_exists, escape_name, zarr_module
 from engine.plan import Plan
 
@@ -29,11 +32,13 @@ def is_zarr_folder(folder: Path) -> bool:
     return (folder / ZARR_DIR / "zarr.json").is_file()
 
 
-def finalize_zarr(tmp: Path, plan: Plan, state: JournalState, checksums: dict[str, str]) -> None:
-    """Write the arrays' and the group's records (after the side files are in `tmp`), fsync'd."""
+def finalize_zarr(
+    tmp: Path, plan: Plan, state: JournalState, checksums: dict[str, str], root: str | None = None
+) -> None:
+    """Write the arrays' and the group's records (after the side files are in `tmp`), fsync'd;
+    `root`: the group's store URL (engine.io.zarr_url), else `tmp/model.zarr`."""
     zarr = zarr_module()
-    root = tmp / ZARR_DIR
-    group = zarr.open_group(root, mode="r+")
+    group = zarr.open_group(root or tmp / ZARR_DIR, mode="r+")
     for t in plan.tensors:
         arr = group[escape_name(t.name)]
         row_bytes = t.out_nbytes // t.rows if t.rows else 0
@@ -41,7 +46,7 @@ def finalize_zarr(tmp: Path, plan: Plan, state: JournalState, checksums: dict[st
         arr.update_attributes(
             {ATTRS: {**arr.attrs[ATTRS], "crc32": checksums[t.name], "chunk_crc32": [f"{c:08x}" for c in chunks]}}
         )
-    arrays = {escape_name(t.name): file_sha256(root / escape_name(t.name) / "zarr.json") for t in plan.tensors}
+    arrays = {escape_name(t.name): _metadata_sha256(tmp, root, escape_name(t.name)) for t in plan.tensors}
     others = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != JOURNAL_NAME)
     record = {
         "version": __version__,
@@ -51,14 +56,24 @@ def finalize_zarr(tmp: Path, plan: Plan, state: JournalState, checksums: dict[st
         FILES_KEY: {f: file_sha256(tmp / f) for f in others},
     }
     group.update_attributes({ATTRS: {**group.attrs[ATTRS], **record}})
-    fsync_files(root, ["zarr.json", *(f"{k}/zarr.json" for k in arrays)])
     fsync_files(tmp, others)
-    for d in (root, *(root / k for k in arrays)):
+    if root is not None:  # a store's objects are durable once written
+        return
+    fsync_files(tmp / ZARR_DIR, ["zarr.json", *(f"{k}/zarr.json" for k in arrays)])
+    for d in (tmp / ZARR_DIR, *(tmp / ZARR_DIR / k for k in arrays)):
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _metadata_sha256(tmp: Path, root: str | None, key: str) -> str:
+    """sha256 of array `key`'s `zarr.json`, in `tmp/model.zarr` or at the store URL `root`."""
+    if root is None:
+        return file_sha256(tmp / ZARR_DIR / key / "zarr.json")
+    fs, path = store_fs(root, OutputError)
+    return hashlib.sha256(fs.cat_file(f"{path}/{key}/zarr.json")).hexdigest()
 
 
 def _chain(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
