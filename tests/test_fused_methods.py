@@ -208,3 +208,43 @@ def test_della_magprune_in_c_equals_the_torch_ops(
     with mock.patch.object(pairwise, "_fused", None):
         della.magprune_(want, 0, density, epsilon, rescale, c)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["della", "della_linear"]),
+    k=st.integers(1, 5),
+    w=st.sampled_from([1, 7, 64]),
+    rows=st.integers(1, 40),
+    weights=st.lists(WEIGHTS, min_size=5, max_size=5),
+    lam=st.sampled_from([1.0, 0.7]),
+    normalize=st.booleans(),
+    rescale=st.booleans(),
+    threads=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
+def test_della_merges_in_c_with_the_bytes_of_the_torch_ops(
+    name: str,
+    k: int,
+    w: int,
+    rows: int,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    rescale: bool,
+    threads: int,
+    seed: int,
+) -> None:
+    """DELLA's weights, mix (TIES's election, or the sum) and base's add after MagPrune: one pass
+    of the C on the CPU, the bytes of torch's ops (NaNs, infinities, signed zeros included)."""
+    method = get_method(name)
+    per = tuple({"weight": x, "density": 0.5, "epsilon": 0.2} for x in weights[:k])
+    p = TensorParams({"lambda": lam, "normalize": normalize, "rescale": rescale}, per)
+    raw = inputs(rows * w, [torch.bfloat16] * (k + 1), seed)
+    c = Chunk(tuple(KeyedRng(stream_key(seed, "t", m)) for m in range(k)), 12345, rows * w, w)
+    with mock.patch.object(pairwise, "c_threads", lambda: threads):
+        got = method.apply(raw[0].float(), [x.float() for x in raw[1:]], p, {}, c)
+    with mock.patch.object(pairwise, "_fused", None):
+        want = method.apply(raw[0].float(), [x.float() for x in raw[1:]], p, {}, c)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
