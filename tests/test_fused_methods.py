@@ -248,3 +248,25 @@ def test_della_merges_in_c_with_the_bytes_of_the_torch_ops(
     with mock.patch.object(pairwise, "_fused", None):
         want = method.apply(raw[0].float(), [x.float() for x in raw[1:]], p, {}, c)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("last", [-1, 0, 1, 1022, 1023, 1024, 2046, 2047, 2048, 2999])
+@pytest.mark.parametrize("outer", [False, True])
+def test_top_cuts_with_their_last_tie_at_any_tile_edge(last: int, outer: bool) -> None:
+    """Deltas equal to the cut's threshold in every tile (ties), the cut's last tie at and beside the
+    C's tile edges (1024 elements): which ties are kept is torch's `in_top`, bit for bit."""
+    n, start = 3000, 1 << 33
+    g = torch.Generator().manual_seed(last)
+    delta = torch.tensor([0.5, -0.5, 0.25, 1.0, -1.0])[torch.randint(0, 5, (n,), generator=g)]
+    base = torch.randn(n, generator=g).bfloat16().float()
+    model = base + delta  # exact: the deltas are 0.5, 0.25 and 1.0 in magnitude
+    cut = Cut(0x3F000000, start + last)  # |delta| > 0.5, and the 0.5s up to the last tie
+    inner, outer_cut = (Cut(0x3E800000, ALL_TIES), cut) if outer else (cut, Cut.nothing())
+    program = [steps.set_(1, reg=1), steps.Step(steps.SUB, 0, reg=1), steps.top(inner, outer_cut, 1)]
+    program.append(steps.Step(steps.ADD, 0, reg=1))
+    c = Chunk((), start, n)
+    want = steps.run([base, model.clone()], program, c)
+    got = torch.empty(n)
+    assert steps.fused([base, model], program, got, start)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

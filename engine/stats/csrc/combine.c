@@ -83,20 +83,6 @@ static inline int tie_limit(int64_t last, int64_t first, int len) {
     return d < -1 ? -1 : d > len ? len : (int)d;
 }
 
-/* engine.stats.topk's `in_top` of the inner cut and not of the outer one, multiplied in. */
-static inline ALWAYS_INLINE void top_tile(float *r, int len, int64_t first, const Step *st) {
-    int li = tie_limit(st->last_in, first, len), lo = tie_limit(st->last_out, first, len);
-    int32_t ti = st->t_in, to = st->t_out;
-    for (int j = 0; j < len; j++) {
-        uint32_t u;
-        memcpy(&u, &r[j], sizeof u);
-        int32_t key = (int32_t)(u & 0x7FFFFFFFu);
-        int in = (key > ti) | ((key == ti) & (j <= li));
-        int out = (key > to) | ((key == to) & (j <= lo));
-        r[j] = r[j] * select_f(in & !out, 1.0f, 0.0f);
-    }
-}
-
 /* TIES: engine.methods.consensus's `disjoint_merge_` of registers 1..k into `acc`, its torch ops
  * per element in their order (the zeroed sums start each model's pass; the sign's product, the
  * + 0 and the division share the last). */
@@ -214,69 +200,126 @@ static inline const float *input(const CombineJob *j, Tile *t, Py_ssize_t s, Py_
     return t->wide[s];
 }
 
-/* A model's delta and what DARE does to it, as one loop: r = x - b, then (each where asked) the
- * keep test (inside one 2**32 segment, keys k), a division and a multiplication: the ops of the
- * steps SET, SUB, KEEP, DIV, MUL in their order, per element. */
+/* What a chain's sparsifying step needs in one tile: DARE's keep test (the first product h of the
+ * tile's first element, the round keys, thr ^ 2**31) or a TOP step's cuts (tie limits in the tile). */
+typedef struct {
+    uint32_t h, k1, k2;
+    int32_t thr_s, ti, to;
+    int li, lo;
+} Sparse;
+
+/* engine.stats.topk's `in_top` of the inner cut and not of the outer one, for the value v of the
+ * tile's element j: 1.0 or 0.0. */
+static inline float top_mask(float v, int j, const Sparse *c) {
+    int32_t key = (int32_t)(to_bits(v) & 0x7FFFFFFFu);
+    int in = (key > c->ti) | ((key == c->ti) & (j <= c->li));
+    int out = (key > c->to) | ((key == c->to) & (j <= c->lo));
+    return select_f(in & !out, 1.0f, 0.0f);
+}
+
+/* top_mask where each cut's ties in the tile are all in it or all out (`whole_cuts`): two compares. */
+static inline float top_mask_whole(float v, const Sparse *c) {
+    int32_t key = (int32_t)(to_bits(v) & 0x7FFFFFFFu);
+    return select_f((key > c->ti) & !(key > c->to), 1.0f, 0.0f);
+}
+
+/* Where neither cut's last tie falls inside the tile (the common case), its threshold lowered by
+ * one if every tie in the tile is in the cut: then key > threshold is the whole test; else 0. */
+static inline int whole_cuts(Sparse *c, int len) {
+    if (!(c->li < 0 || c->li >= len - 1) || !(c->lo < 0 || c->lo >= len - 1)) return 0;
+    c->ti -= c->li >= len - 1; /* thresholds >= -1: no overflow */
+    c->to -= c->lo >= len - 1;
+    return 1;
+}
+
+/* A TOP step on its own: r *= top_mask (the cuts' tie limits in the tile from flat index `first`). */
+static inline ALWAYS_INLINE void top_tile(float *r, int len, int64_t first, const Step *st) {
+    Sparse c = {0, 0, 0, 0, st->t_in, st->t_out, tie_limit(st->last_in, first, len), tie_limit(st->last_out, first, len)};
+    for (int j = 0; j < len; j++) r[j] = r[j] * top_mask(r[j], j, &c);
+}
+
+/* A model's delta and what DARE, TIES or breadcrumbs do to it, as one loop: r = x - b, then (each
+ * where asked) DARE's keep test (`sparse` 1: inside one 2**32 segment) or a TOP step's cuts
+ * (`sparse` 2, or 3 for `whole_cuts`), a division and a multiplication: the ops of the steps SET, SUB, KEEP or TOP, DIV,
+ * MUL in their order, per element. x is read as bfloat16 bits (`xh`) where `raw`. */
 static inline ALWAYS_INLINE void delta_chain(float *r, const float *x, const uint16_t *xh, int raw, const float *b,
-                                             int len, int keep, uint32_t lo, const uint32_t *k, uint32_t thr, int div,
-                                             float dv, int mul, float mv) {
-    uint32_t h = (lo + k[0]) * KEY_MUL, k1 = k[1], k2 = k[2];
-    int32_t thr_s = (int32_t)(thr ^ 0x80000000u);
+                                             int len, int sparse, const Sparse *c, int div, float dv, int mul,
+                                             float mv) {
+    uint32_t h = c->h, k1 = c->k1, k2 = c->k2;
+    int32_t thr_s = c->thr_s;
+    Sparse cut = *c;
     for (int j = 0; j < len; j++, h += KEY_MUL) {
         float d = sub_t(raw ? from_bits((uint32_t)xh[j] << 16) : x[j], b[j]);
-        if (keep) d = d * keep_mask(h, k1, k2, thr_s);
+        if (sparse == 1) d = d * keep_mask(h, k1, k2, thr_s);
+        if (sparse == 2) d = d * top_mask(d, j, &cut);
+        if (sparse == 3) d = d * top_mask_whole(d, &cut);
         if (div) d = d / dv;
         if (mul) d = d * mv;
         r[j] = d;
     }
 }
 
-/* Steps i.. as one delta_chain where they are SET, SUB [, KEEP][, DIV][, MUL] of one register and
- * the keep test needs no second segment's keys nor a constant mask: the steps run, else 0. */
+/* The chain's sparsifying step `sp` in the tile of `len` from flat index `first` into *c: 1 (KEEP),
+ * 2 (TOP), 3 (TOP, `whole_cuts`), 0 (none), or -1 where the chain cannot take it (a constant mask, two segments' keys). */
+static inline int sparse_for(const CombineJob *j, const Step *sp, uint64_t first, int len, Sparse *c) {
+    memset(c, 0, sizeof *c);
+    if (sp == NULL) return 0;
+    if (sp->op == TOP) {
+        c->ti = sp->t_in, c->to = sp->t_out;
+        c->li = tie_limit(sp->last_in, (int64_t)first, len), c->lo = tie_limit(sp->last_out, (int64_t)first, len);
+        return whole_cuts(c, len) ? 3 : 2;
+    }
+    if (sp->thr == 0 || sp->thr >= ((uint64_t)1 << 32) || (first >> 32) != ((first + len - 1) >> 32)) return -1;
+    uint32_t k[3];
+    block_keys(j->keys[sp->stream], first >> 32, k);
+    c->h = ((uint32_t)first + k[0]) * KEY_MUL, c->k1 = k[1], c->k2 = k[2];
+    c->thr_s = (int32_t)((uint32_t)sp->thr ^ 0x80000000u);
+    return 1;
+}
+
+/* Steps i.. as one delta_chain where they are SET, SUB [, KEEP or TOP][, DIV][, MUL] of one
+ * register (a KEEP whose mask is not constant and needs one segment's keys): the steps run, else 0. */
 static inline ALWAYS_INLINE int run_chain(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len) {
     const Step *st = &j->steps[i], *end = j->steps + j->nsteps, *s = st + 2;
     if (st->op != SET || st->scaled || s > end || st[1].op != SUB || st[1].reg != st->reg) return 0;
-    const Step *keep = s < end && s->op == KEEP && s->reg == st->reg ? s++ : NULL;
+    const Step *sp = s < end && (s->op == KEEP || s->op == TOP) && s->reg == st->reg ? s++ : NULL;
     const Step *div = s < end && s->op == DIV && s->reg == st->reg ? s++ : NULL;
     const Step *mul = s < end && s->op == MUL && s->reg == st->reg ? s++ : NULL;
-    uint64_t first = (uint64_t)(j->start + at);
-    uint32_t k[3] = {0, 0, 0};
-    if (keep) {
-        if (keep->thr == 0 || keep->thr >= ((uint64_t)1 << 32) || (first >> 32) != ((first + len - 1) >> 32))
-            return 0;
-        block_keys(j->keys[keep->stream], first >> 32, k);
-    }
+    Sparse c;
+    int sparse = sparse_for(j, sp, (uint64_t)(j->start + at), len, &c);
+    if (sparse < 0) return 0;
     /* A bfloat16 model stream not widened yet is read as it is (exact: a shift), saving a pass. */
     const Stream *in = &j->streams[st->stream];
     int raw = in->kind == BF16 && t->wide[st->stream] == NULL;
     const uint16_t *xh = raw ? (const uint16_t *)in->buf + at : NULL;
     const float *x = raw ? NULL : input(j, t, st->stream, at, len), *b = input(j, t, st[1].stream, at, len);
-    float dv = div ? div->scale : 1.0f, mv = mul ? mul->scale : 1.0f;
-    uint32_t thr = keep ? (uint32_t)keep->thr : 0;
-    float *r = t->R[st->reg];
-#define CHAIN(RAW)                                                                                                    \
-    if (keep && div && mul)                                                                                           \
-        delta_chain(r, x, xh, RAW, b, len, 1, (uint32_t)first, k, thr, 1, dv, 1, mv);                                 \
-    else if (keep && div)                                                                                             \
-        delta_chain(r, x, xh, RAW, b, len, 1, (uint32_t)first, k, thr, 1, dv, 0, mv);                                 \
-    else if (keep && mul)                                                                                             \
-        delta_chain(r, x, xh, RAW, b, len, 1, (uint32_t)first, k, thr, 0, dv, 1, mv);                                 \
-    else if (keep)                                                                                                    \
-        delta_chain(r, x, xh, RAW, b, len, 1, (uint32_t)first, k, thr, 0, dv, 0, mv);                                 \
-    else if (div && mul)                                                                                              \
-        delta_chain(r, x, xh, RAW, b, len, 0, (uint32_t)first, k, thr, 1, dv, 1, mv);                                 \
+    float dv = div ? div->scale : 1.0f, mv = mul ? mul->scale : 1.0f, *r = t->R[st->reg];
+#define CHAIN_DM(RAW, SP)                                                                                             \
+    if (div && mul)                                                                                                   \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 1, mv);                                                     \
     else if (div)                                                                                                     \
-        delta_chain(r, x, xh, RAW, b, len, 0, (uint32_t)first, k, thr, 1, dv, 0, mv);                                 \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 0, mv);                                                     \
     else if (mul)                                                                                                     \
-        delta_chain(r, x, xh, RAW, b, len, 0, (uint32_t)first, k, thr, 0, dv, 1, mv);                                 \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 1, mv);                                                     \
     else                                                                                                              \
-        delta_chain(r, x, xh, RAW, b, len, 0, (uint32_t)first, k, thr, 0, dv, 0, mv);
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 0, mv);
+#define CHAIN(RAW)                                                                                                    \
+    if (sparse == 1) {                                                                                                \
+        CHAIN_DM(RAW, 1)                                                                                              \
+    } else if (sparse == 2) {                                                                                         \
+        CHAIN_DM(RAW, 2)                                                                                              \
+    } else if (sparse == 3) {                                                                                         \
+        CHAIN_DM(RAW, 3)                                                                                              \
+    } else {                                                                                                          \
+        CHAIN_DM(RAW, 0)                                                                                              \
+    }
     if (raw) {
         CHAIN(1)
     } else {
         CHAIN(0)
     }
 #undef CHAIN
+#undef CHAIN_DM
     return (int)(s - st);
 }
 
