@@ -622,7 +622,7 @@ PyObject *combine(PyObject *self, PyObject *args) {
         goto done;
     }
     int slots = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    /* ~270 KB each: not on a stack; on cache-line bounds, so that two threads never write one line. */
+    /* ~135 KB each: not on a stack; on cache-line bounds, so that two threads never write one line. */
     char *mem = PyMem_Malloc((size_t)slots * sizeof(Tile) + 64);
     Tile *tiles = (Tile *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
     if (mem == NULL) {

@@ -94,7 +94,7 @@ static inline const float *widened(const Stream *s, Py_ssize_t at, int len, floa
 
 /* ------------------------------------------------------------------ float32 ops as torch's */
 
-#define COMBINE 1024 /* elements per tile of the merge and histogram loops: they stay in L1/L2 */
+#define COMBINE 512 /* elements per tile of the merge and histogram loops: they stay in L1/L2 */
 
 /* cond ? a : b without a branch, so the loops vectorise (GCC will not if-convert float selects). */
 static inline float select_f(int cond, float a, float b) {
