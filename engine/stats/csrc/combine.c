@@ -436,22 +436,17 @@ static inline ALWAYS_INLINE int run_sum(const CombineJob *j, Py_ssize_t i, Tile 
     int to = last ? out_to(j) : TO_REG;
     void *o = (char *)j->out + at * (j->out_kind == F32 ? 4 : 2);
     float *r = t->R[st->reg];
+#define SUM_CASE(N, S, T)                                                                                             \
+    case T:                                                                                                           \
+        sum_run(r, src, scale, N, S, len, T, o, j->nan);                                                              \
+        break;
 #define SUM_TO(N, S)                                                                                                  \
     switch (to) {                                                                                                     \
-    case TO_REG:                                                                                                      \
-        sum_run(r, src, scale, N, S, len, TO_REG, o, j->nan);                                                         \
-        break;                                                                                                        \
-    case TO_F32:                                                                                                      \
-        sum_run(r, src, scale, N, S, len, TO_F32, o, j->nan);                                                         \
-        break;                                                                                                        \
-    case TO_BF16:                                                                                                     \
-        sum_run(r, src, scale, N, S, len, TO_BF16, o, j->nan);                                                        \
-        break;                                                                                                        \
-    case TO_F16:                                                                                                      \
-        sum_run(r, src, scale, N, S, len, TO_F16, o, j->nan);                                                         \
-        break;                                                                                                        \
-    default:                                                                                                          \
-        sum_run(r, src, scale, N, S, len, TO_F16_BARE, o, j->nan);                                                    \
+        SUM_CASE(N, S, TO_REG)                                                                                        \
+        SUM_CASE(N, S, TO_F32)                                                                                        \
+        SUM_CASE(N, S, TO_BF16)                                                                                       \
+        SUM_CASE(N, S, TO_F16)                                                                                        \
+        SUM_CASE(N, S, TO_F16_BARE)                                                                                   \
     }
 #define SUM_N(N)                                                                                                      \
     if (scaled) {                                                                                                     \
@@ -468,6 +463,7 @@ static inline ALWAYS_INLINE int run_sum(const CombineJob *j, Py_ssize_t i, Tile 
     }
 #undef SUM_N
 #undef SUM_TO
+#undef SUM_CASE
     *put_out = last;
     return n;
 }
