@@ -10,7 +10,10 @@
  * memory per op. Besides the scaled adds of SLERP, model stock and linear, the steps cover the
  * delta methods: deltas (SUB), DARE's keyed keep test (KEEP: the hash of engine/rng.py, 64-bit
  * flat indices included), top-k cuts (TOP: TIES, breadcrumbs), sums of registers (ACC) and TIES
- * sign election with the disjoint mean (ELECT). */
+ * sign election with the disjoint mean (ELECT). The usual runs of steps are one loop each, their
+ * values in registers between ops (`delta_chain`: a model's delta with its KEEP or TOP, DIV, MUL,
+ * the model read raw from bfloat16; `elect_fused`: ELECT of up to 4 models; `sum_run`: adds into
+ * one register, the program's last straight into the output dtype); other steps a loop each. */
 
 #include "fused.h"
 
