@@ -5,8 +5,9 @@ merge, measured apart from any I/O, so that two machines' figures say which part
 slow where.
 
 `python -m bench.bench_steps [--models 3] [--repeats 9]` prints ns per *input* element (base and
-every model count) *per thread* (so perfect scaling keeps it flat), the speedup of 2 threads over
-1, and the GB/s of bf16 input that this rate would sustain, and writes
+every model count) *per thread* (so perfect scaling keeps it flat), the process's CPU ns per input
+element (all threads: flat where the threads add no work, whatever cores the machine had free),
+the speedup of 2 threads over 1, and the GB/s of bf16 input that this rate would sustain, and writes
 `bench/results/steps-<UTC timestamp>.json` with the machine description. Inputs are bf16 in the
 read buffer, as in a merge: the step includes the casts to float32 and back to bf16. Timings
 alternate the thread counts and take medians: on a shared machine single runs swing by 2x.
@@ -65,8 +66,10 @@ def whole_stats(method: Method, p: TensorParams, base: torch.Tensor, models: lis
     return stats
 
 
-def time_c(method: Method, k: int, repeats: int) -> dict[int, float]:
-    """Median seconds of the C merge pass over one block, by thread count (alternating runs)."""
+def time_c(method: Method, k: int, repeats: int) -> dict[int, tuple[float, float]]:
+    """Median wall and process CPU seconds of the C merge pass over one block, by thread count
+    (alternating runs). The CPU seconds separate the work per element (flat when the threads add
+    none) from the cores the machine had free (the wall time's speedup)."""
     base, models = bf16_family(k, BLOCK_ELEMS)
     p = params_for(method, k)
     program = method.steps(p, whole_stats(method, p, base, models), k)
@@ -74,14 +77,16 @@ def time_c(method: Method, k: int, repeats: int) -> dict[int, float]:
         raise ValueError(f"{method.name} writes no merge program")
     out = torch.empty(BLOCK_ELEMS, dtype=torch.bfloat16)
     keys = [stream_key(0, "bench", m) for m in range(k)]
-    times: dict[int, list[float]] = {1: [], 2: []}
+    times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
     for _ in range(repeats + 1):
         for threads in times:
             torch.set_num_threads(threads)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps.fused([base, *models], program, out, 1 << 40, keys)
-            times[threads].append(time.perf_counter() - t0)
-    return {t: statistics.median(v[1:]) for t, v in times.items()}
+            times[threads].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {
+        t: (statistics.median(w for w, _ in v[1:]), statistics.median(c for _, c in v[1:])) for t, v in times.items()
+    }
 
 
 def cpu_mover(k: int) -> Mover:
@@ -155,22 +160,34 @@ def time_step(method: Method, k: int, repeats: int) -> float:
 def main(k: int, repeats: int, results: Path) -> None:
     """Time every method's merge pass; print and save the table."""
     rows: list[dict[str, Any]] = []
-    print(f"{'method':<16} {'kernel':<9} {'threads':>7} {'ns/elem/thread':>15} {'2 vs 1':>7} {'GB/s bf16':>10}")
+    print(
+        f"{'method':<16} {'kernel':<9} {'threads':>7} {'ns/elem/thread':>15} {'CPU ns':>8} {'2 vs 1':>7} {'GB/s bf16':>10}"
+    )
     for name in ELEMENTWISE if pairwise._fused is not None else ():
         secs = time_c(METHODS[name], k, repeats)
-        for threads, sec in secs.items():
+        for threads, (sec, cpu) in secs.items():
             ns = sec * threads / (BLOCK_ELEMS * (k + 1)) * 1e9
-            speedup = secs[1] / sec
+            cpu_ns = cpu / (BLOCK_ELEMS * (k + 1)) * 1e9
+            speedup = secs[1][0] / sec
             rows.append(
-                {"method": name, "kernel": "C", "threads": threads, "ns_per_input_elem_thread": ns, "speedup": speedup}
+                {
+                    "method": name,
+                    "kernel": "C",
+                    "threads": threads,
+                    "ns_per_input_elem_thread": ns,
+                    "cpu_ns_per_input_elem": cpu_ns,
+                    "speedup": speedup,
+                }
             )
-            print(f"{name:<16} {'C':<9} {threads:>7} {ns:>15.3f} {speedup:>7.2f} {2 * threads / ns:>10.2f}")
+            print(
+                f"{name:<16} {'C':<9} {threads:>7} {ns:>15.3f} {cpu_ns:>8.3f} {speedup:>7.2f} {2 * threads / ns:>10.2f}"
+            )
     torch.set_num_threads(1)
     for name in ELEMENTWISE:
         sec = time_step(METHODS[name], k, repeats)
         ns = sec / (CHUNK_ELEMS * (k + 1)) * 1e9
         rows.append({"method": name, "kernel": "eager", "threads": 1, "ns_per_input_elem_thread": ns})
-        print(f"{name:<16} {'eager':<9} {1:>7} {ns:>15.3f} {'':>7} {2 / ns:>10.2f}")
+        print(f"{name:<16} {'eager':<9} {1:>7} {ns:>15.3f} {'':>8} {'':>7} {2 / ns:>10.2f}")
     torch.set_num_threads(1)  # the C runs on the executor's one main thread: torch on one too, like for like
     kernels = [("C", pairwise._fused)] if pairwise._fused is not None else []
     print(f"\n{'two passes':<16} {'kernel':<9} {'models':>7} {'stats ns/elem':>14} {'merge ns/elem':>14}")

@@ -208,3 +208,65 @@ def test_della_magprune_in_c_equals_the_torch_ops(
     with mock.patch.object(pairwise, "_fused", None):
         della.magprune_(want, 0, density, epsilon, rescale, c)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["della", "della_linear"]),
+    k=st.integers(1, 5),
+    w=st.sampled_from([1, 7, 64]),
+    rows=st.integers(1, 40),
+    weights=st.lists(WEIGHTS, min_size=5, max_size=5),
+    lam=st.sampled_from([1.0, 0.7]),
+    normalize=st.booleans(),
+    rescale=st.booleans(),
+    threads=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
+def test_della_merges_in_c_with_the_bytes_of_the_torch_ops(
+    name: str,
+    k: int,
+    w: int,
+    rows: int,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    rescale: bool,
+    threads: int,
+    seed: int,
+) -> None:
+    """DELLA's weights, mix (TIES's election, or the sum) and base's add after MagPrune: one pass
+    of the C on the CPU, the bytes of torch's ops (NaNs, infinities, signed zeros included)."""
+    method = get_method(name)
+    per = tuple({"weight": x, "density": 0.5, "epsilon": 0.2} for x in weights[:k])
+    p = TensorParams({"lambda": lam, "normalize": normalize, "rescale": rescale}, per)
+    raw = inputs(rows * w, [torch.bfloat16] * (k + 1), seed)
+    c = Chunk(tuple(KeyedRng(stream_key(seed, "t", m)) for m in range(k)), 12345, rows * w, w)
+    with mock.patch.object(pairwise, "c_threads", lambda: threads):
+        got = method.apply(raw[0].float(), [x.float() for x in raw[1:]], p, {}, c)
+    with mock.patch.object(pairwise, "_fused", None):
+        want = method.apply(raw[0].float(), [x.float() for x in raw[1:]], p, {}, c)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("last", [-1, 0, 1, 1022, 1023, 1024, 2046, 2047, 2048, 2999])
+@pytest.mark.parametrize("outer", [False, True])
+def test_top_cuts_with_their_last_tie_at_any_tile_edge(last: int, outer: bool) -> None:
+    """Deltas equal to the cut's threshold in every tile (ties), the cut's last tie at and beside the
+    C's tile edges (1024 elements): which ties are kept is torch's `in_top`, bit for bit."""
+    n, start = 3000, 1 << 33
+    g = torch.Generator().manual_seed(last)
+    delta = torch.tensor([0.5, -0.5, 0.25, 1.0, -1.0])[torch.randint(0, 5, (n,), generator=g)]
+    base = torch.randn(n, generator=g).bfloat16().float()
+    model = base + delta  # exact: the deltas are 0.5, 0.25 and 1.0 in magnitude
+    cut = Cut(0x3F000000, start + last)  # |delta| > 0.5, and the 0.5s up to the last tie
+    inner, outer_cut = (Cut(0x3E800000, ALL_TIES), cut) if outer else (cut, Cut.nothing())
+    program = [steps.set_(1, reg=1), steps.Step(steps.SUB, 0, reg=1), steps.top(inner, outer_cut, 1)]
+    program.append(steps.Step(steps.ADD, 0, reg=1))
+    c = Chunk((), start, n)
+    want = steps.run([base, model.clone()], program, c)
+    got = torch.empty(n)
+    assert steps.fused([base, model], program, got, start)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -4,6 +4,7 @@ buffers gives the bytes of the torch ops and torch's cast, for any inputs and sc
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.methods import steps
-from engine.methods.steps import ADD, DIV, MUL, SET, Step
+from engine.methods.steps import ACC, ADD, DIV, MUL, SET, SUB, Step
 from engine.stats import pairwise
 
 fused_kernel: Any = pairwise._fused
@@ -157,3 +158,65 @@ def test_the_merge_is_the_same_for_any_number_of_threads() -> None:
     assert (outs[0] != 0x7FC1).all()
     for out in outs[1:]:
         assert out.tobytes() == outs[0].tobytes()
+
+
+@st.composite
+def register_programs(draw: st.DrawFn) -> tuple[int, list[Step]]:
+    """k models' deltas in registers 1..k, then a mix as the delta methods write it (TIES's
+    ELECT, or a sum of registers) and runs of adds of any length, all scaled or not or mixed,
+    ending the program (the C writes the output from the run's loop) or followed by a step."""
+    k = draw(st.integers(1, 6))
+    program: list[Step] = []
+    for m in range(1, k + 1):
+        program += [Step(SET, m, reg=m), Step(SUB, 0, reg=m)]
+        if draw(st.booleans()):
+            program.append(Step(draw(st.sampled_from([DIV, MUL])), scale=draw(SCALES), reg=m))
+    if draw(st.booleans()):
+        weights = draw(st.lists(st.sampled_from([-0.5, 0.0, 1 / 3, 1.0, 2.5]), min_size=k, max_size=k))
+        program.append(steps.elect(weights, draw(st.booleans())))
+        acc = 0
+    else:
+        program += [Step(ACC, m, reg=1) for m in range(2, k + 1)]
+        acc = 1
+    adds = st.builds(Step, st.just(ADD), st.integers(0, k), st.one_of(st.none(), SCALES), st.just(acc))
+    accs = st.builds(Step, st.just(ACC), st.integers(1, k).filter(lambda m: m != acc), st.just(None), st.just(acc))
+    # torch's ELECT (disjoint_merge_) works in place on registers 1..k: none is read after it
+    program += draw(st.lists(st.one_of(adds, accs) if k > 1 and acc == 1 else adds, max_size=5))
+    program.append(Step(ADD, 0, reg=acc))
+    if draw(st.booleans()):
+        program.append(Step(MUL, scale=draw(SCALES), reg=acc))
+    return k, program
+
+
+@needs_kernel
+@settings(max_examples=120, deadline=None)
+@given(
+    case=register_programs(),
+    n=st.integers(1, 3000),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=7, max_size=7),
+    out_dtype=st.sampled_from(DTYPES),
+    f16_payload=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_the_c_gives_the_bytes_of_the_torch_ops_for_registers(
+    case: tuple[int, list[Step]],
+    n: int,
+    dtypes: list[torch.dtype],
+    out_dtype: torch.dtype,
+    f16_payload: bool,
+    seed: int,
+) -> None:
+    """The C's fused loops (a model's delta read from bfloat16 as it is, TIES's election of up
+    to 4 models in one loop, a run of adds into the output) against torch's ops, NaNs in any
+    lane, any length (the tiles' tails), and a float16 NaN written with its payload or without
+    (as torch's vectorised or scalar cast)."""
+    k, program = case
+    raw = inputs(n, dtypes[: k + 1], seed)
+    want = narrowed(steps.run([widened(x) for x in raw], program), out_dtype)
+    if out_dtype == torch.float16 and not f16_payload:
+        bits = want.view(torch.int16)
+        want = torch.where(want.isnan(), (bits & -0x8000) | 0x7E00, bits).view(torch.float16)
+    got = torch.empty(n, dtype=out_dtype)
+    with mock.patch.object(steps, "_f16_nan_payload", lambda: f16_payload):
+        assert steps.fused(raw, program, got)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit

@@ -10,7 +10,8 @@ runs it over the read buffers straight into the output buffer (`fused`), one pas
 instead of one per op plus the float32 copies of every input and the cast of the result. The C
 does each op as one IEEE float32 op in the program's order (where both operands of an add are
 NaNs, the NaN torch's add gives) and rounds the result as torch's cast does, so both give the
-same bytes (tests/test_fused_methods.py). DELLA (per-row ranks) has no program: `apply` only.
+same bytes (tests/test_fused_methods.py). DELLA (per-row ranks) has no program: its `apply` runs
+MagPrune, then its weights, mix and base's add as the delta methods' program end (`mix_steps`).
 """
 
 from __future__ import annotations

@@ -93,6 +93,12 @@ class DeltaMerge(Method):
             program += [steps.set_(m, reg=m), Step(steps.SUB, 0, reg=m), *sparse]
             if weights[m - 1] != 1.0:
                 program.append(Step(steps.MUL, scale=weights[m - 1], reg=m))
+        return [*program, *self.mix_steps(p, n_models)]
+
+    def mix_steps(self, p: TensorParams, n_models: int) -> list[Step]:
+        """The program's end, `merge_weighted_` of registers 1..n holding wₘ δ̂ₘ: the mix, λ, the base's add."""
+        weights = p.per_model("weight")
+        program: list[Step] = []
         if self.consensus:
             program.append(steps.elect(weights, p.flag("normalize")))
             acc = 0
