@@ -277,17 +277,19 @@ def inspect_cmd(folders: tuple[str, ...], as_json: bool, sample: int) -> None:
     "verify",
     short_help="Re-read a merged folder and check its checksums.",
     epilog="\b\nExamples:\n  leanmerge verify ./merged\n  leanmerge verify ./merged merge.yaml   "
-    "# and that it is the merge of this config",
+    "# and that it is the merge of this config\n  leanmerge verify s3://bucket/merged   # a zarr model at a URL",
 )
 @click.argument("folder", type=click.Path(path_type=Path))
 @spec_options
 def verify_cmd(folder: Path, **kw: Any) -> None:
     """Re-read FOLDER and check every tensor against its recorded crc32, and each shard header,
     config and tokenizer file against its recorded sha256; with a CONFIG or
-    --base/--model/--method, also check the folder is complete for that spec."""
+    --base/--model/--method, also check the folder is complete for that spec. FOLDER may be
+    the URL of a zarr model (file://, s3://, ... as merge -o takes it)."""
     with engine_errors():
         against = build_spec(kw, hub_cache(os.environ)) if (kw["config"] or kw["base"]) else None
         load()
+        from engine.io.url import local_path, shown
         from engine.verify import verify
 
         result = verify(folder, against)
@@ -295,10 +297,11 @@ def verify_cmd(folder: Path, **kw: Any) -> None:
         click.echo(f"note: {n}", err=True)
     for p in result.problems:
         click.echo(f"FAIL {p}", err=True)
+    where = shown(local_path(folder))  # a store URL as typed (pathlib folds `//`), a file:// URL as its path
     if not result.ok:
-        raise click.ClickException(f"{folder}: {len(result.problems)} problem(s) in {result.tensors} tensors")
+        raise click.ClickException(f"{where}: {len(result.problems)} problem(s) in {result.tensors} tensors")
     files = f"; {result.files} shard headers and files match their sha256" if result.files else ""
-    click.echo(f"{folder}: OK, {result.tensors} tensors, {fmt_bytes(result.bytes)} match their crc32{files}")
+    click.echo(f"{where}: OK, {result.tensors} tensors, {fmt_bytes(result.bytes)} match their crc32{files}")
 
 
 main.add_command(convert_cmd)
