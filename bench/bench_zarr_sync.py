@@ -1,6 +1,7 @@
-"""How long a zarr merge spends making chunks durable: `ZarrWriter.sync` as it is (every chunk
-file and new folder fsync'd at once from a thread pool) next to one fsync after another (each
-file, then every folder above it: the writer before the pool), in one process, runs alternated,
+"""How long a zarr merge spends making chunks durable: `ZarrWriter.sync` and the finalizing
+fsyncs as they are (every chunk file and new folder fsync'd at once from a thread pool) next to
+one fsync after another (each file, then every folder above it: the writer before the pool;
+"in sync" times the chunk syncs only), in one process, runs alternated,
 with the same merge written as safetensors for reference.
 
 The merge is `linear` of a synthetic bf16 family (`--tensors` matrices of 2048 x 1024 and as
@@ -17,6 +18,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine import MergeSpec, ModelRef, merge
-from engine.io import zarr_writer
+from engine.io import zarr_record, zarr_writer
 from engine.io.zarr_writer import ZarrWriter
 
 
@@ -45,6 +47,14 @@ def serial_sync(self: ZarrWriter) -> None:
         os.close(fd)
     self._paths.clear()
     self._new.clear()
+
+
+def serial_fsync_all(files: Iterable[Path], folders: Iterable[Path]) -> None:
+    """The finalizing fsyncs before the pool (engine.io.zarr_record): one after another."""
+    for path, flags in [*((f, os.O_RDONLY) for f in files), *((d, os.O_RDONLY | os.O_DIRECTORY) for d in folders)]:
+        fd = os.open(path, flags)
+        os.fsync(fd)
+        os.close(fd)
 
 
 def family(root: Path, n_tensors: int) -> tuple[Path, list[Path]]:
@@ -93,15 +103,17 @@ def main(runs: int, tensors: int, block: int, sync_every: int, work: Path | None
     try:
         base, models = family(root, tensors)
         spec = MergeSpec("linear", base, tuple(ModelRef(m, {"weight": 0.5}) for m in models), {})
-        pooled = zarr_writer.ZarrWriter.sync
+        pooled, pooled_all = zarr_writer.ZarrWriter.sync, zarr_record.fsync_all
         results: dict[str, list[tuple[float, float]]] = {"pooled": [], "serial": [], "safetensors": []}
         print(f"load before: {os.getloadavg()}")
         for _ in range(runs):
-            for name, impl in (("serial", serial_sync), ("pooled", pooled)):
+            for name, impl, finalize in (("serial", serial_sync, serial_fsync_all), ("pooled", pooled, pooled_all)):
                 ZarrWriter.sync = impl  # type: ignore[method-assign]
+                zarr_record.fsync_all = finalize
                 results[name].append(timed(spec, root / "out", block, sync_every))
             results["safetensors"].append(timed(spec, root / "out", block, sync_every, "safetensors"))
         ZarrWriter.sync = pooled  # type: ignore[method-assign]
+        zarr_record.fsync_all = pooled_all
         print(f"load after: {os.getloadavg()}")
         for name, rs in results.items():
             show: Any = [f"{w:.2f}/{s:.2f}" for w, s in rs]

@@ -11,7 +11,7 @@ import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -191,17 +191,16 @@ def test_resume_takes_the_interrupted_runs_chunks_where_the_budget_allows(family
 def test_sync_makes_each_chunk_file_and_each_new_folder_durable(
     family: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    synced: dict[str, list[str]] = {"file": [], "folder": []}
+    synced: dict[str, list[str]] = {"file": [], "folder": []}  # by ZarrWriter.sync, before the journal records
 
-    def note(kind: str, real: Callable[[Path], None]) -> Callable[[Path], None]:
-        def fsync(path: Path) -> None:
-            real(path)
-            synced[kind].append(str(path).partition("/model.zarr/")[2])
+    def fsync_all(files: Iterable[Path], folders: Iterable[Path]) -> None:
+        files, folders = list(files), list(folders)
+        real_fsync_all(files, folders)
+        synced["file"] += [str(p).partition("/model.zarr/")[2] for p in files]
+        synced["folder"] += [str(p).partition("/model.zarr/")[2] for p in folders]
 
-        return fsync
-
-    monkeypatch.setattr(zarr_writer, "_fsync_file", note("file", zarr_writer._fsync_file))
-    monkeypatch.setattr(zarr_writer, "_fsync_folder", note("folder", zarr_writer._fsync_folder))
+    real_fsync_all = zarr_writer.fsync_all
+    monkeypatch.setattr(zarr_writer, "fsync_all", fsync_all)
     out = tmp_path / "z"
     spec = valid_spec("linear", *family)
     merge(spec, out, block_bytes=200, sync_every=400, handle_signals=False, out_format="zarr")

@@ -11,7 +11,6 @@ every chunk and names the first chunk that differs.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from engine.io.journal import JOURNAL_NAME, JournalState
 from engine.io.record import FILES_KEY, PIECE, file_sha256, fsync_files
 from engine.io.url import store_fs
 from engine.io.zarr_format import ATTRS, ZARR_DIR, chunk_crcs, chunk_exists, escape_name, zarr_module
+from engine.io.zarr_writer import fsync_all
 from engine.plan import Plan
 
 ARRAYS_KEY = "array_sha256"
@@ -59,13 +59,11 @@ def finalize_zarr(
     fsync_files(tmp, others)
     if root is not None:  # a store's objects are durable once written
         return
-    fsync_files(tmp / ZARR_DIR, ["zarr.json", *(f"{k}/zarr.json" for k in arrays)])
-    for d in (tmp / ZARR_DIR, *(tmp / ZARR_DIR / k for k in arrays)):
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    group_dir = tmp / ZARR_DIR
+    fsync_all(
+        [group_dir / "zarr.json", *(group_dir / k / "zarr.json" for k in arrays)],
+        [group_dir, *(group_dir / k for k in arrays)],
+    )
 
 
 def _metadata_sha256(tmp: Path, root: str | None, key: str) -> str:
