@@ -16,7 +16,17 @@ from engine.errors import CheckpointError
 from engine.io.checkpoint import INDEX_NAME, Reader, open_checkpoint
 from engine.io.crc import crc32
 from engine.io.record import FILES_KEY, RECORD_KEYS, check_record
-from engine.io.zarr_record import ARRAYS_KEY, check_array, check_zarr_record, is_zarr_folder, zarr_record
+from engine.io.url import local_path, store_url
+from engine.io.zarr_format import ZARR_DIR
+from engine.io.zarr_reader import first_line
+from engine.io.zarr_record import (
+    ARRAYS_KEY,
+    check_array,
+    check_zarr_record,
+    is_zarr_folder,
+    is_zarr_model,
+    zarr_record,
+)
 from engine.spec import MergeSpec
 
 PIECE = 16 << 20  # bytes read at a time: verify runs in bounded memory too
@@ -35,12 +45,22 @@ class VerifyResult:
         return not self.problems
 
 
-def verify(folder: Path, against: MergeSpec | None = None) -> VerifyResult:
+def verify(folder: Path | str, against: MergeSpec | None = None) -> VerifyResult:
     """Check `folder`'s tensors against the checksums in its index (and `against`, if given).
+    `folder` may be a store URL (engine.io.url; `file://` is a local path) of a zarr model.
 
     Raises:
         CheckpointError: the folder is not a readable model folder or has no leanmerge record.
     """
+    url = store_url(folder)
+    if url is not None:
+        if not is_zarr_model(url):
+            raise CheckpointError(
+                f"{url}: no zarr model at this URL ({ZARR_DIR}/zarr.json is missing); "
+                "verify reads safetensors folders from local paths only"
+            )
+        return _verify_zarr(url, against)
+    folder = local_path(folder)
     if is_zarr_folder(folder):
         return _verify_zarr(folder, against)
     record = _record(folder)
@@ -75,10 +95,13 @@ def verify(folder: Path, against: MergeSpec | None = None) -> VerifyResult:
     return result
 
 
-def _verify_zarr(folder: Path, against: MergeSpec | None) -> VerifyResult:
-    """`verify` for a zarr output: every chunk against its crc32, each tensor against the group's
-    record, each array's metadata and other file against their sha256."""
-    group, record = zarr_record(folder)
+def _verify_zarr(folder: Path | str, against: MergeSpec | None) -> VerifyResult:
+    """`verify` for a zarr output (in a folder or at a store URL): every chunk against its crc32,
+    each tensor against the group's record, each array's metadata and other file against their sha256."""
+    try:
+        group, record = zarr_record(folder)
+    except Exception as e:  # zarr raises JSON, key and value errors for damaged metadata
+        raise CheckpointError(f"{folder}/{ZARR_DIR}: cannot read the zarr metadata: {first_line(e)}") from None
     if not record.get("tensor_crc32"):
         raise CheckpointError(f"{folder}: the zarr group has no leanmerge record; was this folder made by leanmerge?")
     result = VerifyResult(problems=check_zarr_record(folder, record))

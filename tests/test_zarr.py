@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +186,28 @@ def test_resume_takes_the_interrupted_runs_chunks_where_the_budget_allows(family
     assert zarr_blocks(plan, {"layers.0.w": 4}).tensors[0].block_rows == 4
     with pytest.raises(ResumeError, match=r"^layers.0.w: the interrupted run wrote chunks of 16 rows"):
         zarr_blocks(plan, {"layers.0.w": 16})
+
+
+def test_sync_makes_each_chunk_file_and_each_new_folder_durable(
+    family: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: dict[str, list[str]] = {"file": [], "folder": []}  # by ZarrWriter.sync, before the journal records
+
+    def fsync_all(files: Iterable[Path], folders: Iterable[Path]) -> None:
+        files, folders = list(files), list(folders)
+        real_fsync_all(files, folders)
+        synced["file"] += [str(p).partition("/model.zarr/")[2] for p in files]
+        synced["folder"] += [str(p).partition("/model.zarr/")[2] for p in folders]
+
+    real_fsync_all = zarr_writer.fsync_all
+    monkeypatch.setattr(zarr_writer, "fsync_all", fsync_all)
+    out = tmp_path / "z"
+    spec = valid_spec("linear", *family)
+    merge(spec, out, block_bytes=200, sync_every=400, handle_signals=False, out_format="zarr")
+    root = out / "model.zarr"
+    chunks = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert sorted(synced["file"]) == chunks  # each once
+    folders = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()}
+    assert set(synced["folder"]) == folders  # every chunk's folder and each new one above it
+    again = {f for f, n in Counter(synced["folder"]).items() if n > 1}  # synced in more than one sync
+    assert again and all(f.endswith("/c") for f in again)  # only where new chunk folders appeared

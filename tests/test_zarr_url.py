@@ -23,6 +23,7 @@ from engine.cli import main
 from engine.convert import convert
 from engine.errors import CheckpointError, OutputError, ResumeError, SpecError
 from engine.io.output import temp_dir_for
+from engine.verify import verify
 
 from conftest import valid_spec, write_family
 
@@ -252,3 +253,27 @@ def test_one_writer_per_url(family: tuple[Path, list[Path]], work: Path) -> None
         merge(valid_spec("linear", *family), url, out_format="zarr", handle_signals=False)
     assert str(e.value) == f"{url}: another leanmerge process (pid {os.getpid()}) is writing this output"
     assert not MEM.exists("/" + url[9:].rpartition("/")[0])
+
+
+def test_verify_checks_a_zarr_model_at_a_url(family: tuple[Path, list[Path]], tmp_path: Path, work: Path) -> None:
+    spec = valid_spec("task_arithmetic", *family)
+    url = fresh_url()
+    merge(spec, url, block_bytes=200, handle_signals=False, out_format="zarr")
+    merge(spec, tmp_path / "m", block_bytes=200, handle_signals=False, out_format="zarr")
+    assert verify(url, spec).ok and verify(f"file://{tmp_path}/m", spec).ok
+    ok = CliRunner().invoke(main, ["verify", f"file://{tmp_path}/m"])
+    assert ok.exit_code == 0 and ok.output.startswith(f"{tmp_path}/m: OK, 4 tensors"), ok.output
+    chunk = f"{url[9:]}/model.zarr/layers.0.w/c/1/0"
+    data = bytearray(MEM.cat_file(chunk))
+    data[5] ^= 1
+    MEM.pipe_file(chunk, bytes(data))
+    MEM.pipe_file(f"{url[9:]}/config.json", b"{}")
+    result = CliRunner().invoke(main, ["verify", url])
+    lines = result.output.splitlines()
+    assert result.exit_code == 1 and lines[-1] == f"Error: {url}: 2 problem(s) in 4 tensors", result.output
+    assert lines[0].startswith("FAIL config.json: sha256 ") and lines[1].startswith("FAIL layers.0.w: chunk 1 crc32 ")
+    missing = CliRunner().invoke(main, ["verify", fresh_url()])
+    assert missing.exit_code == 1 and missing.output.endswith(
+        ": no zarr model at this URL (model.zarr/zarr.json is missing); verify reads safetensors folders "
+        "from local paths only\n"
+    ), missing.output

@@ -56,7 +56,7 @@ def open_zarr(folder: Path, url: str | None = None) -> ZarrCheckpoint:
         group = zarr_module().open_group(root, mode="r")
         items = sorted(group.arrays(), key=lambda kv: str(kv[0]))
     except Exception as e:  # zarr raises JSON, key and value errors for damaged metadata
-        raise CheckpointError(f"{shown(root)}: cannot read the zarr metadata: {_first_line(e)}") from None
+        raise CheckpointError(f"{shown(root)}: cannot read the zarr metadata: {first_line(e)}") from None
     tensors, arrays = {}, {}
     for key, arr in items:
         info = _tensor_info(Path(root), str(key), arr)
@@ -127,7 +127,7 @@ class ZarrReader:
             decoded = np.ascontiguousarray(arr[...] if arr.ndim == 0 else arr[c * step : (c + 1) * step])
             data = decoded.reshape(-1).view(np.uint8).data
         except Exception as e:  # a damaged compressed chunk
-            raise CheckpointError(f"{where} cannot be decoded: {_first_line(e)}") from None
+            raise CheckpointError(f"{where} cannot be decoded: {first_line(e)}") from None
         want = arr.attrs[ATTRS].get("chunk_crc32")
         if isinstance(want, list) and c < len(want) and f"{crc32(data):08x}" != want[c]:
             raise CheckpointError(f"{where}: crc32 {crc32(data):08x} != recorded {want[c]}; the file is damaged")
@@ -212,6 +212,6 @@ def _store_fingerprint(ckpt: ZarrCheckpoint, url: str) -> list[dict[str, Any]]:
     return out
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

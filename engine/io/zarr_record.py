@@ -11,17 +11,17 @@ every chunk and names the first chunk that differs.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 from engine import __version__
-from engine.errors import OutputError
+from engine.errors import CheckpointError, OutputError
 from engine.io.crc import crc32
 from engine.io.journal import JOURNAL_NAME, JournalState
-from engine.io.record import FILES_KEY, file_sha256, fsync_files
+from engine.io.record import FILES_KEY, PIECE, file_sha256, fsync_files
 from engine.io.url import store_fs
 from engine.io.zarr_format import ATTRS, ZARR_DIR, chunk_crcs, chunk_exists, escape_name, zarr_module
+from engine.io.zarr_writer import fsync_all
 from engine.plan import Plan
 
 ARRAYS_KEY = "array_sha256"
@@ -59,13 +59,11 @@ def finalize_zarr(
     fsync_files(tmp, others)
     if root is not None:  # a store's objects are durable once written
         return
-    fsync_files(tmp / ZARR_DIR, ["zarr.json", *(f"{k}/zarr.json" for k in arrays)])
-    for d in (tmp / ZARR_DIR, *(tmp / ZARR_DIR / k for k in arrays)):
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    group_dir = tmp / ZARR_DIR
+    fsync_all(
+        [group_dir / "zarr.json", *(group_dir / k / "zarr.json" for k in arrays)],
+        [group_dir, *(group_dir / k for k in arrays)],
+    )
 
 
 def _metadata_sha256(tmp: Path, root: str | None, key: str) -> str:
@@ -85,29 +83,53 @@ def _chain(blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     return out
 
 
-def zarr_record(folder: Path) -> tuple[Any, dict[str, Any]]:
-    """The group in `folder` and its leanmerge record (empty when it has none)."""
-    group = zarr_module().open_group(folder / ZARR_DIR, mode="r")
+def is_zarr_model(folder: Path | str) -> bool:
+    """A model folder (or a store URL, engine.io.url) holding a zarr group (`model.zarr/zarr.json`)."""
+    if isinstance(folder, Path):
+        return is_zarr_folder(folder)
+    fs, path = store_fs(folder, CheckpointError)
+    return bool(fs.isfile(f"{path}/{ZARR_DIR}/zarr.json"))
+
+
+def zarr_record(folder: Path | str) -> tuple[Any, dict[str, Any]]:
+    """The group in `folder` (a path, or a store URL) and its leanmerge record (empty when it has none)."""
+    root = folder / ZARR_DIR if isinstance(folder, Path) else f"{folder}/{ZARR_DIR}"
+    group = zarr_module().open_group(root, mode="r")
     record = group.attrs.get(ATTRS)
     return group, record if isinstance(record, dict) else {}
 
 
-def check_zarr_record(folder: Path, record: dict[str, Any]) -> list[str]:
-    """Problems from comparing the arrays' metadata and the folder's other files with the record."""
+def check_zarr_record(folder: Path | str, record: dict[str, Any]) -> list[str]:
+    """Problems from comparing the arrays' metadata and the folder's other files with the record
+    (`folder`: a path, or a store URL)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = (LocalFileSystem(), str(folder)) if isinstance(folder, Path) else store_fs(folder, CheckpointError)
     problems = []
     for key, want in sorted(record.get(ARRAYS_KEY, {}).items()):
-        path = folder / ZARR_DIR / key / "zarr.json"
-        if not path.is_file():
+        got = _sha256(fs, f"{root}/{ZARR_DIR}/{key}/zarr.json")
+        if got is None:
             problems.append(f"{key}: array recorded by the merge is missing")
-        elif file_sha256(path) != want:
+        elif got != want:
             problems.append(f"{key}: array metadata differs from the one written (dtype, shape, chunks or codecs)")
     for name, want in sorted(record.get(FILES_KEY, {}).items()):
-        path = folder / name
-        if not path.is_file():
+        got = _sha256(fs, f"{root}/{name}")
+        if got is None:
             problems.append(f"{name}: written by the merge but missing")
-        elif (got := file_sha256(path)) != want:
+        elif got != want:
             problems.append(f"{name}: sha256 {got[:16]}... != recorded {str(want)[:16]}...; the file was edited")
     return problems
+
+
+def _sha256(fs: Any, path: str) -> str | None:
+    """sha256 of the file `path` in the fsspec filesystem `fs`, read in pieces; None where there is none."""
+    if not fs.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while piece := f.read(PIECE):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def check_array(arr: Any) -> tuple[str, int, int, list[str]]:

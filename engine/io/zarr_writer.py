@@ -19,6 +19,8 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from engine.plan import Plan, TensorPlan
 # Uncompressed local chunks written straight from the block (`ZarrWriter._write_raw`): their bytes
 # are the rows' little-endian bytes, which zarr's bytes codec stores on a little-endian machine.
 RAW_WRITES = sys.byteorder == "little"
+SYNC_THREADS = 16  # fsyncs in flight at once (`ZarrWriter.sync`): they wait on the disk, not a core
 
 
 def zarr_blocks(plan: Plan, existing: dict[str, int] | None = None) -> Plan:
@@ -132,6 +135,7 @@ class ZarrWriter:
         zarr = zarr_module()
         self.root: Path | str = root or folder / ZARR_DIR
         self._paths: set[Path] = set()  # chunk files written since the last sync
+        self._new: set[Path] = set()  # folders their writing created
         self._plans = {t.name: t for t in plan.tensors}
         self._cache: tuple[str, int, bytes] | None = None  # read_back's last chunk
         # Uncompressed chunks on a local disk are written by `_write_raw`, the rest by zarr.
@@ -183,6 +187,8 @@ class ZarrWriter:
         r0 = byte_offset // row_bytes if row_bytes else 0
         rows = np.frombuffer(data, dtype=STORED[tensor.out_dtype]).reshape(-1, *tensor.shape[1:])
         arr = self._arrays[tensor.name]
+        if isinstance(self.root, Path):  # a store's objects are durable once written
+            self._note_chunks(self.root, arr, r0, rows.shape[0])
         try:
             if self._raw:
                 self._write_raw(arr, r0, row_bytes or itemsize(tensor.out_dtype), data)
@@ -193,11 +199,20 @@ class ZarrWriter:
                 f"{self.root}: writing rows {r0}.. of {tensor.name!r} failed: {e.strerror}; the journal is intact: "
                 "fix the cause and run the same command with --resume"
             ) from None
+
+    def _note_chunks(self, root: Path, arr: Any, r0: int, n: int) -> None:
+        """Before rows `[r0, r0 + n)` of `arr` (in the group at `root`) are written: their chunk files, and the folders
+        their writing creates (zarr's default chunk keys put every chunk in a folder of its own),
+        for `sync`."""
         step = arr.chunks[0] if arr.ndim else 1
-        for c in range(r0 // step, -(-(r0 + rows.shape[0]) // step) if arr.ndim else 1):
-            if isinstance(self.root, Path):  # a store's objects are durable once written
-                coords = (c, *([0] * (arr.ndim - 1))) if arr.ndim else ()
-                self._paths.add(self.root / str(arr.basename) / str(arr.metadata.encode_chunk_key(coords)))
+        for c in range(r0 // step, -(-(r0 + n) // step) if arr.ndim else 1):
+            coords = (c, *([0] * (arr.ndim - 1))) if arr.ndim else ()
+            path = root / str(arr.basename) / str(arr.metadata.encode_chunk_key(coords))
+            self._paths.add(path)
+            folder = path.parent
+            while folder not in self._new and folder != root and not folder.is_dir():
+                self._new.add(folder)
+                folder = folder.parent
 
     def _write_raw(self, arr: Any, r0: int, row_bytes: int, data: memoryview) -> None:
         """Whole chunks of an uncompressed array, from row `r0`, each written as zarr's local store
@@ -252,19 +267,22 @@ class ZarrWriter:
         return self._cache[2]
 
     def sync(self) -> None:
-        """Make every chunk written since the last call durable: the file and each new folder's entry."""
-        if not isinstance(self.root, Path):
+        """Make every chunk written since the last call durable, before the journal records it:
+        each file's data, then the entry of each in its folder and of each new folder in its
+        parent. All at once from `SYNC_THREADS` threads, each folder once: ext4 and xfs fold
+        concurrent fsyncs into one journal commit, where one after another each waits for its
+        own. bench/bench_zarr_sync.py (128 MiB merged as 1 MiB chunks, synced every 32 MiB, 2-core
+        VM shared with other writers, medians of 7 alternated runs): 1.30 s -> 0.16 s in sync, the
+        merge 2.79 s -> 1.27 s (0.52 s as safetensors); 0.25 s -> 0.17 s in sync when the disk is idle."""
+        if not isinstance(self.root, Path) or not self._paths:
             return
-        root = self.root
-        folders = {d for p in self._paths for d in p.parents if d.is_relative_to(root) and d != root}
+        folders = {p.parent for p in self._paths} | {d.parent for d in self._new if d.parent != self.root}
         try:
-            for p in sorted(self._paths):
-                _fsync(p, os.O_RDONLY)
-            for d in sorted(folders):
-                _fsync(d, os.O_RDONLY | os.O_DIRECTORY)
+            fsync_all(self._paths, folders)
         except OSError as e:
             raise OutputError(f"{self.root}: flushing chunks to disk failed: {e.strerror}") from None
         self._paths.clear()
+        self._new.clear()
 
     def close(self) -> None:
         self._cache = None
@@ -274,11 +292,28 @@ def _row_bytes(t: TensorPlan) -> int:
     return t.row_numel * itemsize(t.out_dtype) if t.shape else itemsize(t.out_dtype)
 
 
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def fsync_all(files: Iterable[Path], folders: Iterable[Path]) -> None:
+    """fsync `files` (their data), then `folders` (the entries in them), each once, from up to
+    `SYNC_THREADS` threads at a time (see `ZarrWriter.sync`)."""
+    files, folders = sorted(set(files)), sorted(set(folders))
+    with ThreadPoolExecutor(max(1, min(SYNC_THREADS, max(len(files), len(folders))))) as pool:
+        list(pool.map(_fsync_file, files))
+        list(pool.map(_fsync_folder, folders))
+
+
+def _fsync_file(path: Path) -> None:
+    """The file's data and size on disk (its name is its folder's: `_fsync_folder`); then out of the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
-        if not flags & os.O_DIRECTORY:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
