@@ -21,7 +21,7 @@ TINY = Config(
     pretrain=Schedule(steps=20, lr=3e-3, batch=32, warmup=5),
     finetune=Schedule(steps=10, lr=1e-3, batch=32, warmup=2),
     cpt=Schedule(steps=10, lr=3e-3, batch=32, warmup=2),
-    tasks=("add", "inc"),
+    tasks=("add", "rev"),
     drop_rates=(0.0, 0.9),
     sweep_seeds=(0, 1),
     seeded_rates=(),
@@ -30,14 +30,14 @@ TINY = Config(
     eval_n=64,
     threads=1,
 )
-MODELS = ["ft-add", "ft-inc", "cpt-add"]
+MODELS = ["ft-add", "ft-rev", "cpt-add"]
 
 
 @pytest.mark.slow
 def test_shrunken_experiment_end_to_end(tmp_path: Path) -> None:
     res = run(TINY, tmp_path / "work")
     assert set(res["accuracy"]) == {"base", *MODELS}
-    assert set(res["accuracy"]["base"]) == {"copy", "sub", "pair", "add", "inc"}
+    assert set(res["accuracy"]["base"]) == {"sub", "psub", "copy", "add", "rev"}
 
     # p = 0 is density 1: leanmerge returns the fine-tune itself, so its accuracy on every task is
     # the fine-tune's, exactly; DropOnly at p = 0 is the same run
@@ -64,6 +64,10 @@ def test_shrunken_experiment_end_to_end(tmp_path: Path) -> None:
     assert written["sweep"] == res["sweep"]
     assert set(written["findings"]["sweep"]) == set(MODELS)
     assert set(written["findings"]["merge_over_finetune"]) == set(TINY.methods)
+    kept = written["findings"]["merge_gain_kept"]["task_arithmetic"]["add"]
+    base, tuned = res["accuracy"]["base"]["add"], res["accuracy"]["ft-add"]["add"]
+    merged = res["merges"]["task_arithmetic"]["summary"]["add"]["mean"]
+    assert kept == (None if tuned == base else (merged - base) / (tuned - base))
     table = out.with_suffix(".md").read_text()
     assert "| ft-add (add) |" in table and "| dare_linear |" in table
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

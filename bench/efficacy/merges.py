@@ -13,16 +13,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Flags per method for merging the fine-tunes (weights 1, λ 1, as task arithmetic's sum of task
-# vectors). Densities follow the methods' papers' usual settings; no per-task search was done.
-MERGE_FLAGS: dict[str, tuple[str, ...]] = {
-    "task_arithmetic": ("--lambda", "1.0"),
-    "ties": ("--density", "0.5", "--lambda", "1.0"),
-    "dare_linear": ("--density", "0.5", "--lambda", "1.0"),
-    "dare_ties": ("--density", "0.5", "--lambda", "1.0"),
-    "della": ("--density", "0.5", "--epsilon", "0.15", "--lambda", "1.0"),
-    "breadcrumbs": ("--density", "0.9", "--gamma", "0.01", "--lambda", "1.0"),
-    "model_stock": (),
+# The merges of the fine-tunes, by label: (method, flags). Weights 1 and λ 1 sum the task vectors
+# (task arithmetic); `linear` averages the models instead (λ = 1/3 of the sum for three). Densities
+# follow the methods' papers' usual settings, plus sparser TIES / DARE rows; no per-task search.
+MERGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "linear": ("linear", ()),
+    "task_arithmetic": ("task_arithmetic", ("--lambda", "1.0")),
+    "ties": ("ties", ("--density", "0.5", "--lambda", "1.0")),
+    "ties d=0.2": ("ties", ("--density", "0.2", "--lambda", "1.0")),
+    "dare_linear": ("dare_linear", ("--density", "0.5", "--lambda", "1.0")),
+    "dare_linear d=0.1": ("dare_linear", ("--density", "0.1", "--lambda", "1.0")),
+    "dare_ties": ("dare_ties", ("--density", "0.5", "--lambda", "1.0")),
+    "dare_ties d=0.2": ("dare_ties", ("--density", "0.2", "--lambda", "1.0")),
+    "della": ("della", ("--density", "0.5", "--epsilon", "0.15", "--lambda", "1.0")),
+    "breadcrumbs": ("breadcrumbs", ("--density", "0.9", "--gamma", "0.01", "--lambda", "1.0")),
+    "model_stock": ("model_stock", ()),
 }
 
 
@@ -70,6 +75,6 @@ def inspect(base: Path, models: Sequence[Path]) -> dict[str, Any]:
     return report
 
 
-def flags_of(methods: Sequence[str]) -> Mapping[str, tuple[str, ...]]:
-    """The flags each of `methods` is run with."""
-    return {m: MERGE_FLAGS[m] for m in methods}
+def flags_of(labels: Sequence[str]) -> Mapping[str, tuple[str, ...]]:
+    """The method and flags each merge of `labels` is run with."""
+    return {label: ("--method", MERGES[label][0], *MERGES[label][1]) for label in labels}

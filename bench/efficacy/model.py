@@ -19,10 +19,10 @@ from bench.efficacy.tasks import SEQ_LEN, VOCAB
 
 @dataclass(frozen=True)
 class ModelSize:
-    hidden: int = 128
+    hidden: int = 256
     layers: int = 2
-    heads: int = 4
-    mlp: int = 256
+    heads: int = 8
+    mlp: int = 512
 
 
 def build(size: ModelSize, seed: int) -> LlamaForCausalLM:

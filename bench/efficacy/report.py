@@ -59,19 +59,32 @@ def sweep_table(res: dict[str, Any], p: float = 0.9) -> str:
     return "\n".join(lines)
 
 
+def gain_kept(res: dict[str, Any], task: str, acc: float) -> float | None:
+    """The share of the fine-tune's gain over the base on `task` that accuracy `acc` keeps:
+    (acc - base) / (fine-tune - base), the measure of a merge that holds every ability."""
+    base = res["accuracy"]["base"][task]
+    return ratio(acc - base, res["accuracy"][f"ft-{task}"][task] - base)
+
+
 def merge_table(res: dict[str, Any]) -> str:
-    """Every merge's accuracy on every fine-tuning task, beside the base and each fine-tune;
-    seeded merges give mean ± std over the seeds (min..max in the JSON)."""
+    """Every merge's accuracy on every fine-tuning task (the share of the fine-tune's gain over
+    the base kept, in brackets), beside the base and each fine-tune; seeded merges give
+    mean ± std over the seeds (min..max in the JSON)."""
     tasks = res["config"]["tasks"]
     lines = ["| model | " + " | ".join(tasks) + " | mean | seeds |", "|---" * (len(tasks) + 3) + "|"]
     for name in ["base", *(f"ft-{t}" for t in tasks)]:
         accs = [res["accuracy"][name][t] for t in tasks]
         lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {statistics.fmean(accs):.3f} | - |")
-    for method, m in res["merges"].items():
+    for label, m in res["merges"].items():
         s = m["summary"]
-        cells = [f"{s[t]['mean']:.3f}" + (f" ± {s[t]['std']:.3f}" if len(m["seeds"]) > 1 else "") for t in tasks]
+        cells = [
+            f"{s[t]['mean']:.3f}"
+            + (f" ± {s[t]['std']:.3f}" if len(m["seeds"]) > 1 else "")
+            + f" ({_pct(gain_kept(res, t, s[t]['mean']))})"
+            for t in tasks
+        ]
         mean = statistics.fmean(s[t]["mean"] for t in tasks)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean:.3f} | {len(m['seeds'])} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean:.3f} | {len(m['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -139,7 +152,8 @@ def _merge_panel(ax: Any, res: dict[str, Any]) -> None:
 
 def findings(res: dict[str, Any], p: float = 0.9) -> dict[str, Any]:
     """The claims, checked: per swept model, accuracy retained at `p` with DARE and DropOnly and
-    whether `leanmerge inspect` warned; per merge, its accuracy over the fine-tune's, per task."""
+    whether `leanmerge inspect` warned; per merge and task, its accuracy over the fine-tune's and
+    the share of the fine-tune's gain over the base it keeps."""
     swept = {}
     for model, ins in res["inspect"].items():
         if p in res["config"]["drop_rates"]:
@@ -150,7 +164,8 @@ def findings(res: dict[str, Any], p: float = 0.9) -> dict[str, Any]:
             }
     tasks = res["config"]["tasks"]
     over = {
-        method: {t: ratio(m["summary"][t]["mean"], res["accuracy"][f"ft-{t}"][t]) for t in tasks}
-        for method, m in res["merges"].items()
+        label: {t: ratio(m["summary"][t]["mean"], res["accuracy"][f"ft-{t}"][t]) for t in tasks}
+        for label, m in res["merges"].items()
     }
-    return {"p": p, "sweep": swept, "merge_over_finetune": over}
+    kept = {label: {t: gain_kept(res, t, m["summary"][t]["mean"]) for t in tasks} for label, m in res["merges"].items()}
+    return {"p": p, "sweep": swept, "merge_over_finetune": over, "merge_gain_kept": kept}

@@ -31,7 +31,7 @@ from engine.methods.registry import METHODS
 
 log = logging.getLogger(__name__)
 DROP_RATES = (0.0, 0.5, 0.7, 0.9, 0.95, 0.99)
-MERGE_METHODS = tuple(merges.MERGE_FLAGS)
+MERGE_METHODS = tuple(merges.MERGES)
 MARKER = ".bench-efficacy"  # in a work folder this experiment made, and may empty
 
 
@@ -40,9 +40,11 @@ class Config:
     """Sizes, schedules and sweeps of one run; `FULL` and `QUICK` below, tests shrink further."""
 
     size: ModelSize = ModelSize()
-    pretrain: Schedule = Schedule(steps=800, lr=3e-3, batch=64)
-    finetune: Schedule = Schedule(steps=300, lr=3e-4, warmup=10)  # SFT-like: a tenth of the pretraining lr
-    cpt: Schedule = Schedule(steps=800, lr=3e-3)  # continued pre-training: the pretraining lr, as long
+    pretrain: Schedule = Schedule(steps=800, lr=3e-3, batch=63)  # 21 of each related task per batch
+    # the fine-tuning tasks' share of each pretraining batch: the base solves them partway
+    pretrain_shares: tuple[tuple[str, int], ...] = (("add", 2), ("mul", 1), ("rev", 3))
+    finetune: Schedule = Schedule(steps=200, lr=3e-4, warmup=10)  # SFT-like: a tenth of the pretraining lr
+    cpt: Schedule = Schedule(steps=400, lr=3e-3)  # continued pre-training: the pretraining lr, half as long
     cpt_task: str = "add"
     tasks: tuple[str, ...] = FINETUNE_TASKS
     drop_rates: tuple[float, ...] = DROP_RATES
@@ -58,9 +60,9 @@ class Config:
 
 FULL = Config()
 QUICK = Config(
-    pretrain=Schedule(steps=300, lr=3e-3, batch=64),
-    finetune=Schedule(steps=100, lr=1e-3, warmup=10),
-    cpt=Schedule(steps=300, lr=3e-3),
+    pretrain=Schedule(steps=400, lr=3e-3, batch=63),
+    finetune=Schedule(steps=100, lr=3e-4, warmup=10),
+    cpt=Schedule(steps=200, lr=3e-3),
     drop_rates=(0.0, 0.5, 0.9, 0.99),
     sweep_seeds=(0,),
     merge_seeds=(0, 1),
@@ -144,7 +146,7 @@ def cpu_seconds() -> float:
 def _train_all(cfg: Config, root: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     """The base, one SFT-like fine-tune per task, and the continued-pre-training counter-case."""
     base = build(cfg.size, cfg.seed)
-    log_ = {"base": train(base, PRETRAIN_TASKS, cfg.pretrain, cfg.seed + 1)}
+    log_ = {"base": train(base, PRETRAIN_TASKS, cfg.pretrain, cfg.seed + 1, cfg.pretrain_shares)}
     models = {"base": save(base, root / "base")}
     runs = [(f"ft-{t}", t, cfg.finetune) for t in cfg.tasks] + [(f"cpt-{cfg.cpt_task}", cfg.cpt_task, cfg.cpt)]
     for i, (name, task, schedule) in enumerate(runs):
@@ -173,16 +175,17 @@ def _sweep(cfg: Config, ws: Workspace, base: Path, name: str, model: Path) -> li
 
 
 def _merge_all(cfg: Config, ws: Workspace, base: Path, models: Sequence[Path]) -> dict[str, Any]:
-    """Every method over the fine-tunes; seeded methods once per seed, the others once."""
+    """Every merge of `cfg.methods` (labels of `merges.MERGES`) over the fine-tunes; seeded
+    methods once per seed, the others once."""
     out: dict[str, Any] = {}
-    for method in cfg.methods:
+    for i, label in enumerate(cfg.methods):
+        method, flags = merges.MERGES[label]
         seeds = cfg.merge_seeds if METHODS[method].uses_rng else cfg.merge_seeds[:1]
-        flags = merges.MERGE_FLAGS[method]
         runs = ws.merged_scores(
-            [partial(merges.merge, base, models, method, ws.folder(f"merge-{method}-{s}"), flags, s) for s in seeds]
+            [partial(merges.merge, base, models, method, ws.folder(f"merge-{i}-{s}"), flags, s) for s in seeds]
         )
-        out[method] = {"seeds": list(seeds), "runs": runs, "summary": summarize(runs)}
-        log.info("merge %s: %s", method, out[method]["summary"])
+        out[label] = {"seeds": list(seeds), "runs": runs, "summary": summarize(runs)}
+        log.info("merge %s: %s", label, out[label]["summary"])
     return out
 
 

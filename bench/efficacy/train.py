@@ -36,8 +36,15 @@ def answer_loss(model: LlamaForCausalLM, b: Batch) -> torch.Tensor:
     return F.cross_entropy(logits[b.answer], targets[b.answer])
 
 
-def train(model: LlamaForCausalLM, tasks: tuple[str, ...], s: Schedule, seed: int) -> dict[str, float]:
-    """Train `model` in place on a mixture of `tasks`; linear warmup then cosine decay to 10%.
+def train(
+    model: LlamaForCausalLM,
+    tasks: tuple[str, ...],
+    s: Schedule,
+    seed: int,
+    extra: tuple[tuple[str, int], ...] = (),
+) -> dict[str, float]:
+    """Train `model` in place on a mixture of `tasks` (plus `extra`'s few examples per batch of
+    other tasks); linear warmup then cosine decay to 10%.
 
     Returns the first and last losses and the seconds taken.
     """
@@ -47,7 +54,7 @@ def train(model: LlamaForCausalLM, tasks: tuple[str, ...], s: Schedule, seed: in
     model.train()
     t0, first, last = time.perf_counter(), float("nan"), float("nan")
     for step in range(s.steps):
-        loss = answer_loss(model, mixture_batch(tasks, s.batch, g))
+        loss = answer_loss(model, mixture_batch(tasks, s.batch, g, extra))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
