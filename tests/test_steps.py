@@ -220,3 +220,48 @@ def test_the_c_gives_the_bytes_of_the_torch_ops_for_registers(
     with mock.patch.object(steps, "_f16_nan_payload", lambda: f16_payload):
         assert steps.fused(raw, program, got)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit
+
+
+def with_nan_payloads(raw: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """`raw` with NaNs of random signs and payloads at a shared set of elements, in about half the
+    streams at each: where both operands of an add are NaNs, which NaN torch gives shows."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(raw[0])
+    at = torch.randint(0, n, (max(1, n // 16),), generator=g)
+    out = []
+    for x in raw:
+        bits = {torch.float32: (torch.int32, 0x7F800000, 23), torch.bfloat16: (torch.int16, 0x7F80, 7)}
+        int_dtype, exp, width = bits.get(x.dtype, (torch.int16, 0x7C00, 10))
+        payload = torch.randint(1, 1 << width, (len(at),), generator=g)
+        sign = torch.randint(0, 2, (len(at),), generator=g) << (31 if int_dtype == torch.int32 else 15)
+        nan = (exp | payload | sign) - (sign << 1)  # the bits as a signed integer of the dtype's width
+        y = x.clone().view(int_dtype)
+        here = torch.rand(len(at), generator=g) < 0.5
+        y[at[here]] = nan[here].to(int_dtype)
+        out.append(y.view(x.dtype))
+    return out
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(
+    case=register_programs(),
+    n=st.integers(1, 1500),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=7, max_size=7),
+    out_dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 1000),
+)
+def test_nans_of_any_payload_give_the_bytes_of_the_torch_ops(
+    case: tuple[int, list[Step]], n: int, dtypes: list[torch.dtype], out_dtype: torch.dtype, seed: int
+) -> None:
+    """The C adds without choosing torch's NaN where the output is bfloat16 (every NaN is written
+    as one pattern, and which NaN a value is never changes whether a result is one): NaNs of any
+    sign and payload in both operands, in some lanes of otherwise clean tiles, give torch's bytes
+    for every output dtype (float32 and float16 keep the NaN torch's add chose)."""
+    k, program = case
+    raw = with_nan_payloads(inputs(n, dtypes[: k + 1], seed), seed)
+    want = narrowed(steps.run([widened(x) for x in raw], program), out_dtype)
+    got = torch.empty(n, dtype=out_dtype)
+    with mock.patch.object(steps, "_f16_nan_payload", lambda: True):
+        assert steps.fused(raw, program, got)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
