@@ -265,3 +265,24 @@ def test_nans_of_any_payload_give_the_bytes_of_the_torch_ops(
     with mock.patch.object(steps, "_f16_nan_payload", lambda: True):
         assert steps.fused(raw, program, got)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("weights_kind", ["positive", "with_zero", "no_normalize"])
+def test_elect_then_the_base_add_into_bfloat16_gives_the_bytes_of_the_torch_ops(k: int, weights_kind: str) -> None:
+    """TIES's program end, ELECT then the base's add, is one loop into a bfloat16 output (each
+    divisor rule, 1 to 4 models): torch's bytes at lengths around the tiles' edges, NaNs of any
+    payload in some lanes."""
+    weights = [0.5 + m for m in range(k)] if weights_kind != "with_zero" else [0.0] + [1.0] * (k - 1)
+    for n in (1, 511, 512, 513, 1537):
+        dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.bfloat16][: k + 1]
+        raw = with_nan_payloads(inputs(n, dtypes, n + k), n)
+        program: list[Step] = []
+        for m in range(1, k + 1):
+            program += [Step(SET, m, reg=m), Step(SUB, 0, reg=m), Step(MUL, scale=weights[m - 1], reg=m)]
+        program += [steps.elect(weights, weights_kind != "no_normalize"), Step(ADD, 0)]
+        want = narrowed(steps.run([widened(x) for x in raw], program), torch.bfloat16)
+        got = torch.empty(n, dtype=torch.bfloat16)
+        assert steps.fused(raw, program, got)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), n

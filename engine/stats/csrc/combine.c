@@ -13,7 +13,8 @@
  * sign election with the disjoint mean (ELECT). The usual runs of steps are one loop each, their
  * values in registers between ops (`delta_chain`: a model's delta with its KEEP or TOP, DIV, MUL,
  * the model read raw from bfloat16; `elect_fused`: ELECT of up to 4 models; `sum_run`: adds into
- * one register, the program's last straight into the output dtype); other steps a loop each. */
+ * one register, the program's last straight into the output dtype; `run_elect_out`: ELECT, the
+ * base's add and the bfloat16 rounding); other steps a loop each. */
 
 #include "fused.h"
 
@@ -138,7 +139,7 @@ static inline ALWAYS_INLINE void elect_tile(float (*R)[COMBINE], float *acc, int
  * none of registers 1..k. */
 #define ELECT_FUSED 4
 static inline ALWAYS_INLINE void elect_fused(float (*R)[COMBINE], float *acc, int len, const Step *st, int k,
-                                             int mode, int nanx) {
+                                             int mode, int nanx, const float *base, uint16_t *o, uint16_t nan) {
     float w[ELECT_FUSED + 1], c = st->scale;
     for (int m = 1; m <= k; m++) w[m] = st->w[m];
     for (int j = 0; j < len; j++) {
@@ -151,30 +152,42 @@ static inline ALWAYS_INLINE void elect_fused(float (*R)[COMBINE], float *acc, in
             sum = add_x(sum, a, nanx);
             count = count + w[m] * select_f(a > 0.0f, 1.0f, 0.0f);
         }
+        float v;
         if (mode == 1)
-            acc[j] = (sum * sign + 0.0f) / select_f(count < c, c, count);
+            v = (sum * sign + 0.0f) / select_f(count < c, c, count);
         else if (mode == 2)
-            acc[j] = (sum * sign + 0.0f) / select_f(count == 0.0f, 1.0f, count);
+            v = (sum * sign + 0.0f) / select_f(count == 0.0f, 1.0f, count);
         else
-            acc[j] = sum * sign + 0.0f;
+            v = sum * sign + 0.0f;
+        if (base)
+            o[j] = round_bf16(add_x(v, base[j], nanx), nan);
+        else
+            acc[j] = v;
     }
 }
 
 /* elect_fused with k and the mode as constants where k <= ELECT_FUSED, else elect_tile. */
-static inline ALWAYS_INLINE void elect(float (*R)[COMBINE], float *acc, int len, const Step *st, int nanx) {
+static inline ALWAYS_INLINE void elect(float (*R)[COMBINE], float *acc, int len, const Step *st, int nanx,
+                                      const float *base, uint16_t *o, uint16_t nan) {
     Py_ssize_t k = st->stream;
     if (k > ELECT_FUSED || (st->reg >= 1 && st->reg <= k)) {
         elect_tile(R, acc, len, st, nanx);
         return;
     }
+#define ELECT_MODE(K, M)                                                                                              \
+    if (base)                                                                                                         \
+        elect_fused(R, acc, len, st, K, M, nanx, base, o, nan);                                                       \
+    else                                                                                                              \
+        elect_fused(R, acc, len, st, K, M, nanx, NULL, NULL, nan);
 #define ELECT_K(K)                                                                                                    \
     case K:                                                                                                           \
-        if (st->mode == 1)                                                                                            \
-            elect_fused(R, acc, len, st, K, 1, nanx);                                                                       \
-        else if (st->mode == 2)                                                                                       \
-            elect_fused(R, acc, len, st, K, 2, nanx);                                                                       \
-        else                                                                                                          \
-            elect_fused(R, acc, len, st, K, 0, nanx);                                                                       \
+        if (st->mode == 1) {                                                                                          \
+            ELECT_MODE(K, 1)                                                                                          \
+        } else if (st->mode == 2) {                                                                                   \
+            ELECT_MODE(K, 2)                                                                                          \
+        } else {                                                                                                      \
+            ELECT_MODE(K, 0)                                                                                          \
+        }                                                                                                             \
         break;
     switch (k) {
         ELECT_K(1)
@@ -183,6 +196,7 @@ static inline ALWAYS_INLINE void elect(float (*R)[COMBINE], float *acc, int len,
         ELECT_K(4)
     }
 #undef ELECT_K
+#undef ELECT_MODE
 }
 
 typedef struct {
@@ -310,11 +324,11 @@ static inline ALWAYS_INLINE int run_chain(const CombineJob *j, Py_ssize_t i, Til
     float dv = div ? div->scale : 1.0f, mv = mul ? mul->scale : 1.0f, *r = t->R[st->reg];
 #define CHAIN_DM(RAW, SP)                                                                                             \
     if (div && mul)                                                                                                   \
-        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 1, mv, nanx);                                                     \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 1, mv, nanx);                                               \
     else if (div)                                                                                                     \
-        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 0, mv, nanx);                                                     \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 0, mv, nanx);                                               \
     else if (mul)                                                                                                     \
-        delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 1, mv, nanx);                                                     \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 1, mv, nanx);                                               \
     else                                                                                                              \
         delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 0, mv, nanx);
 #define CHAIN(RAW)                                                                                                    \
@@ -362,7 +376,7 @@ static inline ALWAYS_INLINE int run_step(const CombineJob *j, Py_ssize_t i, Tile
         break;
     }
     case ELECT:
-        elect(t->R, r, len, st, nanx);
+        elect(t->R, r, len, st, nanx, NULL, NULL, 0);
         break;
     default: {
         const float *x = input(j, t, st->stream, at, len);
@@ -453,7 +467,7 @@ static inline ALWAYS_INLINE int run_sum(const CombineJob *j, Py_ssize_t i, Tile 
     float *r = t->R[st->reg];
 #define SUM_CASE(N, S, T)                                                                                             \
     case T:                                                                                                           \
-        sum_run(r, src, scale, N, S, len, T, o, j->nan, nanx);                                                            \
+        sum_run(r, src, scale, N, S, len, T, o, j->nan, nanx);                                                        \
         break;
 #define SUM_TO(N, S)                                                                                                  \
     switch (to) {                                                                                                     \
@@ -483,6 +497,22 @@ static inline ALWAYS_INLINE int run_sum(const CombineJob *j, Py_ssize_t i, Tile 
     return n;
 }
 
+/* An ELECT that elect_fused runs, then the program's last step, an unscaled add of a stream into
+ * its register, into a bfloat16 output (TIES, DARE-TIES without lambda), as one loop: the elected
+ * value, the add and the rounding without the register's store and reload. The steps run (2) or 0. */
+static inline ALWAYS_INLINE int run_elect_out(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len,
+                                              int *put_out, int nanx) {
+    const Step *st = &j->steps[i], *a = st + 1;
+    if (st->op != ELECT || i + 2 != j->nsteps || out_to(j) != TO_BF16) return 0;
+    if (a->op != ADD || a->scaled || a->reg != st->reg || st->stream > ELECT_FUSED ||
+        (st->reg >= 1 && st->reg <= st->stream))
+        return 0;
+    const float *base = input(j, t, a->stream, at, len);
+    elect(t->R, t->R[st->reg], len, st, nanx, base, (uint16_t *)j->out + at, j->nan);
+    *put_out = 1;
+    return 2;
+}
+
 /* Elements [lo, hi). */
 static inline ALWAYS_INLINE void blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, Py_ssize_t hi, int nanx) {
     const float *result = t->R[j->steps[j->nsteps - 1].reg];
@@ -490,7 +520,8 @@ static inline ALWAYS_INLINE void blocks(const CombineJob *j, Tile *t, Py_ssize_t
         int len = hi - at < COMBINE ? (int)(hi - at) : COMBINE, put_out = 0;
         memset(t->wide, 0, sizeof t->wide);
         for (Py_ssize_t i = 0; i < j->nsteps;) {
-            int ran = run_sum(j, i, t, at, len, &put_out, nanx);
+            int ran = run_elect_out(j, i, t, at, len, &put_out, nanx);
+            if (!ran) ran = run_sum(j, i, t, at, len, &put_out, nanx);
             if (!ran) ran = run_chain(j, i, t, at, len, nanx);
             i += ran ? ran : run_step(j, i, t, at, len, nanx);
         }
