@@ -188,40 +188,6 @@ def register_programs(draw: st.DrawFn) -> tuple[int, list[Step]]:
     return k, program
 
 
-@needs_kernel
-@settings(max_examples=120, deadline=None)
-@given(
-    case=register_programs(),
-    n=st.integers(1, 3000),
-    dtypes=st.lists(st.sampled_from(DTYPES), min_size=7, max_size=7),
-    out_dtype=st.sampled_from(DTYPES),
-    f16_payload=st.booleans(),
-    seed=st.integers(0, 1000),
-)
-def test_the_c_gives_the_bytes_of_the_torch_ops_for_registers(
-    case: tuple[int, list[Step]],
-    n: int,
-    dtypes: list[torch.dtype],
-    out_dtype: torch.dtype,
-    f16_payload: bool,
-    seed: int,
-) -> None:
-    """The C's fused loops (a model's delta read from bfloat16 as it is, TIES's election of up
-    to 4 models in one loop, a run of adds into the output) against torch's ops, NaNs in any
-    lane, any length (the tiles' tails), and a float16 NaN written with its payload or without
-    (as torch's vectorised or scalar cast)."""
-    k, program = case
-    raw = inputs(n, dtypes[: k + 1], seed)
-    want = narrowed(steps.run([widened(x) for x in raw], program), out_dtype)
-    if out_dtype == torch.float16 and not f16_payload:
-        bits = want.view(torch.int16)
-        want = torch.where(want.isnan(), (bits & -0x8000) | 0x7E00, bits).view(torch.float16)
-    got = torch.empty(n, dtype=out_dtype)
-    with mock.patch.object(steps, "_f16_nan_payload", lambda: f16_payload):
-        assert steps.fused(raw, program, got)
-    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit
-
-
 def with_nan_payloads(raw: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     """`raw` with NaNs of random signs and payloads at a shared set of elements, in about half the
     streams at each: where both operands of an add are NaNs, which NaN torch gives shows."""
@@ -243,28 +209,43 @@ def with_nan_payloads(raw: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
 
 
 @needs_kernel
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     case=register_programs(),
-    n=st.integers(1, 1500),
+    n=st.integers(1, 3000),
     dtypes=st.lists(st.sampled_from(DTYPES), min_size=7, max_size=7),
     out_dtype=st.sampled_from(DTYPES),
+    f16_payload=st.booleans(),
+    nan_payloads=st.booleans(),
     seed=st.integers(0, 1000),
 )
-def test_nans_of_any_payload_give_the_bytes_of_the_torch_ops(
-    case: tuple[int, list[Step]], n: int, dtypes: list[torch.dtype], out_dtype: torch.dtype, seed: int
+def test_the_c_gives_the_bytes_of_the_torch_ops_for_registers(
+    case: tuple[int, list[Step]],
+    n: int,
+    dtypes: list[torch.dtype],
+    out_dtype: torch.dtype,
+    f16_payload: bool,
+    nan_payloads: bool,
+    seed: int,
 ) -> None:
-    """The C adds without choosing torch's NaN where the output is bfloat16 (every NaN is written
-    as one pattern, and which NaN a value is never changes whether a result is one): NaNs of any
-    sign and payload in both operands, in some lanes of otherwise clean tiles, give torch's bytes
-    for every output dtype (float32 and float16 keep the NaN torch's add chose)."""
+    """The C's fused loops (a model's delta read from bfloat16 as it is, TIES's election of up
+    to 4 models in one loop, a run of adds into the output) against torch's ops, NaNs in any
+    lane, any length (the tiles' tails), and a float16 NaN written with its payload or without
+    (as torch's vectorised or scalar cast). With `nan_payloads`, NaNs of any sign and payload in
+    both operands of adds: the C adds without choosing torch's NaN where the output is bfloat16
+    (every NaN is written as one pattern, and which NaN a value is never changes whether a result
+    is one), and float32 and float16 outputs keep the NaN torch's add chose."""
     k, program = case
-    raw = with_nan_payloads(inputs(n, dtypes[: k + 1], seed), seed)
+    raw = inputs(n, dtypes[: k + 1], seed)
+    raw = with_nan_payloads(raw, seed) if nan_payloads else raw
     want = narrowed(steps.run([widened(x) for x in raw], program), out_dtype)
+    if out_dtype == torch.float16 and not f16_payload:
+        bits = want.view(torch.int16)
+        want = torch.where(want.isnan(), (bits & -0x8000) | 0x7E00, bits).view(torch.float16)
     got = torch.empty(n, dtype=out_dtype)
-    with mock.patch.object(steps, "_f16_nan_payload", lambda: True):
+    with mock.patch.object(steps, "_f16_nan_payload", lambda: f16_payload):
         assert steps.fused(raw, program, got)
-    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit
 
 
 @needs_kernel
