@@ -188,6 +188,26 @@ def register_programs(draw: st.DrawFn) -> tuple[int, list[Step]]:
     return k, program
 
 
+def with_nan_payloads(raw: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """`raw` with NaNs of random signs and payloads at a shared set of elements, in about half the
+    streams at each: where both operands of an add are NaNs, which NaN torch gives shows."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(raw[0])
+    at = torch.randint(0, n, (max(1, n // 16),), generator=g)
+    out = []
+    for x in raw:
+        bits = {torch.float32: (torch.int32, 0x7F800000, 23), torch.bfloat16: (torch.int16, 0x7F80, 7)}
+        int_dtype, exp, width = bits.get(x.dtype, (torch.int16, 0x7C00, 10))
+        payload = torch.randint(1, 1 << width, (len(at),), generator=g)
+        sign = torch.randint(0, 2, (len(at),), generator=g) << (31 if int_dtype == torch.int32 else 15)
+        nan = (exp | payload | sign) - (sign << 1)  # the bits as a signed integer of the dtype's width
+        y = x.clone().view(int_dtype)
+        here = torch.rand(len(at), generator=g) < 0.5
+        y[at[here]] = nan[here].to(int_dtype)
+        out.append(y.view(x.dtype))
+    return out
+
+
 @needs_kernel
 @settings(max_examples=120, deadline=None)
 @given(
@@ -196,6 +216,7 @@ def register_programs(draw: st.DrawFn) -> tuple[int, list[Step]]:
     dtypes=st.lists(st.sampled_from(DTYPES), min_size=7, max_size=7),
     out_dtype=st.sampled_from(DTYPES),
     f16_payload=st.booleans(),
+    nan_payloads=st.booleans(),
     seed=st.integers(0, 1000),
 )
 def test_the_c_gives_the_bytes_of_the_torch_ops_for_registers(
@@ -204,14 +225,19 @@ def test_the_c_gives_the_bytes_of_the_torch_ops_for_registers(
     dtypes: list[torch.dtype],
     out_dtype: torch.dtype,
     f16_payload: bool,
+    nan_payloads: bool,
     seed: int,
 ) -> None:
     """The C's fused loops (a model's delta read from bfloat16 as it is, TIES's election of up
     to 4 models in one loop, a run of adds into the output) against torch's ops, NaNs in any
     lane, any length (the tiles' tails), and a float16 NaN written with its payload or without
-    (as torch's vectorised or scalar cast)."""
+    (as torch's vectorised or scalar cast). With `nan_payloads`, NaNs of any sign and payload in
+    both operands of adds: the C adds without choosing torch's NaN where the output is bfloat16
+    (every NaN is written as one pattern, and which NaN a value is never changes whether a result
+    is one), and float32 and float16 outputs keep the NaN torch's add chose."""
     k, program = case
     raw = inputs(n, dtypes[: k + 1], seed)
+    raw = with_nan_payloads(raw, seed) if nan_payloads else raw
     want = narrowed(steps.run([widened(x) for x in raw], program), out_dtype)
     if out_dtype == torch.float16 and not f16_payload:
         bits = want.view(torch.int16)
@@ -220,3 +246,24 @@ def test_the_c_gives_the_bytes_of_the_torch_ops_for_registers(
     with mock.patch.object(steps, "_f16_nan_payload", lambda: f16_payload):
         assert steps.fused(raw, program, got)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # NaNs too, bit for bit
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("weights_kind", ["positive", "with_zero", "no_normalize"])
+def test_elect_then_the_base_add_into_bfloat16_gives_the_bytes_of_the_torch_ops(k: int, weights_kind: str) -> None:
+    """TIES's program end, ELECT then the base's add, is one loop into a bfloat16 output (each
+    divisor rule, 1 to 4 models): torch's bytes at lengths around the tiles' edges, NaNs of any
+    payload in some lanes."""
+    weights = [0.5 + m for m in range(k)] if weights_kind != "with_zero" else [0.0] + [1.0] * (k - 1)
+    for n in (1, 511, 512, 513, 1537):
+        dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.bfloat16][: k + 1]
+        raw = with_nan_payloads(inputs(n, dtypes, n + k), n)
+        program: list[Step] = []
+        for m in range(1, k + 1):
+            program += [Step(SET, m, reg=m), Step(SUB, 0, reg=m), Step(MUL, scale=weights[m - 1], reg=m)]
+        program += [steps.elect(weights, weights_kind != "no_normalize"), Step(ADD, 0)]
+        want = narrowed(steps.run([widened(x) for x in raw], program), torch.bfloat16)
+        got = torch.empty(n, dtype=torch.bfloat16)
+        assert steps.fused(raw, program, got)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), n

@@ -13,7 +13,8 @@
  * sign election with the disjoint mean (ELECT). The usual runs of steps are one loop each, their
  * values in registers between ops (`delta_chain`: a model's delta with its KEEP or TOP, DIV, MUL,
  * the model read raw from bfloat16; `elect_fused`: ELECT of up to 4 models; `sum_run`: adds into
- * one register, the program's last straight into the output dtype); other steps a loop each. */
+ * one register, the program's last straight into the output dtype; `run_elect_out`: ELECT, the
+ * base's add and the bfloat16 rounding); other steps a loop each. */
 
 #include "fused.h"
 
@@ -29,6 +30,16 @@ typedef struct {
     int64_t last_in, last_out;
     float w[MAX_REGS]; /* ELECT: the models' weights */
 } Step;
+
+/* a + b and a - b: as torch gives them where `nanx` (add_t, sub_t: which NaN where both are NaNs),
+ * else the plain IEEE op. The loops take nanx = 0 where the output is bfloat16: which NaN a value
+ * is never changes whether a value is a NaN (every op here passes a NaN on, and where a NaN's sign
+ * is read, by ELECT's sign or TOP's key, that NaN also flows into the same element's result), and
+ * every bfloat16 NaN is written as the one `nan`; so the bytes are the same, for ~3 fewer vector
+ * ops per add. */
+static inline float add_x(float a, float b, int nanx) { return nanx ? add_t(a, b) : a + b; }
+
+static inline float sub_x(float a, float b, int nanx) { return nanx ? sub_t(a, b) : a - b; }
 
 /* Round to nearest, ties to even, as torch's float -> bfloat16; a NaN becomes `nan` (torch's). */
 static inline uint16_t round_bf16(float f, uint16_t nan) {
@@ -89,18 +100,18 @@ static inline int tie_limit(int64_t last, int64_t first, int len) {
 /* TIES: engine.methods.consensus's `disjoint_merge_` of registers 1..k into `acc`, its torch ops
  * per element in their order (the zeroed sums start each model's pass; the sign's product, the
  * + 0 and the division share the last). */
-static inline ALWAYS_INLINE void elect_tile(float (*R)[COMBINE], float *acc, int len, const Step *st) {
+static inline ALWAYS_INLINE void elect_tile(float (*R)[COMBINE], float *acc, int len, const Step *st, int nanx) {
     float sign[COMBINE], div[COMBINE];
     Py_ssize_t k = st->stream;
     if (k == 1) {
         for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, R[1][j]);
     } else if (k == 2) {
-        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, add_t(R[1][j], R[2][j]));
+        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, add_x(R[1][j], R[2][j], nanx));
     } else {
-        for (int j = 0; j < len; j++) sign[j] = add_t(R[1][j], R[2][j]);
+        for (int j = 0; j < len; j++) sign[j] = add_x(R[1][j], R[2][j], nanx);
         for (Py_ssize_t m = 3; m < k; m++)
-            for (int j = 0; j < len; j++) sign[j] = add_t(sign[j], R[m][j]);
-        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, add_t(sign[j], R[k][j]));
+            for (int j = 0; j < len; j++) sign[j] = add_x(sign[j], R[m][j], nanx);
+        for (int j = 0; j < len; j++) sign[j] = copysignf(1.0f, add_x(sign[j], R[k][j], nanx));
     }
     for (Py_ssize_t m = 1; m <= k; m++) {
         float w = st->w[m];
@@ -108,7 +119,7 @@ static inline ALWAYS_INLINE void elect_tile(float (*R)[COMBINE], float *acc, int
             float a = R[m][j] * sign[j];
             a = select_f(a < 0.0f, 0.0f, a); /* torch's clamp_(min=0): a NaN stays */
             float was = m == 1 ? 0.0f : acc[j], count = m == 1 ? 0.0f : div[j];
-            acc[j] = add_t(was, a);
+            acc[j] = add_x(was, a, nanx);
             div[j] = count + w * select_f(a > 0.0f, 1.0f, 0.0f);
         }
     }
@@ -128,43 +139,55 @@ static inline ALWAYS_INLINE void elect_tile(float (*R)[COMBINE], float *acc, int
  * none of registers 1..k. */
 #define ELECT_FUSED 4
 static inline ALWAYS_INLINE void elect_fused(float (*R)[COMBINE], float *acc, int len, const Step *st, int k,
-                                             int mode) {
+                                             int mode, int nanx, const float *base, uint16_t *o, uint16_t nan) {
     float w[ELECT_FUSED + 1], c = st->scale;
     for (int m = 1; m <= k; m++) w[m] = st->w[m];
     for (int j = 0; j < len; j++) {
         float s = R[1][j];
-        for (int m = 2; m <= k; m++) s = add_t(s, R[m][j]);
+        for (int m = 2; m <= k; m++) s = add_x(s, R[m][j], nanx);
         float sign = copysignf(1.0f, s), sum = 0.0f, count = 0.0f;
         for (int m = 1; m <= k; m++) {
             float a = R[m][j] * sign;
             a = select_f(a < 0.0f, 0.0f, a); /* torch's clamp_(min=0): a NaN stays */
-            sum = add_t(sum, a);
+            sum = add_x(sum, a, nanx);
             count = count + w[m] * select_f(a > 0.0f, 1.0f, 0.0f);
         }
+        float v;
         if (mode == 1)
-            acc[j] = (sum * sign + 0.0f) / select_f(count < c, c, count);
+            v = (sum * sign + 0.0f) / select_f(count < c, c, count);
         else if (mode == 2)
-            acc[j] = (sum * sign + 0.0f) / select_f(count == 0.0f, 1.0f, count);
+            v = (sum * sign + 0.0f) / select_f(count == 0.0f, 1.0f, count);
         else
-            acc[j] = sum * sign + 0.0f;
+            v = sum * sign + 0.0f;
+        if (base)
+            o[j] = round_bf16(add_x(v, base[j], nanx), nan);
+        else
+            acc[j] = v;
     }
 }
 
 /* elect_fused with k and the mode as constants where k <= ELECT_FUSED, else elect_tile. */
-static inline ALWAYS_INLINE void elect(float (*R)[COMBINE], float *acc, int len, const Step *st) {
+static inline ALWAYS_INLINE void elect(float (*R)[COMBINE], float *acc, int len, const Step *st, int nanx,
+                                      const float *base, uint16_t *o, uint16_t nan) {
     Py_ssize_t k = st->stream;
     if (k > ELECT_FUSED || (st->reg >= 1 && st->reg <= k)) {
-        elect_tile(R, acc, len, st);
+        elect_tile(R, acc, len, st, nanx);
         return;
     }
+#define ELECT_MODE(K, M)                                                                                              \
+    if (base)                                                                                                         \
+        elect_fused(R, acc, len, st, K, M, nanx, base, o, nan);                                                       \
+    else                                                                                                              \
+        elect_fused(R, acc, len, st, K, M, nanx, NULL, NULL, nan);
 #define ELECT_K(K)                                                                                                    \
     case K:                                                                                                           \
-        if (st->mode == 1)                                                                                            \
-            elect_fused(R, acc, len, st, K, 1);                                                                       \
-        else if (st->mode == 2)                                                                                       \
-            elect_fused(R, acc, len, st, K, 2);                                                                       \
-        else                                                                                                          \
-            elect_fused(R, acc, len, st, K, 0);                                                                       \
+        if (st->mode == 1) {                                                                                          \
+            ELECT_MODE(K, 1)                                                                                          \
+        } else if (st->mode == 2) {                                                                                   \
+            ELECT_MODE(K, 2)                                                                                          \
+        } else {                                                                                                      \
+            ELECT_MODE(K, 0)                                                                                          \
+        }                                                                                                             \
         break;
     switch (k) {
         ELECT_K(1)
@@ -173,6 +196,7 @@ static inline ALWAYS_INLINE void elect(float (*R)[COMBINE], float *acc, int len,
         ELECT_K(4)
     }
 #undef ELECT_K
+#undef ELECT_MODE
 }
 
 typedef struct {
@@ -247,12 +271,12 @@ static inline ALWAYS_INLINE void top_tile(float *r, int len, int64_t first, cons
  * MUL in their order, per element. x is read as bfloat16 bits (`xh`) where `raw`. */
 static inline ALWAYS_INLINE void delta_chain(float *r, const float *x, const uint16_t *xh, int raw, const float *b,
                                              int len, int sparse, const Sparse *c, int div, float dv, int mul,
-                                             float mv) {
+                                             float mv, int nanx) {
     uint32_t h = c->h, k1 = c->k1, k2 = c->k2;
     int32_t thr_s = c->thr_s;
     Sparse cut = *c;
     for (int j = 0; j < len; j++, h += KEY_MUL) {
-        float d = sub_t(raw ? from_bits((uint32_t)xh[j] << 16) : x[j], b[j]);
+        float d = sub_x(raw ? from_bits((uint32_t)xh[j] << 16) : x[j], b[j], nanx);
         if (sparse == 1) d = d * keep_mask(h, k1, k2, thr_s);
         if (sparse == 2) d = d * top_mask(d, j, &cut);
         if (sparse == 3) d = d * top_mask_whole(d, &cut);
@@ -282,7 +306,8 @@ static inline int sparse_for(const CombineJob *j, const Step *sp, uint64_t first
 
 /* Steps i.. as one delta_chain where they are SET, SUB [, KEEP or TOP][, DIV][, MUL] of one
  * register (a KEEP whose mask is not constant and needs one segment's keys): the steps run, else 0. */
-static inline ALWAYS_INLINE int run_chain(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len) {
+static inline ALWAYS_INLINE int run_chain(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len,
+                                         int nanx) {
     const Step *st = &j->steps[i], *end = j->steps + j->nsteps, *s = st + 2;
     if (st->op != SET || st->scaled || s > end || st[1].op != SUB || st[1].reg != st->reg) return 0;
     const Step *sp = s < end && (s->op == KEEP || s->op == TOP) && s->reg == st->reg ? s++ : NULL;
@@ -299,13 +324,13 @@ static inline ALWAYS_INLINE int run_chain(const CombineJob *j, Py_ssize_t i, Til
     float dv = div ? div->scale : 1.0f, mv = mul ? mul->scale : 1.0f, *r = t->R[st->reg];
 #define CHAIN_DM(RAW, SP)                                                                                             \
     if (div && mul)                                                                                                   \
-        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 1, mv);                                                     \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 1, mv, nanx);                                               \
     else if (div)                                                                                                     \
-        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 0, mv);                                                     \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 1, dv, 0, mv, nanx);                                               \
     else if (mul)                                                                                                     \
-        delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 1, mv);                                                     \
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 1, mv, nanx);                                               \
     else                                                                                                              \
-        delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 0, mv);
+        delta_chain(r, x, xh, RAW, b, len, SP, &c, 0, dv, 0, mv, nanx);
 #define CHAIN(RAW)                                                                                                    \
     if (sparse == 1) {                                                                                                \
         CHAIN_DM(RAW, 1)                                                                                              \
@@ -328,7 +353,8 @@ static inline ALWAYS_INLINE int run_chain(const CombineJob *j, Py_ssize_t i, Til
 
 /* Step i over the tile [at, at + len); returns the steps it ran (a SET then a SUB of the same
  * register, a model's delta, run as one loop: the same ops in the same order). */
-static inline ALWAYS_INLINE int run_step(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len) {
+static inline ALWAYS_INLINE int run_step(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len,
+                                        int nanx) {
     const Step *st = &j->steps[i];
     float *r = t->R[st->reg], s = st->scale;
     switch (st->op) {
@@ -346,18 +372,18 @@ static inline ALWAYS_INLINE int run_step(const CombineJob *j, Py_ssize_t i, Tile
         break;
     case ACC: {
         const float *x = t->R[st->stream];
-        for (int k = 0; k < len; k++) r[k] = add_t(r[k], x[k]);
+        for (int k = 0; k < len; k++) r[k] = add_x(r[k], x[k], nanx);
         break;
     }
     case ELECT:
-        elect(t->R, r, len, st);
+        elect(t->R, r, len, st, nanx, NULL, NULL, 0);
         break;
     default: {
         const float *x = input(j, t, st->stream, at, len);
         const Step *next = i + 1 < j->nsteps ? &j->steps[i + 1] : NULL;
         if (st->op == SET && !st->scaled && next && next->op == SUB && next->reg == st->reg) {
             const float *y = input(j, t, next->stream, at, len);
-            for (int k = 0; k < len; k++) r[k] = sub_t(x[k], y[k]);
+            for (int k = 0; k < len; k++) r[k] = sub_x(x[k], y[k], nanx);
             return 2;
         }
         if (st->op == SET && !st->scaled)
@@ -365,11 +391,11 @@ static inline ALWAYS_INLINE int run_step(const CombineJob *j, Py_ssize_t i, Tile
         else if (st->op == SET)
             for (int k = 0; k < len; k++) r[k] = x[k] * s;
         else if (st->op == SUB)
-            for (int k = 0; k < len; k++) r[k] = sub_t(r[k], x[k]);
+            for (int k = 0; k < len; k++) r[k] = sub_x(r[k], x[k], nanx);
         else if (st->scaled)
-            for (int k = 0; k < len; k++) r[k] = add_t(r[k], x[k] * s);
+            for (int k = 0; k < len; k++) r[k] = add_x(r[k], x[k] * s, nanx);
         else
-            for (int k = 0; k < len; k++) r[k] = add_t(r[k], x[k]);
+            for (int k = 0; k < len; k++) r[k] = add_x(r[k], x[k], nanx);
     }
     }
     return 1;
@@ -400,13 +426,13 @@ static inline int out_to(const CombineJob *j) {
  * one loop, into r or (the program's last steps) straight into the output `o` (`to`): the steps'
  * ops in their order, without a pass over the tile per step. */
 static inline ALWAYS_INLINE void sum_run(float *r, const float *const *src, const float *scale, int n, int scaled,
-                                         int len, int to, void *o, uint16_t nan) {
+                                         int len, int to, void *o, uint16_t nan, int nanx) {
     const float *x0 = src[0], *x1 = n > 1 ? src[1] : NULL, *x2 = n > 2 ? src[2] : NULL;
     float s0 = scale[0], s1 = n > 1 ? scale[1] : 1.0f, s2 = n > 2 ? scale[2] : 1.0f;
     for (int k = 0; k < len; k++) {
-        float v = add_t(r[k], scaled ? x0[k] * s0 : x0[k]);
-        if (n > 1) v = add_t(v, scaled ? x1[k] * s1 : x1[k]);
-        if (n > 2) v = add_t(v, scaled ? x2[k] * s2 : x2[k]);
+        float v = add_x(r[k], scaled ? x0[k] * s0 : x0[k], nanx);
+        if (n > 1) v = add_x(v, scaled ? x1[k] * s1 : x1[k], nanx);
+        if (n > 2) v = add_x(v, scaled ? x2[k] * s2 : x2[k], nanx);
         if (to == TO_REG)
             r[k] = v;
         else
@@ -420,7 +446,7 @@ static inline ALWAYS_INLINE void sum_run(float *r, const float *const *src, cons
  * into one register: the steps run (2 or more; 1 where it ends the program, into the output: then
  * *put_out is set), else 0. */
 static inline ALWAYS_INLINE int run_sum(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len,
-                                        int *put_out) {
+                                        int *put_out, int nanx) {
     const Step *st = &j->steps[i];
     const float *src[SUM_RUN];
     float scale[SUM_RUN];
@@ -441,7 +467,7 @@ static inline ALWAYS_INLINE int run_sum(const CombineJob *j, Py_ssize_t i, Tile 
     float *r = t->R[st->reg];
 #define SUM_CASE(N, S, T)                                                                                             \
     case T:                                                                                                           \
-        sum_run(r, src, scale, N, S, len, T, o, j->nan);                                                              \
+        sum_run(r, src, scale, N, S, len, T, o, j->nan, nanx);                                                        \
         break;
 #define SUM_TO(N, S)                                                                                                  \
     switch (to) {                                                                                                     \
@@ -471,16 +497,33 @@ static inline ALWAYS_INLINE int run_sum(const CombineJob *j, Py_ssize_t i, Tile 
     return n;
 }
 
+/* An ELECT that elect_fused runs, then the program's last step, an unscaled add of a stream into
+ * its register, into a bfloat16 output (TIES, DARE-TIES without lambda), as one loop: the elected
+ * value, the add and the rounding without the register's store and reload. The steps run (2) or 0. */
+static inline ALWAYS_INLINE int run_elect_out(const CombineJob *j, Py_ssize_t i, Tile *t, Py_ssize_t at, int len,
+                                              int *put_out, int nanx) {
+    const Step *st = &j->steps[i], *a = st + 1;
+    if (st->op != ELECT || i + 2 != j->nsteps || out_to(j) != TO_BF16) return 0;
+    if (a->op != ADD || a->scaled || a->reg != st->reg || st->stream > ELECT_FUSED ||
+        (st->reg >= 1 && st->reg <= st->stream))
+        return 0;
+    const float *base = input(j, t, a->stream, at, len);
+    elect(t->R, t->R[st->reg], len, st, nanx, base, (uint16_t *)j->out + at, j->nan);
+    *put_out = 1;
+    return 2;
+}
+
 /* Elements [lo, hi). */
-CLONES static void combine_blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, Py_ssize_t hi) {
+static inline ALWAYS_INLINE void blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, Py_ssize_t hi, int nanx) {
     const float *result = t->R[j->steps[j->nsteps - 1].reg];
     for (Py_ssize_t at = lo; at < hi; at += COMBINE) {
         int len = hi - at < COMBINE ? (int)(hi - at) : COMBINE, put_out = 0;
         memset(t->wide, 0, sizeof t->wide);
         for (Py_ssize_t i = 0; i < j->nsteps;) {
-            int ran = run_sum(j, i, t, at, len, &put_out);
-            if (!ran) ran = run_chain(j, i, t, at, len);
-            i += ran ? ran : run_step(j, i, t, at, len);
+            int ran = run_elect_out(j, i, t, at, len, &put_out, nanx);
+            if (!ran) ran = run_sum(j, i, t, at, len, &put_out, nanx);
+            if (!ran) ran = run_chain(j, i, t, at, len, nanx);
+            i += ran ? ran : run_step(j, i, t, at, len, nanx);
         }
         if (put_out) continue;
         void *o = (char *)j->out + at * (j->out_kind == F32 ? 4 : 2);
@@ -498,6 +541,14 @@ CLONES static void combine_blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, P
             memcpy(o, result, (size_t)len * sizeof(float));
         }
     }
+}
+
+/* blocks, with torch's NaN of an add unless the output is bfloat16 (add_x). */
+CLONES static void combine_blocks(const CombineJob *j, Tile *t, Py_ssize_t lo, Py_ssize_t hi) {
+    if (j->out_kind == BF16)
+        blocks(j, t, lo, hi, 0);
+    else
+        blocks(j, t, lo, hi, 1);
 }
 
 static void combine_part(void *ctx, int slot, Py_ssize_t lo, Py_ssize_t hi) {
