@@ -179,6 +179,30 @@ def test_killed_zarr_merge_resumes_to_the_same_bytes(family: tuple[Path, list[Pa
     assert verify(out).ok
 
 
+def test_resume_removes_the_chunk_files_a_killed_write_left_half_written(
+    family: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A kill inside `_write_raw` (or zarr's own local write) leaves CHUNK.UUID.partial beside the
+    chunks: --resume removes it, so it is never committed with the output."""
+    spec = valid_spec("dare_ties", *family)
+    merge(spec, tmp_path / "a" / "m", block_bytes=200, handle_signals=False, out_format="zarr")
+
+    def stop(e: dict[str, object]) -> None:
+        if e["event"] == "tensor":
+            raise KeyboardInterrupt  # a crash after the first tensor
+
+    out = tmp_path / "b" / "m"
+    with pytest.raises(KeyboardInterrupt):
+        merge(spec, out, block_bytes=200, sync_every=1, on_event=stop, handle_signals=False, out_format="zarr")
+    chunk = next(p for p in (temp_dir_for(out) / "model.zarr").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.with_name(f"{chunk.name}.0123456789abcdef.partial").write_bytes(b"half a chunk")
+    merge(spec, out, block_bytes=200, resume=True, handle_signals=False, out_format="zarr")
+    whole = tmp_path / "a" / "m" / "model.zarr"
+    files = {p.relative_to(whole): p.read_bytes() for p in whole.rglob("*") if p.is_file()}
+    got = out / "model.zarr"
+    assert {p.relative_to(got): p.read_bytes() for p in got.rglob("*") if p.is_file()} == files
+
+
 def test_resume_takes_the_interrupted_runs_chunks_where_the_budget_allows(family: tuple[Path, list[Path]]) -> None:
     plan = prepare(valid_spec("linear", *family), block_bytes=200)[1]  # 100 elements: 8 rows of 12
     rows = {t.name: t.block_rows for t in zarr_blocks(plan).tensors}

@@ -45,6 +45,7 @@ from engine.plan import Plan, TensorPlan
 # are the rows' little-endian bytes, which zarr's bytes codec stores on a little-endian machine.
 RAW_WRITES = sys.byteorder == "little"
 SYNC_THREADS = 16  # fsyncs in flight at once (`ZarrWriter.sync`): they wait on the disk, not a core
+PARTIAL = ".partial"  # a chunk file being written: `_write_raw` and zarr's local store name it CHUNK.UUID.partial
 
 
 def zarr_blocks(plan: Plan, existing: dict[str, int] | None = None) -> Plan:
@@ -162,6 +163,8 @@ class ZarrWriter:
         self._arrays = {t.name: self.group[escape_name(t.name)] for t in plan.tensors}
 
     def _reopen(self, zarr: Any, plan: Plan, compression: Compression) -> Any:
+        if isinstance(self.root, Path):
+            _remove_partials(self.root)
         try:
             group = zarr.open_group(self.root, mode="r+")
             self._arrays = {t.name: group[escape_name(t.name)] for t in plan.tensors}
@@ -227,7 +230,7 @@ class ZarrWriter:
             coords = ((r0 + pos // row_bytes) // step, *([0] * (arr.ndim - 1))) if arr.ndim else ()
             path = Path(self.root) / str(arr.basename) / str(arr.metadata.encode_chunk_key(coords))
             path.parent.mkdir(parents=True, exist_ok=True)
-            part = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+            part = path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL}")
             piece = view[pos : pos + full]
             with open(part, "wb") as f:
                 f.write(piece)
@@ -286,6 +289,15 @@ class ZarrWriter:
 
     def close(self) -> None:
         self._cache = None
+
+
+def _remove_partials(root: Path) -> None:
+    """Remove the half-written chunk files a killed run left (`_write_raw`'s and zarr's local
+    store's temporary names): never renamed into place, they are no chunk, and left there they
+    would be committed with the output."""
+    for part in root.rglob(f"*{PARTIAL}"):
+        if part.is_file():  # an array's folder may end so too: an escaped tensor name
+            part.unlink()
 
 
 def _row_bytes(t: TensorPlan) -> int:
