@@ -88,6 +88,16 @@ def check_record(folder: Path, record: dict[str, Any]) -> tuple[list[str], list[
     return problems, []
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (names created, renamed or removed in it) durable; a symlink is
+    refused (ELOOP): only folders this process made are synced."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_files(folder: Path, names: Iterable[str]) -> None:
     """Make each file durable: the folder is renamed into place only after its files are."""
     for name in names:

@@ -28,6 +28,7 @@ from pathlib import Path
 from engine.errors import OutputError
 from engine.io.checkpoint import INDEX_NAME
 from engine.io.output import SIDE_FILES
+from engine.io.record import fsync_dir
 from engine.io.zarr_format import ZARR_DIR
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def clear_leftovers(target: Path) -> None:
 def commit_output(tmp: Path, target: Path, overwrite: bool) -> None:
     """Rename the finished `tmp` into place, checking `target` again first (it may have appeared
     or changed during the run) and replacing an old `target` only now."""
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = None
     if os.path.lexists(target) and (target.is_symlink() or not target.is_dir() or any(os.scandir(target))):
         if not overwrite or target.is_symlink() or not target.is_dir():
@@ -163,7 +164,7 @@ def commit_output(tmp: Path, target: Path, overwrite: bool) -> None:
         raise OutputError(
             f"{target}: cannot move the finished merge into place ({e.strerror}); it is in {tmp}"
         ) from None
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old)
 
@@ -194,11 +195,3 @@ def _weights(name: str) -> bool:
 
 def _is_dir(path: Path) -> bool:
     return stat.S_ISDIR(os.lstat(path).st_mode)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

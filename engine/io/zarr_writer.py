@@ -29,6 +29,7 @@ import numpy as np
 
 from engine.dtypes import itemsize
 from engine.errors import OutputError, ResumeError
+from engine.io.record import fsync_dir
 from engine.io.zarr_format import (
     ATTRS,
     STORED,
@@ -310,22 +311,14 @@ def fsync_all(files: Iterable[Path], folders: Iterable[Path]) -> None:
     files, folders = sorted(set(files)), sorted(set(folders))
     with ThreadPoolExecutor(max(1, min(SYNC_THREADS, max(len(files), len(folders))))) as pool:
         list(pool.map(_fsync_file, files))
-        list(pool.map(_fsync_folder, folders))
+        list(pool.map(fsync_dir, folders))
 
 
 def _fsync_file(path: Path) -> None:
-    """The file's data and size on disk (its name is its folder's: `_fsync_folder`); then out of the page cache."""
+    """The file's data and size on disk (its name is its folder's: `fsync_dir`); then out of the page cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
