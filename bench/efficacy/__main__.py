@@ -21,7 +21,12 @@ from bench.efficacy.run import FULL, QUICK, run
 @click.option("--quick", is_flag=True, help="Shorter training and sweeps (a few minutes): for development.")
 @click.option("--results", type=click.Path(path_type=Path), default=BENCH / "results", show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=BENCH / "cache" / "efficacy", show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads for training and evaluation (default 1).")
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="torch threads for training and evaluation (default 2; the figures depend on it).",
+)
 @click.option(
     "--replot",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),

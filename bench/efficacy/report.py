@@ -110,8 +110,13 @@ def save_plot(res: dict[str, Any], path: Path) -> Path | None:
     for ax, model in zip(axes, models):
         _sweep_panel(ax, res, model)
     _merge_panel(axes[len(models)], res)
-    for ax in axes[len(models) + 1 :]:
-        ax.set_visible(False)
+    spare = axes[len(models) + 1 :]
+    if spare:  # the merges' legend in the first empty cell, clear of the bars
+        spare[0].legend(*axes[len(models)].get_legend_handles_labels(), loc="center left", fontsize=8, ncol=2)
+    else:
+        axes[len(models)].legend(fontsize=6, ncol=2)
+    for ax in spare:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,18 +141,22 @@ def _sweep_panel(ax: Any, res: dict[str, Any], model: str) -> None:
 
 
 def _merge_panel(ax: Any, res: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
     tasks: Sequence[str] = res["config"]["tasks"]
-    rows = [("fine-tune", [res["accuracy"][f"ft-{t}"][t] for t in tasks], [0.0] * len(tasks))]
+    zeros = [0.0] * len(tasks)
+    rows = [("base", [res["accuracy"]["base"][t] for t in tasks], zeros)]
+    rows.append(("fine-tune", [res["accuracy"][f"ft-{t}"][t] for t in tasks], zeros))
     for method, m in res["merges"].items():
         s = m["summary"]
         rows.append((method, [s[t]["mean"] for t in tasks], [s[t]["std"] for t in tasks]))
     width = 0.8 / len(rows)
+    colors = plt.get_cmap("tab20")  # a colour per bar: tab10 repeats after ten
     for i, (name, means, stds) in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=name)
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=name, color=colors(i % colors.N))
     ax.set_xticks(range(len(tasks)), list(tasks))
     ax.set(title="merges of the fine-tunes (±std over seeds)", ylabel="accuracy", ylim=(0, 1.02))
-    ax.legend(fontsize=6, ncol=2)
 
 
 def findings(res: dict[str, Any], p: float = 0.9) -> dict[str, Any]:

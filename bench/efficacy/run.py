@@ -43,7 +43,7 @@ class Config:
     pretrain: Schedule = Schedule(steps=800, lr=3e-3, batch=63)  # 21 of each related task per batch
     # the fine-tuning tasks' share of each pretraining batch: the base solves them partway
     pretrain_shares: tuple[tuple[str, int], ...] = (("add", 2), ("mul", 1), ("rev", 3))
-    finetune: Schedule = Schedule(steps=200, lr=3e-4, warmup=10)  # SFT-like: a tenth of the pretraining lr
+    finetune: Schedule = Schedule(steps=400, lr=3e-5, warmup=10)  # SFT-like: a hundredth of the pretraining lr
     cpt: Schedule = Schedule(steps=400, lr=3e-3)  # continued pre-training: the pretraining lr, half as long
     cpt_task: str = "add"
     tasks: tuple[str, ...] = FINETUNE_TASKS
@@ -52,21 +52,22 @@ class Config:
     seeded_rates: tuple[float, ...] = (0.9,)  # drop rates run with every sweep seed (the others: the first)
     methods: tuple[str, ...] = MERGE_METHODS
     merge_seeds: tuple[int, ...] = (0, 1, 2)
-    eval_n: int = 512
+    eval_n: int = 1024
     seed: int = 0
-    threads: int = 1  # torch threads for training and scoring (2 spun idle under load here)
+    threads: int = 2  # torch threads for training and scoring (the numbers depend on it: a run is
+    # reproducible at the same count; the leanmerge calls run one thread each, `jobs` at once)
     jobs: int = 2  # leanmerge processes at once
 
 
 FULL = Config()
 QUICK = Config(
     pretrain=Schedule(steps=400, lr=3e-3, batch=63),
-    finetune=Schedule(steps=100, lr=3e-4, warmup=10),
+    finetune=Schedule(steps=200, lr=5e-5, warmup=10),
     cpt=Schedule(steps=200, lr=3e-3),
     drop_rates=(0.0, 0.5, 0.9, 0.99),
     sweep_seeds=(0,),
     merge_seeds=(0, 1),
-    eval_n=256,
+    eval_n=512,
 )
 
 
