@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import mmap
 import os
@@ -232,8 +233,9 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Warm `--device cpu --buffered-io` merges, {fam.get('preset')} family (base + {fam.get('n_models')}, "
         f"{fmt_size(fam.get('input_bytes', 0))}), {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}, "
-        f"commit {(res['commit'] or '?')[:10]}, {m['timestamp']}; median GB/s of input over the engine's wall time "
-        f"of {res['plan']['repeats']} runs (speedup over 1 thread)" + (" - PARTIAL" if res.get("unfinished") else ""),
+        f"C kernels {ok_word(res.get('c_extension'))}, commit {(res['commit'] or '?')[:10]}, {m['timestamp']}; "
+        f"median GB/s of input over the engine's wall time of up to {res['plan']['repeats']} runs (speedup over "
+        "1 thread)" + (" - PARTIAL" if res.get("unfinished") else ""),
         "",
         "| method | "
         + " | ".join(head)
@@ -310,6 +312,7 @@ def run_plan(plan: Plan) -> dict[str, Any]:
     res: dict[str, Any] = {"machine": machine_info(plan.cache), "commit": git_commit(BENCH.parent)[0]}
     res |= {"plan": plan_json, "usable_cores": cores, "default_threads": cores, "settings_run": settings}
     res |= {"threads_skipped": threads_skipped, "runs": [], "skipped": [], "unfinished": "family"}
+    res["c_extension"] = importlib.util.find_spec("engine.stats._fused") is not None  # else the slow torch path
 
     def write() -> None:
         res["total_wall_s"] = plan.elapsed()

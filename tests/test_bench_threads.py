@@ -105,6 +105,7 @@ def test_end_to_end_tiny_one_and_two_threads(tmp_path: Path, monkeypatch: pytest
                  standalone_mode=False)  # fmt: skip
     res = json.loads(out.read_text())
     assert {"machine", "commit", "plan", "family", "runs", "skipped", "summary", "total_wall_s"} <= set(res)
+    assert isinstance(res["c_extension"], bool)
     assert "unfinished" not in res and res["settings_run"] == [1, 2, "default"] and res["default_threads"] == 2
     assert res["threads_skipped"] == [{"threads": 4, "reason": "only 2 usable cores"}] and res["skipped"] == []
     assert [r["threads"] for r in res["runs"]] == [1, 2, "default"]
