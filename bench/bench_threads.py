@@ -61,6 +61,7 @@ class Plan:
     threads: tuple[int, ...] = THREADS
     repeats: int = 3
     budget_s: float = 420.0
+    run_timeout_s: float = 240.0  # one merge still running after this (or past the budget) is killed
     max_memory: int = 1 << 30
     tolerance: float = TOLERANCE
     n_models: int = 3
@@ -139,7 +140,8 @@ def one_run(plan: Plan, fam: Family, method: str, setting: Setting, repeat: int)
         args += [] if setting == DEFAULT else ["--threads", str(setting)]
         nbytes = input_bytes(fam, method)
         try:
-            r = run_leanmerge(args, work / "events.jsonl")
+            timeout = min(plan.run_timeout_s, max(30.0, plan.budget_s - plan.elapsed()))  # a hang ends in time
+            r = run_leanmerge(args, work / "events.jsonl", timeout)
         except RunFailed as e:
             failed = work / "leanmerge.measure.json"  # the launcher's figures survive a crashed merge
             figures = json.loads(failed.read_text()) if failed.exists() else {}
@@ -372,6 +374,7 @@ def int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--budget-s", type=float, default=420.0, show_default=True, help="Runs ending past it are skipped.")
 @click.option("--max-memory", callback=parse_size, default="1GiB", show_default=True, help="leanmerge --max-memory.")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=TOLERANCE, show_default=True, help="Per step up.")
+@click.option("--run-timeout-s", type=float, default=240.0, show_default=True, help="A merge running longer is killed.")
 def main(out: Path | None, cache: Path, scratch: Path | None, **kw: Any) -> None:
     """Warm CPU merge speed at each thread count and the default, with the scaling checks."""
     check_names((kw["preset"],), kw["methods"])

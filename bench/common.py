@@ -16,6 +16,7 @@ import mmap
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -251,18 +252,36 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def measured(cmd: list[str], logdir: Path, name: str) -> dict[str, Any]:
+def measured(cmd: list[str], logdir: Path, name: str, timeout_s: float | None = None) -> dict[str, Any]:
     """Run `cmd` under the lean launcher; wall, peak RSS and CPU time of that process alone.
 
+    `timeout_s`: a run still going after it is killed with its launcher (their own process
+    group), so a hung merge cannot spend a lent machine's whole budget.
+
     Raises:
-        RunFailed: the command exited non-zero (the message quotes its stderr tail).
+        RunFailed: the command exited non-zero or timed out (the message quotes its stderr tail).
     """
     logdir.mkdir(parents=True, exist_ok=True)
     result, out, err = (logdir / f"{name}.{k}" for k in ("measure.json", "stdout", "stderr"))
     launcher = [sys.executable, "-m", "bench.measure", str(result), str(out), str(err), "--", *cmd]
-    done = subprocess.run(launcher, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RunFailed(f"{name}: the launcher failed ({done.returncode}): {done.stderr[-ERROR_TAIL:]}")
+    proc = subprocess.Popen(
+        launcher,
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, launcher_err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher leads the group; the command is in it
+        proc.communicate()
+        tail = err.read_text(errors="replace")[-ERROR_TAIL:] if err.exists() else ""
+        raise RunFailed(f"{name} timed out after {timeout_s:g} s and was killed: {' '.join(cmd)}\n{tail}") from None
+    if proc.returncode != 0:
+        raise RunFailed(f"{name}: the launcher failed ({proc.returncode}): {launcher_err[-ERROR_TAIL:]}")
     figures: dict[str, Any] = json.loads(result.read_text())
     if figures["returncode"] != 0:
         tail = err.read_text(errors="replace")[-ERROR_TAIL:]
@@ -281,7 +300,7 @@ def last_event(log_json: Path, event: str) -> dict[str, Any] | None:
     return found
 
 
-def run_leanmerge(args: list[str], log_json: Path) -> dict[str, Any]:
+def run_leanmerge(args: list[str], log_json: Path, timeout_s: float | None = None) -> dict[str, Any]:
     """`leanmerge merge ARGS` in a fresh process: wall s, peak RSS bytes and the engine's report.
 
     Args:
@@ -290,7 +309,7 @@ def run_leanmerge(args: list[str], log_json: Path) -> dict[str, Any]:
             child's stdout and stderr.
     """
     cmd = [sys.executable, "-m", "engine.cli", "merge", *args, "--log-json", str(log_json), "--no-progress"]
-    figures = measured(cmd, log_json.parent, "leanmerge")
+    figures = measured(cmd, log_json.parent, "leanmerge", timeout_s)
     return {"tool": "leanmerge", **figures, "report": last_event(log_json, "report")}
 
 

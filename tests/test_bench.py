@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from bench.common import measured, run_mergekit, stats
+from bench.common import RunFailed, measured, run_mergekit, stats
 from bench.naive_merge import naive_merge
 from tools.make_synthetic import PRESETS, make_family
 
@@ -108,6 +109,20 @@ def test_child_peak_rss_excludes_the_runner(tmp_path: Path) -> None:
     assert figures["returncode"] == 0
     assert figures["peak_rss"] < 100 << 20, figures
     del ballast
+
+
+def test_a_run_past_its_timeout_is_killed_with_its_launcher(tmp_path: Path) -> None:
+    """A hung merge must not spend a lent machine's budget: the command and the launcher between
+    them both go (a child left behind would keep running), and the failure says why."""
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    with pytest.raises(RunFailed, match=r"sleeper timed out after 3 s and was killed"):
+        measured([sys.executable, "-c", code], tmp_path, "sleeper", timeout_s=3)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # gone and reaped (its parent, the launcher, died too)
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
 
 
 def test_naive_baseline_computes_the_real_merge(tmp_path: Path) -> None:
