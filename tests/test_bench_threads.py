@@ -75,7 +75,8 @@ def test_a_crashed_merge_is_recorded_and_the_runs_go_on(tmp_path: Path, monkeypa
     """A SIGSEGV at 2 threads: its entry has the exit code, signal and stderr tail; 1 and the default still run."""
     fam = ensure_family(tmp_path / "cache", "tiny", 3)
 
-    def fake(args: list[str], log_json: Path) -> dict[str, Any]:
+    def fake(args: list[str], log_json: Path, timeout_s: float | None = None) -> dict[str, Any]:
+        assert timeout_s is not None and 30 <= timeout_s <= plan.run_timeout_s  # a hang would end in time
         if args[-2:] == ["--threads", "2"]:
             (log_json.parent / "leanmerge.measure.json").write_text(json.dumps({"returncode": -11, "wall_s": 0.5}))
             raise RunFailed("leanmerge exited -11: ...\nSegmentation fault")
