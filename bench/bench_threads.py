@@ -270,7 +270,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"- {method}: {b['from']} -> {b['to']} threads: {b['gbps'][0]:.2f} -> {b['gbps'][1]:.2f} GB/s"
             for b in s["scaling"]["slower"]
         ]
-        lines += [f"- {method}: exit {f['returncode']} at {f['threads']} threads #{f['repeat']}" for f in s["failed"]]
+        for f in s["failed"]:
+            how = "killed at the timeout" if f["returncode"] is None else f"exit {f['returncode']}"
+            lines.append(f"- {method}: {how} at {f['threads']} threads #{f['repeat']}")
         if not s["same_bytes"]["ok"]:
             lines.append(
                 f"- {method}: outputs differ: "

@@ -47,16 +47,20 @@ def run(threads: int | str, gbps: float, sha: str = "aa", repeat: int = 0, metho
 
 
 def test_summary_reports_slowdown_crash_and_differing_bytes() -> None:
-    """ties: slower at 2 threads, one repeat at 4 wrote other bytes, the default crashed."""
+    """ties: slower at 2 threads, one repeat at 4 wrote other bytes, the default crashed, then timed out."""
     runs = [run(1, 2.0), run(2, 1.5), run(4, 3.0), run(4, 3.2, sha="bb", repeat=1)]
     runs.append({"method": "ties", "threads": "default", "repeat": 0, "error": "exited -11", "returncode": -11})
+    runs.append({"method": "ties", "threads": "default", "repeat": 1, "error": "timed out", "returncode": None})
     runs += [run(t, g, method="dare_ties") for t, g in ((1, 1.0), (2, 2.0), ("default", 6.0))]
     s = bt.summarize(runs)
     ties = s["ties"]
     assert ties["scaling"]["ok"] is False and ties["scaling"]["slower"] == [{"from": 1, "to": 2, "gbps": [2.0, 1.5]}]
     assert ties["cells"]["4"]["gbps"]["median"] == pytest.approx(3.1) and ties["cells"]["default"] == {}
     assert ties["same_bytes"] == {"ok": False, "sha256": {"1": ["aa"], "2": ["aa"], "4": ["aa", "bb"]}}
-    assert ties["failed"] == [{"threads": "default", "repeat": 0, "returncode": -11}]
+    assert ties["failed"] == [
+        {"threads": "default", "repeat": 0, "returncode": -11},
+        {"threads": "default", "repeat": 1, "returncode": None},
+    ]
     assert ties["target"]["verdict"] == "not measured"
     dare = s["dare_ties"]
     assert dare["scaling"]["ok"] is True and dare["same_bytes"]["ok"] is True and dare["target"]["verdict"] == "met"
@@ -68,6 +72,7 @@ def test_summary_reports_slowdown_crash_and_differing_bytes() -> None:
     md = bt.markdown(res)
     assert "| ties | 2.00 (1.0x) | 1.50 (0.8x) | 3.10 (1.6x) | - CRASH | **NO** | **NO** | not measured" in md
     assert "| dare_ties | 1.00 (1.0x) | 2.00 (2.0x) | - | 6.00 (6.0x) | yes | yes | met (>= 5.0 GB/s) |" in md
+    assert "- ties: killed at the timeout at default threads #1" in md
     assert "- ties: exit -11 at default threads #0" in md and "- ties: outputs differ: 1: aa" in md
 
 
