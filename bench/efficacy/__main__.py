@@ -28,11 +28,17 @@ from bench.efficacy.run import FULL, QUICK, run
     help="torch threads for training and evaluation (default 2; the figures depend on it).",
 )
 @click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed of the model init and every training batch (default 0): another base and other fine-tunes.",
+)
+@click.option(
     "--replot",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Only rewrite the tables and PNG of this results JSON (no training).",
 )
-def main(quick: bool, results: Path, workdir: Path, threads: int | None, replot: Path | None) -> None:
+def main(quick: bool, results: Path, workdir: Path, threads: int | None, seed: int | None, replot: Path | None) -> None:
     """Train a tiny Llama and its fine-tunes, drop and merge them with leanmerge, and score them."""
     if replot:
         write(json.loads(replot.read_text()), replot.parent, replot.with_suffix(""))
@@ -41,6 +47,7 @@ def main(quick: bool, results: Path, workdir: Path, threads: int | None, replot:
     transformers_logging.disable_progress_bar()  # one bar per saved model otherwise
     cfg = QUICK if quick else FULL
     cfg = replace(cfg, threads=threads) if threads else cfg
+    cfg = replace(cfg, seed=seed) if seed is not None else cfg
     res = {"machine": machine_info(), "mode": "quick" if quick else "full", **run(cfg, workdir)}
     write(res, results)
 
