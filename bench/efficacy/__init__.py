@@ -35,6 +35,9 @@ a base that solves the tasks less (0.33 / 0.43 / 0.60): fine-tuned at 3e-4 for 2
 previous full run, deltas 10-13%) TA kept 16-42%, at 1e-4 40-59%, and at 3e-5 the fine-tunes
 reach only 0.75-0.92 and merge to 60-63% (67-75% at λ 0.7); a base pretrained twice as long
 already solves add and rev (0.89, 0.98), and at width 512 the base did not learn rev at all.
+Other bases (`--seed`): seed 2 (efficacy-20261207T221205Z) gives the same picture with weaker
+fine-tunes (TA 82-88%, DARE-TIES 73-88%, TIES 41-59%); seed 1 (efficacy-20261207T220456Z) a base
+that already solves add and rev, where the gains are too small to measure a merge.
 Tried before and not kept: fine-tunes that teach a task from nothing (every merge fell to the
 base), new instruction tokens for tasks the base already knows, three modular tables, replay of
 the pretraining tasks while fine-tuning (no better at 1e-4), frozen embeddings.
