@@ -143,27 +143,70 @@ def test_della_has_no_program() -> None:
     assert get_method("della").steps(p, {}, 1) is None
 
 
+def keys_of(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """The torch path's keys: |model - base| of the float32 copies, as int32 bits (NaN payloads kept)."""
+    return widened(model).sub_(widened(base)).view(torch.int32).bitwise_and_(KEY_MAX)
+
+
 @needs_kernel
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 200_000),
-    dtypes=st.lists(st.sampled_from(FP), min_size=2, max_size=2),
+    dtypes=st.lists(st.sampled_from(FP), min_size=2, max_size=4),
     threads=st.integers(1, 8),
     seed=st.integers(0, 1000),
+    order=st.randoms(use_true_random=False),
 )
-def test_key_histograms_in_c_equal_torch_bincount(n: int, dtypes: list[torch.dtype], threads: int, seed: int) -> None:
-    """The top-k passes 1 and 2 counted by the C from the read buffers equal the torch path's
-    counts of the float32 copies' keys (NaNs' payloads included)."""
-    base, model = inputs(n, dtypes, seed)
-    key = widened(model).sub_(widened(base)).view(torch.int32).bitwise_and_(KEY_MAX)
+def test_key_histograms_in_c_equal_torch_bincount(
+    n: int, dtypes: list[torch.dtype], threads: int, seed: int, order: Any
+) -> None:
+    """The top-k passes 1 and 2 counted by the C from the read buffers, every model's selections in
+    one sweep (in any order, a model twice), equal the torch path's counts of the float32 copies'
+    keys (NaNs' payloads included)."""
+    base, *models = inputs(n, dtypes, seed)
+    keys = [keys_of(base, m) for m in models]
+    streams = tuple(pairwise.as_buffer(x) for x in (base, *models))
     kernel: Any = pairwise._fused
-    high = torch.zeros(1 << 15, dtype=torch.int64)
-    kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), high.numpy(), -1, threads)
-    assert torch.equal(high, torch.bincount(key >> 16, minlength=1 << 15))
-    bucket = int(key[n // 2] >> 16)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    kernel.key_histogram(pairwise.as_buffer(base), pairwise.as_buffer(model), low.numpy(), bucket, threads)
-    assert torch.equal(low, torch.bincount(key[(key >> 16) == bucket] & 0xFFFF, minlength=1 << 16))
+    picks = [order.randrange(len(models)) for _ in range(order.randint(1, 5))]
+    high = torch.zeros(len(picks), 1 << 15, dtype=torch.int64)
+    kernel.key_histograms(streams, tuple((m + 1, -1) for m in picks), high.numpy(), threads)
+    for row, m in zip(high, picks):
+        assert torch.equal(row, torch.bincount(keys[m] >> 16, minlength=1 << 15))
+    buckets = [int(keys[m][order.randrange(n)] >> 16) for m in picks]
+    low = torch.zeros(len(picks), 1 << 16, dtype=torch.int64)
+    kernel.key_histograms(streams, tuple((m + 1, b) for m, b in zip(picks, buckets)), low.numpy(), threads)
+    for row, m, b in zip(low, picks, buckets):
+        assert torch.equal(row, torch.bincount(keys[m][(keys[m] >> 16) == b] & 0xFFFF, minlength=1 << 16))
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 300_000),
+    dtypes=st.lists(st.sampled_from(FP), min_size=2, max_size=4),
+    threads=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+    order=st.randoms(use_true_random=False),
+)
+def test_key_ties_in_c_equal_torch(n: int, dtypes: list[torch.dtype], threads: int, seed: int, order: Any) -> None:
+    """The top-k pass 3 by the C, every selection in one sweep: the count of keys equal to a
+    threshold and the flat position of the need-th of them, as the torch path finds them, for any
+    number of threads. A threshold is the most common key (infinities', NaNs': thousands of ties)
+    or one element's."""
+    base, *models = inputs(n, dtypes, seed)
+    keys = [keys_of(base, m) for m in models]
+    wanted, want = [], []
+    for _ in range(order.randint(1, 5)):
+        m = order.randrange(len(models))
+        common = order.random() < 0.5
+        threshold = int(torch.mode(keys[m]).values) if common else int(keys[m][order.randrange(n)])
+        ties = torch.nonzero(keys[m] == threshold).flatten()
+        need = round(order.uniform(-0.1, 1.1) * ties.numel())
+        wanted.append((m + 1, threshold, need))
+        want.append((ties.numel(), int(ties[need - 1]) if 1 <= need <= ties.numel() else -1))
+    kernel: Any = pairwise._fused
+    streams = tuple(pairwise.as_buffer(x) for x in (base, *models))
+    assert list(kernel.key_ties(streams, tuple(wanted), threads)) == want
 
 
 def test_an_install_without_the_c_says_so_once(

@@ -145,16 +145,23 @@ class _Pass(Reducer):
         return self.keys_of is _Keys
 
 
-def _c_counts(raw: Sequence[torch.Tensor], m: int, bucket: int) -> torch.Tensor | None:
-    """Passes 1 (bucket -1) and 2 of model m's keys counted by the C from the read buffers (base
-    first), on the process's pool; None where the C does not apply."""
-    kernel = pairwise.fused_for(raw)
-    if kernel is None:
-        return None
-    counts = torch.zeros(_HIGH_BINS if bucket < 0 else _LOW_BINS, dtype=torch.int64)
-    base, model = pairwise.as_buffer(raw[0]), pairwise.as_buffer(raw[m + 1])
-    kernel.key_histogram(base, model, counts.numpy(), bucket, pairwise.c_threads())
-    return counts
+# Selections per C call (its MAX_SELECT); more are counted in several sweeps.
+_C_SELECT = 64
+
+
+def _c_counts(raw: Sequence[torch.Tensor], wanted: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Passes 1 (bucket -1) and 2 counted by the C from the read buffers (base first), one
+    histogram per wanted (model, bucket), every model in one sweep, on the process's pool."""
+    kernel: Any = pairwise.fused_for(raw)
+    streams = tuple(pairwise.as_buffer(x) for x in raw)
+    bins = _HIGH_BINS if wanted and wanted[0][1] < 0 else _LOW_BINS
+    out: list[torch.Tensor] = []
+    for at in range(0, len(wanted), _C_SELECT):
+        group = tuple((m + 1, b) for m, b in wanted[at : at + _C_SELECT])
+        counts = torch.zeros(len(group), bins, dtype=torch.int64)
+        kernel.key_histograms(streams, group, counts.numpy(), pairwise.c_threads())
+        out += list(counts)
+    return out
 
 
 def _fold(hists: dict[int, torch.Tensor], at: int, counts: torch.Tensor) -> None:
@@ -183,8 +190,9 @@ class _HighPass(_Pass):
     def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
         if not self.raw_keys() or pairwise.fused_for(raw) is None:
             return False
-        for m in sorted({s[0] for s in acc.steps if isinstance(s, tuple)}):
-            _fold(acc.hists, m, _c_counts(raw, m, -1))  # type: ignore[arg-type]
+        models = sorted({s[0] for s in acc.steps if isinstance(s, tuple)})
+        for m, counts in zip(models, _c_counts(raw, [(m, -1) for m in models])):
+            _fold(acc.hists, m, counts)
         return True
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
@@ -214,9 +222,9 @@ class _LowPass(_Pass):
     def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
         if not self.raw_keys() or pairwise.fused_for(raw) is None:
             return False
-        for i, s in enumerate(acc.steps):
-            if isinstance(s, _Bucket):
-                _fold(acc.hists, i, _c_counts(raw, s.model, s.bucket))  # type: ignore[arg-type]
+        at = [i for i, s in enumerate(acc.steps) if isinstance(s, _Bucket)]
+        for i, counts in zip(at, _c_counts(raw, [(acc.steps[i].model, acc.steps[i].bucket) for i in at])):
+            _fold(acc.hists, i, counts)
         return True
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
@@ -254,6 +262,23 @@ class _TiePass(_Pass):
                 pos = int(torch.nonzero(ties).flatten()[s.r - seen - 1])
                 acc.steps[i] = Cut(s.threshold, c.start + pos)
             acc.seen[i] = seen + here
+
+    def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
+        kernel: Any = pairwise.fused_for(raw) if self.raw_keys() else None
+        if kernel is None:
+            return False
+        streams = tuple(pairwise.as_buffer(x) for x in raw)
+        at = [i for i, s in enumerate(acc.steps) if isinstance(s, _Tie)]
+        for g in range(0, len(at), _C_SELECT):
+            group = at[g : g + _C_SELECT]
+            wanted = tuple(
+                (acc.steps[i].model + 1, acc.steps[i].threshold, acc.steps[i].r - acc.seen.get(i, 0)) for i in group
+            )
+            for i, (here, pos) in zip(group, kernel.key_ties(streams, wanted, pairwise.c_threads())):
+                if pos >= 0:
+                    acc.steps[i] = Cut(acc.steps[i].threshold, c.start + pos)
+                acc.seen[i] = acc.seen.get(i, 0) + here
+        return True
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         assert all(isinstance(s, Cut) for s in acc.steps), "a tie count did not reach r"

@@ -3,7 +3,7 @@
  *   buffers.c  Python buffers as typed streams (float32, bfloat16 bits, float16)
  *   sums.c     the statistics' fixed-order sums (`group_sums`)
  *   combine.c  every elementwise merge as a program of float32 steps (`combine`)
- *   hist.c     the top-k radix select's histograms (`key_histogram`)
+ *   hist.c     the top-k radix select's histograms (`key_histograms`, `key_ties`)
  *   finite.c   NaN/Inf counts (`count_nonfinite`)
  *   magprune.c DELLA's per-row ranks, keep probabilities and keyed keep test (`magprune`)
  *   module.c   the module's table
@@ -201,9 +201,11 @@ void release_streams(Py_buffer *views, Stream *streams, Py_ssize_t got);
 
 PyObject *group_sums(PyObject *self, PyObject *args);
 PyObject *combine(PyObject *self, PyObject *args);
-PyObject *key_histogram(PyObject *self, PyObject *args);
+PyObject *key_histograms(PyObject *self, PyObject *args);
+PyObject *key_ties(PyObject *self, PyObject *args);
 PyObject *count_nonfinite(PyObject *self, PyObject *args);
 PyObject *magprune(PyObject *self, PyObject *args);
-extern const char group_sums_doc[], combine_doc[], key_histogram_doc[], count_nonfinite_doc[], magprune_doc[];
+extern const char group_sums_doc[], combine_doc[], key_histograms_doc[], key_ties_doc[],
+    count_nonfinite_doc[], magprune_doc[];
 
 #endif

@@ -1,96 +1,281 @@
-/* Top-k histograms.
+/* Top-k histograms and ties.
  *
- * The first two passes of engine.stats.topk's radix select, from the read buffers: the key of an
- * element is the bits of |x_model - x_base| (torch's float32 sub_, its NaN included) as an int32,
- * and a pass counts the keys' high 16 bits (HIGH) or, for the keys whose high bits are `bucket`,
- * their low 16 bits (LOW). Each thread slot counts into its own histogram; the counts are summed
- * at the end, so they are the same for any number of threads. */
+ * The three passes of engine.stats.topk's radix select, from the read buffers: the key of an
+ * element of model m is the bits of |x_m - x_base| (torch's float32 sub_, its NaN included) as an
+ * int32. One call serves every selection of a pass in one sweep, so the base is read and widened
+ * once for all models. Passes 1 and 2 (`key_histograms`) count the keys' high 16 bits (HIGH) or,
+ * for the keys whose high bits are a selection's `bucket`, their low 16 bits (LOW); each thread
+ * slot counts into its own histograms, summed at the end, so the counts are the same for any
+ * number of threads. Pass 3 (`key_ties`) counts the keys equal to each selection's threshold piece
+ * by piece, so the r-th one is found in flat order whichever thread counted its piece. */
 
 #include "fused.h"
 
 #define HIGH_BINS (1 << 15)
 #define LOW_BINS (1 << 16)
+#define MAX_SELECT 64
+#define FOLD_PIECE 2048 /* bins per piece of the fold */
 
 typedef struct {
-    Stream base, model;
-    int low;
-    uint32_t bucket;
-    int64_t *hists; /* per slot: LOW_BINS or HIGH_BINS counts */
-    Py_ssize_t bins;
-} HistJob;
+    Py_ssize_t stream;
+    long long value; /* bucket (passes 1, 2: -1 for the high bits) or threshold (pass 3) */
+    long long need;  /* pass 3: which tie (1-based) to find */
+} Select;
 
-CLONES static void hist_blocks(const HistJob *j, int64_t *h, Py_ssize_t lo, Py_ssize_t hi) {
-    float xb[COMBINE], xm[COMBINE];
+typedef struct {
+    const Stream *streams;
+    const Select *sel;
+    int nsel, low;
+    Py_ssize_t bins, piece;
+    int64_t *hists;  /* per slot: nsel x bins counts, cleared by the slot's first piece */
+    char *started;   /* per slot: its histograms are cleared and in use */
+    int64_t *counts; /* pass 3: per piece, nsel tie counts */
+    int64_t *out;    /* the fold's target: nsel x bins */
+    int slots;
+} KeyJob;
+
+/* The keys of model stream `m`'s elements [at, at + len), len <= COMBINE, from the widened base. */
+static inline ALWAYS_INLINE void keys_at(const Stream *model, const float *b, Py_ssize_t at, int len,
+                                         uint32_t *key) {
+    float xm[COMBINE];
+    const float *m = widened(model, at, len, xm);
+    for (int k = 0; k < len; k++) key[k] = to_bits(sub_t(m[k], b[k])) & 0x7FFFFFFFu;
+}
+
+/* Keys whose high bits are `bucket`: rare (a bucket is 1/128 of a binade), so groups of 16 with
+ * none are passed over after one vectorised test. */
+static inline ALWAYS_INLINE void count_low(int64_t *h, const uint32_t *key, int len, uint32_t bucket) {
+    int k = 0;
+    for (; k + 16 <= len; k += 16) {
+        uint32_t any = 0;
+        for (int i = 0; i < 16; i++) any |= key[k + i] >> 16 == bucket;
+        if (any)
+            for (int i = k; i < k + 16; i++)
+                if (key[i] >> 16 == bucket) h[key[i] & 0xFFFF]++;
+    }
+    for (; k < len; k++)
+        if (key[k] >> 16 == bucket) h[key[k] & 0xFFFF]++;
+}
+
+CLONES static void hist_blocks(const KeyJob *j, int64_t *h, Py_ssize_t lo, Py_ssize_t hi) {
+    float xb[COMBINE];
     uint32_t key[COMBINE];
     for (Py_ssize_t at = lo; at < hi; at += COMBINE) {
         int len = hi - at < COMBINE ? (int)(hi - at) : COMBINE;
-        const float *b = widened(&j->base, at, len, xb), *m = widened(&j->model, at, len, xm);
-        for (int k = 0; k < len; k++) {
-            float d = sub_t(m[k], b[k]);
-            memcpy(&key[k], &d, sizeof d);
-            key[k] &= 0x7FFFFFFFu;
-        }
-        if (j->low) {
-            for (int k = 0; k < len; k++)
-                if (key[k] >> 16 == j->bucket) h[key[k] & 0xFFFF]++;
-        } else {
-            for (int k = 0; k < len; k++) h[key[k] >> 16]++;
+        const float *b = widened(&j->streams[0], at, len, xb);
+        for (int s = 0; s < j->nsel; s++) {
+            if (s == 0 || j->sel[s].stream != j->sel[s - 1].stream)
+                keys_at(&j->streams[j->sel[s].stream], b, at, len, key);
+            int64_t *hs = h + s * j->bins;
+            if (j->low)
+                count_low(hs, key, len, (uint32_t)j->sel[s].value);
+            else
+                for (int k = 0; k < len; k++) hs[key[k] >> 16]++;
         }
     }
 }
 
 static void hist_part(void *ctx, int slot, Py_ssize_t lo, Py_ssize_t hi) {
-    const HistJob *j = ctx;
-    hist_blocks(j, j->hists + slot * j->bins, lo, hi);
+    const KeyJob *j = ctx;
+    int64_t *h = j->hists + (Py_ssize_t)slot * j->nsel * j->bins;
+    if (!j->started[slot]) { /* cleared here, on the slot's thread, not all slots by the caller */
+        memset(h, 0, (size_t)j->nsel * j->bins * sizeof(int64_t));
+        j->started[slot] = 1;
+    }
+    hist_blocks(j, h, lo, hi);
 }
 
-const char key_histogram_doc[] = PyDoc_STR(
-             "key_histogram(base, model, out, bucket=-1, threads=1)\n\n"
-             "Add to `out` (int64) the counts of the keys |model - base| (float32 bits, as an int32): of\n"
-             "their high 16 bits (2**15 bins) where `bucket` is -1, else of the low 16 bits of the keys\n"
-             "whose high bits equal `bucket` (2**16 bins). `base`, `model`: float32 'f' or bfloat16-bit\n"
-             "'h'/'H' buffers of one length. Up to `threads` threads of the pool count.");
-
-PyObject *key_histogram(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *base_obj, *model_obj, *out_obj;
-    long bucket = -1;
-    int threads = 1;
-    if (!PyArg_ParseTuple(args, "OOO|li:key_histogram", &base_obj, &model_obj, &out_obj, &bucket, &threads))
-        return NULL;
-    PyObject *pair = PyTuple_Pack(2, base_obj, model_obj);
-    if (pair == NULL) return NULL;
-    Py_buffer views[2], out = {0};
-    Stream streams[2];
-    Py_ssize_t got = 0, n;
-    PyObject *result = NULL;
-    int64_t *hists = NULL;
-    if ((n = get_streams(pair, views, streams, &got, "key_histogram")) < 0) goto done;
-    if (get_buffer(out_obj, &out, "lq", 1, "out") < 0) goto done;
-    Py_ssize_t bins = bucket < 0 ? HIGH_BINS : LOW_BINS;
-    if (out.itemsize != 8 || out.len / 8 != bins || bucket >= HIGH_BINS) {
-        PyErr_Format(PyExc_ValueError, "key_histogram: out holds %zd items, want %zd (bucket %ld)", out.len / 8, bins,
-                     bucket);
-        goto done;
+/* out[bins lo..hi) of every selection += the started slots' counts. */
+static void fold_part(void *ctx, int slot, Py_ssize_t lo, Py_ssize_t hi) {
+    (void)slot;
+    const KeyJob *j = ctx;
+    Py_ssize_t per_slot = j->nsel * j->bins;
+    for (int t = 0; t < j->slots; t++) {
+        if (!j->started[t]) continue;
+        for (Py_ssize_t i = lo; i < hi; i++) j->out[i] += j->hists[t * per_slot + i];
     }
+}
+
+/* The selections `obj` ((stream, value[, need]), ...) into sel[]: their count, or -1 with a Python
+ * error set. A stream's keys are made once for a run of its selections next to each other. */
+static int get_selections(PyObject *obj, Select *sel, Py_ssize_t nstreams, int with_need, const char *fn) {
+    Py_ssize_t n = PyTuple_GET_SIZE(obj);
+    if (n < 1 || n > MAX_SELECT) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd selections (want 1 to %d)", fn, n, MAX_SELECT);
+        return -1;
+    }
+    for (Py_ssize_t s = 0; s < n; s++) {
+        PyObject *t = PyTuple_GET_ITEM(obj, s);
+        Select *x = &sel[s];
+        x->need = 0;
+        int ok = with_need ? PyArg_ParseTuple(t, "nLL", &x->stream, &x->value, &x->need)
+                           : PyArg_ParseTuple(t, "nL", &x->stream, &x->value);
+        if (!ok) return -1;
+        if (x->stream < 1 || x->stream >= nstreams) {
+            PyErr_Format(PyExc_ValueError, "%s: selection %zd: stream %zd is not a model's (1 to %zd)", fn, s,
+                         x->stream, nstreams - 1);
+            return -1;
+        }
+    }
+    return (int)n;
+}
+
+const char key_histograms_doc[] = PyDoc_STR(
+             "key_histograms(streams, selections, out, threads=1)\n\n"
+             "Add to `out` (int64, len(selections) x bins) the counts of the keys |streams[m] - streams[0]|\n"
+             "(float32 bits, as an int32) for each selection (m, bucket): of their high 16 bits (2**15 bins)\n"
+             "where every bucket is -1, else of the low 16 bits of the keys whose high bits equal the\n"
+             "selection's bucket (2**16 bins). `streams`: float32 'f', bfloat16-bit 'h'/'H' or float16 'e'\n"
+             "buffers of one length, the base first. Up to `threads` threads of the pool count.");
+
+PyObject *key_histograms(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *streams_obj, *sel_obj, *out_obj;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O!O!O|i:key_histograms", &PyTuple_Type, &streams_obj, &PyTuple_Type, &sel_obj,
+                          &out_obj, &threads))
+        return NULL;
+    Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj);
+    Select sel[MAX_SELECT];
+    int nsel = get_selections(sel_obj, sel, nstreams, 0, "key_histograms");
+    if (nsel < 0) return NULL;
+    int low = sel[0].value >= 0;
+    for (int s = 0; s < nsel; s++)
+        if ((sel[s].value >= 0) != low || sel[s].value >= HIGH_BINS) {
+            PyErr_Format(PyExc_ValueError, "key_histograms: bucket %lld: want all -1 or all 0 to %d", sel[s].value,
+                         HIGH_BINS - 1);
+            return NULL;
+        }
+    Py_buffer *views = PyMem_Calloc(nstreams, sizeof(Py_buffer)), out = {0};
+    Stream *streams = PyMem_Calloc(nstreams, sizeof(Stream));
+    Py_ssize_t got = 0, n, bins = low ? LOW_BINS : HIGH_BINS;
+    PyObject *result = NULL;
     int slots = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    hists = PyMem_Calloc((size_t)slots * bins, sizeof(int64_t));
-    if (hists == NULL) {
+    int64_t *hists = PyMem_Malloc((size_t)slots * nsel * bins * sizeof(int64_t));
+    char *started = PyMem_Calloc(slots, 1);
+    if (views == NULL || streams == NULL || hists == NULL || started == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    HistJob job = {streams[0], streams[1], bucket >= 0, (uint32_t)(bucket < 0 ? 0 : bucket), hists, bins};
-    int64_t *o = out.buf;
+    if ((n = get_streams(streams_obj, views, streams, &got, "key_histograms")) < 0) goto done;
+    if (get_buffer(out_obj, &out, "lq", 1, "out") < 0) goto done;
+    if (out.itemsize != 8 || out.len / 8 != nsel * bins) {
+        PyErr_Format(PyExc_ValueError, "key_histograms: out holds %zd items, want %zd", out.len / 8, nsel * bins);
+        goto done;
+    }
+    KeyJob job = {streams, sel, nsel, low, bins, 0, hists, started, NULL, out.buf, slots};
     Py_BEGIN_ALLOW_THREADS
     split(hist_part, &job, n, piece_for(1), slots);
-    for (int s = 0; s < slots; s++)
-        for (Py_ssize_t b = 0; b < bins; b++) o[b] += hists[s * bins + b];
+    split(fold_part, &job, nsel * bins, FOLD_PIECE, slots);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     if (out.obj) PyBuffer_Release(&out);
-    for (Py_ssize_t v = 0; v < got; v++) PyBuffer_Release(&views[v]);
+    if (views != NULL) release_streams(views, streams, got);
+    else PyMem_Free(streams);
     PyMem_Free(hists);
-    Py_DECREF(pair);
+    PyMem_Free(started);
+    return result;
+}
+
+/* ------------------------------------------------------------------ pass 3: ties */
+
+/* counts[s] += the keys of [lo, hi) equal to selection s's threshold; with `find`, instead the
+ * position of the find[s]-th of them for the one selection `only` (-1 where it is not there). */
+CLONES static Py_ssize_t count_ties(const KeyJob *j, Py_ssize_t lo, Py_ssize_t hi, int64_t *counts, int only,
+                                    int64_t need) {
+    float xb[COMBINE];
+    uint32_t key[COMBINE];
+    for (Py_ssize_t at = lo; at < hi; at += COMBINE) {
+        int len = hi - at < COMBINE ? (int)(hi - at) : COMBINE;
+        const float *b = widened(&j->streams[0], at, len, xb);
+        for (int s = 0; s < j->nsel; s++) {
+            if (only >= 0 && s != only) continue;
+            if (only >= 0 || s == 0 || j->sel[s].stream != j->sel[s - 1].stream)
+                keys_at(&j->streams[j->sel[s].stream], b, at, len, key);
+            uint32_t t = (uint32_t)j->sel[s].value;
+            if (only >= 0) {
+                for (int k = 0; k < len; k++)
+                    if (key[k] == t && --need == 0) return at + k;
+            } else {
+                int64_t c = 0;
+                for (int k = 0; k < len; k++) c += key[k] == t;
+                counts[s] += c;
+            }
+        }
+    }
+    return -1;
+}
+
+static void tie_part(void *ctx, int slot, Py_ssize_t lo, Py_ssize_t hi) {
+    (void)slot;
+    const KeyJob *j = ctx;
+    for (Py_ssize_t at = lo; at < hi; at += j->piece) /* one count per piece, whatever `split` hands out */
+        count_ties(j, at, at + j->piece < hi ? at + j->piece : hi, j->counts + (at / j->piece) * j->nsel, -1, 0);
+}
+
+const char key_ties_doc[] = PyDoc_STR(
+             "key_ties(streams, selections, threads=1) -> ((count, position), ...)\n\n"
+             "For each selection (m, threshold, need): how many keys |streams[m] - streams[0]| (as in\n"
+             "key_histograms) equal `threshold`, and the position of the `need`-th of them (1-based, in\n"
+             "flat order), or -1 where there are fewer than `need` or `need` < 1. Up to `threads` threads\n"
+             "of the pool count.");
+
+PyObject *key_ties(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *streams_obj, *sel_obj;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O!O!|i:key_ties", &PyTuple_Type, &streams_obj, &PyTuple_Type, &sel_obj, &threads))
+        return NULL;
+    Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj);
+    Select sel[MAX_SELECT];
+    int nsel = get_selections(sel_obj, sel, nstreams, 1, "key_ties");
+    if (nsel < 0) return NULL;
+    for (int s = 0; s < nsel; s++)
+        if (sel[s].value < 0 || sel[s].value > 0x7FFFFFFF) {
+            PyErr_Format(PyExc_ValueError, "key_ties: threshold %lld is not a key (0 to 2**31 - 1)", sel[s].value);
+            return NULL;
+        }
+    Py_buffer *views = PyMem_Calloc(nstreams, sizeof(Py_buffer));
+    Stream *streams = PyMem_Calloc(nstreams, sizeof(Stream));
+    Py_ssize_t got = 0, n;
+    PyObject *result = NULL;
+    int64_t *counts = NULL;
+    if (views == NULL || streams == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if ((n = get_streams(streams_obj, views, streams, &got, "key_ties")) < 0) goto done;
+    Py_ssize_t piece = piece_for(1), npieces = (n + piece - 1) / piece;
+    counts = PyMem_Calloc((npieces > 0 ? (size_t)npieces : 1) * nsel, sizeof(int64_t));
+    if (counts == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    KeyJob job = {streams, sel, nsel, 0, 0, piece, NULL, NULL, counts, NULL, 1};
+    int64_t total[MAX_SELECT] = {0};
+    Py_ssize_t position[MAX_SELECT];
+    Py_BEGIN_ALLOW_THREADS
+    split(tie_part, &job, n, piece, threads < 1 ? 1 : threads);
+    for (int s = 0; s < nsel; s++) {
+        position[s] = -1;
+        for (Py_ssize_t i = 0; i < npieces; i++) {
+            int64_t c = counts[i * nsel + s], need = sel[s].need - total[s];
+            if (position[s] < 0 && need >= 1 && c >= need)
+                position[s] = count_ties(&job, i * piece, (i + 1) * piece < n ? (i + 1) * piece : n, NULL, s, need);
+            total[s] += c;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyTuple_New(nsel);
+    for (int s = 0; result != NULL && s < nsel; s++) {
+        PyObject *pair = Py_BuildValue("Ln", (long long)total[s], position[s]);
+        if (pair == NULL) Py_CLEAR(result);
+        else PyTuple_SET_ITEM(result, s, pair);
+    }
+done:
+    if (views != NULL) release_streams(views, streams, got);
+    else PyMem_Free(streams);
+    PyMem_Free(counts);
     return result;
 }

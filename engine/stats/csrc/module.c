@@ -3,7 +3,8 @@
 #include "fused.h"
 
 static PyMethodDef methods[] = {
-    {"key_histogram", key_histogram, METH_VARARGS, key_histogram_doc},
+    {"key_histograms", key_histograms, METH_VARARGS, key_histograms_doc},
+    {"key_ties", key_ties, METH_VARARGS, key_ties_doc},
     {"group_sums", group_sums, METH_VARARGS, group_sums_doc},
     {"combine", combine, METH_VARARGS, combine_doc},
     {"count_nonfinite", count_nonfinite, METH_VARARGS, count_nonfinite_doc},
