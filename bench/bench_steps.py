@@ -1,8 +1,9 @@
 """Per-element cost of each method's merge pass on the CPU: the C (`engine.stats._fused`, one
 call per block of the read buffers, as the executor makes it) at 1 and 2 threads, beside the eager
-torch step (`apply` on 256K-element float32 chunks); and of the two passes of SLERP and model stock (statistics, then merge). This is the CPU side of the
-merge, measured apart from any I/O, so that two machines' figures say which part of a merge is
-slow where.
+torch step (`apply` on 256K-element float32 chunks); of the two passes of SLERP and model stock
+(statistics, then merge); and of the three top-k statistics passes of TIES and breadcrumbs (C at
+1 and 2 threads, torch). This is the CPU side of the merge, measured apart from any I/O, so that
+two machines' figures say which part of a merge is slow where.
 
 `python -m bench.bench_steps [--models 3] [--repeats 9]` prints ns per *input* element (base and
 every model count) *per thread* (so perfect scaling keeps it flat), the process's CPU ns per input
@@ -16,6 +17,7 @@ alternate the thread counts and take medians: on a shared machine single runs sw
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import statistics
 import time
@@ -30,7 +32,7 @@ from bench.common import BENCH, machine_info
 from engine.budget import CHUNK_ELEMS
 from engine.device import Mover
 from engine.methods import steps
-from engine.methods.base import Chunk, Method, Stats, TensorParams
+from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.methods.registry import METHODS
 from engine.rng import KeyedRng, stream_key
 from engine.stats import pairwise
@@ -38,6 +40,7 @@ from engine.stats import pairwise
 ELEMENTWISE = ("linear", "task_arithmetic", "dare_linear", "dare_ties", "ties", "breadcrumbs_ties")
 BLOCK_ELEMS = 1 << 22  # elements per stream of one C call: 8 MiB of bf16, a merge block
 TWO_PASS = ("slerp", "model_stock")
+TOP_K = ("ties", "breadcrumbs_ties")  # three statistics passes: the radix select of |delta|
 
 
 def params_for(method: Method, k: int) -> TensorParams:
@@ -135,6 +138,32 @@ def time_two_pass(method: Method, k: int, repeats: int) -> tuple[float, float]:
     return median_s(statistics_pass, repeats), median_s(merge_pass, repeats)
 
 
+def run_pass(r: Reducer, raw: list[torch.Tensor], p: TensorParams, stats: Stats, mover: Mover) -> Any:
+    """One statistics pass over the block `raw` as the executor runs it: from the read buffers in C
+    where the reducer can, else over float32 copies of the block's chunks with torch ops."""
+    n = raw[0].numel()
+    acc = r.start(p, stats, n)
+    if not r.raw_chunk(acc, raw, p, stats, Chunk((), 0, n)):
+        for c0 in range(0, n, CHUNK_ELEMS):
+            work = mover.to_work([x[c0 : c0 + CHUNK_ELEMS] for x in raw], True)
+            r.chunk(acc, work[0], work[1:], p, stats, Chunk((), c0, n))
+    return acc
+
+
+def time_top_k(method: Method, k: int, repeats: int, threads: int, n: int = BLOCK_ELEMS) -> list[float]:
+    """Median seconds of each of the method's statistics passes over one block of `n` elements on
+    `threads` (the C where `pairwise._fused` is set, else torch)."""
+    base, models = bf16_family(k, n)
+    raw, p, mover = [base, *models], params_for(method, k), cpu_mover(k)
+    torch.set_num_threads(threads)
+    stats: Stats = {}
+    secs = []
+    for r in method.reducers(p):
+        secs.append(median_s(functools.partial(run_pass, r, raw, p, stats, mover), repeats))
+        stats = {**stats, **r.finish(run_pass(r, raw, p, stats, mover), p, stats)}
+    return secs
+
+
 def time_step(method: Method, k: int, repeats: int) -> float:
     """Median seconds of one eager chunk step over `repeats` chunks at different positions."""
     base, models = bf16_family(k)
@@ -203,6 +232,27 @@ def main(k: int, repeats: int, results: Path) -> None:
             for pass_, v in zip(("statistics", "merge"), per_elem):
                 rows.append({"method": name, "pass": pass_, "kernel": kind, "threads": 1, "ns_per_input_elem": v})
             print(f"{name:<16} {kind:<9} {m:>7} {per_elem[0]:>14.2f} {per_elem[1]:>14.2f}")
+    print(f"\n{'top-k passes':<16} {'kernel':<9} {'threads':>7} {'ns/elem/thread, passes 1 2 3':>30}")
+    runs = [("C", pairwise._fused, 1), ("C", pairwise._fused, 2)] if pairwise._fused is not None else []
+    for name in TOP_K:
+        for kind, module, threads in [*runs, ("torch", None, 1)]:
+            pairwise._fused = module
+            try:
+                passes = time_top_k(METHODS[name], k, repeats, threads)
+            finally:
+                pairwise._fused = runs[0][1] if runs else None
+            per_elem = [sec * threads / (BLOCK_ELEMS * (k + 1)) * 1e9 for sec in passes]
+            for i, v in enumerate(per_elem, 1):
+                rows.append(
+                    {
+                        "method": name,
+                        "pass": f"top-k {i}",
+                        "kernel": kind,
+                        "threads": threads,
+                        "ns_per_input_elem_thread": v,
+                    }
+                )
+            print(f"{name:<16} {kind:<9} {threads:>7} {'  '.join(f'{v:8.3f}' for v in per_elem):>30}")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"steps-{stamp}.json"

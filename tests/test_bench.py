@@ -357,3 +357,26 @@ def test_max_memory_sets_the_budget_of_the_timed_merges(tmp_path: Path) -> None:
     assert settings_for(True, tmp_path, None, {**hidden, "max_memory": 4 << 30}).size_budget == 4 << 30
     res = CliRunner().invoke(main, ["--max-memory", "1GiB,2GiB"])
     assert res.exit_code == 2 and "one size, got '1GiB,2GiB'" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_top_k_pass_timing_runs_the_c_and_torch_to_the_same_cuts(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_steps' top-k passes run as the executor's: the C from the read buffers where built,
+    torch over float32 chunk copies without it, and both find the same cuts."""
+    from bench.bench_steps import bf16_family, cpu_mover, params_for, run_pass, time_top_k
+    from engine.budget import CHUNK_ELEMS
+    from engine.methods.registry import METHODS
+    from engine.stats import pairwise
+
+    m, k = METHODS[method], 2
+    base, models = bf16_family(k, 2 * CHUNK_ELEMS + 5)  # three chunks on the torch path
+    p = params_for(m, k)
+    found = []
+    for module in (pairwise._fused, None):
+        monkeypatch.setattr(pairwise, "_fused", module)
+        stats: dict[str, Any] = {}
+        for r in m.reducers(p):
+            stats = {**stats, **r.finish(run_pass(r, [base, *models], p, stats, cpu_mover(k)), p, stats)}
+        found.append({name: v for name, v in stats.items() if "/" not in name})
+        assert len(time_top_k(m, k, repeats=1, threads=1, n=1 << 16)) == 3
+    assert found[0] == found[1] and found[0]
