@@ -43,18 +43,27 @@ static inline ALWAYS_INLINE void keys_at(const Stream *model, const float *b, Py
 }
 
 /* Keys whose high bits are `bucket`: rare (a bucket is 1/128 of a binade), so groups of 16 with
- * none are passed over after one vectorised test. */
+ * none are passed over after one vectorised test; or, where bfloat16 deltas crowd into a few
+ * values, mostly equal, so a run of one low value is counted in a register and added once (one
+ * counter incremented for each element would wait on its own last increment every time). */
 static inline ALWAYS_INLINE void count_low(int64_t *h, const uint32_t *key, int len, uint32_t bucket) {
-    int k = 0;
-    for (; k + 16 <= len; k += 16) {
+    uint32_t cur = 0;
+    int64_t run = 0;
+    for (int k = 0; k < len; k += 16) {
+        int end = k + 16 < len ? k + 16 : len;
         uint32_t any = 0;
-        for (int i = 0; i < 16; i++) any |= key[k + i] >> 16 == bucket;
-        if (any)
-            for (int i = k; i < k + 16; i++)
-                if (key[i] >> 16 == bucket) h[key[i] & 0xFFFF]++;
+        for (int i = k; i < end; i++) any |= key[i] >> 16 == bucket;
+        if (!any) continue;
+        for (int i = k; i < end; i++) { /* branches only where the value changes: predictable both ways */
+            uint32_t hit = key[i] >> 16 == bucket, low = key[i] & 0xFFFF;
+            if (hit & (low != cur)) {
+                h[cur] += run;
+                cur = low, run = 0;
+            }
+            run += hit;
+        }
     }
-    for (; k < len; k++)
-        if (key[k] >> 16 == bucket) h[key[k] & 0xFFFF]++;
+    h[cur] += run;
 }
 
 CLONES static void hist_blocks(const KeyJob *j, int64_t *h, Py_ssize_t lo, Py_ssize_t hi) {
