@@ -5,6 +5,8 @@ including DARE's keyed mask past 2**32."""
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 from unittest import mock
 
@@ -213,6 +215,7 @@ def test_an_install_without_the_c_says_so_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(pairwise, "_fused", None)
+    monkeypatch.setattr(pairwise, "_why_not", pairwise.load_c("no_such_fused_module")[1])
     pairwise.say_if_slow.cache_clear()
     try:
         pairwise.say_if_slow()
@@ -222,6 +225,21 @@ def test_an_install_without_the_c_says_so_once(
     assert [r.getMessage() for r in caplog.records] == [
         "leanmerge: the C extension is not built (no C compiler at install): merging on the slower torch path"
     ]
+
+
+def test_a_stale_or_missing_c_build_is_set_aside_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C module of another interface version (a checkout updated without a rebuild) is not
+    called: the merge runs on the torch path and says why; so does a missing one."""
+    stale = types.ModuleType("stale_fused")
+    stale.ABI = pairwise.C_ABI - 1  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "stale_fused", stale)
+    assert pairwise.load_c("stale_fused") == (
+        None,
+        "the C extension was built from another version (rebuild it: pip install -e .)",
+    )
+    assert pairwise.load_c("no_such_fused_module") == (None, "the C extension is not built (no C compiler at install)")
+    if pairwise._fused is not None:
+        assert pairwise.load_c() == (pairwise._fused, "")
 
 
 @needs_kernel

@@ -1,6 +1,7 @@
 from typing_extensions import Buffer
 
 GROUP: int
+ABI: int
 
 def group_sums(
     streams: tuple[Buffer, ...],

@@ -32,6 +32,7 @@ product on 2 cores, most of a SLERP or model stock merge (bench numbers in the R
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import threading
@@ -47,11 +48,23 @@ if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger(__name__)
-_fused: ModuleType | None
-try:
-    import engine.stats._fused as _fused
-except ImportError:  # installed without a C compiler: the torch path gives the same sums, slower
-    _fused = None
+# The C's interface version (its module's ABI): raised with every change to its functions, so a
+# stale build (a source checkout updated without rebuilding) is set aside, not called wrongly.
+C_ABI = 2
+
+
+def load_c(name: str = "engine.stats._fused") -> tuple[ModuleType | None, str]:
+    """The C extension module, or None and why not (the torch path gives the same bytes, slower)."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None, "the C extension is not built (no C compiler at install)"
+    if getattr(module, "ABI", None) != C_ABI:
+        return None, "the C extension was built from another version (rebuild it: pip install -e .)"
+    return module, ""
+
+
+_fused, _why_not = load_c()
 
 GROUP = 1 << 12  # terms per group: a group's tree is 12 levels of whole-tensor adds
 CPU_STEP = 1 << 18  # elements converted to float64 at once: 2 MiB per array
@@ -223,9 +236,7 @@ def say_if_slow() -> None:
     """Once per process, where the C was not built (no C compiler at install): the merge runs on
     the torch path, the same bytes several times slower."""
     if _fused is None:
-        log.warning(
-            "leanmerge: the C extension is not built (no C compiler at install): merging on the slower torch path"
-        )
+        log.warning("leanmerge: %s: merging on the slower torch path", _why_not)
 
 
 def fused_kernel(device: torch.device) -> ModuleType | None:

@@ -2,6 +2,10 @@
 
 #include "fused.h"
 
+/* The functions' interface version: engine.stats.pairwise.C_ABI must equal it, or the module is
+ * set aside as a stale build. Raise both with every change to a function's arguments or results. */
+#define ABI 2
+
 static PyMethodDef methods[] = {
     {"key_histograms", key_histograms, METH_VARARGS, key_histograms_doc},
     {"key_ties", key_ties, METH_VARARGS, key_ties_doc},
@@ -24,6 +28,7 @@ PyMODINIT_FUNC PyInit__fused(void) {
     static int forked = 0;
     if (!forked++) pthread_atfork(NULL, NULL, pool_after_fork);
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "GROUP", GROUP) < 0) Py_CLEAR(m);
+    if (m != NULL && (PyModule_AddIntConstant(m, "GROUP", GROUP) < 0 || PyModule_AddIntConstant(m, "ABI", ABI) < 0))
+        Py_CLEAR(m);
     return m;
 }
