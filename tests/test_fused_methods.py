@@ -145,31 +145,35 @@ def test_della_has_no_program() -> None:
     assert get_method("della").steps(p, {}, 1) is None
 
 
-def keys_of(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-    """The torch path's keys: |model - base| of the float32 copies, as int32 bits (NaN payloads kept)."""
-    return widened(model).sub_(widened(base)).view(torch.int32).bitwise_and_(KEY_MAX)
+def key_inputs(n: int, dtypes: list[torch.dtype], seed: int) -> tuple[tuple[Any, ...], list[torch.Tensor]]:
+    """The read buffers of a base and 1-3 models (base first), and the torch path's keys of each
+    model: |model - base| of the float32 copies as int32 bits (NaN payloads kept)."""
+    base, *models = inputs(n, dtypes, seed)
+    keys = [widened(m).sub_(widened(base)).view(torch.int32).bitwise_and_(KEY_MAX) for m in models]
+    return tuple(pairwise.as_buffer(x) for x in (base, *models)), keys
 
 
-@needs_kernel
-@settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(1, 200_000),
+key_cases = given(
+    n=st.integers(1, 250_000),
     dtypes=st.lists(st.sampled_from(FP), min_size=2, max_size=4),
     threads=st.integers(1, 8),
     seed=st.integers(0, 1000),
     order=st.randoms(use_true_random=False),
 )
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@key_cases
 def test_key_histograms_in_c_equal_torch_bincount(
     n: int, dtypes: list[torch.dtype], threads: int, seed: int, order: Any
 ) -> None:
     """The top-k passes 1 and 2 counted by the C from the read buffers, every model's selections in
     one sweep (in any order, a model twice), equal the torch path's counts of the float32 copies'
     keys (NaNs' payloads included)."""
-    base, *models = inputs(n, dtypes, seed)
-    keys = [keys_of(base, m) for m in models]
-    streams = tuple(pairwise.as_buffer(x) for x in (base, *models))
+    streams, keys = key_inputs(n, dtypes, seed)
     kernel: Any = pairwise._fused
-    picks = [order.randrange(len(models)) for _ in range(order.randint(1, 5))]
+    picks = [order.randrange(len(keys)) for _ in range(order.randint(1, 5))]
     high = torch.zeros(len(picks), 1 << 15, dtype=torch.int64)
     kernel.key_histograms(streams, tuple((m + 1, -1) for m in picks), high.numpy(), threads)
     for row, m in zip(high, picks):
@@ -183,23 +187,16 @@ def test_key_histograms_in_c_equal_torch_bincount(
 
 @needs_kernel
 @settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(1, 300_000),
-    dtypes=st.lists(st.sampled_from(FP), min_size=2, max_size=4),
-    threads=st.integers(1, 8),
-    seed=st.integers(0, 1000),
-    order=st.randoms(use_true_random=False),
-)
+@key_cases
 def test_key_ties_in_c_equal_torch(n: int, dtypes: list[torch.dtype], threads: int, seed: int, order: Any) -> None:
     """The top-k pass 3 by the C, every selection in one sweep: the count of keys equal to a
     threshold and the flat position of the need-th of them, as the torch path finds them, for any
     number of threads. A threshold is the most common key (infinities', NaNs': thousands of ties)
     or one element's."""
-    base, *models = inputs(n, dtypes, seed)
-    keys = [keys_of(base, m) for m in models]
+    streams, keys = key_inputs(n, dtypes, seed)
     wanted, want = [], []
     for _ in range(order.randint(1, 5)):
-        m = order.randrange(len(models))
+        m = order.randrange(len(keys))
         common = order.random() < 0.5
         threshold = int(torch.mode(keys[m]).values) if common else int(keys[m][order.randrange(n)])
         ties = torch.nonzero(keys[m] == threshold).flatten()
@@ -207,7 +204,6 @@ def test_key_ties_in_c_equal_torch(n: int, dtypes: list[torch.dtype], threads: i
         wanted.append((m + 1, threshold, need))
         want.append((ties.numel(), int(ties[need - 1]) if 1 <= need <= ties.numel() else -1))
     kernel: Any = pairwise._fused
-    streams = tuple(pairwise.as_buffer(x) for x in (base, *models))
     assert list(kernel.key_ties(streams, tuple(wanted), threads)) == want
 
 

@@ -42,6 +42,14 @@ static inline ALWAYS_INLINE void keys_at(const Stream *model, const float *b, Py
     for (int k = 0; k < len; k++) key[k] = to_bits(sub_t(m[k], b[k])) & 0x7FFFFFFFu;
 }
 
+/* Selection s's keys of the tile at `at` (base widened in `b`) into `key`: made again unless the
+ * previous selection's were of the same stream and still there (`fresh` false). */
+static inline ALWAYS_INLINE void selection_keys(const KeyJob *j, int s, int fresh, const float *b, Py_ssize_t at,
+                                                int len, uint32_t *key) {
+    if (fresh || s == 0 || j->sel[s].stream != j->sel[s - 1].stream)
+        keys_at(&j->streams[j->sel[s].stream], b, at, len, key);
+}
+
 /* Keys whose high bits are `bucket`: rare (a bucket is 1/128 of a binade), so groups of 16 with
  * none are passed over after one vectorised test; or, where bfloat16 deltas crowd into a few
  * values, mostly equal, so a run of one low value is counted in a register and added once (one
@@ -73,8 +81,7 @@ CLONES static void hist_blocks(const KeyJob *j, int64_t *h, Py_ssize_t lo, Py_ss
         int len = hi - at < COMBINE ? (int)(hi - at) : COMBINE;
         const float *b = widened(&j->streams[0], at, len, xb);
         for (int s = 0; s < j->nsel; s++) {
-            if (s == 0 || j->sel[s].stream != j->sel[s - 1].stream)
-                keys_at(&j->streams[j->sel[s].stream], b, at, len, key);
+            selection_keys(j, s, 0, b, at, len, key);
             int64_t *hs = h + s * j->bins;
             if (j->low)
                 count_low(hs, key, len, (uint32_t)j->sel[s].value);
@@ -189,8 +196,8 @@ done:
 
 /* ------------------------------------------------------------------ pass 3: ties */
 
-/* counts[s] += the keys of [lo, hi) equal to selection s's threshold; with `find`, instead the
- * position of the find[s]-th of them for the one selection `only` (-1 where it is not there). */
+/* counts[s] += the keys of [lo, hi) equal to selection s's threshold; with `only` >= 0, instead the
+ * position of the `need`-th of them for that one selection (-1 where it is not there). */
 CLONES static Py_ssize_t count_ties(const KeyJob *j, Py_ssize_t lo, Py_ssize_t hi, int64_t *counts, int only,
                                     int64_t need) {
     float xb[COMBINE];
@@ -200,8 +207,7 @@ CLONES static Py_ssize_t count_ties(const KeyJob *j, Py_ssize_t lo, Py_ssize_t h
         const float *b = widened(&j->streams[0], at, len, xb);
         for (int s = 0; s < j->nsel; s++) {
             if (only >= 0 && s != only) continue;
-            if (only >= 0 || s == 0 || j->sel[s].stream != j->sel[s - 1].stream)
-                keys_at(&j->streams[j->sel[s].stream], b, at, len, key);
+            selection_keys(j, s, only >= 0, b, at, len, key);
             uint32_t t = (uint32_t)j->sel[s].value;
             if (only >= 0) {
                 for (int k = 0; k < len; k++)
