@@ -233,8 +233,8 @@ def release() -> None:
 
 @functools.cache
 def say_if_slow() -> None:
-    """Once per process, where the C was not built (no C compiler at install): the merge runs on
-    the torch path, the same bytes several times slower."""
+    """Once per process, where the C is not in use (not built: no C compiler at install; or a
+    stale build, set aside): the merge runs on the torch path, the same bytes several times slower."""
     if _fused is None:
         log.warning("leanmerge: %s: merging on the slower torch path", _why_not)
 
