@@ -34,7 +34,7 @@ typedef struct {
     int slots;
 } KeyJob;
 
-/* The keys of model stream `m`'s elements [at, at + len), len <= COMBINE, from the widened base. */
+/* The keys of `model`'s elements [at, at + len), len <= COMBINE, against the widened base `b`. */
 static inline ALWAYS_INLINE void keys_at(const Stream *model, const float *b, Py_ssize_t at, int len,
                                          uint32_t *key) {
     float xm[COMBINE];
