@@ -8,13 +8,14 @@ on chunks through a fixed float32 workspace: cache-sized on the CPU, because the
 memory-bound, and large on a GPU, where a `Mover` (engine.device) stages them to the device.
 
 A method with reducers gets one extra pass over the tensor's blocks per reducer before the apply
-pass; a tensor that fits in one block is read once and kept for all its passes, and so is one
-the plan holds resident (read once into a buffer on the compute device).
+pass, but for a last one that folds each block just before it is merged (TIES' tie pass); a
+tensor that fits in one block is read once and kept for all its passes, and so is one the plan
+holds resident (read once into a buffer on the compute device).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 from engine.device import on_device
@@ -43,15 +44,15 @@ def first_rows(plan: Plan, rows_done: Mapping[str, int]) -> dict[str, int]:
 
 
 def read_schedule(plan: Plan, start: Mapping[str, int]) -> Iterator[tuple[TensorPlan, Block]]:
-    """Every block read, in order: each reduce pass reads all blocks of a tensor, the apply pass
-    those from its first unwritten row; a tensor that fits one block is read once, and so is a
-    resident one (all of it, for its statistics)."""
+    """Every block read, in order: each reduce pass that scans (`TensorPlan.scans`) reads all
+    blocks of a tensor, the apply pass those from its first unwritten row; a tensor that fits one
+    block is read once, and so is a resident one (all of it, for its statistics)."""
     for tensor in plan.tensors:
         first = start.get(tensor.name, 0)
         if tensor.numel == 0 or first >= tensor.rows:
             continue
         if not tensor.read_once:
-            for _ in range(tensor.passes - 1):
+            for _ in range(tensor.scans(first)):
                 yield from ((tensor, b) for b in tensor.blocks())
         yield from ((tensor, b) for b in tensor.blocks(0 if tensor.resident else first))
 
@@ -77,7 +78,8 @@ def execute(
     """
     emit = on_event or (lambda e: None)
     start = start or {}
-    with _staged(plan, inv, out, pipe, read_schedule(plan, start), reading, emit) as stage:
+    scans = {t.name: t.scans(start.get(t.name, 0)) for t in plan.tensors}
+    with _staged(plan, inv, out, pipe, read_schedule(plan, start), reading, emit, scans) as stage:
         for tensor in plan.tensors:
             first = start.get(tensor.name, 0)
             if tensor.numel and first < tensor.rows and not stage.run_tensor(tensor, first, should_stop):
@@ -91,7 +93,7 @@ def tensor_stats(
 ) -> Stats:
     """The statistics of one tensor of several blocks, all its reduce passes in the order
     `execute` runs them (for an executor that runs the apply pass's blocks elsewhere: `execute_rows`)."""
-    schedule = ((tensor, b) for _ in range(tensor.passes - 1) for b in tensor.blocks())
+    schedule = ((tensor, b) for _ in range(tensor.scans(None)) for b in tensor.blocks())
     with _staged(plan, inv, None, pipe, schedule, reading, lambda e: None) as stage:
         return stage.statistics(tensor)[1]
 
@@ -110,8 +112,7 @@ def execute_rows(
     `tensor_stats` ({} without reducers); a tensor of one block is read once and computes its own."""
     r0, r1 = rows
     schedule = ((tensor, b) for b in tensor.blocks(0 if tensor.n_blocks == 1 else r0) if b.r0 < r1)
-    given = () if tensor.n_blocks == 1 else (tensor.name,)
-    with _staged(plan, inv, out, pipe, schedule, reading, lambda e: None, given) as stage:
+    with _staged(plan, inv, out, pipe, schedule, reading, lambda e: None, {tensor.name: 0}) as stage:
         stage.run_tensor(tensor, r0, lambda: False, None if tensor.n_blocks == 1 else stats, r1)
 
 
@@ -124,13 +125,14 @@ def _staged(
     schedule: Iterator[tuple[TensorPlan, Block]],
     reading: ReadOptions,
     emit: OnEvent,
-    given: Collection[str] = (),
+    scans: Mapping[str, int] | None = None,
 ) -> Iterator[Stage]:
-    """A compute stage fed by reader threads that read `schedule` (`out`: None for statistics only)."""
+    """A compute stage fed by reader threads that read `schedule` (`out`: None for statistics
+    only; `scans`: the reduce passes it reads before each tensor's apply pass)."""
     with ExitStack() as stack:
         readers = open_streams(inv, stack, reading)
         sources = [str(c.folder) for c in (inv.base, *inv.models)]
-        check = InputCheck(out.finite, sources, given) if out is not None else None
+        check = InputCheck(out.finite, sources, scans or {}) if out is not None else None
         prefetch = Prefetcher(schedule, readers, pipe.slots, check)
         stack.callback(prefetch.stop)
         stage = Stage(plan, pipe, prefetch, out, emit)

@@ -50,12 +50,18 @@ class TensorPlan:
     passes: int = 1  # reduce passes + the apply pass
     reads_base: bool = True  # False: the method ignores the base's values (`Method.uses_base`)
     resident: bool = False  # read once and held whole on the compute device for every pass
+    folds_ahead: bool = False  # the last reduce pass may run on the apply pass's reads (`Reducer.folds_ahead`)
 
-    @property
-    def reads(self) -> int:
-        """Times the tensor's bytes are read: once per pass, or once if it fits one block or is
-        held resident."""
-        return 1 if self.read_once else self.passes
+    def scans(self, first_row: int | None = 0) -> int:
+        """Reduce passes that read the whole tensor before its apply pass from `first_row`: all
+        but a last one that folds ahead of the merge, which it does from row 0 (None: the
+        statistics are computed apart from the merge, by another process, and read every pass)."""
+        return self.passes - 1 - (self.folds_ahead and self.passes > 1 and first_row == 0)
+
+    def reads(self, first_row: int | None = 0) -> int:
+        """Times the tensor's bytes are read (`scans`' `first_row`): once per scan and once to
+        merge, or once if it fits one block or is held resident."""
+        return 1 if self.read_once else self.scans(first_row) + 1
 
     @property
     def read_once(self) -> bool:
@@ -90,7 +96,7 @@ class TensorPlan:
     @property
     def bytes_read(self) -> int:
         """What merging this tensor reads: every pass over every stream read."""
-        return self.reads * self.numel * sum(itemsize(d) for d in self.read_dtypes)
+        return self.reads() * self.numel * sum(itemsize(d) for d in self.read_dtypes)
 
     @property
     def n_blocks(self) -> int:
@@ -109,10 +115,10 @@ class TensorPlan:
 def hold_resident(
     tensors: Sequence[TensorPlan], room: int, min_passes: int = 2
 ) -> tuple[tuple[TensorPlan, ...], tuple[int, ...]]:
-    """Mark resident the tensors of `min_passes` passes or more, in several blocks, that fit `room`
-    bytes together with the others marked: one buffer per input stream, reused tensor after
-    tensor, so what counts is each stream's largest. Smallest first, so that as many tensors as
-    possible skip re-reads.
+    """Mark resident the tensors read `min_passes` times or more (`TensorPlan.reads`), in several
+    blocks, that fit `room` bytes together with the others marked: one buffer per input stream,
+    reused tensor after tensor, so what counts is each stream's largest. Smallest first, so that
+    as many tensors as possible skip re-reads.
 
     Returns:
         The tensors (in their order) and the bytes of each stream's resident buffer.
@@ -120,7 +126,9 @@ def hold_resident(
     n = max((len(t.in_dtypes) for t in tensors), default=0)
     held = [0] * n
     chosen: set[str] = set()
-    candidates = [t for t in tensors if t.merge and t.reads_base and t.passes >= max(min_passes, 2) and t.n_blocks > 1]
+    candidates = [
+        t for t in tensors if t.merge and t.reads_base and t.scans() + 1 >= max(min_passes, 2) and t.n_blocks > 1
+    ]
     for t in sorted(candidates, key=lambda t: sum(t.resident_bytes)):
         grown = [max(h, b) for h, b in zip(held, t.resident_bytes)]
         if sum(grown) > room:
@@ -222,7 +230,7 @@ def make_plan(
             spec.method_impl.validate(p)
         except SpecError as e:
             raise SpecError(f"tensor {n!r}: {e}") from None
-    passes = {n: 1 + len(spec.method_impl.reducers(params.get(n) or spec.tensor_params())) for n in names}
+    reducers = {n: spec.method_impl.reducers(params.get(n) or spec.tensor_params()) for n in names}
     layout = _shard_layout([(n, math.prod(shapes[n]) * itemsize(out_dtypes[n])) for n in names], shard_size)
     tensors = []
     for n in names:
@@ -240,7 +248,8 @@ def make_plan(
                 block_rows=max(1, memory.block_elems // max(info.row_numel, 1)),
                 shard=shard,
                 offset=offset,
-                passes=passes[n] if info.dtype in MERGEABLE else 1,
+                passes=1 + len(reducers[n]) if info.dtype in MERGEABLE else 1,
+                folds_ahead=info.dtype in MERGEABLE and bool(reducers[n]) and reducers[n][-1].folds_ahead,
                 reads_base=spec.method_impl.uses_base,
             )
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -50,14 +50,15 @@ class InputCheck:
     """Which reads of the schedule count the inputs' NaN/Inf: each block once, on its last read
     (the merge pass's; a tensor read once for all its passes, on that read)."""
 
-    def __init__(self, finite: Finite, sources: Sequence[str], given: Collection[str] = ()) -> None:
-        self.finite, self.sources, self.given = finite, sources, given  # given: stats from elsewhere
+    def __init__(self, finite: Finite, sources: Sequence[str], scans: Mapping[str, int]) -> None:
+        # scans: by tensor, the reduce passes read before its apply pass (0: stats from elsewhere)
+        self.finite, self.sources, self.scans = finite, sources, scans
         self._reads: dict[str, int] = {}
 
     def last_read(self, tensor: TensorPlan) -> bool:
         """Called once per block read, in schedule order: is this the block's last read?"""
         n = self._reads[tensor.name] = self._reads.get(tensor.name, 0) + 1
-        return tensor.read_once or tensor.name in self.given or n > (tensor.passes - 1) * tensor.n_blocks
+        return tensor.read_once or n > self.scans.get(tensor.name, tensor.scans()) * tensor.n_blocks
 
 
 class Prefetcher:

@@ -69,26 +69,35 @@ class Stage:
                 stats = {**stats, **self._reduce(r, tensor, lambda b: filled, streams, stats)}
             self._emit_block(tensor, block, filled, streams, stats)
             return not should_stop()
-        held = None
+        held, ahead = None, None
         if stats is None:
-            held, stats = self.statistics(tensor, streams)
+            scans = tensor.scans(first_row)
+            held, stats = self.statistics(tensor, streams, scans)
+            if scans < len(reducers):  # the last pass folds each block just before its merge
+                ahead = reducers[-1], reducers[-1].start(self.params, stats, tensor.numel)
         for block in tensor.blocks(first_row):
             if end_row is not None and block.r0 >= end_row:
                 break
-            self._emit_block(tensor, block, held(block) if held else self._next(tensor, block), streams, stats)
+            filled = held(block) if held else self._next(tensor, block)
+            here = stats
+            if ahead is not None:
+                r, acc = ahead
+                self._fold(r, acc, tensor, block, filled, streams, stats)
+                here = {**stats, **r.so_far(acc, self.params, stats)}
+            self._emit_block(tensor, block, filled, streams, here)
             if should_stop() and block.r1 < tensor.rows:
                 return False
         return not should_stop()
 
     def statistics(
-        self, tensor: TensorPlan, streams: tuple[KeyedRng, ...] | None = None
+        self, tensor: TensorPlan, streams: tuple[KeyedRng, ...] | None = None, scans: int | None = None
     ) -> tuple[Callable[[Block], Filled] | None, Stats]:
-        """Run the reduce passes of a tensor of several blocks: its statistics, and for a tensor
-        held resident each block's view of the hold."""
+        """Run the first `scans` reduce passes (default all) of a tensor of several blocks: its
+        statistics, and for a tensor held resident each block's view of the hold."""
         self.params = self.plan.params_for(tensor.name) if self.plan.spec.varies_by_tensor else self.params
         if streams is None:
             streams = keyed_streams(self.method, self.plan.spec.seed, tensor.name, len(tensor.in_dtypes) - 1)
-        held, todo = None, list(self.method.reducers(self.params) if tensor.merge else ())
+        held, todo = None, list(self.method.reducers(self.params) if tensor.merge else ())[:scans]
         stats: Stats = {}
         if tensor.resident and todo:  # the first pass runs as the blocks land, behind the next reads
             held, stats = self._hold(tensor, todo.pop(0), streams)
@@ -133,16 +142,30 @@ class Stage:
         acc = r.start(self.params, stats, tensor.numel)
         for block in tensor.blocks():
             filled = held(block) if held is not None else self._next(tensor, block)
-            whole = self._chunk(tensor, streams, block.start)  # the C tiles the block itself
-            if not (self._reads_raw(tensor) and r.raw_chunk(acc, filled.data, self.params, stats, whole)):
-                for c0, c1 in self._spans(tensor, block):
-                    c = self._chunk(tensor, streams, block.start + c0)
-                    base, *models = self.mover.to_work([x[c0:c1] for x in filled.data], tensor.reads_base)
-                    r.chunk(acc, base, models, self.params, stats, c)
-            self.mover.inputs_done()
+            self._fold(r, acc, tensor, block, filled, streams, stats)
             if held is None:
                 self.prefetch.release(filled.slot)
         return r.finish(acc, self.params, stats)
+
+    def _fold(
+        self,
+        r: Reducer,
+        acc: Any,
+        tensor: TensorPlan,
+        block: Block,
+        filled: Filled,
+        streams: tuple[KeyedRng, ...],
+        stats: Stats,
+    ) -> None:
+        """Fold one block into a pass's `acc`: from the read buffers where the reducer can (the C
+        tiles the block itself), else chunk by chunk through the float32 workspace."""
+        whole = self._chunk(tensor, streams, block.start)
+        if not (self._reads_raw(tensor) and r.raw_chunk(acc, filled.data, self.params, stats, whole)):
+            for c0, c1 in self._spans(tensor, block):
+                c = self._chunk(tensor, streams, block.start + c0)
+                base, *models = self.mover.to_work([x[c0:c1] for x in filled.data], tensor.reads_base)
+                r.chunk(acc, base, models, self.params, stats, c)
+        self.mover.inputs_done()
 
     def _emit_block(
         self, tensor: TensorPlan, block: Block, filled: Filled, streams: tuple[KeyedRng, ...], stats: Stats

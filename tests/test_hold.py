@@ -62,7 +62,7 @@ def test_held_equals_read_per_pass(
     reread = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False, baseline=rss)[1]
     held = [t for t in plan.tensors if t.resident]
     assert held and not any(t.resident for t in reread.tensors)
-    assert plan.bytes_read < reread.bytes_read and all(t.reads == 1 for t in held)
+    assert plan.bytes_read < reread.bytes_read and all(t.reads() == 1 for t in held)
     assert plan.memory.resident == sum(plan.resident) >= max(sum(t.resident_bytes) for t in held)
     assert plan.memory.predicted_peak == reread.memory.predicted_peak + plan.memory.resident <= plan.memory.budget
     a = merge(s, tmp_path / "held", block_bytes=BLOCK, max_memory=2 << 30)
@@ -136,5 +136,53 @@ def test_stopped_inside_a_held_tensor_resumes(family: tuple[Path, list[Path]], t
     state = load_journal(temp_dir_for(out))
     assert state is not None and 0 < state.rows_done("embed") < 64
     merge(s, out, block_bytes=BLOCK, resume=True)
+    want = merge(s, tmp_path / "ref", block_bytes=BLOCK, hold=False)
+    assert digests(out) == digests(Path(want.output))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_the_tie_pass_folds_ahead_of_the_merge(
+    family: tuple[Path, list[Path]], tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a hold, a top-k tensor of several blocks is read three times, not four: the tie
+    pass runs on the merge's reads. Same bytes as four reads; what is read is what the plan says."""
+    from engine.stats import topk
+
+    s = spec(method, family, density=0.3)
+    runs = []
+    for ahead in (True, False):
+        monkeypatch.setattr(topk._TiePass, "folds_ahead", ahead)
+        plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
+        events: list[dict[str, object]] = []
+        got = merge(s, tmp_path / str(ahead), block_bytes=BLOCK, hold=False, on_event=events.append)
+        read = sum(int(e["bytes"]) for e in events if e["event"] == "block")  # type: ignore[call-overload]
+        several = [t for t in plan.tensors if t.merge and t.n_blocks > 1]
+        assert several and all(t.reads() == (3 if ahead else 4) for t in several)
+        assert read == got.bytes_read == plan.bytes_read
+        runs.append((digests(Path(got.output)), read))
+    assert runs[0][0] == runs[1][0] and runs[0][1] < runs[1][1]
+
+
+def test_stopped_inside_a_tensor_resumes_with_every_pass(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """SIGINT after two merged blocks of "embed" (not held): the resumed run cannot fold the tie
+    pass ahead of rows already written, so it reads every pass again, and writes the same bytes."""
+    s = spec("ties", family, density=0.3)
+    plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
+    attn, embed = plan.tensors[:2]
+    assert (attn.name, embed.name) == ("attn", "embed") and embed.n_blocks > 4
+    stop_at = attn.reads() * attn.n_blocks + (embed.reads() - 1) * embed.n_blocks + 2
+    reads = [0]
+
+    def interrupt(e: dict[str, object]) -> None:
+        reads[0] += e["event"] == "block"
+        if reads[0] == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        merge(s, out, block_bytes=BLOCK, sync_every=1, hold=False, on_event=interrupt)
+    state = load_journal(temp_dir_for(out))
+    assert state is not None and 0 < state.rows_done("embed") < 64
+    merge(s, out, block_bytes=BLOCK, resume=True, hold=False)
     want = merge(s, tmp_path / "ref", block_bytes=BLOCK, hold=False)
     assert digests(out) == digests(Path(want.output))

@@ -8,6 +8,7 @@ import inspect
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -233,17 +234,24 @@ def test_yaml_spelling(tmp_path: Path) -> None:
 
 
 def drive(
-    reducers: tuple[object, ...], base: torch.Tensor, model: torch.Tensor, wants: list[tuple[int, int]], cuts: list[int]
+    reducers: tuple[Any, ...], base: torch.Tensor, model: torch.Tensor, cuts: list[int], ahead: bool = False
 ) -> torch.Tensor:
-    """Run top-k passes over the chunks [cuts[i], cuts[i+1]) as the executor does; the kept mask."""
-    p, stats = TensorParams({}, ({},)), {}
-    for r in reducers:
-        acc = r.start(p, stats, base.numel())  # type: ignore[attr-defined]
-        for a, b in zip(cuts, cuts[1:]):
-            r.chunk(acc, base[a:b], [model[a:b].clone()], p, stats, Chunk((), a))  # type: ignore[attr-defined]
-        stats = {**stats, **r.finish(acc, p, stats)}  # type: ignore[attr-defined]
+    """Run top-k passes over the chunks [cuts[i], cuts[i+1]) as the executor does; the kept mask.
+    `ahead`: the last pass folds each chunk just before the chunk is masked, with the cut so far."""
+    p, stats, kept = TensorParams({}, ({},)), {}, []
+    spans = list(zip(cuts, cuts[1:]))
+    for i, r in enumerate(reducers):
+        acc = r.start(p, stats, base.numel())
+        for a, b in spans:
+            r.chunk(acc, base[a:b], [model[a:b].clone()], p, stats, Chunk((), a))
+            if ahead and i == len(reducers) - 1:
+                (cut,) = r.so_far(acc, p, stats)["t"]
+                kept.append(in_top(magnitude_key(model[a:b] - base[a:b]), cut, a))
+        stats = {**stats, **r.finish(acc, p, stats)}
     (cut,) = stats["t"]
-    return torch.cat([in_top(magnitude_key(model[a:b] - base[a:b]), cut, a) for a, b in zip(cuts, cuts[1:])])
+    final = torch.cat([in_top(magnitude_key(model[a:b] - base[a:b]), cut, a) for a, b in spans])
+    assert not ahead or torch.equal(torch.cat(kept), final)
+    return final
 
 
 @given(
@@ -261,7 +269,7 @@ def test_topk_any_chunking(n: int, levels: int, frac: float, splits: list[float]
     model = base + delta
     k = round(frac * n)
     cuts = sorted({0, n, *(int(s * n) for s in splits)})
-    got = drive(topk_reducers("t", lambda p, numel: [(0, k)]), base, model, [(0, k)], cuts)
+    got = drive(topk_reducers("t", lambda p, numel: [(0, k)]), base, model, cuts, ahead=True)
     want = torch.zeros(n, dtype=torch.bool)
     want[rank_order(model - base)[:k]] = True
     assert int(got.sum()) == k and torch.equal(got, want)

@@ -208,4 +208,4 @@ def _count(finite: Finite, band: Band) -> None:
 def _read_bytes(tensor: TensorPlan, band: Band) -> int:
     """What the band and its share of the statistics passes read (for the progress bar)."""
     per_row = tensor.row_numel * sum(itemsize(d) for d in tensor.read_dtypes)
-    return (band.r1 - band.r0) * per_row * tensor.reads
+    return (band.r1 - band.r0) * per_row * tensor.reads(None)  # the statistics task reads every pass

@@ -142,6 +142,15 @@ class Reducer(ABC):
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         """The statistics this pass adds, by name."""
 
+    # True for a last pass whose statistics, after any chunk, are right for merging every chunk
+    # folded so far (`so_far`): its blocks are then folded just before each is merged, on the
+    # apply pass's reads, and the tensor is read once less (a merge from row 0 in one process).
+    folds_ahead: bool = False
+
+    def so_far(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
+        """Statistics right for merging the chunks folded so far (for `folds_ahead` passes)."""
+        raise NotImplementedError(f"{type(self).__name__} does not fold ahead of the merge")
+
 
 class Method(ABC):
     """A merge method: `apply` maps float32 chunks of base and models to the merged chunk."""

@@ -77,6 +77,7 @@ class OnRoundedDeltas(Reducer):
 
     def __init__(self, inner: Reducer, dtype: torch.dtype) -> None:
         self.inner, self.dtype = inner, dtype
+        self.folds_ahead = inner.folds_ahead
 
     def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
         return self.inner.start(p, stats, numel)
@@ -89,6 +90,9 @@ class OnRoundedDeltas(Reducer):
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         return self.inner.finish(acc, p, stats)
+
+    def so_far(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
+        return self.inner.so_far(acc, p, stats)
 
 
 def linear(

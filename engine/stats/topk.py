@@ -13,6 +13,8 @@ histograms per selection:
 3. Ties at T are broken by lowest flat index, so that exactly k elements are kept whatever the
    block size: chunks arrive in flat order, so a running count of keys equal to T finds the
    flat index of the r-th one. (If all keys equal to T are kept this pass has nothing to do.)
+   Until the r-th is seen, every tie so far is kept: so in a merge from the first row this pass
+   folds each block just before merging it (`Reducer.folds_ahead`) and costs no read of its own.
 
 The result is a `Cut`: an element is in the top k iff key > T, or key == T and its flat index is
 at most `last_tie`. k = 0 and k = n need no pass at all.
@@ -243,6 +245,8 @@ class _LowPass(_Pass):
 class _TiePass(_Pass):
     """Pass 3: the flat index of the r-th key equal to the threshold (chunks come in flat order)."""
 
+    folds_ahead = True
+
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -279,6 +283,11 @@ class _TiePass(_Pass):
                     acc.steps[i] = Cut(acc.steps[i].threshold, c.start + pos)
                 acc.seen[i] = acc.seen.get(i, 0) + here
         return True
+
+    def so_far(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
+        """The cuts for the chunks folded so far: where the r-th tie is not among them yet, every
+        tie in them is kept."""
+        return {self.name: tuple(Cut(s.threshold, ALL_TIES) if isinstance(s, _Tie) else s for s in acc.steps)}
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         assert all(isinstance(s, Cut) for s in acc.steps), "a tie count did not reach r"
