@@ -229,6 +229,8 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
                 "merge": t.merge,
                 "block_rows": t.block_rows,
                 "blocks": t.n_blocks,
+                "passes": t.passes,
+                "reads": t.reads(),
                 "shard": t.shard,
             }
             for t in plan.tensors

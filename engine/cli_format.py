@@ -23,18 +23,18 @@ def format_plan(plan: Plan) -> str:
         f"memory budget {fmt_bytes(m.budget)}: baseline {fmt_bytes(m.baseline)} + buffers {fmt_bytes(m.buffers)}"
         f" + workspace {fmt_bytes(m.workspace)}{f' + held tensors {fmt_bytes(m.resident)}' if m.resident else ''}"
         f" -> predicted peak RSS {fmt_bytes(m.predicted_peak)}",
-        f"read {fmt_bytes(plan.bytes_read)} (up to {max((t.passes for t in plan.tensors), default=1)} pass(es) per tensor"
+        f"read {fmt_bytes(plan.bytes_read)} (up to {max((t.reads() for t in plan.tensors), default=1)} read(s) of a tensor"
         f"{'' if plan.spec.method_impl.uses_base else '; the base is a template, not read'}),"
         f" write {fmt_bytes(plan.bytes_written)}",
         *_device_line(plan.device),
         *_held_line(plan),
         "",
-        f"{'tensor':<48} {'shape':<18} {'dtype':<6} {'rows/block':>10} {'blocks':>7} {'passes':>6}",
+        f"{'tensor':<48} {'shape':<18} {'dtype':<6} {'rows/block':>10} {'blocks':>7} {'passes':>6} {'reads':>5}",
     ]
     for t in plan.tensors:
         dtype = t.out_dtype if t.merge else f"{t.out_dtype}*"
         lines.append(
-            f"{t.name:<48} {str(list(t.shape)):<18} {dtype:<6} {t.block_rows:>10} {t.n_blocks:>7} {t.passes:>6}"
+            f"{t.name:<48} {str(list(t.shape)):<18} {dtype:<6} {t.block_rows:>10} {t.n_blocks:>7} {t.passes:>6} {t.reads():>5}"
         )
     lines.append("")
     lines += [

@@ -186,3 +186,21 @@ def test_stopped_inside_a_tensor_resumes_with_every_pass(family: tuple[Path, lis
     merge(s, out, block_bytes=BLOCK, resume=True, hold=False)
     want = merge(s, tmp_path / "ref", block_bytes=BLOCK, hold=False)
     assert digests(out) == digests(Path(want.output))
+
+
+def test_plan_shows_passes_and_reads(family: tuple[Path, list[Path]]) -> None:
+    """`leanmerge plan` tells the reads apart from the passes: a TIES tensor of several blocks has
+    4 passes and 3 reads without a hold, 1 read where held; one block is read once."""
+    import json
+
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    base, models = family
+    args = ["plan", "--base", str(base), "--model", str(models[0]), "--method", "ties", "--density", "0.3"]
+    args += ["--block-size", str(BLOCK), "--max-memory", "2GiB", "--json"]
+    for hold, reads in (("--no-hold", 3), ("--hold", 1)):
+        shown = json.loads(CliRunner().invoke(main, [*args, hold]).output)
+        several = {(t["passes"], t["reads"]) for t in shown["tensor_plans"] if t["blocks"] > 1}
+        assert several == {(4, reads)} and {t["reads"] for t in shown["tensor_plans"] if t["blocks"] == 1} == {1}
