@@ -203,6 +203,50 @@ def test_resume_removes_the_chunk_files_a_killed_write_left_half_written(
     assert {p.relative_to(got): p.read_bytes() for p in got.rglob("*") if p.is_file()} == files
 
 
+def test_a_band_worker_leaves_the_chunk_files_others_are_writing(
+    family: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A Dask band reopens the group while other workers write chunks: a CHUNK.UUID.partial is
+    another worker's write in flight and stays (removing it failed that worker's rename, or this
+    one's unlink when the rename came first); a resume's reopen, with no writer left, removes it."""
+    from engine.cluster.tasks import ZarrOutput
+
+    plan = zarr_blocks(prepare(valid_spec("linear", *family), block_bytes=200)[1])
+    digest = plan.spec.digest()
+    zarr_writer.ZarrWriter(tmp_path, plan, digest, Compression()).close()
+    array = tmp_path / "model.zarr" / "layers.0.w"
+    part = array / "c" / "0" / "0.0123456789abcdef.partial"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"a chunk being written")
+    ZarrOutput(tmp_path, digest, Compression()).open(plan).close()
+    assert part.read_bytes() == b"a chunk being written"
+    zarr_writer.ZarrWriter(tmp_path, plan, digest, Compression(), reopen=True).close()
+    assert not part.exists() and array.is_dir()
+
+
+def test_the_commit_removes_the_chunk_files_a_killed_writer_left(
+    family: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A Dask worker killed inside a chunk write leaves CHUNK.UUID.partial while its band is
+    written again elsewhere: the commit removes it, so the output holds the chunks and nothing else."""
+    spec = valid_spec("dare_ties", *family)
+    merge(spec, tmp_path / "a" / "m", block_bytes=200, handle_signals=False, out_format="zarr")
+    out = tmp_path / "b" / "m"
+    planted: list[Path] = []
+
+    def plant(e: dict[str, object]) -> None:
+        if e["event"] == "tensor" and not planted:
+            chunk = next(p for p in (temp_dir_for(out) / "model.zarr").rglob("*") if p.is_file() and "c" in p.parts)
+            planted.append(chunk.with_name(f"{chunk.name}.0123456789abcdef.partial"))
+            planted[0].write_bytes(b"half a chunk")
+
+    merge(spec, out, block_bytes=200, on_event=plant, handle_signals=False, out_format="zarr")
+    whole = tmp_path / "a" / "m" / "model.zarr"
+    files = {p.relative_to(whole): p.read_bytes() for p in whole.rglob("*") if p.is_file()}
+    got = out / "model.zarr"
+    assert planted and {p.relative_to(got): p.read_bytes() for p in got.rglob("*") if p.is_file()} == files
+
+
 def test_resume_takes_the_interrupted_runs_chunks_where_the_budget_allows(family: tuple[Path, list[Path]]) -> None:
     plan = prepare(valid_spec("linear", *family), block_bytes=200)[1]  # 100 elements: 8 rows of 12
     rows = {t.name: t.block_rows for t in zarr_blocks(plan).tensors}

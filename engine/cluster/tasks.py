@@ -57,7 +57,9 @@ class ZarrOutput:
     root: str | None = None  # the group's store URL (engine.io.zarr_url); None: in `folder`
 
     def open(self, plan: Plan) -> ZarrWriter:
-        return ZarrWriter(self.folder, plan, self.spec_sha256, self.compression, reopen=True, root=self.root)
+        return ZarrWriter(
+            self.folder, plan, self.spec_sha256, self.compression, reopen=True, root=self.root, joined=True
+        )
 
 
 @dataclass(frozen=True)

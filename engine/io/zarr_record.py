@@ -21,7 +21,7 @@ from engine.io.journal import JOURNAL_NAME, JournalState
 from engine.io.record import FILES_KEY, PIECE, file_sha256, fsync_files
 from engine.io.url import store_fs
 from engine.io.zarr_format import ATTRS, ZARR_DIR, chunk_crcs, chunk_exists, escape_name, zarr_module
-from engine.io.zarr_writer import fsync_all
+from engine.io.zarr_writer import fsync_all, remove_partials
 from engine.plan import Plan
 
 ARRAYS_KEY = "array_sha256"
@@ -38,6 +38,8 @@ def finalize_zarr(
     """Write the arrays' and the group's records (after the side files are in `tmp`), fsync'd;
     `root`: the group's store URL (engine.io.zarr_url), else `tmp/model.zarr`."""
     zarr = zarr_module()
+    if root is None:
+        remove_partials(tmp / ZARR_DIR)
     group = zarr.open_group(root or tmp / ZARR_DIR, mode="r+")
     for t in plan.tensors:
         arr = group[escape_name(t.name)]

@@ -132,8 +132,11 @@ class ZarrWriter:
         *,
         reopen: bool = False,
         root: str | None = None,
+        joined: bool = False,
     ) -> None:
-        """`root`: the group's store URL (engine.io.zarr_url), else `folder/model.zarr`."""
+        """`root`: the group's store URL (engine.io.zarr_url), else `folder/model.zarr`. `joined`:
+        reopened by a worker of a run in progress (a Dask band), whose other workers are writing
+        chunks now: their half-written files are theirs, not a killed run's, and stay."""
         zarr = zarr_module()
         self.root: Path | str = root or folder / ZARR_DIR
         self._paths: set[Path] = set()  # chunk files written since the last sync
@@ -143,7 +146,7 @@ class ZarrWriter:
         # Uncompressed chunks on a local disk are written by `_write_raw`, the rest by zarr.
         self._raw = RAW_WRITES and compression.kind == "none" and isinstance(self.root, Path)
         if reopen:
-            self.group = self._reopen(zarr, plan, compression)
+            self.group = self._reopen(zarr, plan, joined)
             return
         self.group = zarr.open_group(
             self.root, mode="w-", zarr_format=3, attributes={ATTRS: {"spec_sha256": spec_sha256}}
@@ -163,9 +166,9 @@ class ZarrWriter:
             )
         self._arrays = {t.name: self.group[escape_name(t.name)] for t in plan.tensors}
 
-    def _reopen(self, zarr: Any, plan: Plan, compression: Compression) -> Any:
-        if isinstance(self.root, Path):
-            _remove_partials(self.root)
+    def _reopen(self, zarr: Any, plan: Plan, joined: bool) -> Any:
+        if isinstance(self.root, Path) and not joined:
+            remove_partials(self.root)
         try:
             group = zarr.open_group(self.root, mode="r+")
             self._arrays = {t.name: group[escape_name(t.name)] for t in plan.tensors}
@@ -292,10 +295,11 @@ class ZarrWriter:
         self._cache = None
 
 
-def _remove_partials(root: Path) -> None:
-    """Remove the half-written chunk files a killed run left (`_write_raw`'s and zarr's local
+def remove_partials(root: Path) -> None:
+    """Remove the half-written chunk files a killed writer left (`_write_raw`'s and zarr's local
     store's temporary names): never renamed into place, they are no chunk, and left there they
-    would be committed with the output."""
+    would be committed with the output. Only while no one writes: on resume, and at the commit
+    (a Dask worker killed mid-chunk leaves one while its band is written again elsewhere)."""
     for part in root.rglob(f"*{PARTIAL}"):
         if part.is_file():  # an array's folder may end so too: an escaped tensor name
             part.unlink()
