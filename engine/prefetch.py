@@ -58,7 +58,7 @@ class InputCheck:
     def last_read(self, tensor: TensorPlan) -> bool:
         """Called once per block read, in schedule order: is this the block's last read?"""
         n = self._reads[tensor.name] = self._reads.get(tensor.name, 0) + 1
-        return tensor.read_once or n > self.scans.get(tensor.name, tensor.scans()) * tensor.n_blocks
+        return tensor.read_once or n > self.scans[tensor.name] * tensor.n_blocks
 
 
 class Prefetcher:
