@@ -1,9 +1,10 @@
 """Per-element cost of each method's merge pass on the CPU: the C (`engine.stats._fused`, one
 call per block of the read buffers, as the executor makes it) at 1 and 2 threads, beside the eager
 torch step (`apply` on 256K-element float32 chunks); of the two passes of SLERP and model stock
-(statistics, then merge); and of the three top-k statistics passes of TIES and breadcrumbs (C at
-1 and 2 threads, torch). This is the CPU side of the merge, measured apart from any I/O, so that
-two machines' figures say which part of a merge is slow where.
+(statistics, then merge); and of the three top-k statistics passes of TIES and breadcrumbs, pass 1
+also with the windows that spare pass 2 (C at 1 and 2 threads, torch). This is the CPU side of the
+merge, measured apart from any I/O, so that two machines' figures say which part of a merge is
+slow where.
 
 `python -m bench.bench_steps [--models 3] [--repeats 9]` prints ns per *input* element (base and
 every model count) *per thread* (so perfect scaling keeps it flat), the process's CPU ns per input
@@ -35,7 +36,7 @@ from engine.methods import steps
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.methods.registry import METHODS
 from engine.rng import KeyedRng, stream_key
-from engine.stats import pairwise
+from engine.stats import pairwise, topk
 
 ELEMENTWISE = ("linear", "task_arithmetic", "dare_linear", "dare_ties", "ties", "breadcrumbs_ties")
 BLOCK_ELEMS = 1 << 22  # elements per stream of one C call: 8 MiB of bf16, a merge block
@@ -141,26 +142,38 @@ def time_two_pass(method: Method, k: int, repeats: int) -> tuple[float, float]:
 def run_pass(r: Reducer, raw: list[torch.Tensor], p: TensorParams, stats: Stats, mover: Mover) -> Any:
     """One statistics pass over the block `raw` as the executor runs it: from the read buffers in C
     where the reducer can, else over float32 copies of the block's chunks with torch ops."""
+    acc = r.start(p, stats, raw[0].numel())
+    fold(r, acc, raw, p, stats, mover)
+    return acc
+
+
+def fold(r: Reducer, acc: Any, raw: list[torch.Tensor], p: TensorParams, stats: Stats, mover: Mover) -> None:
+    """Fold the block `raw` into a pass's `acc`, as `run_pass` does."""
     n = raw[0].numel()
-    acc = r.start(p, stats, n)
     if not r.raw_chunk(acc, raw, p, stats, Chunk((), 0, n)):
         for c0 in range(0, n, CHUNK_ELEMS):
             work = mover.to_work([x[c0 : c0 + CHUNK_ELEMS] for x in raw], True)
             r.chunk(acc, work[0], work[1:], p, stats, Chunk((), c0, n))
-    return acc
 
 
 def time_top_k(method: Method, k: int, repeats: int, threads: int, n: int = BLOCK_ELEMS) -> list[float]:
-    """Median seconds of each of the method's statistics passes over one block of `n` elements on
-    `threads` (the C where `pairwise._fused` is set, else torch)."""
+    """Median seconds over one block of `n` elements on `threads` (the C where `pairwise._fused`
+    is set, else torch) of: pass 1 as on every block after the first, counting its windows in the
+    same sweep; then each statistics pass with no window (pass 2 runs only where the windows missed)."""
     base, models = bf16_family(k, n)
     raw, p, mover = [base, *models], params_for(method, k), cpu_mover(k)
     torch.set_num_threads(threads)
+    first = method.reducers(p)[0]
+    acc = run_pass(first, raw, p, {}, mover)  # the first block: the windows are guessed
+    secs = [median_s(functools.partial(fold, first, acc, raw, p, {}, mover), repeats)]
     stats: Stats = {}
-    secs = []
-    for r in method.reducers(p):
-        secs.append(median_s(functools.partial(run_pass, r, raw, p, stats, mover), repeats))
-        stats = {**stats, **r.finish(run_pass(r, raw, p, stats, mover), p, stats)}
+    window, topk.WINDOW = topk.WINDOW, 0
+    try:
+        for r in method.reducers(p):
+            secs.append(median_s(functools.partial(run_pass, r, raw, p, stats, mover), repeats))
+            stats = {**stats, **r.finish(run_pass(r, raw, p, stats, mover), p, stats)}
+    finally:
+        topk.WINDOW = window
     return secs
 
 
@@ -232,7 +245,7 @@ def main(k: int, repeats: int, results: Path) -> None:
             for pass_, v in zip(("statistics", "merge"), per_elem):
                 rows.append({"method": name, "pass": pass_, "kernel": kind, "threads": 1, "ns_per_input_elem": v})
             print(f"{name:<16} {kind:<9} {m:>7} {per_elem[0]:>14.2f} {per_elem[1]:>14.2f}")
-    print(f"\n{'top-k passes':<16} {'kernel':<9} {'threads':>7} {'ns/elem/thread, passes 1 2 3':>30}")
+    print(f"\n{'top-k passes':<16} {'kernel':<9} {'threads':>7} {'ns/elem/thread, 1+window, 1 2 3':>38}")
     runs = [("C", pairwise._fused, 1), ("C", pairwise._fused, 2)] if pairwise._fused is not None else []
     for name in TOP_K:
         for kind, module, threads in [*runs, ("torch", None, 1)]:
@@ -242,17 +255,17 @@ def main(k: int, repeats: int, results: Path) -> None:
             finally:
                 pairwise._fused = runs[0][1] if runs else None
             per_elem = [sec * threads / (BLOCK_ELEMS * (k + 1)) * 1e9 for sec in passes]
-            for i, v in enumerate(per_elem, 1):
+            for label, v in zip(("top-k 1 with window", "top-k 1", "top-k 2", "top-k 3"), per_elem):
                 rows.append(
                     {
                         "method": name,
-                        "pass": f"top-k {i}",
+                        "pass": label,
                         "kernel": kind,
                         "threads": threads,
                         "ns_per_input_elem_thread": v,
                     }
                 )
-            print(f"{name:<16} {kind:<9} {threads:>7} {'  '.join(f'{v:8.3f}' for v in per_elem):>30}")
+            print(f"{name:<16} {kind:<9} {threads:>7} {'  '.join(f'{v:7.3f}' for v in per_elem):>38}")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"steps-{stamp}.json"

@@ -231,6 +231,7 @@ def plan_cmd(as_json: bool, **kw: Any) -> None:
                 "blocks": t.n_blocks,
                 "passes": t.passes,
                 "reads": t.reads(),
+                "fewest_reads": t.fewest_reads(),
                 "shard": t.shard,
             }
             for t in plan.tensors
@@ -324,9 +325,12 @@ def _events(log_json: Path | None, show_bar: bool) -> Iterator[Callable[[dict[st
                     desc="merge",
                     file=sys.stderr,
                 )
-            if e["event"] == "block":
-                if bar is not None:
+            if e["event"] in ("block", "skipped"):
+                if bar is not None and e["event"] == "block":
                     bar.update(e["bytes"])
+                elif bar is not None:  # a statistics pass found needless: its bytes are not read
+                    bar.total -= e["bytes"]
+                    bar.refresh()
                 return  # too chatty for the log
             if log is not None:
                 log.write(json.dumps(e) + "\n")

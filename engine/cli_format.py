@@ -10,9 +10,20 @@ from engine.budget import fmt_bytes
 if TYPE_CHECKING:
     from engine.device import DevicePlan
     from engine.merge import Report
-    from engine.plan import Plan
+    from engine.plan import Plan, TensorPlan
 
 SHOWN_TENSORS = 5  # tensors named in the NaN/Inf warning
+
+
+def _reads(t: TensorPlan) -> str:
+    """A tensor's reads: a range where a statistics pass may find nothing to count."""
+    return f"{t.fewest_reads()}-{t.reads()}" if t.fewest_reads() < t.reads() else str(t.reads())
+
+
+def _fewer(plan: Plan) -> str:
+    return (
+        "; fewer where a pass has nothing to count" if any(t.fewest_reads() < t.reads() for t in plan.tensors) else ""
+    )
 
 
 def format_plan(plan: Plan) -> str:
@@ -23,7 +34,8 @@ def format_plan(plan: Plan) -> str:
         f"memory budget {fmt_bytes(m.budget)}: baseline {fmt_bytes(m.baseline)} + buffers {fmt_bytes(m.buffers)}"
         f" + workspace {fmt_bytes(m.workspace)}{f' + held tensors {fmt_bytes(m.resident)}' if m.resident else ''}"
         f" -> predicted peak RSS {fmt_bytes(m.predicted_peak)}",
-        f"read {fmt_bytes(plan.bytes_read)} (up to {max((t.reads() for t in plan.tensors), default=1)} read(s) of a tensor"
+        f"read up to {fmt_bytes(plan.bytes_read)} (up to {max((t.reads() for t in plan.tensors), default=1)} read(s)"
+        f" of a tensor{_fewer(plan)}"
         f"{'' if plan.spec.method_impl.uses_base else '; the base is a template, not read'}),"
         f" write {fmt_bytes(plan.bytes_written)}",
         *_device_line(plan.device),
@@ -34,7 +46,7 @@ def format_plan(plan: Plan) -> str:
     for t in plan.tensors:
         dtype = t.out_dtype if t.merge else f"{t.out_dtype}*"
         lines.append(
-            f"{t.name:<48} {str(list(t.shape)):<18} {dtype:<6} {t.block_rows:>10} {t.n_blocks:>7} {t.passes:>6} {t.reads():>5}"
+            f"{t.name:<48} {str(list(t.shape)):<18} {dtype:<6} {t.block_rows:>10} {t.n_blocks:>7} {t.passes:>6} {_reads(t):>5}"
         )
     lines.append("")
     lines += [

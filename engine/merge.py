@@ -217,7 +217,13 @@ def merge(
     baseline = current_rss()
     store = _store_target(output, out_format, runner, store_work)
     target = store.anchor if store is not None else resolve_target(local_path(output))
-    emit = on_event or (lambda e: None)
+    skipped = [0]  # bytes of the statistics passes found needless (`Reducer.needed`): not read
+
+    def emit(e: dict[str, Any]) -> None:
+        skipped[0] += e["bytes"] if e["event"] == "skipped" else 0
+        if on_event is not None:
+            on_event(e)
+
     inv, plan = prepare(
         spec,
         max_memory=max_memory,
@@ -290,6 +296,7 @@ def merge(
             shutil.rmtree(tmp)
     wall = time.perf_counter() - t0
     earlier = sum(t.bytes_read for t in plan.tensors if t.name in kept)
+    read = plan.bytes_read - earlier - skipped[0]
     return Report(
         output=store.url if store is not None else str(local_path(output)),
         method=spec.method,
@@ -300,9 +307,9 @@ def merge(
         resumed_tensors=len(kept),
         device=plan.device.device,
         wall_s=wall,
-        bytes_read=plan.bytes_read - earlier,
+        bytes_read=read,
         bytes_written=plan.bytes_written,
-        read_gbps=(plan.bytes_read - earlier) / wall / 1e9,
+        read_gbps=read / wall / 1e9,
         budget=plan.memory.budget,
         predicted_peak_rss=plan.memory.predicted_peak,
         peak_rss=peak_rss(),

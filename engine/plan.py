@@ -51,6 +51,7 @@ class TensorPlan:
     reads_base: bool = True  # False: the method ignores the base's values (`Method.uses_base`)
     resident: bool = False  # read once and held whole on the compute device for every pass
     folds_ahead: bool = False  # the last reduce pass may run on the apply pass's reads (`Reducer.folds_ahead`)
+    skippable: tuple[int, ...] = ()  # reduce passes (0 is the first) that may find nothing to count (`Reducer.needed`)
 
     def scans(self, first_row: int | None = 0) -> int:
         """Reduce passes that read the whole tensor before its apply pass from `first_row`: all
@@ -58,10 +59,20 @@ class TensorPlan:
         statistics are computed apart from the merge, by another process, and read every pass)."""
         return self.passes - 1 - (self.folds_ahead and self.passes > 1 and first_row == 0)
 
+    def fewest_scans(self, first_row: int | None = 0) -> int:
+        """`scans` less those of passes that may be skipped: known only once the passes before them
+        have run (`Reducer.needed`)."""
+        scans = self.scans(first_row)
+        return scans - sum(i < scans for i in self.skippable)
+
     def reads(self, first_row: int | None = 0) -> int:
-        """Times the tensor's bytes are read (`scans`' `first_row`): once per scan and once to
-        merge, or once if it fits one block or is held resident."""
+        """Times at most the tensor's bytes are read (`scans`' `first_row`): once per scan and once
+        to merge, or once if it fits one block or is held resident."""
         return 1 if self.read_once else self.scans(first_row) + 1
+
+    def fewest_reads(self, first_row: int | None = 0) -> int:
+        """`reads` where every pass that may be skipped is."""
+        return 1 if self.read_once else self.fewest_scans(first_row) + 1
 
     @property
     def read_once(self) -> bool:
@@ -94,9 +105,14 @@ class TensorPlan:
         return self.numel * itemsize(self.out_dtype)
 
     @property
+    def scan_bytes(self) -> int:
+        """What one read of the whole tensor reads: every stream read."""
+        return self.numel * sum(itemsize(d) for d in self.read_dtypes)
+
+    @property
     def bytes_read(self) -> int:
-        """What merging this tensor reads: every pass over every stream read."""
-        return self.reads() * self.numel * sum(itemsize(d) for d in self.read_dtypes)
+        """What merging this tensor reads at most: every pass over every stream read."""
+        return self.reads() * self.scan_bytes
 
     @property
     def n_blocks(self) -> int:
@@ -250,6 +266,7 @@ def make_plan(
                 offset=offset,
                 passes=1 + len(reducers[n]) if info.dtype in MERGEABLE else 1,
                 folds_ahead=info.dtype in MERGEABLE and bool(reducers[n]) and reducers[n][-1].folds_ahead,
+                skippable=tuple(i for i, r in enumerate(reducers[n]) if r.skippable) if info.dtype in MERGEABLE else (),
                 reads_base=spec.method_impl.uses_base,
             )
         )

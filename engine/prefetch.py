@@ -1,16 +1,18 @@
 """The reader side of a run: a thread that fills reused block buffers ("slots") in the order the
-compute stage will consume them, and the bookkeeping of which read counts the inputs' NaN/Inf.
+compute stage will consume them, and what the stage tells it back: which statistics passes it
+skips (`Decisions`).
 
 `engine.execute` wires a `Prefetcher` to an `engine.stage.Stage`; the two meet only through the
 two queues here (free slots one way, filled ones the other), so the disk reads block k+1 while
-block k is merged.
+block k is merged, and through `Decisions`, which the reader waits on only where a read depends
+on one.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,6 +39,11 @@ class Filled:
 
 
 _Item = tuple[TensorPlan, Block, Filled] | BaseException | None
+# One read of the schedule: a block, and whether its read counts the inputs' NaN/Inf (each block
+# once); or None just before the schedule waits on the stage's word (`Decisions`), so that the
+# reader hands over the block it holds first.
+Read = tuple[TensorPlan, Block, bool] | None
+_END = object()
 
 
 def unread_base(tensor: TensorPlan, block: Block, slot: Slot) -> torch.Tensor:
@@ -46,19 +53,47 @@ def unread_base(tensor: TensorPlan, block: Block, slot: Slot) -> torch.Tensor:
     return slot[0][: block.numel * itemsize(dtype)].view(DTYPES[dtype])
 
 
+@dataclass(frozen=True)
 class InputCheck:
-    """Which reads of the schedule count the inputs' NaN/Inf: each block once, on its last read
-    (the merge pass's; a tensor read once for all its passes, on that read)."""
+    """Where the reads the schedule marks count the inputs' NaN/Inf: into `finite`, by input folder."""
 
-    def __init__(self, finite: Finite, sources: Sequence[str], scans: Mapping[str, int]) -> None:
-        # scans: by tensor, the reduce passes read before its apply pass (0: stats from elsewhere)
-        self.finite, self.sources, self.scans = finite, sources, scans
-        self._reads: dict[str, int] = {}
+    finite: Finite
+    sources: Sequence[str]
 
-    def last_read(self, tensor: TensorPlan) -> bool:
-        """Called once per block read, in schedule order: is this the block's last read?"""
-        n = self._reads[tensor.name] = self._reads.get(tensor.name, 0) + 1
-        return tensor.read_once or n > self.scans[tensor.name] * tensor.n_blocks
+
+class Decisions:
+    """The stage's word to the reader on each statistics pass that may be skipped
+    (`TensorPlan.skippable`): whether it runs, in pass order, by tensor. The reader reads on without
+    them as far as the fewest scans go, and asks only where the next read depends on one."""
+
+    def __init__(self) -> None:
+        self._said: dict[str, list[bool]] = {}
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def decide(self, tensor: str, runs: bool) -> None:
+        with self._changed:
+            self._said.setdefault(tensor, []).append(runs)
+            self._changed.notify_all()
+
+    def scan_runs(self, tensor: TensorPlan, first_row: int | None, j: int) -> bool:
+        """Whether the tensor's (j + 1)-th scan runs; waits for the stage's word where that
+        depends on it (False once closed)."""
+        fewest, skippable = tensor.fewest_scans(first_row), tensor.scans(first_row) - tensor.fewest_scans(first_row)
+        with self._changed:
+            while True:
+                said = self._said.get(tensor.name, [])
+                if j < fewest + sum(said):
+                    return True
+                if len(said) >= skippable or self._closed:
+                    return False
+                self._changed.wait()
+
+    def close(self) -> None:
+        """Wake a reader waiting on a word that will not come (the stage stopped or failed)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
 
 class Prefetcher:
@@ -72,7 +107,7 @@ class Prefetcher:
 
     def __init__(
         self,
-        schedule: Iterator[tuple[TensorPlan, Block]],
+        schedule: Iterator[Read],
         readers: Sequence[RowReader],
         slots: list[Slot],
         check: InputCheck | None = None,
@@ -89,19 +124,20 @@ class Prefetcher:
         )
         self._thread.start()
 
-    def _run(self, schedule: Iterator[tuple[TensorPlan, Block]], readers: Sequence[RowReader]) -> None:
+    def _run(self, schedule: Iterator[Read], readers: Sequence[RowReader]) -> None:
         try:
-            upcoming = next(schedule, None)
-            while upcoming is not None:
-                tensor, block = upcoming
-                upcoming = next(schedule, None)
-                if upcoming is not None:  # the disk reads ahead while we wait for a slot and read this block
+            upcoming: Read | object = next(schedule, _END)
+            while upcoming is not _END:
+                current, upcoming = upcoming, next(schedule, _END)
+                if not isinstance(current, tuple):  # None: the schedule asked the stage (in `next`)
+                    continue
+                tensor, block, counted = current
+                if isinstance(upcoming, tuple):  # the disk reads ahead while we wait for a slot and read this block
                     for i in upcoming[0].streams:
                         readers[i].advise_rows(upcoming[0].name, upcoming[1].r0, upcoming[1].r1)
                 slot = self._take_free()
                 if slot is None:
                     return
-                counted = self._check is not None and self._check.last_read(tensor)
                 reads = [
                     self._pool.submit(self._read, readers[i], i, tensor, block, slot, counted) for i in tensor.streams
                 ]
@@ -116,8 +152,8 @@ class Prefetcher:
     def _read(
         self, reader: RowReader, i: int, tensor: TensorPlan, block: Block, slot: Slot, counted: bool
     ) -> torch.Tensor:
-        """Input `i`'s rows of `block` into its buffer of `slot`, NaN/Inf counted on the merge
-        pass's read (`counted`), here on the reader thread, beside the merge."""
+        """Input `i`'s rows of `block` into its buffer of `slot`, NaN/Inf counted where the
+        schedule says (`counted`), here on the reader thread, beside the merge."""
         rows = reader.read_rows(tensor.name, block.r0, block.r1, out=slot[i])
         if counted and self._check is not None:
             self._check.finite.check_input(self._check.sources[i], tensor, block, rows.reshape(-1))

@@ -17,7 +17,7 @@ from engine.methods import steps
 from engine.methods.base import Chunk, Method, Reducer, Stats, TensorParams
 from engine.pipeline import Pipeline
 from engine.plan import Block, Plan, TensorPlan
-from engine.prefetch import Filled, Prefetcher
+from engine.prefetch import Decisions, Filled, Prefetcher
 from engine.rng import KeyedRng, stream_key
 
 TWO32 = 1 << 32
@@ -35,8 +35,10 @@ class Stage:
         prefetch: Prefetcher,
         out: WriteBehind | None,
         emit: OnEvent,
+        decisions: Decisions,
     ) -> None:
         self.plan, self.pipe, self.prefetch, self.out, self.emit = plan, pipe, prefetch, out, emit
+        self.decisions = decisions  # told of each skippable pass whether it runs, for the reader
         self.method: Method = plan.spec.method_impl
         self.params: TensorParams = plan.spec.tensor_params()
         self.filled = iter(prefetch)
@@ -74,7 +76,11 @@ class Stage:
             scans = tensor.scans(first_row)
             held, stats = self.statistics(tensor, streams, scans)
             if scans < len(reducers):  # the last pass folds each block just before its merge
-                ahead = reducers[-1], reducers[-1].start(self.params, stats, tensor.numel)
+                last, acc = reducers[-1], reducers[-1].start(self.params, stats, tensor.numel)
+                if last.needed(self.params, stats):
+                    ahead = last, acc
+                else:
+                    stats = {**stats, **last.finish(acc, self.params, stats)}
         for block in tensor.blocks(first_row):
             if end_row is not None and block.r0 >= end_row:
                 break
@@ -138,8 +144,16 @@ class Stage:
         stats: Stats,
     ) -> dict[str, Any]:
         """One statistics pass over the tensor: each block from `held` (held blocks, or blocks
-        landing in the hold), or read again without it."""
+        landing in the hold), or read again without it; or none, where a skippable pass finds
+        nothing to count (the reader is told either way)."""
         acc = r.start(self.params, stats, tensor.numel)
+        if r.skippable:
+            runs = r.needed(self.params, stats)
+            self.decisions.decide(tensor.name, runs)
+            if not runs:
+                if held is None:
+                    self.emit({"event": "skipped", "bytes": tensor.scan_bytes})
+                return r.finish(acc, self.params, stats)
         for block in tensor.blocks():
             filled = held(block) if held is not None else self._next(tensor, block)
             self._fold(r, acc, tensor, block, filled, streams, stats)

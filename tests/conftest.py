@@ -98,6 +98,29 @@ def family_tensors(
     return out
 
 
+def stepped_family(root: Path, skewed: bool, shapes: dict[str, tuple[int, ...]]) -> tuple[Path, list[Path]]:
+    """A bf16 base of small integers and 3 fine-tunes whose deltas are ±1, ±2 or ±3 (exact):
+    TIES' top 15% of |delta| then ends at 3.0, and a guess from any block finds its bucket. Where
+    `skewed`, the first tenth of the rows' deltas are all ±3 and the rest ±1 or ±2: the threshold
+    is 2.0, far from a first block's guess (3.0), so the top-k select needs its second pass."""
+    g = torch.Generator().manual_seed(3)
+    base = {n: torch.randint(-50, 50, s, generator=g).float() for n, s in shapes.items()}
+    sets = [base]
+    for _ in range(3):
+        ft = {}
+        for n, b in base.items():
+            size = torch.randint(1, 3 if skewed else 4, b.shape, generator=g)
+            if skewed:
+                size[: max(1, len(size) // 10)] = 3
+            ft[n] = b + size * (torch.randint(0, 2, b.shape, generator=g) * 2 - 1)
+        sets.append(ft)
+    folders = [
+        write_checkpoint(root / name, {n: t.bfloat16() for n, t in ts.items()})
+        for name, ts in zip(["base", "ft1", "ft2", "ft3"], sets)
+    ]
+    return folders[0], folders[1:]
+
+
 MakeFamily = Callable[..., tuple[Path, list[Path]]]
 
 

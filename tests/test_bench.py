@@ -378,5 +378,5 @@ def test_top_k_pass_timing_runs_the_c_and_torch_to_the_same_cuts(method: str, mo
         for r in m.reducers(p):
             stats = {**stats, **r.finish(run_pass(r, [base, *models], p, stats, cpu_mover(k)), p, stats)}
         found.append({name: v for name, v in stats.items() if "/" not in name})
-        assert len(time_top_k(m, k, repeats=1, threads=1, n=1 << 16)) == 3
+        assert len(time_top_k(m, k, repeats=1, threads=1, n=1 << 16)) == 4  # pass 1 with windows, passes 1-3
     assert found[0] == found[1] and found[0]

@@ -175,14 +175,39 @@ def test_key_histograms_in_c_equal_torch_bincount(
     kernel: Any = pairwise._fused
     picks = [order.randrange(len(keys)) for _ in range(order.randint(1, 5))]
     high = torch.zeros(len(picks), 1 << 15, dtype=torch.int64)
-    kernel.key_histograms(streams, tuple((m + 1, -1) for m in picks), high.numpy(), threads)
+    kernel.key_histograms(streams, tuple((m + 1, -1) for m in picks), tuple(h.numpy() for h in high), threads)
     for row, m in zip(high, picks):
         assert torch.equal(row, torch.bincount(keys[m] >> 16, minlength=1 << 15))
     buckets = [int(keys[m][order.randrange(n)] >> 16) for m in picks]
     low = torch.zeros(len(picks), 1 << 16, dtype=torch.int64)
-    kernel.key_histograms(streams, tuple((m + 1, b) for m, b in zip(picks, buckets)), low.numpy(), threads)
+    kernel.key_histograms(
+        streams, tuple((m + 1, b) for m, b in zip(picks, buckets)), tuple(h.numpy() for h in low), threads
+    )
     for row, m, b in zip(low, picks, buckets):
         assert torch.equal(row, torch.bincount(keys[m][(keys[m] >> 16) == b] & 0xFFFF, minlength=1 << 16))
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@key_cases
+def test_key_windows_in_c_equal_torch(n: int, dtypes: list[torch.dtype], threads: int, seed: int, order: Any) -> None:
+    """Pass 1 with its windows, as the C counts it: high-bits histograms and the low bits of a run
+    of buckets around an element's (clamped to the key range), mixed in one sweep, equal the torch
+    path's counts (`topk._counts`)."""
+    from engine.stats.topk import _counts
+
+    streams, keys = key_inputs(n, dtypes, seed)
+    width = order.choice([1, 2, 4, 7])
+    wanted = []
+    for m in sorted(order.randrange(len(keys)) for _ in range(order.randint(1, 5))):
+        wanted.append(
+            (m, -1) if order.random() < 0.4 else (m, min(int(keys[m][order.randrange(n)] >> 16), (1 << 15) - width))
+        )
+    outs = [torch.full((1 << 15 if b < 0 else width << 16,), 7, dtype=torch.int64) for _, b in wanted]
+    kernel: Any = pairwise._fused
+    kernel.key_histograms(streams, tuple((m + 1, b) for m, b in wanted), tuple(h.numpy() for h in outs), threads, width)
+    for got, (m, b) in zip(outs, wanted):  # added to what was there
+        assert torch.equal(got - 7, _counts(keys[m], b, width))
 
 
 @needs_kernel

@@ -19,7 +19,7 @@ from engine.io.journal import load_journal
 from engine.io.output import temp_dir_for
 from engine.merge import prepare
 
-from conftest import family_tensors, write_checkpoint
+from conftest import family_tensors, stepped_family, write_checkpoint
 
 merge_module = importlib.import_module("engine.merge")  # `engine.merge` the attribute is the function
 SHAPES = {"embed": (64, 16), "attn": (24, 24), "norm": (24,), "mlp": (40, 24)}
@@ -186,6 +186,102 @@ def test_stopped_inside_a_tensor_resumes_with_every_pass(family: tuple[Path, lis
     merge(s, out, block_bytes=BLOCK, resume=True, hold=False)
     want = merge(s, tmp_path / "ref", block_bytes=BLOCK, hold=False)
     assert digests(out) == digests(Path(want.output))
+
+
+def ties_of(family: tuple[Path, list[Path]]) -> MergeSpec:
+    base, models = family
+    return MergeSpec("ties", base, tuple(ModelRef(m, {}) for m in models), {"density": 0.15}, seed=2)
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_a_right_guess_spares_pass_two(tmp_path: Path, skewed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a hold, where pass 1's guess at each selection's bucket (from the first block) is
+    right, a top-k tensor of several blocks is read twice, not three times; where it is wrong
+    (`skewed`), three times. Same bytes as with no guess; the report counts the blocks read."""
+    from engine.stats import topk
+
+    s = ties_of(stepped_family(tmp_path / "f", skewed, SHAPES))
+    plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
+    several = [t for t in plan.tensors if t.merge and t.n_blocks > 1]
+    assert len(several) == 3 and all((t.fewest_reads(), t.reads()) == (2, 3) for t in several)
+    runs, guessed = {}, topk.WINDOW
+    for window in (guessed, 0):
+        monkeypatch.setattr(topk, "WINDOW", window)
+        events: list[dict[str, int]] = []
+        got = merge(s, tmp_path / str(window), block_bytes=BLOCK, hold=False, on_event=events.append)  # type: ignore[arg-type]
+        read, skipped = (sum(e["bytes"] for e in events if e["event"] == kind) for kind in ("block", "skipped"))
+        assert read == got.bytes_read == plan.bytes_read - skipped
+        runs[window] = (digests(Path(got.output)), skipped)
+    spared = 0 if skewed else sum(t.scan_bytes for t in several)
+    assert runs == {guessed: (runs[0][0], spared), 0: (runs[0][0], 0)}
+
+
+def test_stopped_after_a_spared_pass_resumes(tmp_path: Path) -> None:
+    """SIGINT two blocks into the merge of a tensor whose pass 2 was spared: the resumed run
+    scans it again (pass 1, spared pass 2, the tie pass) and writes the same bytes."""
+    s = ties_of(stepped_family(tmp_path / "f", False, SHAPES))
+    plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
+    attn, embed = plan.tensors[:2]
+    assert (attn.name, embed.name) == ("attn", "embed") and embed.n_blocks > 4
+    stop_at = 2 * attn.n_blocks + embed.n_blocks + 2
+    reads = [0]
+
+    def interrupt(e: dict[str, object]) -> None:
+        reads[0] += e["event"] == "block"
+        if reads[0] == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        merge(s, out, block_bytes=BLOCK, sync_every=1, hold=False, on_event=interrupt)
+    state = load_journal(temp_dir_for(out))
+    assert state is not None and 0 < state.rows_done("embed") < 64
+    events: list[dict[str, object]] = []
+    merge(s, out, block_bytes=BLOCK, resume=True, hold=False, on_event=events.append)
+    assert sum(e["event"] == "skipped" for e in events) == 2  # embed's pass 2 and mlp's
+    want = merge(s, tmp_path / "ref", block_bytes=BLOCK, hold=False)
+    assert digests(out) == digests(Path(want.output))
+
+
+def test_the_reader_waits_only_for_the_read_that_depends_on_the_stage() -> None:
+    """The schedule of a tensor with skippable passes 2 and 3 (TIES'): from row 0 it reads twice
+    before it asks (pass 1, then pass 2 or the merge), counting NaN/Inf on the first read only; a
+    resumed tensor asks after pass 1; a stage that stops wakes a reader waiting on its word."""
+    import threading
+
+    from engine.execute import scan_cycles
+    from engine.plan import TensorPlan
+    from engine.prefetch import Decisions
+
+    t = TensorPlan("w", (6, 2), ("BF16",) * 3, "BF16", True, 6, 2, 2, 0, 0, passes=4, folds_ahead=True,
+                   skippable=(1, 2))  # fmt: skip
+    assert (t.fewest_reads(), t.reads(), t.fewest_reads(2), t.reads(2)) == (2, 3, 2, 4)
+
+    def take(items: object, n: int) -> list[tuple[int, bool] | None]:
+        return [None if x is None else (x[1].r0, x[2]) for _, x in zip(range(n), items)]  # type: ignore[call-overload]
+
+    d = Decisions()
+    fresh = scan_cycles(t, 0, d)
+    assert take(fresh, 7) == [(0, True), (2, True), (4, True), (0, False), (2, False), (4, False), None]
+    d.decide("w", False)  # pass 2 skipped: the merge was the second read
+    assert take(fresh, 9) == []
+    d = Decisions()
+    resumed = scan_cycles(t, 2, d)
+    assert take(resumed, 4) == [(0, False), (2, False), (4, False), None]
+    d.decide("w", False)
+    d.decide("w", True)  # pass 2 skipped, the tie pass reads
+    assert take(resumed, 5) == [(0, False), (2, False), (4, False), None]
+    d.decide("w", True)  # a third word (never said) would not matter: it asks no more
+    assert take(resumed, 9) == []
+    d = Decisions()
+    waiting = scan_cycles(t, None, d)
+    assert take(waiting, 4)[-1] is None
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(next(waiting, "end")))
+    reader.start()
+    d.close()
+    reader.join(5)
+    assert got == ["end"]
 
 
 def test_plan_shows_passes_and_reads(family: tuple[Path, list[Path]]) -> None:

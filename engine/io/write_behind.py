@@ -48,8 +48,8 @@ _Job = tuple[TensorPlan, Block, torch.Tensor, torch.Tensor, Any] | None
 
 @dataclass
 class Finite:
-    """NaN/Inf counted per tensor in the merged blocks written and in the inputs' blocks read (the
-    merge pass's reads); `strict` refuses the first."""
+    """NaN/Inf counted per tensor in the merged blocks written and in the inputs' blocks read (each
+    block's first read, a resumed tensor's merge pass's); `strict` refuses the first."""
 
     strict: bool = False
     counts: dict[str, int] = field(default_factory=dict)

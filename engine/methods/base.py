@@ -151,6 +151,16 @@ class Reducer(ABC):
         """Statistics right for merging the chunks folded so far (for `folds_ahead` passes)."""
         raise NotImplementedError(f"{type(self).__name__} does not fold ahead of the merge")
 
+    # True for a pass (never the first) that the statistics before it may leave with nothing to
+    # count (`needed`): the plan then counts its read as one that may not happen.
+    skippable: bool = False
+
+    def needed(self, p: TensorParams, stats: Stats) -> bool:
+        """Whether this pass has anything to count, given the statistics before it (only a
+        `skippable` pass may say no). Where not, the executor reads nothing for it and its
+        statistics are `finish(start(...))`, no chunk folded."""
+        return True
+
 
 class Method(ABC):
     """A merge method: `apply` maps float32 chunks of base and models to the merged chunk."""

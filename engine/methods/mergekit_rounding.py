@@ -77,7 +77,7 @@ class OnRoundedDeltas(Reducer):
 
     def __init__(self, inner: Reducer, dtype: torch.dtype) -> None:
         self.inner, self.dtype = inner, dtype
-        self.folds_ahead = inner.folds_ahead
+        self.folds_ahead, self.skippable = inner.folds_ahead, inner.skippable
 
     def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
         return self.inner.start(p, stats, numel)
@@ -93,6 +93,9 @@ class OnRoundedDeltas(Reducer):
 
     def so_far(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         return self.inner.so_far(acc, p, stats)
+
+    def needed(self, p: TensorParams, stats: Stats) -> bool:
+        return self.inner.needed(p, stats)
 
 
 def linear(

@@ -10,6 +10,10 @@ histograms per selection:
    find the bucket that holds the k-th largest key.
 2. Histogram the low 16 bits of the keys inside that bucket: this gives the exact k-th largest
    key T, how many keys lie above it, and so r = how many keys equal to T must be kept.
+   Pass 1 guesses the bucket from the tensor's first chunk (its k scaled to the chunk) and
+   counts, for every chunk, the low bits of a window of a few buckets around the guess: where
+   the bucket falls in the window, those are pass 2's counts, and pass 2 is skipped
+   (`Reducer.needed`: it reads nothing). A wrong guess costs only the window's counting.
 3. Ties at T are broken by lowest flat index, so that exactly k elements are kept whatever the
    block size: chunks arrive in flat order, so a running count of keys equal to T finds the
    flat index of the r-th one. (If all keys equal to T are kept this pass has nothing to do.)
@@ -35,6 +39,8 @@ KEY_MAX = 0x7FFFFFFF  # the largest key (a NaN pattern); keys are int32 >= 0
 ALL_TIES = (1 << 63) - 1  # `last_tie` when every key equal to the threshold is kept
 _HIGH_BINS = 1 << 15  # high 16 bits of a key whose sign bit is clear
 _LOW_BINS = 1 << 16
+WINDOW = 4  # buckets in pass 1's window (synthetic bf16 deltas: the guess is off by 0 or 1)
+_WINDOW_SCRATCH = 1 << 24  # bytes of int32 counts per thread the C may hold for the windows of one call
 
 # (base chunk, model chunks) -> keys by selection index (`_Keys`: |θₘ − θ_base| by model)
 KeysOf = Callable[[torch.Tensor, Sequence[torch.Tensor]], Any]
@@ -116,13 +122,25 @@ def _pick(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, int(desc[j]) - int(hist[b])
 
 
+def _resolve(s: _Bucket, low: torch.Tensor) -> Cut | _Tie:
+    """The threshold within bucket `s.bucket`, from the counts of its keys' low 16 bits."""
+    bits, above = _pick(low, s.k - s.above)
+    threshold, r = (s.bucket << 16) | bits, s.k - s.above - above
+    # r == count(key == threshold): every tie is kept and pass 3 has nothing to find.
+    return Cut(threshold, ALL_TIES) if r == int(low[bits]) else _Tie(s.model, threshold, r)
+
+
 @dataclass
 class _Acc:
     steps: list[_Step]
     hists: dict[int, torch.Tensor] = field(default_factory=dict)  # by model (pass 1) or step (pass 2)
     seen: dict[int, int] = field(default_factory=dict)  # pass 3: ties counted so far, by step
-    numel: int = 0  # `keyed_topk_reducers`' first pass: the tensor's elements, the zero keys so far
-    zeros: int = 0
+    numel: int = 0  # the tensor's elements (pass 1)
+    zeros: int = 0  # `keyed_topk_reducers`' first pass: the zero keys so far
+    width: int = 0  # pass 1: buckets per window (0: none)
+    windows: dict[int, int] = field(default_factory=dict)  # pass 1, by step: its window's first bucket
+    lows: dict[int, torch.Tensor] = field(default_factory=dict)  # by step: its window's low-bits counts
+    folded: int = 0  # pass 1: elements folded so far
 
 
 class _Keys:
@@ -151,27 +169,49 @@ class _Pass(Reducer):
 _C_SELECT = 64
 
 
-def _c_counts(raw: Sequence[torch.Tensor], wanted: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """Passes 1 (bucket -1) and 2 counted by the C from the read buffers (base first), one
-    histogram per wanted (model, bucket), every model in one sweep, on the process's pool."""
+def _c_counts(
+    raw: Sequence[torch.Tensor], wanted: Sequence[tuple[int, int]], into: Sequence[torch.Tensor], width: int = 1
+) -> None:
+    """Add to each of `into` the histogram of its wanted (model, bucket) as `_counts`, counted by
+    the C from the read buffers (base first), every model in one sweep, on the process's pool."""
     kernel: Any = pairwise.fused_for(raw)
     streams = tuple(pairwise.as_buffer(x) for x in raw)
-    bins = _HIGH_BINS if wanted and wanted[0][1] < 0 else _LOW_BINS
-    out: list[torch.Tensor] = []
     for at in range(0, len(wanted), _C_SELECT):
         group = tuple((m + 1, b) for m, b in wanted[at : at + _C_SELECT])
-        counts = torch.zeros(len(group), bins, dtype=torch.int64)
-        kernel.key_histograms(streams, group, counts.numpy(), pairwise.c_threads())
-        out += list(counts)
-    return out
+        outs = tuple(h.numpy() for h in into[at : at + _C_SELECT])
+        kernel.key_histograms(streams, group, outs, pairwise.c_threads(), max(width, 1))
 
 
-def _fold(hists: dict[int, torch.Tensor], at: int, counts: torch.Tensor) -> None:
-    hists[at] = counts if at not in hists else hists[at].add_(counts)
+def _counts(key: torch.Tensor, bucket: int, width: int = 1) -> torch.Tensor:
+    """Counts of the keys' high 16 bits (bucket -1), or of the low 16 bits of the keys in buckets
+    [bucket, bucket + width), bucket by bucket (pass 2: width 1)."""
+    high = key >> 16
+    if bucket < 0:
+        return torch.bincount(high, minlength=_HIGH_BINS)
+    at = key[(high >= bucket) & (high < bucket + width)] - (bucket << 16)
+    return torch.bincount(at, minlength=width * _LOW_BINS)
+
+
+def _window_width(selections: int) -> int:
+    """Buckets per window: `WINDOW`, fewer where the C's per-thread counts of every selection's
+    window would pass `_WINDOW_SCRATCH` (0: no window; at 16 threads, 3 selections get 1)."""
+    per_bucket = selections * pairwise.c_threads() * _LOW_BINS * 4
+    return min(WINDOW, _WINDOW_SCRATCH // per_bucket) if selections else 0
+
+
+def _hist(hists: dict[int, torch.Tensor], at: int, bins: int, device: torch.device) -> torch.Tensor:
+    """The counts `hists[at]`, made (zeros) at the first chunk that adds to them."""
+    if at not in hists:
+        hists[at] = torch.zeros(bins, dtype=torch.int64, device=device)
+    return hists[at]
+
+
+# (wanted (model, bucket) selections, their histograms): adds each selection's counts of a chunk
+AddCounts = Callable[[Sequence[tuple[int, int]], Sequence[torch.Tensor]], None]
 
 
 class _HighPass(_Pass):
-    """Pass 1: histogram of the keys' high 16 bits, per model."""
+    """Pass 1: histogram of the keys' high 16 bits, per model, and of each selection's window."""
 
     def __init__(self, name: str, wants: Wants) -> None:
         self.name, self.wants = name, wants
@@ -180,33 +220,84 @@ class _HighPass(_Pass):
         steps: list[_Step] = []
         for m, k in self.wants(p, numel):
             steps.append(Cut.nothing() if k <= 0 else Cut.everything() if k >= numel else (m, k))
-        return _Acc(steps)
+        return _Acc(steps, numel=numel, width=_window_width(sum(isinstance(s, tuple) for s in steps)))
 
     def chunk(
         self, acc: Any, base: torch.Tensor, models: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk
     ) -> None:
         keys = self.keys_of(base, models)
-        for m in sorted({s[0] for s in acc.steps if isinstance(s, tuple)}):
-            _fold(acc.hists, m, torch.bincount(keys[m] >> 16, minlength=_HIGH_BINS))
+
+        def add(wanted: Sequence[tuple[int, int]], into: Sequence[torch.Tensor]) -> None:
+            for (m, b), h in zip(wanted, into):
+                h.add_(_counts(keys[m], b, acc.width))
+
+        self._count(acc, base.numel(), base.device, add)
 
     def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
         if not self.raw_keys() or pairwise.fused_for(raw) is None:
             return False
-        models = sorted({s[0] for s in acc.steps if isinstance(s, tuple)})
-        for m, counts in zip(models, _c_counts(raw, [(m, -1) for m in models])):
-            _fold(acc.hists, m, counts)
+        self._count(acc, raw[0].numel(), raw[0].device, lambda wanted, into: _c_counts(raw, wanted, into, acc.width))
         return True
 
+    def _count(self, acc: _Acc, n: int, device: torch.device, add: AddCounts) -> None:
+        """Fold a chunk of `n` elements, counted by `add` in one sweep: each model's high bits and
+        each selection's window. The windows are guessed after the first chunk, which is then
+        counted again for them."""
+        wanted: list[tuple[int, int]] = []
+        into: list[torch.Tensor] = []
+        for m in sorted({s[0] for s in acc.steps if isinstance(s, tuple)}):  # a model's next to each other
+            wanted.append((m, -1))
+            into.append(_hist(acc.hists, m, _HIGH_BINS, device))
+            for i, first in acc.windows.items():
+                if acc.steps[i][0] == m:  # type: ignore[index]
+                    wanted.append((m, first))
+                    into.append(acc.lows[i])
+        add(wanted, into)
+        acc.folded += n
+        if acc.width and not acc.windows:
+            acc.windows = self._guess(acc)
+            acc.lows = {i: torch.zeros(acc.width * _LOW_BINS, dtype=torch.int64, device=device) for i in acc.windows}
+            add([(acc.steps[i][0], first) for i, first in acc.windows.items()], list(acc.lows.values()))  # type: ignore[index]
+
+    @staticmethod
+    def _guess(acc: _Acc) -> dict[int, int]:
+        """Each selection's window: `width` buckets around the bucket of the k-th largest key of
+        the elements folded so far, k scaled to them."""
+        windows = {}
+        for i, s in enumerate(acc.steps):
+            if isinstance(s, tuple):
+                m, k = s
+                bucket, _ = _pick(acc.hists[m], max(1, round(k * acc.folded / acc.numel)))
+                windows[i] = min(max(bucket - (acc.width - 1) // 2, 0), _HIGH_BINS - acc.width)
+        return windows
+
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
-        steps = [_Bucket(s[0], s[1], *_pick(acc.hists[s[0]], s[1])) if isinstance(s, tuple) else s for s in acc.steps]
+        steps: list[_Step] = []
+        for i, s in enumerate(acc.steps):
+            if not isinstance(s, tuple):
+                steps.append(s)
+                continue
+            bucket = _Bucket(s[0], s[1], *_pick(acc.hists[s[0]], s[1]))
+            first = acc.windows.get(i, -acc.width - 1)
+            if first <= bucket.bucket < first + acc.width:  # the window counted what pass 2 would
+                at = (bucket.bucket - first) * _LOW_BINS
+                steps.append(_resolve(bucket, acc.lows[i][at : at + _LOW_BINS]))
+            else:
+                steps.append(bucket)
         return {f"{self.name}/1": steps}
 
 
 class _LowPass(_Pass):
-    """Pass 2: histogram of the low 16 bits of the keys in each selection's bucket."""
+    """Pass 2: histogram of the low 16 bits of the keys in each selection's bucket (where pass 1's
+    window missed it)."""
+
+    skippable = True
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def needed(self, p: TensorParams, stats: Stats) -> bool:
+        return any(isinstance(s, _Bucket) for s in stats[f"{self.name}/1"])
 
     def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
         return _Acc(list(stats[f"{self.name}/1"]))
@@ -217,28 +308,18 @@ class _LowPass(_Pass):
         keys = self.keys_of(base, models)
         for i, s in enumerate(acc.steps):
             if isinstance(s, _Bucket):
-                key = keys[s.model]
-                low = key[(key >> 16) == s.bucket] & 0xFFFF
-                _fold(acc.hists, i, torch.bincount(low, minlength=_LOW_BINS))
+                _hist(acc.hists, i, _LOW_BINS, base.device).add_(_counts(keys[s.model], s.bucket))
 
     def raw_chunk(self, acc: Any, raw: Sequence[torch.Tensor], p: TensorParams, stats: Stats, c: Chunk) -> bool:
         if not self.raw_keys() or pairwise.fused_for(raw) is None:
             return False
         at = [i for i, s in enumerate(acc.steps) if isinstance(s, _Bucket)]
-        for i, counts in zip(at, _c_counts(raw, [(acc.steps[i].model, acc.steps[i].bucket) for i in at])):
-            _fold(acc.hists, i, counts)
+        into = [_hist(acc.hists, i, _LOW_BINS, raw[0].device) for i in at]
+        _c_counts(raw, [(acc.steps[i].model, acc.steps[i].bucket) for i in at], into)
         return True
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
-        steps: list[_Step] = []
-        for i, s in enumerate(acc.steps):
-            if not isinstance(s, _Bucket):
-                steps.append(s)
-                continue
-            low, above = _pick(acc.hists[i], s.k - s.above)
-            threshold, r = (s.bucket << 16) | low, s.k - s.above - above
-            # r == count(key == threshold): every tie is kept and pass 3 has nothing to find.
-            steps.append(Cut(threshold, ALL_TIES) if r == int(acc.hists[i][low]) else _Tie(s.model, threshold, r))
+        steps = [_resolve(s, acc.hists[i]) if isinstance(s, _Bucket) else s for i, s in enumerate(acc.steps)]
         return {f"{self.name}/2": steps}
 
 
@@ -246,9 +327,13 @@ class _TiePass(_Pass):
     """Pass 3: the flat index of the r-th key equal to the threshold (chunks come in flat order)."""
 
     folds_ahead = True
+    skippable = True
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def needed(self, p: TensorParams, stats: Stats) -> bool:
+        return any(isinstance(s, _Tie) for s in stats[f"{self.name}/2"])
 
     def start(self, p: TensorParams, stats: Stats, numel: int) -> Any:
         return _Acc(list(stats[f"{self.name}/2"]))
@@ -321,7 +406,7 @@ class _CountedHighPass(_HighPass):
     ) -> None:
         key = self.keys_of(base, models)[0]
         acc.zeros += int((key == 0).sum())
-        _fold(acc.hists, 0, torch.bincount(key >> 16, minlength=_HIGH_BINS))
+        _hist(acc.hists, 0, _HIGH_BINS, key.device).add_(_counts(key, -1))
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         k = self.k_of(acc.numel - acc.zeros)

@@ -1,13 +1,15 @@
 /* Top-k histograms and ties.
  *
- * The three passes of engine.stats.topk's radix select, from the read buffers: the key of an
- * element of model m is the bits of |x_m - x_base| (torch's float32 sub_, its NaN included) as an
- * int32. One call serves every selection of a pass in one sweep, so the base is read and widened
- * once for all models. Passes 1 and 2 (`key_histograms`) count the keys' high 16 bits (HIGH) or,
- * for the keys whose high bits are a selection's `bucket`, their low 16 bits (LOW); each thread
- * slot counts into its own histograms, summed at the end, so the counts are the same for any
- * number of threads. Pass 3 (`key_ties`) counts the keys equal to each selection's threshold piece
- * by piece, so the r-th one is found in flat order whichever thread counted its piece. */
+ * The passes of engine.stats.topk's radix select, from the read buffers: the key of an element of
+ * model m is the bits of |x_m - x_base| (torch's float32 sub_, its NaN included) as an int32. One
+ * call serves every selection of a pass in one sweep, so the base is read and widened once for all
+ * models. `key_histograms` counts, per selection, the keys' high 16 bits (pass 1) or the low 16
+ * bits of the keys whose high bits lie in a range of buckets (pass 2: one bucket; pass 1's window:
+ * the few buckets around its guess, which spare pass 2 where the guess is right); the two kinds
+ * may mix in one sweep. Each thread slot counts into its own int32 histograms, summed at the end,
+ * so the counts are the same for any number of threads. `key_ties` counts the keys equal to each
+ * selection's threshold piece by piece, so the r-th one is found in flat order whichever thread
+ * counted its piece. */
 
 #include "fused.h"
 
@@ -18,19 +20,20 @@
 
 typedef struct {
     Py_ssize_t stream;
-    long long value; /* bucket (passes 1, 2: -1 for the high bits) or threshold (pass 3) */
-    long long need;  /* pass 3: which tie (1-based) to find */
+    long long value; /* first bucket of the range (-1: the high bits), or the threshold (ties) */
+    long long need;  /* ties: which one (1-based) to find */
 } Select;
 
 typedef struct {
     const Stream *streams;
     const Select *sel;
-    int nsel, low;
-    Py_ssize_t bins, piece;
-    int64_t *hists;  /* per slot: nsel x bins counts, cleared by the slot's first piece */
-    char *started;   /* per slot: its histograms are cleared and in use */
-    int64_t *counts; /* pass 3: per piece, nsel tie counts */
-    int64_t *out;    /* the fold's target: nsel x bins */
+    int nsel, width;          /* width: buckets per range */
+    Py_ssize_t bins, piece;   /* bins: all selections' histograms, end to end */
+    const Py_ssize_t *offset; /* selection s's bins are [offset[s], offset[s + 1]) */
+    int32_t *hists;           /* per slot: `bins` counts, cleared by the slot's first piece */
+    char *started;            /* per slot: its histograms are cleared and in use */
+    int64_t *counts;          /* ties: per piece, nsel tie counts */
+    int64_t *const *out;      /* the fold's targets: selection s's counts */
     int slots;
 } KeyJob;
 
@@ -50,23 +53,27 @@ static inline ALWAYS_INLINE void selection_keys(const KeyJob *j, int s, int fres
         keys_at(&j->streams[j->sel[s].stream], b, at, len, key);
 }
 
-/* Keys whose high bits are `bucket`: rare (a bucket is 1/128 of a binade), so groups of 16 with
- * none are passed over after one vectorised test; or, where bfloat16 deltas crowd into a few
- * values, mostly equal, so a run of one low value is counted in a register and added once (one
- * counter incremented for each element would wait on its own last increment every time). */
-static inline ALWAYS_INLINE void count_low(int64_t *h, const uint32_t *key, int len, uint32_t bucket) {
+/* h[key - lo] += 1 for the keys in [lo, lo + span). Such keys are rare (a bucket is 1/128 of a
+ * binade), so groups of 16 with none are passed over after one vectorised test; or, where bfloat16
+ * deltas crowd into a few values, mostly equal, so a run of one value is counted in a register and
+ * added once (one counter incremented for each element would wait on its own last increment every
+ * time). */
+static inline ALWAYS_INLINE void count_range(int32_t *h, const uint32_t *key, int len, uint32_t lo, uint32_t span) {
     uint32_t cur = 0;
-    int64_t run = 0;
+    int32_t run = 0;
     for (int k = 0; k < len; k += 16) {
         int end = k + 16 < len ? k + 16 : len;
         uint32_t any = 0;
-        for (int i = k; i < end; i++) any |= key[i] >> 16 == bucket;
+        if (end - k == 16) /* a fixed count: one vector test */
+            for (int i = 0; i < 16; i++) any |= key[k + i] - lo < span;
+        else
+            for (int i = k; i < end; i++) any |= key[i] - lo < span;
         if (!any) continue;
         for (int i = k; i < end; i++) { /* branches only where the value changes: predictable both ways */
-            uint32_t hit = key[i] >> 16 == bucket, low = key[i] & 0xFFFF;
-            if (hit & (low != cur)) {
+            uint32_t at = key[i] - lo, hit = at < span;
+            if (hit & (at != cur)) {
                 h[cur] += run;
-                cur = low, run = 0;
+                cur = at, run = 0;
             }
             run += hit;
         }
@@ -74,7 +81,7 @@ static inline ALWAYS_INLINE void count_low(int64_t *h, const uint32_t *key, int 
     h[cur] += run;
 }
 
-CLONES static void hist_blocks(const KeyJob *j, int64_t *h, Py_ssize_t lo, Py_ssize_t hi) {
+CLONES static void hist_blocks(const KeyJob *j, int32_t *h, Py_ssize_t lo, Py_ssize_t hi) {
     float xb[COMBINE];
     uint32_t key[COMBINE];
     for (Py_ssize_t at = lo; at < hi; at += COMBINE) {
@@ -82,9 +89,9 @@ CLONES static void hist_blocks(const KeyJob *j, int64_t *h, Py_ssize_t lo, Py_ss
         const float *b = widened(&j->streams[0], at, len, xb);
         for (int s = 0; s < j->nsel; s++) {
             selection_keys(j, s, 0, b, at, len, key);
-            int64_t *hs = h + s * j->bins;
-            if (j->low)
-                count_low(hs, key, len, (uint32_t)j->sel[s].value);
+            int32_t *hs = h + j->offset[s];
+            if (j->sel[s].value >= 0)
+                count_range(hs, key, len, (uint32_t)j->sel[s].value << 16, (uint32_t)j->width << 16);
             else
                 for (int k = 0; k < len; k++) hs[key[k] >> 16]++;
         }
@@ -93,22 +100,24 @@ CLONES static void hist_blocks(const KeyJob *j, int64_t *h, Py_ssize_t lo, Py_ss
 
 static void hist_part(void *ctx, int slot, Py_ssize_t lo, Py_ssize_t hi) {
     const KeyJob *j = ctx;
-    int64_t *h = j->hists + (Py_ssize_t)slot * j->nsel * j->bins;
+    int32_t *h = j->hists + (Py_ssize_t)slot * j->bins;
     if (!j->started[slot]) { /* cleared here, on the slot's thread, not all slots by the caller */
-        memset(h, 0, (size_t)j->nsel * j->bins * sizeof(int64_t));
+        memset(h, 0, (size_t)j->bins * sizeof(int32_t));
         j->started[slot] = 1;
     }
     hist_blocks(j, h, lo, hi);
 }
 
-/* out[bins lo..hi) of every selection += the started slots' counts. */
+/* The targets' bins lo..hi (all selections' end to end) += the started slots' counts. */
 static void fold_part(void *ctx, int slot, Py_ssize_t lo, Py_ssize_t hi) {
     (void)slot;
     const KeyJob *j = ctx;
-    Py_ssize_t per_slot = j->nsel * j->bins;
-    for (int t = 0; t < j->slots; t++) {
-        if (!j->started[t]) continue;
-        for (Py_ssize_t i = lo; i < hi; i++) j->out[i] += j->hists[t * per_slot + i];
+    for (int s = 0; s < j->nsel; s++) {
+        Py_ssize_t a = lo > j->offset[s] ? lo : j->offset[s], b = hi < j->offset[s + 1] ? hi : j->offset[s + 1];
+        int64_t *out = j->out[s] - j->offset[s];
+        for (int t = 0; t < j->slots; t++)
+            if (j->started[t])
+                for (Py_ssize_t i = a; i < b; i++) out[i] += j->hists[t * j->bins + i];
     }
 }
 
@@ -137,56 +146,80 @@ static int get_selections(PyObject *obj, Select *sel, Py_ssize_t nstreams, int w
 }
 
 const char key_histograms_doc[] = PyDoc_STR(
-             "key_histograms(streams, selections, out, threads=1)\n\n"
-             "Add to `out` (int64, len(selections) x bins) the counts of the keys |streams[m] - streams[0]|\n"
-             "(float32 bits, as an int32) for each selection (m, bucket): of their high 16 bits (2**15 bins)\n"
-             "where every bucket is -1, else of the low 16 bits of the keys whose high bits equal the\n"
-             "selection's bucket (2**16 bins). `streams`: float32 'f', bfloat16-bit 'h'/'H' or float16 'e'\n"
-             "buffers of one length, the base first. Up to `threads` threads of the pool count.");
+             "key_histograms(streams, selections, outs, threads=1, width=1)\n\n"
+             "Add to outs[s] (int64) the counts of the keys |streams[m] - streams[0]| (float32 bits, as an\n"
+             "int32) for each selection s = (m, bucket): of the keys' high 16 bits (2**15 bins) where bucket\n"
+             "is -1, else of key - bucket * 2**16 for the keys whose high bits lie in [bucket, bucket +\n"
+             "width) (width * 2**16 bins: the low 16 bits, bucket by bucket).\n"
+             "`streams`: float32 'f', bfloat16-bit 'h'/'H' or float16 'e' buffers of one length, under\n"
+             "2**31, the base first. Up to `threads` threads of the pool count.");
 
 PyObject *key_histograms(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *streams_obj, *sel_obj, *out_obj;
-    int threads = 1;
-    if (!PyArg_ParseTuple(args, "O!O!O|i:key_histograms", &PyTuple_Type, &streams_obj, &PyTuple_Type, &sel_obj,
-                          &out_obj, &threads))
+    PyObject *streams_obj, *sel_obj, *outs_obj;
+    int threads = 1, width = 1;
+    if (!PyArg_ParseTuple(args, "O!O!O!|ii:key_histograms", &PyTuple_Type, &streams_obj, &PyTuple_Type, &sel_obj,
+                          &PyTuple_Type, &outs_obj, &threads, &width))
         return NULL;
     Py_ssize_t nstreams = PyTuple_GET_SIZE(streams_obj);
     Select sel[MAX_SELECT];
+    Py_ssize_t offset[MAX_SELECT + 1], bins = 0;
     int nsel = get_selections(sel_obj, sel, nstreams, 0, "key_histograms");
     if (nsel < 0) return NULL;
-    int low = sel[0].value >= 0;
-    for (int s = 0; s < nsel; s++)
-        if ((sel[s].value >= 0) != low || sel[s].value >= HIGH_BINS) {
-            PyErr_Format(PyExc_ValueError, "key_histograms: bucket %lld: want all -1 or all 0 to %d", sel[s].value,
-                         HIGH_BINS - 1);
+    if (width < 1 || width > HIGH_BINS) {
+        PyErr_Format(PyExc_ValueError, "key_histograms: width %d (want 1 to %d)", width, HIGH_BINS);
+        return NULL;
+    }
+    for (int s = 0; s < nsel; s++) {
+        if (sel[s].value < -1 || sel[s].value > HIGH_BINS - width) {
+            PyErr_Format(PyExc_ValueError, "key_histograms: bucket %lld: want -1, or 0 to %d for width %d",
+                         sel[s].value, HIGH_BINS - width, width);
             return NULL;
         }
-    Py_buffer *views = PyMem_Calloc(nstreams, sizeof(Py_buffer)), out = {0};
+        offset[s] = bins;
+        bins += sel[s].value < 0 ? HIGH_BINS : (Py_ssize_t)width * LOW_BINS;
+    }
+    offset[nsel] = bins;
+    if (PyTuple_GET_SIZE(outs_obj) != nsel) {
+        PyErr_Format(PyExc_ValueError, "key_histograms: %zd outs for %d selections", PyTuple_GET_SIZE(outs_obj), nsel);
+        return NULL;
+    }
+    Py_buffer outs[MAX_SELECT] = {{0}};
+    int64_t *out[MAX_SELECT];
+    Py_buffer *views = PyMem_Calloc(nstreams, sizeof(Py_buffer));
     Stream *streams = PyMem_Calloc(nstreams, sizeof(Stream));
-    Py_ssize_t got = 0, n, bins = low ? LOW_BINS : HIGH_BINS;
+    Py_ssize_t got = 0, n;
     PyObject *result = NULL;
     int slots = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    int64_t *hists = PyMem_Malloc((size_t)slots * nsel * bins * sizeof(int64_t));
+    int32_t *hists = PyMem_Malloc((size_t)slots * bins * sizeof(int32_t));
     char *started = PyMem_Calloc(slots, 1);
     if (views == NULL || streams == NULL || hists == NULL || started == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     if ((n = get_streams(streams_obj, views, streams, &got, "key_histograms")) < 0) goto done;
-    if (get_buffer(out_obj, &out, "lq", 1, "out") < 0) goto done;
-    if (out.itemsize != 8 || out.len / 8 != nsel * bins) {
-        PyErr_Format(PyExc_ValueError, "key_histograms: out holds %zd items, want %zd", out.len / 8, nsel * bins);
+    if (n > INT32_MAX) { /* a slot's counts are int32 */
+        PyErr_Format(PyExc_ValueError, "key_histograms: %zd elements (want under 2**31 per call)", n);
         goto done;
     }
-    KeyJob job = {streams, sel, nsel, low, bins, 0, hists, started, NULL, out.buf, slots};
+    for (int s = 0; s < nsel; s++) {
+        if (get_buffer(PyTuple_GET_ITEM(outs_obj, s), &outs[s], "lq", 1, "outs") < 0) goto done;
+        if (outs[s].itemsize != 8 || outs[s].len / 8 != offset[s + 1] - offset[s]) {
+            PyErr_Format(PyExc_ValueError, "key_histograms: outs[%d] holds %zd items, want %zd", s, outs[s].len / 8,
+                         offset[s + 1] - offset[s]);
+            goto done;
+        }
+        out[s] = outs[s].buf;
+    }
+    KeyJob job = {streams, sel, nsel, width, bins, 0, offset, hists, started, NULL, out, slots};
     Py_BEGIN_ALLOW_THREADS
     split(hist_part, &job, n, piece_for(1), slots);
-    split(fold_part, &job, nsel * bins, FOLD_PIECE, slots);
+    split(fold_part, &job, bins, FOLD_PIECE, slots);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (out.obj) PyBuffer_Release(&out);
+    for (int s = 0; s < nsel; s++)
+        if (outs[s].obj) PyBuffer_Release(&outs[s]);
     if (views != NULL) release_streams(views, streams, got);
     else PyMem_Free(streams);
     PyMem_Free(hists);
@@ -267,7 +300,7 @@ PyObject *key_ties(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    KeyJob job = {streams, sel, nsel, 0, 0, piece, NULL, NULL, counts, NULL, 1};
+    KeyJob job = {streams, sel, nsel, 0, 0, piece, NULL, NULL, NULL, counts, NULL, 1};
     int64_t total[MAX_SELECT] = {0};
     Py_ssize_t position[MAX_SELECT];
     Py_BEGIN_ALLOW_THREADS
