@@ -40,6 +40,7 @@ ALL_TIES = (1 << 63) - 1  # `last_tie` when every key equal to the threshold is 
 _HIGH_BINS = 1 << 15  # high 16 bits of a key whose sign bit is clear
 _LOW_BINS = 1 << 16
 WINDOW = 4  # buckets in pass 1's window (synthetic bf16 deltas: the guess is off by 0 or 1)
+_CROWDED = 0.05  # a window holding more of the first chunk's keys than this shrinks to its guess
 _WINDOW_SCRATCH = 1 << 24  # bytes of int32 counts per thread the C may hold for the windows of one call
 
 # (base chunk, model chunks) -> keys by selection index (`_Keys`: |θₘ − θ_base| by model)
@@ -262,14 +263,22 @@ class _HighPass(_Pass):
     @staticmethod
     def _guess(acc: _Acc) -> dict[int, int]:
         """Each selection's window: `width` buckets around the bucket of the k-th largest key of
-        the elements folded so far, k scaled to them."""
-        windows = {}
+        the elements folded so far, k scaled to them. Where a window would hold over `_CROWDED` of
+        those (bf16 deltas crowd into few values), every window is just its guess (`width` 1): a
+        wide one would count most keys, and a crowded guess sits on the cut's heavy bucket."""
+        guesses = {}
         for i, s in enumerate(acc.steps):
             if isinstance(s, tuple):
                 m, k = s
-                bucket, _ = _pick(acc.hists[m], max(1, round(k * acc.folded / acc.numel)))
-                windows[i] = min(max(bucket - (acc.width - 1) // 2, 0), _HIGH_BINS - acc.width)
-        return windows
+                guesses[i] = m, _pick(acc.hists[m], max(1, round(k * acc.folded / acc.numel)))[0]
+
+        def first(bucket: int) -> int:
+            return min(max(bucket - (acc.width - 1) // 2, 0), _HIGH_BINS - acc.width)
+
+        held = [int(acc.hists[m][first(b) : first(b) + acc.width].sum()) for m, b in guesses.values()]
+        if max(held) > _CROWDED * acc.folded:
+            acc.width = 1
+        return {i: first(b) for i, (_, b) in guesses.items()}
 
     def finish(self, acc: Any, p: TensorParams, stats: Stats) -> dict[str, Any]:
         steps: list[_Step] = []
