@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from engine.errors import Interrupted
 from engine.io.journal import load_journal
 from engine.io.output import temp_dir_for
 from engine.merge import prepare
+from engine.plan import TensorPlan
 
 from conftest import family_tensors, stepped_family, write_checkpoint
 
@@ -163,26 +165,32 @@ def test_the_tie_pass_folds_ahead_of_the_merge(
     assert runs[0][0] == runs[1][0] and runs[0][1] < runs[1][1]
 
 
-def test_stopped_inside_a_tensor_resumes_with_every_pass(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    """SIGINT after two merged blocks of "embed" (not held): the resumed run cannot fold the tie
-    pass ahead of rows already written, so it reads every pass again, and writes the same bytes."""
-    s = spec("ties", family, density=0.3)
+def interrupt_embed(s: MergeSpec, out: Path, reads: Callable[[TensorPlan], int]) -> None:
+    """Merge `s` into `out` without a hold, SIGINT two blocks into the merge of "embed" (the second
+    tensor), where each tensor is read `reads(tensor)` times: the journal holds part of "embed"."""
     plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
     attn, embed = plan.tensors[:2]
     assert (attn.name, embed.name) == ("attn", "embed") and embed.n_blocks > 4
-    stop_at = attn.reads() * attn.n_blocks + (embed.reads() - 1) * embed.n_blocks + 2
-    reads = [0]
+    stop_at = reads(attn) * attn.n_blocks + (reads(embed) - 1) * embed.n_blocks + 2
+    count = [0]
 
     def interrupt(e: dict[str, object]) -> None:
-        reads[0] += e["event"] == "block"
-        if reads[0] == stop_at:
+        count[0] += e["event"] == "block"
+        if count[0] == stop_at:
             os.kill(os.getpid(), signal.SIGINT)
 
-    out = tmp_path / "out"
     with pytest.raises(Interrupted):
         merge(s, out, block_bytes=BLOCK, sync_every=1, hold=False, on_event=interrupt)
     state = load_journal(temp_dir_for(out))
     assert state is not None and 0 < state.rows_done("embed") < 64
+
+
+def test_stopped_inside_a_tensor_resumes_with_every_pass(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """SIGINT after two merged blocks of "embed" (not held): the resumed run cannot fold the tie
+    pass ahead of rows already written, so it reads every pass again, and writes the same bytes."""
+    s = spec("ties", family, density=0.3)
+    out = tmp_path / "out"
+    interrupt_embed(s, out, lambda t: t.reads())
     merge(s, out, block_bytes=BLOCK, resume=True, hold=False)
     want = merge(s, tmp_path / "ref", block_bytes=BLOCK, hold=False)
     assert digests(out) == digests(Path(want.output))
@@ -220,22 +228,8 @@ def test_stopped_after_a_spared_pass_resumes(tmp_path: Path) -> None:
     """SIGINT two blocks into the merge of a tensor whose pass 2 was spared: the resumed run
     scans it again (pass 1, spared pass 2, the tie pass) and writes the same bytes."""
     s = ties_of(stepped_family(tmp_path / "f", False, SHAPES))
-    plan = prepare(s, block_bytes=BLOCK, max_memory=2 << 30, hold=False)[1]
-    attn, embed = plan.tensors[:2]
-    assert (attn.name, embed.name) == ("attn", "embed") and embed.n_blocks > 4
-    stop_at = 2 * attn.n_blocks + embed.n_blocks + 2
-    reads = [0]
-
-    def interrupt(e: dict[str, object]) -> None:
-        reads[0] += e["event"] == "block"
-        if reads[0] == stop_at:
-            os.kill(os.getpid(), signal.SIGINT)
-
     out = tmp_path / "out"
-    with pytest.raises(Interrupted):
-        merge(s, out, block_bytes=BLOCK, sync_every=1, hold=False, on_event=interrupt)
-    state = load_journal(temp_dir_for(out))
-    assert state is not None and 0 < state.rows_done("embed") < 64
+    interrupt_embed(s, out, lambda t: t.fewest_reads())
     events: list[dict[str, object]] = []
     merge(s, out, block_bytes=BLOCK, resume=True, hold=False, on_event=events.append)
     assert sum(e["event"] == "skipped" for e in events) == 2  # embed's pass 2 and mlp's
@@ -250,7 +244,6 @@ def test_the_reader_waits_only_for_the_read_that_depends_on_the_stage() -> None:
     import threading
 
     from engine.execute import scan_cycles
-    from engine.plan import TensorPlan
     from engine.prefetch import Decisions
 
     t = TensorPlan("w", (6, 2), ("BF16",) * 3, "BF16", True, 6, 2, 2, 0, 0, passes=4, folds_ahead=True,
